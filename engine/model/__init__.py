@@ -1,0 +1,1 @@
+"""The Llama decoder and its paged attention."""

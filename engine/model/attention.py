@@ -1,0 +1,86 @@
+"""Attention over a paged KV cache, in plain PyTorch.
+
+A step's tokens are flattened into one [T, ...] batch: first one token per decoding request,
+then the prefill chunks. New keys and values are written into their cache slots; decodes gather
+their context from the cache block tables in one batched SDPA call; each prefill chunk attends
+to its own fresh keys (first chunk) or to its gathered cached context (later chunks, recompute).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class PrefillChunk:
+    q_start: int  # offset of the chunk's first token in the flat batch
+    q_len: int
+    start_pos: int  # tokens of this request already in the cache before this chunk
+    block_table: torch.Tensor | None = None  # needed when start_pos > 0
+    mask: torch.Tensor | None = None  # [q_len, start_pos + q_len] when start_pos > 0
+
+
+@dataclass
+class AttentionMetadata:
+    slot_mapping: torch.Tensor  # [T] flat cache slot of every token
+    num_decode: int = 0
+    decode_block_tables: torch.Tensor | None = None  # [B, max_blocks]
+    decode_mask: torch.Tensor | None = None  # [B, 1, 1, max_blocks * block_size], True = attend
+    prefills: list[PrefillChunk] = field(default_factory=list)
+
+
+def paged_attention(
+    q: torch.Tensor,  # [T, H, D]
+    k: torch.Tensor,  # [T, KVH, D]
+    v: torch.Tensor,
+    k_cache: torch.Tensor,  # [num_blocks, block_size, KVH, D]
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+) -> torch.Tensor:
+    num_tokens, num_heads, head_dim = q.shape
+    num_kv_heads = k.shape[1]
+    group = num_heads // num_kv_heads
+    k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping, k)
+    v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping, v)
+    if meta.num_decode == num_tokens and not meta.prefills:
+        return _decode(q, k_cache, v_cache, meta, group)
+    out = torch.empty_like(q)
+    if meta.num_decode:
+        out[: meta.num_decode] = _decode(q[: meta.num_decode], k_cache, v_cache, meta, group)
+    for p in meta.prefills:
+        end = p.q_start + p.q_len
+        qp = q[p.q_start : end].transpose(0, 1).unsqueeze(0)  # [1, H, n, D]
+        if p.start_pos == 0:
+            kp = k[p.q_start : end].transpose(0, 1).unsqueeze(0)
+            vp = v[p.q_start : end].transpose(0, 1).unsqueeze(0)
+            o = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True, enable_gqa=group > 1)
+        else:
+            ctx = p.start_pos + p.q_len
+            kp = _gather(k_cache, p.block_table.unsqueeze(0))[:, :, :ctx]
+            vp = _gather(v_cache, p.block_table.unsqueeze(0))[:, :, :ctx]
+            o = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=p.mask, enable_gqa=group > 1)
+        out[p.q_start : end] = o.squeeze(0).transpose(0, 1)
+    return out
+
+
+def _gather(cache: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:
+    """[B, max_blocks] block ids -> [B, KVH, max_blocks * block_size, D] (a view of a copy)."""
+    b, nb = block_tables.shape
+    _, bs, kvh, d = cache.shape
+    return cache[block_tables].view(b, nb * bs, kvh, d).transpose(1, 2)
+
+
+def _decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+            meta: AttentionMetadata, group: int) -> torch.Tensor:
+    b, num_heads, d = q.shape
+    kvh = num_heads // group
+    # One query token per request: fold the query heads of a KV group into the "query length"
+    # axis, so grouped-query attention needs no repeat of the keys.
+    qd = q.view(b, kvh, group, d)
+    kd = _gather(k_cache, meta.decode_block_tables)
+    vd = _gather(v_cache, meta.decode_block_tables)
+    o = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=meta.decode_mask)
+    return o.reshape(b, num_heads, d)

@@ -1,0 +1,93 @@
+"""Runs the model for one scheduled step: builds the flat batch, runs the decoder, samples."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from engine.config import ModelConfig
+from engine.kv_cache import KVCache
+from engine.model.attention import AttentionMetadata, PrefillChunk
+from engine.model.llama import LlamaForCausalLM
+from engine.sampler import sample
+from engine.scheduler import SchedulerOutput
+
+
+class ModelRunner:
+    """The torch executor: owns the model and the KV cache tensors."""
+
+    kind = "torch"
+
+    def __init__(self, model: LlamaForCausalLM, cfg: ModelConfig, num_blocks: int, block_size: int,
+                 dtype: torch.dtype, device: torch.device) -> None:
+        self.model = model
+        self.cfg = cfg
+        self.block_size = block_size
+        self.device = device
+        self.kv = KVCache(cfg, num_blocks, block_size, dtype, device)
+        self.bytes_per_block = KVCache.bytes_per_block(cfg, block_size, dtype)
+
+    def execute(self, sched: SchedulerOutput, table: Callable[[str], list[int]]) -> dict[str, int]:
+        bs = self.block_size
+        decodes = [s for s in sched.scheduled if s.num_new_tokens == 1]
+        prefills = [s for s in sched.scheduled if s.num_new_tokens > 1]
+        ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        tables: list[list[int]] = []
+        for s in decodes:
+            p, t = s.start, table(s.request.request_id)
+            ids.append(s.request.token_ids[p])
+            positions.append(p)
+            slots.append(t[p // bs] * bs + p % bs)
+            tables.append(t[: p // bs + 1])
+        meta = AttentionMetadata(slot_mapping=torch.empty(0), num_decode=len(decodes))
+        if decodes:
+            width = max(len(t) for t in tables)
+            padded = [t + [0] * (width - len(t)) for t in tables]
+            meta.decode_block_tables = torch.tensor(padded, dtype=torch.long, device=self.device)
+            ctx = torch.tensor([p + 1 for p in positions], device=self.device)
+            keys = torch.arange(width * bs, device=self.device)
+            meta.decode_mask = (keys[None, :] < ctx[:, None]).view(len(decodes), 1, 1, width * bs)
+        flat_pos = [torch.tensor(positions, dtype=torch.long)]
+        flat_slots = [torch.tensor(slots, dtype=torch.long)]
+        q_start = len(decodes)
+        for s in prefills:
+            n, start = s.num_new_tokens, s.start
+            t = torch.tensor(table(s.request.request_id), dtype=torch.long)
+            ids.extend(s.request.token_ids[start : start + n])
+            pos = torch.arange(start, start + n)
+            flat_pos.append(pos)
+            flat_slots.append(t[pos // bs] * bs + pos % bs)
+            chunk = PrefillChunk(q_start=q_start, q_len=n, start_pos=start)
+            if start > 0:
+                ctx = start + n
+                chunk.block_table = t[: (ctx + bs - 1) // bs].to(self.device)
+                keys = torch.arange(chunk.block_table.numel() * bs)
+                allowed = keys[None, :] <= pos[:, None]
+                chunk.mask = allowed.to(self.device)
+            meta.prefills.append(chunk)
+            q_start += n
+        input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)
+        pos_t = torch.cat(flat_pos).to(self.device)
+        meta.slot_mapping = torch.cat(flat_slots).to(self.device)
+
+        hidden = self.model(input_ids, pos_t, meta, self.kv.layers)
+        rows, reqs = [], []
+        offset = 0
+        for s in decodes + prefills:
+            offset += s.num_new_tokens
+            if s.samples:
+                rows.append(offset - 1)
+                reqs.append(s.request)
+        if not rows:
+            return {}
+        logits = self.model.compute_logits(hidden[torch.tensor(rows, device=self.device)])
+        return {r.request_id: tok for r, tok in zip(reqs, sample(logits, reqs))}
+
+    def read_blocks(self, block_ids: list[int]) -> torch.Tensor:
+        return self.kv.read_blocks(block_ids)
+
+    def write_blocks(self, block_ids: list[int], blocks: torch.Tensor) -> None:
+        self.kv.write_blocks(block_ids, blocks)

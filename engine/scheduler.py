@@ -1,0 +1,196 @@
+"""Iteration-level request scheduler: who runs in the next step, and with how many tokens.
+
+Every step feeds each scheduled request `num_new_tokens` tokens starting at its
+`num_computed_tokens`: one for a decode, a chunk of the prompt for a prefill (long prompts are
+prefilled in chunks under the token budget), or the prompt plus the output so far for a request
+resumed after preemption (recompute). A request samples when its chunk reaches its last token.
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass, field
+
+from engine.block_manager import BlockManager, blocks_for
+from engine.config import EngineConfig
+from engine.request import FinishReason, Request, RequestOutput, RequestStatus
+
+
+@dataclass
+class ScheduledRequest:
+    request: Request
+    num_new_tokens: int
+
+    @property
+    def start(self) -> int:
+        return self.request.num_computed_tokens
+
+    @property
+    def samples(self) -> bool:
+        return self.start + self.num_new_tokens == self.request.num_tokens
+
+
+@dataclass
+class SchedulerOutput:
+    scheduled: list[ScheduledRequest] = field(default_factory=list)
+    preempted: list[Request] = field(default_factory=list)
+
+    @property
+    def num_batched_tokens(self) -> int:
+        return sum(s.num_new_tokens for s in self.scheduled)
+
+    @property
+    def empty(self) -> bool:
+        return not self.scheduled
+
+
+class Scheduler:
+    """Waiting queue (ordered by priority, then arrival) and running batch over a block manager."""
+
+    def __init__(self, config: EngineConfig, blocks: BlockManager, max_model_len: int,
+                 eos_token_ids: tuple[int, ...] = ()) -> None:
+        self.config = config
+        self.blocks = blocks
+        self.max_model_len = max_model_len
+        self.eos_token_ids = frozenset(eos_token_ids)
+        self.waiting: list[Request] = []
+        self.running: list[Request] = []
+        self.num_preemptions = 0
+
+    # ---- queue changes -----------------------------------------------------------------
+
+    def add_waiting(self, req: Request) -> None:
+        req.status = RequestStatus.WAITING
+        bisect.insort(self.waiting, req, key=Request.sort_key)
+
+    def add_running(self, req: Request) -> None:
+        """Insert a request whose KV is already in its blocks (a committed migration)."""
+        req.status = RequestStatus.RUNNING
+        self.running.append(req)
+
+    def detach(self, req: Request) -> None:
+        """Take a request out of the queues without touching its blocks."""
+        if req in self.running:
+            self.running.remove(req)
+        elif req in self.waiting:
+            self.waiting.remove(req)
+
+    def finish(self, req: Request, reason: FinishReason) -> None:
+        self.detach(req)
+        self.blocks.free(req.request_id)
+        req.status = RequestStatus.FINISHED
+        req.finish_reason = reason
+
+    def _preempt(self, req: Request) -> None:
+        """Preemption by recompute: drop the KV, requeue; the prefill redoes prompt + output."""
+        self.running.remove(req)
+        self.blocks.free(req.request_id)
+        req.num_computed_tokens = 0
+        req.num_preemptions += 1
+        self.num_preemptions += 1
+        self.add_waiting(req)
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def fits_pool(self, num_tokens: int) -> bool:
+        usable = self.blocks.num_blocks - self.blocks.watermark_blocks
+        return blocks_for(num_tokens, self.blocks.block_size) <= usable
+
+    # ---- one step ---------------------------------------------------------------------
+
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.config.max_num_batched_tokens
+        self._preempt_for_priority(out)
+        self.running.sort(key=Request.sort_key)
+        queue = list(self.running)
+        kept: list[Request] = []
+        while queue:
+            req = queue.pop(0)
+            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            if n <= 0:
+                kept.append(req)  # budget spent by earlier chunks; runs next step
+                continue
+            while not self.blocks.can_grow(req.request_id, req.num_computed_tokens + n):
+                if queue:
+                    victim = queue.pop()  # lowest priority, latest arrival
+                    self._preempt(victim)
+                    out.preempted.append(victim)
+                    continue
+                if not kept:
+                    # Alone in the batch and still out of blocks: the pool cannot hold it.
+                    self.finish(req, FinishReason.LENGTH)
+                    out.preempted.append(req)
+                else:
+                    self._preempt(req)
+                    out.preempted.append(req)
+                req = None
+                break
+            if req is None:
+                break
+            self.blocks.grow(req.request_id, req.num_computed_tokens + n)
+            out.scheduled.append(ScheduledRequest(req, n))
+            budget -= n
+            kept.append(req)
+        kept.extend(queue)
+        self.running = [r for r in kept if r.status is RequestStatus.RUNNING]
+
+        if out.preempted:
+            return out  # memory is tight: admit nothing new this step
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            req = self.waiting[0]
+            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            if not self.blocks.can_grow(req.request_id, req.num_computed_tokens + n, keep_watermark=True):
+                break  # head of line blocked: later requests wait behind it (FCFS within a priority)
+            self.waiting.pop(0)
+            self.blocks.grow(req.request_id, req.num_computed_tokens + n)
+            req.status = RequestStatus.RUNNING
+            self.running.append(req)
+            out.scheduled.append(ScheduledRequest(req, n))
+            budget -= n
+        return out
+
+    def _preempt_for_priority(self, out: SchedulerOutput) -> None:
+        """A waiting request of higher priority than some running ones takes their blocks."""
+        if not self.waiting or not self.running:
+            return
+        head = self.waiting[0]
+        need = blocks_for(head.num_tokens, self.blocks.block_size) + self.blocks.watermark_blocks
+        victims = sorted((r for r in self.running if r.priority > head.priority), key=Request.sort_key)
+        if self.blocks.num_free >= need and len(self.running) < self.config.max_num_seqs:
+            return
+        while victims and (self.blocks.num_free < need or len(self.running) >= self.config.max_num_seqs):
+            victim = victims.pop()
+            self._preempt(victim)
+            out.preempted.append(victim)
+
+    # ---- after the model ran ----------------------------------------------------------
+
+    def update(self, sched: SchedulerOutput, sampled: dict[str, int]) -> list[RequestOutput]:
+        outputs: list[RequestOutput] = []
+        for s in sched.scheduled:
+            req = s.request
+            if req.status is not RequestStatus.RUNNING:
+                continue  # aborted or detached while the step ran
+            samples = s.samples
+            req.num_computed_tokens += s.num_new_tokens
+            if not samples:
+                continue
+            tok = sampled[req.request_id]
+            req.token_ids.append(tok)
+            reason = self._stop_reason(req, tok)
+            if reason is not None:
+                self.finish(req, reason)
+            outputs.append(RequestOutput(req.request_id, [tok], req.num_output_tokens - 1,
+                                         finished=reason is not None, finish_reason=reason))
+        return outputs
+
+    def _stop_reason(self, req: Request, tok: int) -> FinishReason | None:
+        sp = req.sampling
+        if (tok in self.eos_token_ids and not sp.ignore_eos) or tok in sp.stop_token_ids:
+            return FinishReason.STOP
+        if req.num_output_tokens >= sp.max_tokens or req.num_tokens >= self.max_model_len:
+            return FinishReason.LENGTH
+        return None

@@ -1,0 +1,1 @@
+"""The sim executor and its latency models."""

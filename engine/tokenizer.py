@@ -1,0 +1,62 @@
+"""Text <-> token ids and chat templates, over Hugging Face's `tokenizers` library."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jinja2
+import jinja2.sandbox
+from tokenizers import Tokenizer as HFTokenizer
+
+from engine.errors import InvalidRequestError
+
+
+def _raise(message: str) -> None:
+    raise InvalidRequestError(f"chat template: {message}")
+
+
+class Tokenizer:
+    """A model's tokenizer: encode, decode, special ids and its chat template."""
+
+    def __init__(self, backend: HFTokenizer, eos_token_ids: tuple[int, ...], bos_token_id: int | None = None,
+                 add_bos: bool = False, chat_template: str | None = None) -> None:
+        self.backend = backend
+        self.eos_token_ids = eos_token_ids
+        self.bos_token_id = bos_token_id
+        self.add_bos = add_bos and bos_token_id is not None
+        self.chat_template = chat_template
+        env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        env.globals["raise_exception"] = _raise
+        self._template = env.from_string(chat_template) if chat_template else None
+
+    @property
+    def vocab_size(self) -> int:
+        return self.backend.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str) -> list[int]:
+        ids = self.backend.encode(text, add_special_tokens=False).ids
+        return ([self.bos_token_id] + ids) if self.add_bos else ids
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self.backend.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def id_to_token(self, token_id: int) -> str | None:
+        return self.backend.id_to_token(token_id)
+
+    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
+        if self._template is None:
+            raise InvalidRequestError("this model has no chat template; send a plain prompt instead")
+        if not isinstance(messages, list) or not messages:
+            raise InvalidRequestError("messages must be a non-empty list")
+        for m in messages:
+            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+                raise InvalidRequestError("each message needs a string 'role' and a string 'content'")
+        bos = self.id_to_token(self.bos_token_id) if self.bos_token_id is not None else ""
+        eos = self.id_to_token(self.eos_token_ids[0]) if self.eos_token_ids else ""
+        return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                     bos_token=bos, eos_token=eos)
+
+    def encode_chat(self, messages: list[dict[str, Any]]) -> list[int]:
+        text = self.apply_chat_template(messages)
+        # Templates write the BOS themselves where the model wants one.
+        return self.backend.encode(text, add_special_tokens=False).ids

@@ -1,0 +1,1 @@
+"""Model weights: built-in tiny model, Hugging Face folders, GGUF files."""
