@@ -1,0 +1,1 @@
+"""kvferry's command-line interface: `kvferry <command> ...` (see cli/main.py)."""

@@ -1,0 +1,18 @@
+"""`kvferry bench KIND`: benchmarks. Each kind is a module with `register(kinds)`, like commands."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+
+KINDS = (
+    "cli.bench_engine",
+)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="run a benchmark", description="Benchmarks (kvferry bench KIND --help).")
+    kinds = p.add_subparsers(dest="bench_kind", metavar="KIND", title="kinds")
+    kinds.required = True
+    for name in KINDS:
+        importlib.import_module(name).register(kinds)

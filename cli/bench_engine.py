@@ -1,0 +1,387 @@
+"""`kvferry bench engine`: throughput of the real engine (LLMEngine.step loop), optionally vs vLLM.
+
+Decode: for each batch size B, B prompts of --prompt-len random token ids (ignore_eos) are all
+prefilled first; then only the next --decode-tokens steps (each a pure decode step of B requests)
+are timed: decode_tok_s = B * decode_tokens / their total time, step_ms = their mean.
+Prefill: --prefill-prompts prompts of --prefill-len tokens (8 x 256 by default, one 2048-token
+step) timed until each has sampled its first token; prefill_tok_s = prompt tokens / that time.
+vLLM (when `import vllm` works in this Python): the same prompts through vLLM's CPU build in a
+subprocess (cli/vllm_bench_worker.py); its decode time is t(1 + N tokens) - t(1 token).
+--fit: a few more context lengths and prefill sizes, then a least-squares fit of the sim's
+LatencyModel to every timed step, printed as a Python literal.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import platform
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from itertools import combinations
+from pathlib import Path
+
+from cli.common import add_model_args, int_list, positive_int
+
+FIT_PARAMS = ("base_ms", "per_seq_ms", "per_prefill_token_ms", "per_context_token_ms")
+
+
+def register(kinds: argparse._SubParsersAction) -> None:
+    p = kinds.add_parser("engine", help="decode and prefill throughput of the real engine (and vLLM if installed)",
+                         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_args(p, default_model="smollm2")
+    p.add_argument("--json", metavar="FILE", help="write the results as one JSON object to FILE")
+    p.add_argument("--batch-sizes", type=int_list, default=[1, 4, 16, 64], help="decode batch sizes (default: 1,4,16,64)")
+    p.add_argument("--decode-tokens", type=positive_int, default=32, help="timed decode steps per batch (default: 32)")
+    p.add_argument("--prompt-len", type=positive_int, default=128, help="prompt tokens of the decode runs (default: 128)")
+    p.add_argument("--prefill-prompts", type=positive_int, default=8, help="prompts of the prefill run (default: 8)")
+    p.add_argument("--prefill-len", type=positive_int, default=256, help="tokens per prefill prompt (default: 256)")
+    p.add_argument("--fit", action="store_true", help="fit the sim's LatencyModel to the measured steps and print it")
+    p.add_argument("--no-vllm", action="store_true", help="skip the vLLM comparison even where vLLM is installed")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random prompts (default: 0)")
+    p.add_argument("--threads", type=positive_int, default=None,
+                   help="torch intra-op threads for our engine (default: torch's choice, one per core)")
+    p.set_defaults(func=run)
+
+
+@dataclass
+class Step:
+    """One timed engine step: what the scheduler put in it (as the sim's latency model counts) and how long."""
+
+    phase: str
+    batch_size: int
+    prefill_tokens: int
+    context_tokens: int
+    ms: float
+
+
+class StepRecorder:
+    """Wraps the engine's executor to learn what each step ran; times whole `engine.step()` calls."""
+
+    def __init__(self, engine) -> None:
+        self.engine = engine
+        self._execute = engine.executor.execute
+        engine.executor.execute = self._record
+        self.last: tuple[int, int, int] | None = None
+        self.steps: list[Step] = []
+
+    def _record(self, sched, table):
+        prefill = sum(s.num_new_tokens for s in sched.scheduled if s.num_new_tokens > 1)
+        context = sum(s.start + s.num_new_tokens for s in sched.scheduled)
+        self.last = (len(sched.scheduled), prefill, context)
+        return self._execute(sched, table)
+
+    def step(self, phase: str) -> Step | None:
+        self.last = None
+        t0 = time.perf_counter()
+        self.engine.step()
+        ms = (time.perf_counter() - t0) * 1000.0
+        if self.last is None:
+            return None
+        s = Step(phase, *self.last, ms)
+        self.steps.append(s)
+        return s
+
+
+def random_prompts(rng: random.Random, n: int, length: int, vocab: int) -> list[list[int]]:
+    lo = 0 if vocab < 1000 else 100  # stay clear of control tokens at the start of large vocabularies
+    return [[rng.randrange(lo, vocab) for _ in range(length)] for _ in range(n)]
+
+
+def _sampling(max_tokens: int):
+    from engine.request import SamplingParams
+
+    return SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+
+
+def measure_decode(rec: StepRecorder, prompts: list[list[int]], decode_tokens: int, phase: str) -> dict:
+    """Prefill all prompts, then time exactly `decode_tokens` decode steps of the whole batch."""
+    engine = rec.engine
+    tag = f"{phase}-{len(rec.steps)}"
+    reqs = [engine.add_request(f"{tag}-{i}", p, _sampling(decode_tokens + 1)) for i, p in enumerate(prompts)]
+    while any(r.num_output_tokens == 0 for r in reqs):
+        rec.step(f"{phase}-prefill")
+    steps = []
+    while engine.has_unfinished_requests():
+        s = rec.step(f"{phase}-decode")
+        if s is not None:
+            steps.append(s)
+    b = len(prompts)
+    if len(steps) != decode_tokens or any(s.batch_size != b or s.prefill_tokens for s in steps):
+        raise RuntimeError(f"decode of batch {b} did not run as {decode_tokens} steps of {b} decodes")
+    total_s = sum(s.ms for s in steps) / 1000.0
+    return {"batch_size": b, "decode_tok_s": b * decode_tokens / total_s, "step_ms": total_s * 1000.0 / len(steps),
+            "step_ms_median": statistics.median(s.ms for s in steps),
+            "context_tokens": len(prompts[0]), "output": list(reqs[0].output_token_ids)}
+
+
+def measure_prefill(rec: StepRecorder, prompts: list[list[int]], phase: str) -> dict:
+    """Time the steps until every prompt has sampled its first token."""
+    engine = rec.engine
+    tag = f"{phase}-{len(rec.steps)}"
+    reqs = [engine.add_request(f"{tag}-{i}", p, _sampling(1)) for i, p in enumerate(prompts)]
+    ms = 0.0
+    nsteps = 0
+    while engine.has_unfinished_requests():
+        s = rec.step(phase)
+        if s is not None:
+            ms += s.ms
+            nsteps += 1
+    assert all(r.is_finished for r in reqs)
+    tokens = sum(len(p) for p in prompts)
+    return {"num_prompts": len(prompts), "prompt_len": len(prompts[0]), "tokens": tokens, "steps": nsteps,
+            "ms": ms, "tok_s": tokens / (ms / 1000.0)}
+
+
+def machine_info() -> dict:
+    import torch
+
+    cpu_model = platform.processor() or ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu_model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu_count": os.cpu_count(), "cpu_model": cpu_model, "torch_version": torch.__version__,
+            "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
+            "platform": platform.platform(), "loadavg_1m_at_start": round(os.getloadavg()[0], 2)}
+
+
+# ---- least-squares fit of the latency model ------------------------------------------------
+
+def fit_latency(steps: list[Step]) -> dict:
+    """Non-negative least squares on relative error: each step weighs 1/ms, so the 10 ms decode
+    steps count as much as the second-long prefills. Returns the four parameters and the error."""
+    import numpy as np
+
+    a = np.array([[1.0, s.batch_size, s.prefill_tokens, s.context_tokens] for s in steps])
+    y = np.array([s.ms for s in steps])
+    aw, yw = a / y[:, None], np.ones_like(y)
+    best = None
+    for k in range(1, 5):  # exact NNLS for 4 unknowns: best unconstrained fit over supports that stays >= 0
+        for support in combinations(range(4), k):
+            sol, *_ = np.linalg.lstsq(aw[:, support], yw, rcond=None)
+            if (sol < 0).any():
+                continue
+            x = np.zeros(4)
+            x[list(support)] = sol
+            err = float(np.sum((aw @ x - yw) ** 2))
+            if best is None or err < best[0]:
+                best = (err, x)
+    x = best[1]
+    rel = np.abs(a @ x - y) / y
+    params = {name: float(v) for name, v in zip(FIT_PARAMS, x)}
+    return {"params": params, "num_steps": len(steps), "median_rel_error": float(np.median(rel)),
+            "max_rel_error": float(rel.max())}
+
+
+def _round(v: float) -> float:
+    return float(f"{v:.3g}") if v else 0.0
+
+
+def latency_literal(name: str, params: dict, kv_capacity_tokens: int, kv_bytes_per_token: int, vocab: int) -> str:
+    p = {k: _round(v) for k, v in params.items()}
+    return (f'LatencyModel(\n    name="{name}", base_ms={p["base_ms"]}, per_seq_ms={p["per_seq_ms"]}, '
+            f'per_prefill_token_ms={p["per_prefill_token_ms"]},\n    per_context_token_ms={p["per_context_token_ms"]}, '
+            f"kv_capacity_tokens={kv_capacity_tokens}, kv_bytes_per_token={kv_bytes_per_token}, "
+            f"vocab_size={vocab},\n)")
+
+
+# ---- vLLM --------------------------------------------------------------------------------
+
+def vllm_available() -> bool:
+    return importlib.util.find_spec("vllm") is not None
+
+
+def run_vllm(model: str, dtype: str, batches: list[dict], prefill_prompts: list[list[int]], decode_tokens: int,
+             max_model_len: int, seed: int) -> dict:
+    """Run cli/vllm_bench_worker.py in a subprocess; returns its result or {"error": ...}."""
+    from cli.hf_export import cache_dir, hf_folder_for
+
+    folder = hf_folder_for(model, seed=seed)
+    job = {"model": str(folder), "dtype": dtype, "max_model_len": max_model_len,
+           "max_num_seqs": max(len(b["prompts"]) for b in batches + [{"prompts": prefill_prompts}]),
+           "decode_tokens": decode_tokens, "batches": batches, "prefill_prompts": prefill_prompts}
+    env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_CPU_KVCACHE_SPACE="2")
+    cache_dir().mkdir(parents=True, exist_ok=True)
+    log_path = cache_dir() / "vllm-bench.log"
+    with tempfile.TemporaryDirectory() as tmp:
+        job_path, out_path = Path(tmp) / "job.json", Path(tmp) / "out.json"
+        job_path.write_text(json.dumps(job))
+        worker = Path(__file__).with_name("vllm_bench_worker.py")
+        with open(log_path, "w") as log:
+            proc = subprocess.run([sys.executable, str(worker), str(job_path), str(out_path)], env=env,
+                                  stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        if proc.returncode != 0 or not out_path.is_file():
+            tail = log_path.read_text(errors="replace").strip().splitlines()[-3:]
+            return {"error": f"vLLM run failed (exit {proc.returncode}, log {log_path}): " + " | ".join(tail)}
+        result = json.loads(out_path.read_text())
+    result["hf_folder"] = str(folder)
+    result["log"] = str(log_path)
+    return result
+
+
+# ---- the command -------------------------------------------------------------------------
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from cli.common import build_engine
+    from cli.main import CLIError
+    from engine.block_manager import blocks_for
+    from engine.config import EngineConfig
+
+    if min(args.batch_sizes) < 1:
+        raise CLIError("--batch-sizes must be positive")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rng = random.Random(args.seed)
+    max_bs = max(args.batch_sizes)
+    n = args.decode_tokens
+    # Context sweeps for --fit: decode at 8 sequences over a few prompt lengths, and prefill sizes.
+    fit_ctx = [64, 512, 1536] if args.fit else []
+    fit_prefills = [(1, 32), (1, 128), (1, 512), (4, 128), (2, 1024)] if args.fit else []
+
+    block = EngineConfig().block_size
+    live = [b * blocks_for(args.prompt_len + n + 2, block) for b in args.batch_sizes]
+    live.append(args.prefill_prompts * blocks_for(args.prefill_len + 2, block))
+    live += [8 * blocks_for(c + 16 + 2, block) for c in fit_ctx]
+    live += [k * blocks_for(m + 2, block) for k, m in fit_prefills]
+    num_blocks = int(max(live) * 1.05) + 8
+    max_len_needed = max([args.prompt_len + n + 2, args.prefill_len + 2] + [c + 18 for c in fit_ctx]
+                         + [m + 2 for _, m in fit_prefills])
+    engine = build_engine(args.model, args.dtype, args.device, num_blocks=num_blocks,
+                          max_num_seqs=max(max_bs, args.prefill_prompts, 8),
+                          max_num_batched_tokens=max(2048, args.prefill_prompts * args.prefill_len))
+    if max_len_needed > engine.max_model_len:
+        raise CLIError(f"prompts of {max_len_needed} tokens exceed the model's context of {engine.max_model_len}")
+    vocab = engine.vocab_size
+    rec = StepRecorder(engine)
+    info = machine_info()
+    print(f"kvferry bench engine: model {engine.model_name}, {args.dtype}, {info['cpu_count']} CPUs "
+          f"({info['cpu_model']}), torch {info['torch_version']} with {info['torch_threads']} threads",
+          file=sys.stderr)
+    busy = os.getloadavg()[0]
+    if busy > 0.5:
+        print(f"  warning: load average {busy:.1f} before starting; other processes compete for the CPUs "
+              f"and the figures will be low (torch's threads spin-wait on busy cores)", file=sys.stderr)
+
+    t_start = time.perf_counter()
+    measure_decode(rec, random_prompts(rng, 2, 16, vocab), 4, "warmup")
+    measure_prefill(rec, random_prompts(rng, 2, 64, vocab), "warmup")
+    rec.steps.clear()
+
+    decode_prompts = {b: random_prompts(rng, b, args.prompt_len, vocab) for b in args.batch_sizes}
+    records = []
+    for b in args.batch_sizes:
+        r = measure_decode(rec, decode_prompts[b], n, "decode")
+        print(f"  decode batch {b:>3}: {r['step_ms']:8.1f} ms/step  {r['decode_tok_s']:8.1f} tok/s", file=sys.stderr)
+        records.append(r)
+    prefill_prompts = random_prompts(rng, args.prefill_prompts, args.prefill_len, vocab)
+    prefill = measure_prefill(rec, prefill_prompts, "prefill")
+    print(f"  prefill {args.prefill_prompts} x {args.prefill_len}: {prefill['tok_s']:.0f} tok/s", file=sys.stderr)
+
+    fit = None
+    if args.fit:
+        for c in fit_ctx:
+            r = measure_decode(rec, random_prompts(rng, 8, c, vocab), 16, "fit-decode")
+            print(f"  fit: decode batch 8 at context {c}: {r['step_ms']:.1f} ms/step", file=sys.stderr)
+        for k, m in fit_prefills:
+            r = measure_prefill(rec, random_prompts(rng, k, m, vocab), "fit-prefill")
+            print(f"  fit: prefill {k} x {m}: {r['ms']:.1f} ms", file=sys.stderr)
+        fit = fit_latency(rec.steps)
+        cfg = engine.model_config
+        dtype = EngineConfig(dtype=args.dtype).torch_dtype
+        kv_bytes = cfg.kv_bytes_per_token(dtype)
+        default_cap = (EngineConfig().kv_cache_bytes // (kv_bytes * block)) * block
+        fit["kv_bytes_per_token"] = kv_bytes
+        fit["kv_capacity_tokens"] = default_cap
+        fit["literal"] = latency_literal(f"{engine.model_name}-cpu", fit["params"], default_cap, kv_bytes, vocab)
+    engine_s = time.perf_counter() - t_start
+    max_model_len = engine.max_model_len
+    steps = list(rec.steps)
+    del rec, engine  # free the weights and KV cache before vLLM starts
+
+    vllm = {"available": False}
+    if args.no_vllm:
+        vllm["skipped"] = "--no-vllm"
+    elif vllm_available():
+        print("  vLLM: running the same prompts in a subprocess ...", file=sys.stderr)
+        batches = [{"batch_size": b, "prompts": decode_prompts[b]} for b in args.batch_sizes]
+        res = run_vllm(args.model, args.dtype, batches, prefill_prompts, n,
+                       min(max_model_len, max(2048, max_len_needed)), seed=0)
+        vllm = {"available": "error" not in res} | res
+        if "error" in res:
+            print(f"  {res['error']}", file=sys.stderr)
+    by_b = {r["batch_size"]: r for r in vllm.get("records", [])}
+    for r in records:
+        v = by_b.get(r["batch_size"])
+        r["vllm_decode_tok_s"] = v["decode_tok_s"] if v else None
+        r["ratio"] = r["decode_tok_s"] / v["decode_tok_s"] if v else None
+        if v:  # greedy agreement of batch element 0 (bf16 kernels differ, so long runs may diverge)
+            ours, theirs = r["output"], v["first_output"]
+            same = 0
+            while same < min(len(ours), len(theirs)) and ours[same] == theirs[same]:
+                same += 1
+            r["vllm_greedy_agree_tokens"] = same
+        del r["output"]
+    for v in vllm.get("records", []):
+        v.pop("first_output", None)
+
+    result = {
+        "machine": info,
+        "model": args.model,
+        "dtype": args.dtype,
+        "prompt_len": args.prompt_len,
+        "decode_tokens": n,
+        "records": records,
+        "prefill_tok_s": prefill["tok_s"],
+        "prefill": prefill,
+        "vllm_version": vllm.get("version"),
+        "vllm_prefill_tok_s": vllm.get("prefill_tok_s"),
+        "vllm": vllm,
+        "engine_bench_s": engine_s,
+    }
+    if fit is not None:
+        result["fit"] = fit
+        result["steps"] = [asdict(s) for s in steps]
+    print_table(result)
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {args.json}", file=sys.stderr)
+    return 0
+
+
+def _fmt(v, spec: str) -> str:
+    return "n/a" if v is None else format(v, spec)
+
+
+def print_table(res: dict) -> None:
+    m = res["machine"]
+    print(f"model {res['model']}  dtype {res['dtype']}  context ~{res['prompt_len']} tokens  "
+          f"{res['decode_tokens']} timed decode steps  |  {m['cpu_count']} CPUs, torch {m['torch_version']}, "
+          f"{m['torch_threads']} threads" + (f", vLLM {res['vllm_version']}" if res.get("vllm_version") else ""))
+    print(f"{'batch':>5}  {'step_ms':>8}  {'decode_tok/s':>12}  {'vllm_tok/s':>10}  {'ratio':>6}")
+    for r in res["records"]:
+        print(f"{r['batch_size']:>5}  {r['step_ms']:>8.1f}  {r['decode_tok_s']:>12.1f}  "
+              f"{_fmt(r['vllm_decode_tok_s'], '.1f'):>10}  {_fmt(r['ratio'], '.2f'):>6}")
+    p = res["prefill"]
+    print(f"prefill ({p['num_prompts']} prompts x {p['prompt_len']} tokens, {p['steps']} step(s)): "
+          f"{p['tok_s']:.0f} tok/s  |  vLLM: {_fmt(res['vllm_prefill_tok_s'], '.0f')} tok/s")
+    if not res["vllm"].get("available"):
+        why = res["vllm"].get("error") or res["vllm"].get("skipped") or "vllm is not importable in this Python"
+        print(f"(vLLM columns n/a: {why})")
+    if res.get("fit"):
+        f = res["fit"]
+        print(f"fitted latency model ({f['num_steps']} steps, median relative error "
+              f"{100 * f['median_rel_error']:.1f} %, max {100 * f['max_rel_error']:.1f} %):")
+        print(f["literal"])

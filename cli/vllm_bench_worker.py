@@ -1,0 +1,54 @@
+"""vLLM side of `kvferry bench engine`, run as a script in a subprocess: python vllm_bench_worker.py IN OUT.
+
+IN is a JSON job: {model (HF folder), dtype, max_model_len, max_num_seqs, decode_tokens,
+batches: [{batch_size, prompts}], prefill_prompts}. OUT receives {version, records: [{batch_size,
+decode_tok_s, t_full_s, t_first_s, first_output}], prefill_tok_s}. Decode time of a batch is the
+time of generating 1 + decode_tokens tokens minus the time of generating 1 token for the same
+prompts (prefill and first sample). Prefix caching is off so the repeated prompts are recomputed.
+"""
+
+import json
+import os
+import sys
+import time
+
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+
+
+def main() -> None:
+    job = json.load(open(sys.argv[1]))
+    from vllm import LLM, SamplingParams, __version__
+
+    llm = LLM(model=job["model"], dtype=job["dtype"], enforce_eager=True, skip_tokenizer_init=True,
+              max_model_len=job["max_model_len"], max_num_seqs=job["max_num_seqs"],
+              enable_prefix_caching=False, seed=0)
+
+    def timed(prompts, max_tokens):
+        sp = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True, detokenize=False)
+        t0 = time.perf_counter()
+        outs = llm.generate([{"prompt_token_ids": p} for p in prompts], sp, use_tqdm=False)
+        return time.perf_counter() - t0, outs
+
+    n = job["decode_tokens"]
+    timed(job["batches"][0]["prompts"][:2], 4)  # warm-up
+    records = []
+    for b in job["batches"]:
+        prompts = b["prompts"]
+        t_first = min(timed(prompts, 1)[0] for _ in range(2))
+        t_full, outs = timed(prompts, 1 + n)
+        decode = max(t_full - t_first, 1e-9)
+        records.append({"batch_size": b["batch_size"], "decode_tok_s": len(prompts) * n / decode,
+                        "t_full_s": t_full, "t_first_s": t_first,
+                        "first_output": list(outs[0].outputs[0].token_ids)})
+    result = {"version": __version__, "records": records}
+    if job.get("prefill_prompts"):
+        pp = job["prefill_prompts"]
+        t = min(timed(pp, 1)[0] for _ in range(2))
+        result["prefill_tok_s"] = sum(len(p) for p in pp) / t
+    with open(sys.argv[2], "w") as f:
+        json.dump(result, f)
+
+
+if __name__ == "__main__":
+    main()
