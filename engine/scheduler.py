@@ -104,6 +104,7 @@ class Scheduler:
         out = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
         self._preempt_for_priority(out)
+        by_priority = len(out.preempted)
         self.running.sort(key=Request.sort_key)
         queue = list(self.running)
         kept: list[Request] = []
@@ -137,8 +138,8 @@ class Scheduler:
         kept.extend(queue)
         self.running = [r for r in kept if r.status is RequestStatus.RUNNING]
 
-        if out.preempted:
-            return out  # memory is tight: admit nothing new this step
+        if len(out.preempted) > by_priority:
+            return out  # memory ran out for running requests: admit nothing new this step
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             req = self.waiting[0]
             n = min(req.num_tokens - req.num_computed_tokens, budget)

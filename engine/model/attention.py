@@ -70,7 +70,8 @@ def _gather(cache: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:
     """[B, max_blocks] block ids -> [B, KVH, max_blocks * block_size, D] (a view of a copy)."""
     b, nb = block_tables.shape
     _, bs, kvh, d = cache.shape
-    return cache[block_tables].view(b, nb * bs, kvh, d).transpose(1, 2)
+    # index_select on the flat block axis is several times faster than advanced indexing.
+    return cache.index_select(0, block_tables.flatten()).view(b, nb * bs, kvh, d).transpose(1, 2)
 
 
 def _decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

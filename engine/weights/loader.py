@@ -70,4 +70,5 @@ def build_model(source: ModelSource, dtype: torch.dtype, device: torch.device) -
     model.rope = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling,
                                  dtype).to(device)
     model.load_weights(source.tensors())
+    model.prepack()
     return model.eval()
