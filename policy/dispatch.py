@@ -1,0 +1,58 @@
+"""Dispatch: which instance gets a new request. Policies `rr` and `load` (highest freeness)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from policy.freeness import freeness
+from policy.snapshot import InstanceLoad
+
+POLICIES = ("rr", "load")
+
+
+@dataclass
+class DispatchState:
+    """What dispatch remembers between calls: the round-robin cursor, and the requests sent to
+    each instance since its last report (so a burst does not all land on one instance)."""
+
+    rr_cursor: int = 0
+    since_report: dict[str, int] = field(default_factory=dict)
+    blocks_since_report: dict[str, int] = field(default_factory=dict)
+
+    def on_report(self, instance_id: str) -> None:
+        self.since_report.pop(instance_id, None)
+        self.blocks_since_report.pop(instance_id, None)
+
+    def on_dispatch(self, instance_id: str, blocks: int) -> None:
+        self.since_report[instance_id] = self.since_report.get(instance_id, 0) + 1
+        self.blocks_since_report[instance_id] = self.blocks_since_report.get(instance_id, 0) + blocks
+
+
+def eligible(instances: Sequence[InstanceLoad]) -> list[InstanceLoad]:
+    return [i for i in instances if i.alive and not i.draining and not i.full]
+
+
+def dispatch(policy: str, instances: Sequence[InstanceLoad], state: DispatchState,
+             demand_blocks: int = 1) -> str | None:
+    """The instance id for a new request needing `demand_blocks` blocks, or None if no instance
+    can take it. Updates `state` with the choice."""
+    cands = eligible(instances)
+    if not cands:
+        return None
+    if policy == "rr":
+        cands.sort(key=lambda i: i.instance_id)
+        choice = cands[state.rr_cursor % len(cands)]
+        state.rr_cursor += 1
+    elif policy == "load":
+        def score(i: InstanceLoad) -> float:
+            n = state.since_report.get(i.instance_id, 0)
+            each = state.blocks_since_report.get(i.instance_id, 0) // n if n else 0
+            return freeness(i, n, each)
+        # max() keeps the first of equals: ties go to the lowest id (deterministic).
+        choice = max(sorted(cands, key=lambda i: i.instance_id), key=score)
+    else:
+        raise ValueError(f"unknown dispatch policy {policy!r} (known: {', '.join(POLICIES)})")
+    state.on_dispatch(choice.instance_id, demand_blocks)
+    return choice.instance_id
+
