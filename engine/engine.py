@@ -100,6 +100,10 @@ class LLMEngine:
         """Queue a request; raises InvalidRequestError naming what is wrong with it."""
         sampling = sampling or SamplingParams()
         sampling.validate()
+        if not isinstance(request_id, str) or not request_id:
+            raise InvalidRequestError(f"request id must be a non-empty string, got {request_id!r}")
+        if not isinstance(priority, int) or isinstance(priority, bool):
+            raise InvalidRequestError(f"priority must be an integer, got {priority!r}")
         if request_id in self.requests:
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
         self._validate_prompt(prompt_token_ids)
@@ -153,7 +157,14 @@ class LLMEngine:
 
     def generate(self, prompts: list[list[int]], sampling: SamplingParams | None = None) -> list[Request]:
         """Run prompts to completion (offline use: CLI, tests, benchmarks)."""
-        reqs = [self.add_request(f"gen-{id(self)}-{i}", p, sampling) for i, p in enumerate(prompts)]
+        reqs: list[Request] = []
+        try:
+            for i, p in enumerate(prompts):
+                reqs.append(self.add_request(f"gen-{id(self)}-{i}", p, sampling))
+        except InvalidRequestError:
+            for r in reqs:  # all or nothing: leave no half of the batch queued
+                self.abort_request(r.request_id)
+            raise
         while any(not r.is_finished for r in reqs):
             self.step()
         return reqs
@@ -230,6 +241,8 @@ class LLMEngine:
             freed = self.blocks.num_owned(key)
             self.scheduler.finish(req, FinishReason.ABORT)
             return freed
+        if key in self.requests:  # freeing a queued or running request's blocks would corrupt it
+            raise MigrationError(f"{key!r} is a live request, not a reservation; detach it first")
         self.reservations.discard(key)
         return self.blocks.free(key)
 

@@ -11,7 +11,7 @@ from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers
 
 from engine.config import ModelConfig
-from engine.errors import WeightsError
+from engine.errors import ConfigError, WeightsError
 from engine.tokenizer import Tokenizer
 
 # GGUF tensor name -> Hugging Face name ({i} is the layer).
@@ -54,7 +54,10 @@ class GGUFModel:
         arch = _field(self.reader, "general.architecture")
         if arch != "llama":
             raise WeightsError(f"{self.path}: architecture {arch!r} is not supported (llama only)")
-        self.config = self._config()
+        try:
+            self.config = self._config()
+        except (TypeError, ValueError, KeyError, ConfigError) as exc:  # a missing or malformed metadata field
+            raise WeightsError(f"{self.path}: invalid llama metadata ({exc})") from exc
 
     def _config(self) -> ModelConfig:
         r = self.reader
@@ -111,7 +114,10 @@ class GGUFModel:
         if kind != "gpt2":
             raise WeightsError(f"{self.path}: tokenizer model {kind!r} is not supported (gpt2 byte-level BPE only)")
         tokens = _field(r, "tokenizer.ggml.tokens")
-        merges = [tuple(m.split(" ", 1)) for m in _field(r, "tokenizer.ggml.merges")]
+        if not tokens:
+            raise WeightsError(f"{self.path}: no tokenizer.ggml.tokens")
+        # An empty (or absent) merge list is valid (a byte-level vocabulary); gguf reads it as None.
+        merges = [tuple(m.split(" ", 1)) for m in (_field(r, "tokenizer.ggml.merges") or [])]
         types = _field(r, "tokenizer.ggml.token_type") or [1] * len(tokens)
         backend = HFTokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges,
                                          ignore_merges=False))

@@ -23,6 +23,20 @@ def _read_json(path: Path) -> dict:
         raise WeightsError(f"{path}: cannot read JSON ({exc})") from exc
 
 
+def _normalise_rope(cfg: dict) -> dict:
+    """transformers >= 5 writes `rope_parameters` (theta and scaling in one dict) instead of the
+    older top-level `rope_theta` and `rope_scaling`; map it onto the older keys."""
+    params = cfg.get("rope_parameters")
+    if not isinstance(params, dict):
+        return cfg
+    cfg = dict(cfg)
+    if "rope_theta" in params:
+        cfg.setdefault("rope_theta", params["rope_theta"])
+    if cfg.get("rope_scaling") is None and params.get("rope_type", params.get("type", "default")) != "default":
+        cfg["rope_scaling"] = {k: v for k, v in params.items() if k != "rope_theta"}
+    return cfg
+
+
 class HFFolderModel:
     """A local model folder in Hugging Face's layout."""
 
@@ -33,7 +47,7 @@ class HFFolderModel:
             raise WeightsError(f"{self.path}: no config.json (not a model folder)")
         self.raw_config = _read_json(cfg_path)
         try:
-            self.config = ModelConfig.from_hf_dict(self.raw_config)
+            self.config = ModelConfig.from_hf_dict(_normalise_rope(self.raw_config))
         except ConfigError as exc:
             raise WeightsError(f"{cfg_path}: {exc}") from exc
         self.files = sorted(self.path.glob("*.safetensors"))
