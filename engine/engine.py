@@ -120,7 +120,7 @@ class LLMEngine:
             raise InvalidRequestError(
                 f"the prompt has {len(ids)} tokens; this model's context is {self.max_model_len} "
                 f"(at most {self.max_model_len - 1} prompt tokens)")
-        if any(not isinstance(t, int) or not 0 <= t < self.vocab_size for t in ids):
+        if any(type(t) is not int or not 0 <= t < self.vocab_size for t in ids):
             raise InvalidRequestError(f"prompt token ids must be integers in [0, {self.vocab_size})")
         if not self.scheduler.fits_pool(len(ids) + 1):
             raise InvalidRequestError(f"the prompt has {len(ids)} tokens, more than this instance's KV cache holds")

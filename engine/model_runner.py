@@ -64,8 +64,7 @@ class ModelRunner:
             if start > 0:
                 ctx = start + n
                 chunk.block_table = t[: (ctx + bs - 1) // bs].to(self.device)
-                keys = torch.arange(chunk.block_table.numel() * bs)
-                allowed = keys[None, :] <= pos[:, None]
+                allowed = torch.arange(ctx)[None, :] <= pos[:, None]  # [n, ctx]: causal within the context
                 chunk.mask = allowed.to(self.device)
             meta.prefills.append(chunk)
             q_start += n

@@ -39,6 +39,7 @@ def eng(tiny):
     ([1, 2.0], "prompt token ids must be integers"),
     ([1, "2"], "prompt token ids must be integers"),
     ([None], "prompt token ids must be integers"),
+    ([1, True], "prompt token ids must be integers"),
 ])
 def test_bad_prompt_is_refused(eng, tokens, match):
     with pytest.raises(InvalidRequestError, match=match):

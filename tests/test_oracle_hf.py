@@ -71,18 +71,12 @@ def test_greedy_matches_transformers_under_preemption(hf_llama, base_reference):
 
 def test_greedy_matches_transformers_with_chunked_prefill_block_size_1(hf_llama, base_reference):
     """A 32-token budget (< the 90-token prompt) splits prefills into chunks that attend to the cached
-    keys of earlier chunks. Block size 1 keeps every chunk end on a block boundary (see the xfail below)."""
+    keys of earlier chunks. Block size 1 keeps every chunk end on a block boundary."""
     prompts, ref = base_reference
     got, _ = engine_ids(hf_llama.path, prompts, block_size=1, num_blocks=1024, max_num_batched_tokens=32)
     assert got == ref
 
 
-@pytest.mark.xfail(strict=True, raises=RuntimeError, reason=(
-    "BUG (engine/model_runner.py, not ours to edit): for a prefill chunk with start_pos > 0 the runner builds "
-    "chunk.mask over the whole gathered block width, keys = arange(len(block_table) * block_size), but "
-    "engine/model/attention.py slices the gathered keys to ctx = start_pos + q_len; when ctx is not a "
-    "multiple of block_size SDPA fails: 'The size of tensor a (31) must match the size of tensor b (32) at "
-    "non-singleton dimension 3'. Fix: keys = torch.arange(ctx) in model_runner.py (or p.mask[:, :ctx])."))
 def test_greedy_matches_transformers_with_chunked_prefill(hf_llama, base_reference):
     """Chunked prefill with block size 8: chunks end mid-block."""
     prompts, ref = base_reference
