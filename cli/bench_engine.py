@@ -43,6 +43,8 @@ def register(kinds: argparse._SubParsersAction) -> None:
     p.add_argument("--prompt-len", type=positive_int, default=128, help="prompt tokens of the decode runs (default: 128)")
     p.add_argument("--prefill-prompts", type=positive_int, default=8, help="prompts of the prefill run (default: 8)")
     p.add_argument("--prefill-len", type=positive_int, default=256, help="tokens per prefill prompt (default: 256)")
+    p.add_argument("--repeat", type=positive_int, default=1,
+                   help="measure each batch size this many times and keep the fastest (vLLM too; default: 1)")
     p.add_argument("--fit", action="store_true", help="fit the sim's LatencyModel to the measured steps and print it")
     p.add_argument("--no-vllm", action="store_true", help="skip the vLLM comparison even where vLLM is installed")
     p.add_argument("--seed", type=int, default=0, help="seed of the random prompts (default: 0)")
@@ -102,24 +104,33 @@ def _sampling(max_tokens: int):
 
 
 def measure_decode(rec: StepRecorder, prompts: list[list[int]], decode_tokens: int, phase: str) -> dict:
-    """Prefill all prompts, then time exactly `decode_tokens` decode steps of the whole batch."""
+    """Prefill all prompts, then time exactly `decode_tokens` decode steps of the whole batch.
+
+    Long batches are prefilled in chunks, and requests prefilled early decode meanwhile, so each
+    request may generate more than `decode_tokens`; they are aborted after the timed steps."""
     engine = rec.engine
     tag = f"{phase}-{len(rec.steps)}"
-    reqs = [engine.add_request(f"{tag}-{i}", p, _sampling(decode_tokens + 1)) for i, p in enumerate(prompts)]
+    extra = prefill_slack(len(prompts) * len(prompts[0]), engine.config.max_num_batched_tokens)
+    watch = CPUWatch()
+    reqs = [engine.add_request(f"{tag}-{i}", p, _sampling(decode_tokens + 1 + extra)) for i, p in enumerate(prompts)]
     while any(r.num_output_tokens == 0 for r in reqs):
         rec.step(f"{phase}-prefill")
-    steps = []
-    while engine.has_unfinished_requests():
-        s = rec.step(f"{phase}-decode")
-        if s is not None:
-            steps.append(s)
+    steps = [rec.step(f"{phase}-decode") for _ in range(decode_tokens)]
+    for r in reqs:
+        engine.abort_request(r.request_id)
     b = len(prompts)
-    if len(steps) != decode_tokens or any(s.batch_size != b or s.prefill_tokens for s in steps):
+    if any(s is None or s.batch_size != b or s.prefill_tokens for s in steps):
         raise RuntimeError(f"decode of batch {b} did not run as {decode_tokens} steps of {b} decodes")
     total_s = sum(s.ms for s in steps) / 1000.0
     return {"batch_size": b, "decode_tok_s": b * decode_tokens / total_s, "step_ms": total_s * 1000.0 / len(steps),
             "step_ms_median": statistics.median(s.ms for s in steps),
-            "context_tokens": len(prompts[0]), "output": list(reqs[0].output_token_ids)}
+            "context_tokens": len(prompts[0]), "other_processes_cores": watch.others_cores(),
+            "output": list(reqs[0].output_token_ids)}
+
+
+def prefill_slack(prompt_tokens: int, budget: int) -> int:
+    """Tokens a request may generate while the rest of its batch is still being prefilled."""
+    return -(-prompt_tokens // budget) + 1
 
 
 def measure_prefill(rec: StepRecorder, prompts: list[list[int]], phase: str) -> dict:
@@ -153,35 +164,83 @@ def machine_info() -> dict:
         pass
     return {"cpu_count": os.cpu_count(), "cpu_model": cpu_model, "torch_version": torch.__version__,
             "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
-            "platform": platform.platform(), "loadavg_1m_at_start": round(os.getloadavg()[0], 2)}
+            "platform": platform.platform(), "loadavg_1m_at_start": round(os.getloadavg()[0], 2),
+            "omp_env": {k: v for k, v in os.environ.items() if k.startswith(("OMP_", "GOMP_", "KMP_"))}}
+
+
+class CPUWatch:
+    """CPU time other processes used during a stretch: all busy time in /proc/stat minus ours
+    (and our children's). Spin-waiting torch threads make even light competition costly, so the
+    bench reports it next to its figures."""
+
+    def __init__(self) -> None:
+        self.t0, self.busy0, self.own0 = time.perf_counter(), self._busy(), self._own()
+
+    @staticmethod
+    def _busy() -> float | None:
+        try:
+            fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        except (OSError, ValueError):
+            return None
+        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+        busy = sum(fields[:8]) - idle  # user nice system idle iowait irq softirq steal
+        return busy / os.sysconf("SC_CLK_TCK")
+
+    @staticmethod
+    def _own() -> float:
+        t = os.times()
+        return t.user + t.system + t.children_user + t.children_system
+
+    def others_cores(self) -> float | None:
+        """Average number of cores busy with other processes since construction."""
+        busy = self._busy()
+        if busy is None or self.busy0 is None:
+            return None
+        wall = time.perf_counter() - self.t0
+        return max(0.0, (busy - self.busy0) - (self._own() - self.own0)) / max(wall, 1e-9)
 
 
 # ---- least-squares fit of the latency model ------------------------------------------------
 
 def fit_latency(steps: list[Step]) -> dict:
     """Non-negative least squares on relative error: each step weighs 1/ms, so the 10 ms decode
-    steps count as much as the second-long prefills. Returns the four parameters and the error."""
+    steps count as much as the second-long prefills. Steps far off the first fit (another process
+    took the CPU) are dropped and the fit is redone. Returns the four parameters and the error."""
     import numpy as np
 
     a = np.array([[1.0, s.batch_size, s.prefill_tokens, s.context_tokens] for s in steps])
     y = np.array([s.ms for s in steps])
+    keep = np.ones(len(y), dtype=bool)
+    for _ in range(3):
+        x = _nnls_rel(a[keep], y[keep])
+        rel = np.abs(a @ x - y) / y
+        new_keep = rel <= max(0.25, 3.0 * float(np.median(rel)))
+        if new_keep.sum() < 4 or (new_keep == keep).all():
+            break
+        keep = new_keep
+    rel = np.abs(a @ x - y) / y
+    params = {name: float(v) for name, v in zip(FIT_PARAMS, x)}
+    return {"params": params, "num_steps": int(keep.sum()), "num_dropped": int((~keep).sum()),
+            "median_rel_error": float(np.median(rel[keep])), "max_rel_error": float(rel[keep].max())}
+
+
+def _nnls_rel(a, y):
+    """Exact NNLS for 4 unknowns: the best unconstrained fit over supports that stays >= 0."""
+    import numpy as np
+
     aw, yw = a / y[:, None], np.ones_like(y)
     best = None
-    for k in range(1, 5):  # exact NNLS for 4 unknowns: best unconstrained fit over supports that stays >= 0
-        for support in combinations(range(4), k):
+    for k in range(1, a.shape[1] + 1):
+        for support in combinations(range(a.shape[1]), k):
             sol, *_ = np.linalg.lstsq(aw[:, support], yw, rcond=None)
             if (sol < 0).any():
                 continue
-            x = np.zeros(4)
+            x = np.zeros(a.shape[1])
             x[list(support)] = sol
             err = float(np.sum((aw @ x - yw) ** 2))
             if best is None or err < best[0]:
                 best = (err, x)
-    x = best[1]
-    rel = np.abs(a @ x - y) / y
-    params = {name: float(v) for name, v in zip(FIT_PARAMS, x)}
-    return {"params": params, "num_steps": len(steps), "median_rel_error": float(np.median(rel)),
-            "max_rel_error": float(rel.max())}
+    return best[1]
 
 
 def _round(v: float) -> float:
@@ -203,14 +262,15 @@ def vllm_available() -> bool:
 
 
 def run_vllm(model: str, dtype: str, batches: list[dict], prefill_prompts: list[list[int]], decode_tokens: int,
-             max_model_len: int, seed: int) -> dict:
+             max_model_len: int, repeat: int = 1, seed: int = 0) -> dict:
     """Run cli/vllm_bench_worker.py in a subprocess; returns its result or {"error": ...}."""
     from cli.hf_export import cache_dir, hf_folder_for
 
     folder = hf_folder_for(model, seed=seed)
     job = {"model": str(folder), "dtype": dtype, "max_model_len": max_model_len,
            "max_num_seqs": max(len(b["prompts"]) for b in batches + [{"prompts": prefill_prompts}]),
-           "decode_tokens": decode_tokens, "batches": batches, "prefill_prompts": prefill_prompts}
+           "decode_tokens": decode_tokens, "batches": batches, "prefill_prompts": prefill_prompts,
+           "repeat": repeat}
     env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_CPU_KVCACHE_SPACE="2")
     cache_dir().mkdir(parents=True, exist_ok=True)
     log_path = cache_dir() / "vllm-bench.log"
@@ -252,16 +312,19 @@ def run(args: argparse.Namespace) -> int:
     fit_prefills = [(1, 32), (1, 128), (1, 512), (4, 128), (2, 1024)] if args.fit else []
 
     block = EngineConfig().block_size
-    live = [b * blocks_for(args.prompt_len + n + 2, block) for b in args.batch_sizes]
+    budget = max(2048, args.prefill_prompts * args.prefill_len)
+    live = [b * blocks_for(args.prompt_len + n + 2 + prefill_slack(b * args.prompt_len, budget), block)
+            for b in args.batch_sizes]
     live.append(args.prefill_prompts * blocks_for(args.prefill_len + 2, block))
-    live += [8 * blocks_for(c + 16 + 2, block) for c in fit_ctx]
+    live += [8 * blocks_for(c + 16 + 2 + prefill_slack(8 * c, budget), block) for c in fit_ctx]
     live += [k * blocks_for(m + 2, block) for k, m in fit_prefills]
     num_blocks = int(max(live) * 1.05) + 8
-    max_len_needed = max([args.prompt_len + n + 2, args.prefill_len + 2] + [c + 18 for c in fit_ctx]
+    max_len_needed = max([args.prompt_len + n + 2 + prefill_slack(max_bs * args.prompt_len, budget),
+                          args.prefill_len + 2] + [c + 18 + prefill_slack(8 * c, budget) for c in fit_ctx]
                          + [m + 2 for _, m in fit_prefills])
     engine = build_engine(args.model, args.dtype, args.device, num_blocks=num_blocks,
                           max_num_seqs=max(max_bs, args.prefill_prompts, 8),
-                          max_num_batched_tokens=max(2048, args.prefill_prompts * args.prefill_len))
+                          max_num_batched_tokens=budget)
     if max_len_needed > engine.max_model_len:
         raise CLIError(f"prompts of {max_len_needed} tokens exceed the model's context of {engine.max_model_len}")
     vocab = engine.vocab_size
@@ -276,6 +339,7 @@ def run(args: argparse.Namespace) -> int:
               f"and the figures will be low (torch's threads spin-wait on busy cores)", file=sys.stderr)
 
     t_start = time.perf_counter()
+    watch = CPUWatch()
     measure_decode(rec, random_prompts(rng, 2, 16, vocab), 4, "warmup")
     measure_prefill(rec, random_prompts(rng, 2, 64, vocab), "warmup")
     rec.steps.clear()
@@ -283,11 +347,13 @@ def run(args: argparse.Namespace) -> int:
     decode_prompts = {b: random_prompts(rng, b, args.prompt_len, vocab) for b in args.batch_sizes}
     records = []
     for b in args.batch_sizes:
-        r = measure_decode(rec, decode_prompts[b], n, "decode")
+        runs = [measure_decode(rec, decode_prompts[b], n, "decode") for _ in range(args.repeat)]
+        r = max(runs, key=lambda x: x["decode_tok_s"])
         print(f"  decode batch {b:>3}: {r['step_ms']:8.1f} ms/step  {r['decode_tok_s']:8.1f} tok/s", file=sys.stderr)
         records.append(r)
     prefill_prompts = random_prompts(rng, args.prefill_prompts, args.prefill_len, vocab)
-    prefill = measure_prefill(rec, prefill_prompts, "prefill")
+    prefill = max((measure_prefill(rec, prefill_prompts, "prefill") for _ in range(args.repeat)),
+                  key=lambda x: x["tok_s"])
     print(f"  prefill {args.prefill_prompts} x {args.prefill_len}: {prefill['tok_s']:.0f} tok/s", file=sys.stderr)
 
     fit = None
@@ -307,6 +373,7 @@ def run(args: argparse.Namespace) -> int:
         fit["kv_capacity_tokens"] = default_cap
         fit["literal"] = latency_literal(f"{engine.model_name}-cpu", fit["params"], default_cap, kv_bytes, vocab)
     engine_s = time.perf_counter() - t_start
+    others = watch.others_cores()
     max_model_len = engine.max_model_len
     steps = list(rec.steps)
     del rec, engine  # free the weights and KV cache before vLLM starts
@@ -316,17 +383,19 @@ def run(args: argparse.Namespace) -> int:
         vllm["skipped"] = "--no-vllm"
     elif vllm_available():
         print("  vLLM: running the same prompts in a subprocess ...", file=sys.stderr)
+        vwatch = CPUWatch()
         batches = [{"batch_size": b, "prompts": decode_prompts[b]} for b in args.batch_sizes]
         res = run_vllm(args.model, args.dtype, batches, prefill_prompts, n,
-                       min(max_model_len, max(2048, max_len_needed)), seed=0)
-        vllm = {"available": "error" not in res} | res
+                       min(max_model_len, max(2048, max_len_needed)), args.repeat, seed=0)
+        vllm = {"available": "error" not in res} | res | {"other_processes_cores": vwatch.others_cores()}
         if "error" in res:
             print(f"  {res['error']}", file=sys.stderr)
     by_b = {r["batch_size"]: r for r in vllm.get("records", [])}
     for r in records:
         v = by_b.get(r["batch_size"])
         r["vllm_decode_tok_s"] = v["decode_tok_s"] if v else None
-        r["ratio"] = r["decode_tok_s"] / v["decode_tok_s"] if v else None
+        r["vllm_decode_tok_s_ts"] = v.get("decode_tok_s_ts") if v else None
+        r["ratio"] = r["decode_tok_s"] / v["decode_tok_s"] if v and v["decode_tok_s"] else None
         if v:  # greedy agreement of batch element 0 (bf16 kernels differ, so long runs may diverge)
             ours, theirs = r["output"], v["first_output"]
             same = 0
@@ -350,6 +419,7 @@ def run(args: argparse.Namespace) -> int:
         "vllm_prefill_tok_s": vllm.get("prefill_tok_s"),
         "vllm": vllm,
         "engine_bench_s": engine_s,
+        "other_processes_cores": others,
     }
     if fit is not None:
         result["fit"] = fit
@@ -370,18 +440,30 @@ def print_table(res: dict) -> None:
     print(f"model {res['model']}  dtype {res['dtype']}  context ~{res['prompt_len']} tokens  "
           f"{res['decode_tokens']} timed decode steps  |  {m['cpu_count']} CPUs, torch {m['torch_version']}, "
           f"{m['torch_threads']} threads" + (f", vLLM {res['vllm_version']}" if res.get("vllm_version") else ""))
-    print(f"{'batch':>5}  {'step_ms':>8}  {'decode_tok/s':>12}  {'vllm_tok/s':>10}  {'ratio':>6}")
+    vbusy = {v["batch_size"]: v.get("other_processes_cores") for v in res["vllm"].get("records", [])}
+    print(f"{'batch':>5}  {'step_ms':>8}  {'decode_tok/s':>12}  {'vllm_tok/s':>10}  {'ratio':>6}  "
+          f"{'vllm_ts':>8}  {'busy':>9}")
     for r in res["records"]:
+        busy = f"{_fmt(r.get('other_processes_cores'), '.2f')}/{_fmt(vbusy.get(r['batch_size']), '.2f')}"
         print(f"{r['batch_size']:>5}  {r['step_ms']:>8.1f}  {r['decode_tok_s']:>12.1f}  "
-              f"{_fmt(r['vllm_decode_tok_s'], '.1f'):>10}  {_fmt(r['ratio'], '.2f'):>6}")
+              f"{_fmt(r['vllm_decode_tok_s'], '.1f'):>10}  {_fmt(r['ratio'], '.2f'):>6}  "
+              f"{_fmt(r.get('vllm_decode_tok_s_ts'), '.1f'):>8}  {busy:>9}")
+    print("(vllm_tok/s: t(1+N tokens) - t(1 token); ratio: ours / that; vllm_ts: vLLM's rate from its own token\n"
+          " timestamps, a cross-check; busy: cores used by other processes during our / vLLM's measurement)")
     p = res["prefill"]
     print(f"prefill ({p['num_prompts']} prompts x {p['prompt_len']} tokens, {p['steps']} step(s)): "
           f"{p['tok_s']:.0f} tok/s  |  vLLM: {_fmt(res['vllm_prefill_tok_s'], '.0f')} tok/s")
+    busy = [v for v in (res.get("other_processes_cores"), res["vllm"].get("other_processes_cores")) if v is not None]
+    if busy:
+        print(f"other processes used {res.get('other_processes_cores') or 0:.2f} cores on average during our engine's "
+              f"run" + (f", {res['vllm']['other_processes_cores']:.2f} during vLLM's"
+                        if res["vllm"].get("other_processes_cores") is not None else "")
+              + ("  (WARNING: figures disturbed)" if max(busy) > 0.1 else ""))
     if not res["vllm"].get("available"):
         why = res["vllm"].get("error") or res["vllm"].get("skipped") or "vllm is not importable in this Python"
         print(f"(vLLM columns n/a: {why})")
     if res.get("fit"):
         f = res["fit"]
-        print(f"fitted latency model ({f['num_steps']} steps, median relative error "
+        print(f"fitted latency model ({f['num_steps']} steps, {f['num_dropped']} outliers dropped, median relative error "
               f"{100 * f['median_rel_error']:.1f} %, max {100 * f['max_rel_error']:.1f} %):")
         print(f["literal"])

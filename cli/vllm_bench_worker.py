@@ -1,10 +1,12 @@
 """vLLM side of `kvferry bench engine`, run as a script in a subprocess: python vllm_bench_worker.py IN OUT.
 
 IN is a JSON job: {model (HF folder), dtype, max_model_len, max_num_seqs, decode_tokens,
-batches: [{batch_size, prompts}], prefill_prompts}. OUT receives {version, records: [{batch_size,
+batches: [{batch_size, prompts}], prefill_prompts, repeat}. OUT receives {version, records: [{batch_size,
 decode_tok_s, t_full_s, t_first_s, first_output}], prefill_tok_s}. Decode time of a batch is the
 time of generating 1 + decode_tokens tokens minus the time of generating 1 token for the same
-prompts (prefill and first sample). Prefix caching is off so the repeated prompts are recomputed.
+prompts (prefill and first sample), each the fastest of `repeat` runs (at least 2 for the 1-token
+runs). `decode_tok_s_ts` is a cross-check from vLLM's per-request token timestamps (see
+timestamp_rate). Prefix caching is off so the repeated prompts are recomputed.
 """
 
 import json
@@ -16,13 +18,30 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
 
 
+def timestamp_rate(outs) -> float | None:
+    """Decode tokens/s from vLLM's own token timestamps: the sum over requests of
+    (tokens after the first) / (last token time - first token time)."""
+    total = 0.0
+    for o in outs:
+        m = o.metrics
+        if m is None or not getattr(m, "last_token_ts", 0) or m.num_generation_tokens < 2:
+            return None
+        span = m.last_token_ts - m.first_token_ts
+        if span <= 0:
+            return None
+        total += (m.num_generation_tokens - 1) / span
+    return total
+
+
 def main() -> None:
     job = json.load(open(sys.argv[1]))
     from vllm import LLM, SamplingParams, __version__
 
+    from cli.bench_engine import CPUWatch  # stdlib-only at import time
+
     llm = LLM(model=job["model"], dtype=job["dtype"], enforce_eager=True, skip_tokenizer_init=True,
               max_model_len=job["max_model_len"], max_num_seqs=job["max_num_seqs"],
-              enable_prefix_caching=False, seed=0)
+              enable_prefix_caching=False, seed=0, disable_log_stats=False)
 
     def timed(prompts, max_tokens):
         sp = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True, detokenize=False)
@@ -31,20 +50,24 @@ def main() -> None:
         return time.perf_counter() - t0, outs
 
     n = job["decode_tokens"]
+    repeat = int(job.get("repeat", 1))
     timed(job["batches"][0]["prompts"][:2], 4)  # warm-up
     records = []
     for b in job["batches"]:
         prompts = b["prompts"]
-        t_first = min(timed(prompts, 1)[0] for _ in range(2))
-        t_full, outs = timed(prompts, 1 + n)
-        decode = max(t_full - t_first, 1e-9)
-        records.append({"batch_size": b["batch_size"], "decode_tok_s": len(prompts) * n / decode,
-                        "t_full_s": t_full, "t_first_s": t_first,
+        watch = CPUWatch()
+        t_first = min(timed(prompts, 1)[0] for _ in range(max(2, repeat)))
+        fulls = [timed(prompts, 1 + n) for _ in range(repeat)]
+        t_full, outs = min(fulls, key=lambda x: x[0])
+        decode = t_full - t_first
+        records.append({"batch_size": b["batch_size"], "decode_tok_s": len(prompts) * n / decode if decode > 0 else None,
+                        "decode_tok_s_ts": timestamp_rate(outs),
+                        "t_full_s": t_full, "t_first_s": t_first, "other_processes_cores": watch.others_cores(),
                         "first_output": list(outs[0].outputs[0].token_ids)})
     result = {"version": __version__, "records": records}
     if job.get("prefill_prompts"):
         pp = job["prefill_prompts"]
-        t = min(timed(pp, 1)[0] for _ in range(2))
+        t = min(timed(pp, 1)[0] for _ in range(max(2, repeat)))
         result["prefill_tok_s"] = sum(len(p) for p in pp) / t
     with open(sys.argv[2], "w") as f:
         json.dump(result, f)
