@@ -1,0 +1,128 @@
+"""Value structs nested inside messages: sampling parameters, a migrating request's state,
+tensor descriptors and worker endpoints. Not messages themselves (no type tag)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+import msgspec
+from msgspec import Meta
+
+from protocol.fields import (
+    INT64_MAX,
+    MAX_BLOCKS,
+    MAX_GENERATOR_STATE_BYTES,
+    MAX_PROMPT_TOKENS,
+    MAX_STOP_TOKENS,
+    MAX_TENSOR_DIMS,
+    MAX_TOKEN_ID,
+    Count,
+    Endpoint,
+    Id,
+    Priority,
+    TokenId,
+    TokenIds,
+)
+
+
+class SamplingParams(msgspec.Struct, kw_only=True, frozen=True, omit_defaults=True):
+    """Mirror of engine.request.SamplingParams with its value ranges enforced on decode.
+
+    temperature 0 means greedy; top_k 0 disables top-k. Convert with `to_dict()` /
+    `engine.request.SamplingParams.from_dict(...)` (the protocol does not import the engine).
+    """
+
+    max_tokens: Annotated[int, Meta(ge=1, le=MAX_PROMPT_TOKENS)] = 16
+    temperature: Annotated[float, Meta(ge=0.0, le=100.0)] = 0.0
+    top_p: Annotated[float, Meta(gt=0.0, le=1.0)] = 1.0
+    top_k: Annotated[int, Meta(ge=0, le=MAX_TOKEN_ID)] = 0
+    seed: Annotated[int, Meta(ge=0, le=INT64_MAX)] | None = None
+    stop_token_ids: Annotated[list[TokenId], Meta(max_length=MAX_STOP_TOKENS)] = []
+    ignore_eos: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        """The keyword arguments of engine.request.SamplingParams (stop_token_ids as a list)."""
+        return msgspec.structs.asdict(self)
+
+    @classmethod
+    def from_engine(cls, params: Any) -> "SamplingParams":
+        """From an engine.request.SamplingParams (or anything with the same attributes)."""
+        return cls(max_tokens=params.max_tokens, temperature=params.temperature, top_p=params.top_p,
+                   top_k=params.top_k, seed=params.seed, stop_token_ids=list(params.stop_token_ids),
+                   ignore_eos=params.ignore_eos)
+
+
+class RequestState(msgspec.Struct, kw_only=True, frozen=True, omit_defaults=True):
+    """A request's migratable state: the typed form of engine `Request.export_state()`.
+
+    `to_engine_dict()` gives exactly what `LLMEngine.commit_request` takes, `from_engine_dict`
+    the reverse. Token counts are checked for consistency on decode.
+    """
+
+    state_version: Annotated[int, Meta(ge=0, le=1 << 16)]
+    request_id: Id
+    token_ids: TokenIds
+    num_prompt_tokens: Count
+    num_computed_tokens: Count
+    sampling: SamplingParams
+    priority: Priority = 0
+    num_preemptions: Count = 0
+    age_s: Annotated[float, Meta(ge=0.0, le=1e9)] = 0.0
+    generator_state: Annotated[bytes, Meta(max_length=MAX_GENERATOR_STATE_BYTES)] | None = None
+
+    def __post_init__(self) -> None:
+        # Raised as ValueError, msgspec turns this into a ValidationError during decode.
+        if not self.token_ids:
+            raise ValueError("request state has no tokens")
+        if self.num_prompt_tokens > len(self.token_ids) or self.num_computed_tokens >= len(self.token_ids):
+            raise ValueError("request state has inconsistent token counts")
+
+    def to_engine_dict(self) -> dict[str, Any]:
+        d = msgspec.structs.asdict(self)
+        d["version"] = d.pop("state_version")
+        d["sampling"] = self.sampling.to_dict()
+        return d
+
+    @classmethod
+    def from_engine_dict(cls, d: dict[str, Any]) -> "RequestState":
+        s = d["sampling"]
+        return cls(state_version=d["version"], request_id=d["request_id"], token_ids=list(d["token_ids"]),
+                   num_prompt_tokens=d["num_prompt_tokens"], num_computed_tokens=d["num_computed_tokens"],
+                   sampling=SamplingParams(**{**s, "stop_token_ids": list(s.get("stop_token_ids", ()))}),
+                   priority=d["priority"], num_preemptions=d["num_preemptions"], age_s=max(0.0, d["age_s"]),
+                   generator_state=d["generator_state"])
+
+
+# Fixed allow-list: names of torch dtypes whose every bit pattern is a valid value (no bool).
+TensorDtype = Literal[
+    "float32", "float16", "bfloat16", "float64", "float8_e4m3fn", "float8_e5m2",
+    "int8", "uint8", "int16", "int32", "int64",
+]
+
+
+class TensorSpec(msgspec.Struct, kw_only=True, frozen=True, array_like=True):
+    """dtype and shape of one tensor that travels as its own frame after the envelope."""
+
+    dtype: TensorDtype
+    shape: Annotated[list[Annotated[int, Meta(ge=0, le=MAX_BLOCKS << 16)]], Meta(max_length=MAX_TENSOR_DIMS)]
+
+
+class WorkerEndpoints(msgspec.Struct, kw_only=True, frozen=True):
+    """Where a worker listens. control: add/abort from frontends, commands from the scheduler;
+    migration: worker-to-worker migration messages and KV frames."""
+
+    control: Endpoint
+    migration: Endpoint
+
+
+class RequestLoadEntry(msgspec.Struct, kw_only=True, frozen=True, array_like=True):
+    """One request in a load report (array-like: reports are frequent and this repeats).
+
+    Field names match policy.snapshot.RequestLoad.
+    """
+
+    request_id: Id
+    priority: Priority
+    num_blocks: Count
+    num_tokens: Count
+    running: bool = True

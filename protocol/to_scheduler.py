@@ -1,0 +1,148 @@
+"""Messages the global scheduler receives.
+
+From workers: RegisterWorker (→ RegisterReply), LoadReport, Heartbeat, Deregister, MigrationResult.
+From frontends and `kvferry ctl`: DispatchRequest (→ DispatchReply), StatusRequest
+(→ StatusReply), MigrateRequestTo / DrainInstance / UndrainInstance (→ Ack). Any request may
+instead be answered by an ErrorReply.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal, Union
+
+from msgspec import Meta
+
+from protocol.base import Message, RequestMessage
+from protocol.common import Heartbeat, Ping
+from protocol.fields import (
+    MAX_REQUESTS_PER_INSTANCE,
+    Count,
+    EpochMs,
+    Id,
+    IdList,
+    Name,
+    NonNegInt,
+    PositiveCount,
+    Priority,
+    Seq,
+    Text,
+)
+from protocol.payloads import RequestLoadEntry, WorkerEndpoints
+
+EngineKind = Literal["torch", "sim", "vllm"]
+
+
+# ---- from workers --------------------------------------------------------------------------------
+
+class RegisterWorker(RequestMessage, kw_only=True, frozen=True):
+    """A worker announces itself (at start, and again after a scheduler restart: registering is idempotent)."""
+
+    worker_id: Id
+    endpoints: WorkerEndpoints
+    host: Name
+    engine: EngineKind
+    model: Name
+    total_blocks: PositiveCount
+    block_size: PositiveCount
+    kv_bytes_per_block: Count = 0  # migration only pairs workers with equal KV layouts
+    max_running: Count | None = None  # the worker refuses new requests beyond this many
+    pid: NonNegInt = 0
+
+
+class LoadReport(Message, kw_only=True, frozen=True):
+    """A worker's load after engine steps (rate-limited). The scheduler keeps the highest `seq`.
+
+    Field names match policy.snapshot.InstanceLoad (instance_id = worker_id).
+    """
+
+    worker_id: Id
+    seq: Seq
+    sent_ms: EpochMs = 0
+    total_blocks: Count
+    free_blocks: Count
+    num_running: Count
+    num_waiting: Count
+    num_preemptions: Count = 0  # cumulative
+    head_of_line_blocks: Count = 0  # blocks the first queued request needs (0: none queued)
+    requests: Annotated[list[RequestLoadEntry], Meta(max_length=MAX_REQUESTS_PER_INSTANCE)] = []
+    draining: bool = False
+    max_running: Count | None = None
+    num_migrations_in: Count = 0
+    num_migrations_out: Count = 0
+
+    def __post_init__(self) -> None:
+        if self.free_blocks > self.total_blocks:
+            raise ValueError("free_blocks exceeds total_blocks")
+
+
+class Deregister(Message, kw_only=True, frozen=True):
+    """A worker leaves on purpose (graceful stop): remove it from dispatch at once."""
+
+    worker_id: Id
+    reason: Text = ""
+
+
+MigrationOutcome = Literal["committed", "aborted"]
+
+
+class MigrationResult(Message, kw_only=True, frozen=True):
+    """The source worker reports how a migration ended (metrics, ctl migrate feedback)."""
+
+    migration_id: Id
+    request_id: Id
+    src_worker_id: Id
+    dst_worker_id: Id
+    outcome: MigrationOutcome
+    reason: Text = ""  # abort reason: finished, preempted, no_room, timeout, cancelled, ...
+    stages: Count = 0
+    blocks: Count = 0
+    bytes_moved: NonNegInt = 0
+    downtime_ms: Annotated[float, Meta(ge=0.0, le=1e9)] = 0.0
+
+
+# ---- from frontends and ctl ----------------------------------------------------------------------
+
+class DispatchRequest(RequestMessage, kw_only=True, frozen=True):
+    """Where should this new (or resumed) request go? Answered by DispatchReply or ErrorReply(unavailable).
+
+    The scheduler needs sizes, not tokens: it is never on the token path.
+    """
+
+    request_id: Id
+    priority: Priority = 0
+    num_prompt_tokens: PositiveCount
+    max_tokens: PositiveCount = 16
+    frontend_id: Id
+    exclude_workers: IdList = []  # e.g. the worker that just failed this request
+
+
+class StatusRequest(RequestMessage, kw_only=True, frozen=True):
+    """`kvferry ctl status`: every instance and, with `include_requests`, every request's location."""
+
+    include_requests: bool = True
+
+
+class MigrateRequestTo(RequestMessage, kw_only=True, frozen=True):
+    """`kvferry ctl migrate REQUEST --to INSTANCE`. Answered by Ack once the migration is started."""
+
+    request_id: Id
+    dst_worker_id: Id
+
+
+class DrainInstance(RequestMessage, kw_only=True, frozen=True):
+    """`kvferry ctl drain INSTANCE`: stop dispatching to it and migrate everything off it."""
+
+    worker_id: Id
+
+
+class UndrainInstance(RequestMessage, kw_only=True, frozen=True):
+    """`kvferry ctl undrain INSTANCE`: make it eligible for dispatch again."""
+
+    worker_id: Id
+
+
+SchedulerInbound = Union[
+    RegisterWorker, LoadReport, Heartbeat, Deregister, MigrationResult,
+    DispatchRequest, StatusRequest, MigrateRequestTo, DrainInstance, UndrainInstance, Ping,
+]
+"""Everything the scheduler's ROUTER socket accepts: pass as `allowed` to decode / sockets."""

@@ -1,0 +1,195 @@
+"""Messages a worker receives.
+
+On its control socket (WorkerControlInbound):
+- from frontends: AddRequest (→ Ack, or ErrorReply overloaded/refused), AbortRequest (→ Ack), Heartbeat;
+- from the scheduler: MigrateCommand, CancelMigration, Drain, Shutdown (→ Ack), Ping (→ Pong).
+
+On its DEALER to the scheduler (WorkerSchedulerReplies): RegisterReply, Ack, Pong, ErrorReply.
+
+On its migration socket, as destination (WorkerMigrationInbound), from the source worker:
+MigrateReserve (→ ReserveReply), MigrateBlocks + tensor frames (→ BlocksAck), MigrateCommit
+(→ CommitAck), MigrateAbort (one-way). The source receives the replies (WorkerMigrationReplies).
+
+A migration, DESIGN §5: reserve (stage 0) → blocks → [reserve more → blocks]* → commit → CommitAck;
+the source frees its blocks only after a positive CommitAck. Either side may send MigrateAbort;
+a destination frees reservations that nobody commits after a timeout.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal, Union
+
+import msgspec
+from msgspec import Meta
+
+from protocol.base import Message, ReplyMessage, RequestMessage
+from protocol.common import Ack, ErrorReply, Heartbeat, Ping, Pong
+from protocol.fields import (
+    MAX_PROMPT_TOKENS,
+    MAX_TENSORS,
+    BlockIds,
+    Count,
+    Endpoint,
+    Id,
+    PositiveCount,
+    Priority,
+    Text,
+    TokenId,
+)
+from protocol.payloads import RequestState, SamplingParams, TensorSpec
+
+# ---- from frontends ------------------------------------------------------------------------------
+
+
+class AddRequest(RequestMessage, kw_only=True, frozen=True):
+    """Start generating for a request; tokens stream as TokenBatch to `reply_address`.
+
+    `first_index` is the output index of the first token this worker will produce: 0 for a new
+    request; when a request is resumed after a worker failure, the frontend sends prompt + tokens
+    already delivered as the prompt, and `first_index` = how many it delivered.
+    """
+
+    request_id: Id
+    prompt_token_ids: Annotated[list[TokenId], Meta(min_length=1, max_length=MAX_PROMPT_TOKENS)]
+    sampling: SamplingParams = msgspec.field(default_factory=SamplingParams)
+    priority: Priority = 0
+    frontend_id: Id
+    reply_address: Endpoint
+    first_index: Count = 0
+
+
+class AbortRequest(RequestMessage, kw_only=True, frozen=True):
+    """Stop a request and free its blocks (client disconnect, cancel). Ack(ok=False): not here."""
+
+    request_id: Id
+    reason: Text = ""
+
+
+# ---- from the scheduler --------------------------------------------------------------------------
+
+class RegisterReply(ReplyMessage, kw_only=True, frozen=True):
+    """Scheduler → worker, answer to RegisterWorker: the intervals the worker should keep."""
+
+    accepted: bool = True
+    scheduler_id: Id
+    heartbeat_interval_ms: PositiveCount = 500
+    report_interval_ms: PositiveCount = 50
+    reason: Text = ""
+
+
+class MigrateCommand(RequestMessage, kw_only=True, frozen=True):
+    """Be the source of a migration to `dst_worker_id`. With `request_id` None the source picks
+    (lowest priority first, then shortest context). Ack(ok=False, detail) when it cannot start."""
+
+    migration_id: Id
+    request_id: Id | None = None
+    dst_worker_id: Id
+    dst_endpoint: Endpoint  # the destination's migration socket
+    reason: Text = ""  # load, defrag, priority, drain, ctl
+
+
+class CancelMigration(RequestMessage, kw_only=True, frozen=True):
+    """Abort a migration if it has not committed yet (the request stays on the source)."""
+
+    migration_id: Id
+
+
+class Drain(RequestMessage, kw_only=True, frozen=True):
+    """Start (draining=True) or stop (False) draining: report `draining` and accept no new requests."""
+
+    draining: bool = True
+
+
+class Shutdown(RequestMessage, kw_only=True, frozen=True):
+    """Exit: after draining if `drain_first` (bounded by the worker's drain deadline), else at once."""
+
+    drain_first: bool = True
+    reason: Text = ""
+
+
+# ---- worker ↔ worker migration -------------------------------------------------------------------
+
+class MigrateReserve(RequestMessage, kw_only=True, frozen=True):
+    """Source → destination: reserve `num_blocks` more blocks for the migration (additive per stage)."""
+
+    migration_id: Id
+    request_id: Id
+    src_worker_id: Id
+    stage: Count = 0
+    num_blocks: Count
+    block_size: PositiveCount
+    kv_bytes_per_block: Count = 0
+
+
+class ReserveReply(ReplyMessage, kw_only=True, frozen=True):
+    """Destination → source: the newly reserved block ids (ok) or why not (no_room, draining, ...)."""
+
+    migration_id: Id
+    ok: bool
+    block_ids: BlockIds = []
+    reason: Text = ""
+
+
+TransferPath = Literal["frames", "shm", "cuda_ipc"]
+
+
+class MigrateBlocks(RequestMessage, kw_only=True, frozen=True):
+    """Source → destination: KV for `dst_block_ids`. With path "frames" the data follows this
+    envelope as one ZeroMQ frame per `tensors` entry (see protocol.frames); other paths put it in
+    a staging area the two workers agreed on, and `tensors` only describes it."""
+
+    migration_id: Id
+    stage: Count = 0
+    dst_block_ids: BlockIds
+    tensors: Annotated[list[TensorSpec], Meta(max_length=MAX_TENSORS)] = []
+    path: TransferPath = "frames"
+
+
+class BlocksAck(ReplyMessage, kw_only=True, frozen=True):
+    """Destination → source: the blocks of one MigrateBlocks are written (or not, with a reason)."""
+
+    migration_id: Id
+    ok: bool = True
+    reason: Text = ""
+
+
+class MigrateCommit(RequestMessage, kw_only=True, frozen=True):
+    """Source → destination, last stage: the request's state; the destination adds it to its batch
+    and streams from `next_index` (the output index of the next token) to `reply_address`."""
+
+    migration_id: Id
+    state: RequestState
+    frontend_id: Id
+    reply_address: Endpoint
+    next_index: Count
+
+
+class CommitAck(ReplyMessage, kw_only=True, frozen=True):
+    """Destination → source: committed (ok) — the source may free its blocks — or refused."""
+
+    migration_id: Id
+    ok: bool
+    reason: Text = ""
+
+
+class MigrateAbort(Message, kw_only=True, frozen=True):
+    """Either side: give up a migration. The destination frees the reservation, the source keeps
+    (or re-attaches) the request."""
+
+    migration_id: Id
+    reason: Text = ""
+
+
+WorkerControlInbound = Union[
+    AddRequest, AbortRequest, Heartbeat, MigrateCommand, CancelMigration, Drain, Shutdown, Ping,
+]
+"""Everything a worker's control ROUTER accepts."""
+
+WorkerMigrationInbound = Union[MigrateReserve, MigrateBlocks, MigrateCommit, MigrateAbort, Ping]
+"""Everything a worker's migration ROUTER accepts (the destination role)."""
+
+WorkerSchedulerReplies = Union[RegisterReply, Ack, Pong, ErrorReply]
+"""What a worker receives back on its DEALER to the scheduler."""
+
+WorkerMigrationReplies = Union[ReserveReply, BlocksAck, CommitAck, MigrateAbort, ErrorReply]
+"""What the source of a migration receives back on its DEALER."""
