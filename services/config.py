@@ -1,0 +1,151 @@
+"""One configuration for every service: a TOML file, then environment overrides, then flags.
+
+TOML sections: [cluster] (protocol.ClusterAddresses fields), [scheduler], [worker], [frontend].
+Environment: KVFERRY_<SECTION>_<FIELD>, e.g. KVFERRY_CLUSTER_BASE_PORT=18000,
+KVFERRY_WORKER_MODEL=smollm2. Values from the environment are parsed as TOML scalars where they
+parse (numbers, booleans), else taken as strings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from protocol.addresses import ClusterAddresses
+
+
+class ConfigFileError(ValueError):
+    """A config file or override is invalid; the message names the setting."""
+
+
+@dataclass
+class SchedulerConfig:
+    scheduler_id: str = "scheduler-0"
+    policy: str = "load"  # dispatch policy: rr | load
+    heartbeat_interval_ms: int = 500
+    heartbeat_timeout_ms: int = 2000  # a worker silent this long is removed from dispatch
+    report_interval_ms: int = 50  # workers report load at most this often
+
+
+@dataclass
+class WorkerConfig:
+    index: int = 0  # picks the worker's endpoints from [cluster]
+    worker_id: str = ""  # default: worker-<index>
+    engine: str = "torch"  # torch | sim
+    model: str = "tiny"  # tiny | smollm2 | a model folder | a .gguf file (sim: a latency profile name)
+    device: str = "cpu"
+    dtype: str = "bfloat16"
+    block_size: int = 16
+    num_blocks: int = 0  # 0: derived from kv_cache_bytes
+    kv_cache_bytes: int = 1 << 30
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    max_waiting: int = 256  # queued requests beyond this are refused (overloaded)
+    seed: int = 0
+    threads: int = 0  # torch intra-op threads; 0: torch's default
+
+    @property
+    def resolved_id(self) -> str:
+        return self.worker_id or f"worker-{self.index}"
+
+
+@dataclass
+class FrontendConfig:
+    index: int = 0
+    frontend_id: str = ""  # default: frontend-<index>
+    model: str = "tiny"  # for the tokenizer and chat template; must match the workers'
+    served_model_name: str = ""  # the `model` name clients use; default: the model's name
+    max_inflight: int = 1024
+    request_timeout_s: float = 600.0
+    dispatch_timeout_s: float = 1.0
+    max_prompt_tokens: int = 32768
+    max_tokens_limit: int = 8192
+    max_body_bytes: int = 4 << 20
+    api_key: str = ""
+
+    @property
+    def resolved_id(self) -> str:
+        return self.frontend_id or f"frontend-{self.index}"
+
+
+@dataclass
+class KvferryConfig:
+    cluster: ClusterAddresses = field(default_factory=ClusterAddresses)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    worker: WorkerConfig = field(default_factory=WorkerConfig)
+    frontend: FrontendConfig = field(default_factory=FrontendConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+_SECTIONS = {"cluster": ClusterAddresses, "scheduler": SchedulerConfig, "worker": WorkerConfig,
+             "frontend": FrontendConfig}
+
+
+def _coerce(section: str, name: str, value: Any, typ: Any) -> Any:
+    want = {"int": int, "float": float, "str": str, "bool": bool}.get(str(typ).replace("<class '", "").rstrip("'>"))
+    if want is None:
+        return value
+    if want is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, want) or (want is int and isinstance(value, bool)):
+        raise ConfigFileError(f"[{section}] {name}: expected {want.__name__}, got {value!r}")
+    return value
+
+
+def _apply(section: str, current: Any, values: Mapping[str, Any]) -> Any:
+    known = {f.name: f for f in fields(current)}
+    changes: dict[str, Any] = {}
+    for key, value in values.items():
+        if key not in known:
+            raise ConfigFileError(f"[{section}] unknown setting {key!r} (known: {', '.join(sorted(known))})")
+        changes[key] = _coerce(section, key, value, known[key].type) if key != "overrides" else dict(value)
+    try:
+        return dataclasses.replace(current, **changes)
+    except (TypeError, ValueError) as exc:
+        raise ConfigFileError(f"[{section}] {exc}") from exc
+
+
+def _env_value(raw: str) -> Any:
+    try:
+        return tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        return raw
+
+
+def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = None,
+                overrides: Mapping[str, Mapping[str, Any]] | None = None) -> KvferryConfig:
+    """File, then KVFERRY_* environment, then `overrides` (from command-line flags)."""
+    cfg = KvferryConfig()
+    layers: list[dict[str, dict[str, Any]]] = []
+    if path is not None:
+        try:
+            data = tomllib.loads(Path(path).read_text())
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigFileError(f"{path}: {exc}") from exc
+        unknown = set(data) - set(_SECTIONS)
+        if unknown:
+            raise ConfigFileError(f"{path}: unknown sections {sorted(unknown)} (known: {sorted(_SECTIONS)})")
+        layers.append(data)
+    env_layer: dict[str, dict[str, Any]] = {}
+    for key, raw in (os.environ if env is None else env).items():
+        if not key.startswith("KVFERRY_"):
+            continue
+        parts = key[len("KVFERRY_"):].lower().split("_", 1)
+        if len(parts) == 2 and parts[0] in _SECTIONS:
+            env_layer.setdefault(parts[0], {})[parts[1]] = _env_value(raw)
+    layers.append(env_layer)
+    if overrides:
+        layers.append({s: {k: v for k, v in vals.items() if v is not None} for s, vals in overrides.items()})
+    for layer in layers:
+        for section, values in layer.items():
+            if not isinstance(values, Mapping):
+                raise ConfigFileError(f"[{section}] must be a table")
+            setattr(cfg, section, _apply(section, getattr(cfg, section), values))
+    return cfg
