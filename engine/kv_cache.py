@@ -17,7 +17,7 @@ class KVCache:
         shape = (cfg.num_hidden_layers, 2, num_blocks, block_size, cfg.num_key_value_heads, cfg.head_dim)
         # zeros, not empty: touching every page now keeps page faults out of the first steps.
         self.data = torch.zeros(shape, dtype=dtype, device=device)
-        self.layers = [(self.data[i, 0], self.data[i, 1]) for i in range(cfg.num_hidden_layers)]
+        self.layers = [self.data[i] for i in range(cfg.num_hidden_layers)]  # [2, blocks, ...] per layer
 
     @staticmethod
     def bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> int:

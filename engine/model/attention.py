@@ -36,20 +36,20 @@ def paged_attention(
     q: torch.Tensor,  # [T, H, D]
     k: torch.Tensor,  # [T, KVH, D]
     v: torch.Tensor,
-    k_cache: torch.Tensor,  # [num_blocks, block_size, KVH, D]
-    v_cache: torch.Tensor,
+    kv_cache: torch.Tensor,  # [2, num_blocks, block_size, KVH, D]: K and V of one layer
     meta: AttentionMetadata,
 ) -> torch.Tensor:
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads = k.shape[1]
     group = num_heads // num_kv_heads
+    k_cache, v_cache = kv_cache[0], kv_cache[1]
     k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping, k)
     v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping, v)
     if meta.num_decode == num_tokens and not meta.prefills:
-        return _decode(q, k_cache, v_cache, meta, group)
+        return _decode(q, kv_cache, meta, group)
     out = torch.empty_like(q)
     if meta.num_decode:
-        out[: meta.num_decode] = _decode(q[: meta.num_decode], k_cache, v_cache, meta, group)
+        out[: meta.num_decode] = _decode(q[: meta.num_decode], kv_cache, meta, group)
     for p in meta.prefills:
         end = p.q_start + p.q_len
         qp = q[p.q_start : end].transpose(0, 1).unsqueeze(0)  # [1, H, n, D]
@@ -74,14 +74,16 @@ def _gather(cache: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:
     return cache.index_select(0, block_tables.flatten()).view(b, nb * bs, kvh, d).transpose(1, 2)
 
 
-def _decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-            meta: AttentionMetadata, group: int) -> torch.Tensor:
+def _decode(q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, group: int) -> torch.Tensor:
     b, num_heads, d = q.shape
     kvh = num_heads // group
     # One query token per request: fold the query heads of a KV group into the "query length"
     # axis, so grouped-query attention needs no repeat of the keys.
     qd = q.view(b, kvh, group, d)
-    kd = _gather(k_cache, meta.decode_block_tables)
-    vd = _gather(v_cache, meta.decode_block_tables)
-    o = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=meta.decode_mask)
+    # K and V blocks in one gather: [2, B * max_blocks, block_size * KVH * D].
+    _, nblocks, bs, _, _ = kv_cache.shape
+    tables = meta.decode_block_tables
+    kv = kv_cache.view(2, nblocks, -1).index_select(1, tables.flatten())
+    kv = kv.view(2, b, tables.shape[1] * bs, kvh, d).transpose(2, 3)  # [2, B, KVH, S, D]
+    o = F.scaled_dot_product_attention(qd, kv[0], kv[1], attn_mask=meta.decode_mask)
     return o.reshape(b, num_heads, d)

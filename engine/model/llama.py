@@ -64,15 +64,16 @@ class Attention(nn.Module):
         self.qkv_proj = Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.attention_bias)
         self.o_proj = Linear(self.q_size, cfg.hidden_size, bias=cfg.attention_bias)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, rope: RotaryEmbedding,
-                kv_cache: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: RotaryEmbedding, rope_tables: tuple[torch.Tensor, torch.Tensor],
+                kv_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         t = x.shape[0]
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.view(t, self.num_heads, self.head_dim)
-        k = k.view(t, self.num_kv_heads, self.head_dim)
-        v = v.view(t, self.num_kv_heads, self.head_dim)
-        q, k = rope(positions, q, k)
-        o = paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta)
+        qkv = self.qkv_proj(x)
+        # Rotate q and k heads in one go: they are adjacent in the fused projection's output.
+        qk = rope.rotate(qkv[:, : self.q_size + self.kv_size].view(t, self.num_heads + self.num_kv_heads,
+                                                                    self.head_dim), *rope_tables)
+        q, k = qk[:, : self.num_heads], qk[:, self.num_heads :]
+        v = qkv[:, self.q_size + self.kv_size :].view(t, self.num_kv_heads, self.head_dim)
+        o = paged_attention(q, k, v, kv_cache, meta)
         return self.o_proj(o.reshape(t, self.q_size))
 
 
@@ -96,9 +97,9 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, rope: RotaryEmbedding,
-                kv_cache: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), positions, rope, kv_cache, meta)
+    def forward(self, x: torch.Tensor, rope: RotaryEmbedding, rope_tables: tuple[torch.Tensor, torch.Tensor],
+                kv_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), rope, rope_tables, kv_cache, meta)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -126,10 +127,12 @@ class LlamaForCausalLM(nn.Module):
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
-                kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+                kv_caches: list[torch.Tensor]) -> torch.Tensor:
+        """kv_caches: per layer, a [2, blocks, block_size, kv_heads, head_dim] tensor (K and V)."""
         x = self.embed_tokens(input_ids)
+        tables = self.rope.tables(positions)
         for layer, cache in zip(self.layers, kv_caches):
-            x = layer(x, positions, self.rope, cache, meta)
+            x = layer(x, self.rope, tables, cache, meta)
         return self.norm(x)
 
     @torch.inference_mode()

@@ -35,7 +35,7 @@ def inverse_frequencies(head_dim: int, theta: float, scaling: dict[str, Any] | N
 
 
 class RotaryEmbedding(torch.nn.Module):
-    """Precomputed cos/sin tables; `forward` rotates q and k in place of their positions."""
+    """Precomputed cos/sin tables; `tables` gathers a step's rows once, `rotate` applies them."""
 
     def __init__(self, head_dim: int, max_positions: int, theta: float,
                  scaling: dict[str, Any] | None, dtype: torch.dtype) -> None:
@@ -45,16 +45,17 @@ class RotaryEmbedding(torch.nn.Module):
         freqs = torch.outer(t, inv)
         emb = torch.cat((freqs, freqs), dim=-1)
         self.register_buffer("cos", emb.cos().to(dtype), persistent=False)
-        self.register_buffer("sin", emb.sin().to(dtype), persistent=False)
+        # rotate_half(x) * sin == roll(x, half) * sin_signed, with the first half's sign folded
+        # into the table: one roll instead of two slices, a negation and a concatenation.
+        sin = emb.sin()
+        sin[:, : head_dim // 2] *= -1
+        self.register_buffer("sin_signed", sin.to(dtype), persistent=False)
         self.half = head_dim // 2
 
-    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        # q: [T, H, D], k: [T, KVH, D]
-        cos = self.cos[positions].unsqueeze(1)
-        sin = self.sin[positions].unsqueeze(1)
-        return self._rotate(q, cos, sin), self._rotate(k, cos, sin)
+    def tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and signed sin rows for a step's positions, [T, 1, D]: gathered once per step."""
+        return self.cos[positions].unsqueeze(1), self.sin_signed[positions].unsqueeze(1)
 
-    def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x1, x2 = x[..., : self.half], x[..., self.half :]
-        rotated = torch.cat((-x2, x1), dim=-1)
-        return x * cos + rotated * sin
+    def rotate(self, x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
+        """Rotate x [T, heads, D] (q and k heads together) in Hugging Face's half-split layout."""
+        return torch.addcmul(x * cos, x.roll(self.half, dims=-1), sin_signed)
