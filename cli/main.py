@@ -13,6 +13,11 @@ import importlib
 import sys
 
 COMMANDS = (
+    "cli.up",
+    "cli.demo",
+    "cli.scheduler",
+    "cli.ctl",
+    "cli.worker",
     "cli.generate",
     "cli.bench",
 )
