@@ -121,6 +121,8 @@ def status_to_json(reply: Any) -> dict[str, Any]:
         return x
 
     data = fix(msgspec.to_builtins(reply))
+    data.setdefault("policy", "")
+    data["instances"] = [{**d, "used_blocks": d["total_blocks"] - d["free_blocks"]} for d in data.get("instances", [])]
     # RequestLocation travels array-like; name its fields for readers of the JSON.
     data["requests"] = [dict(zip(("request_id", "worker_id", "priority", "num_tokens", "running"), r))
                         if isinstance(r, list) else r for r in data.get("requests", [])]

@@ -1,0 +1,7 @@
+"""`python -m services.scheduler [flags]`: same as `kvferry scheduler`, without the CLI's other imports."""
+
+import sys
+
+from cli.scheduler import main
+
+sys.exit(main())

@@ -1,0 +1,270 @@
+"""The scheduler's message handlers: one method per SchedulerInbound type.
+
+`SchedulerCore.handle(received)` returns the reply (or None for one-way messages that need
+none); protocol.sockets.serve sends it back to the sender. Handlers never block: forwarding a
+command to a worker runs as a background task (services.scheduler.commands).
+
+Conventions other services follow:
+- A LoadReport or Heartbeat from a worker the scheduler does not know (never registered, or
+  declared dead after `heartbeat_timeout_ms` of silence) is answered with
+  `ErrorReply(code="not_found", reply_to=None, message="unknown worker <id>: register again")`;
+  the worker then sends RegisterWorker again (registering is idempotent).
+- Dispatch answers `ErrorReply(code="unavailable")` when no live, non-draining, non-full worker
+  can take the request.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from typing import Any
+
+import zmq
+
+from protocol import (
+    Ack,
+    Deregister,
+    DispatchReply,
+    DispatchRequest,
+    DrainInstance,
+    ErrorCode,
+    ErrorReply,
+    Heartbeat,
+    InstanceStatus,
+    LoadReport,
+    MigrateRequestTo,
+    MigrationResult,
+    Ping,
+    Pong,
+    RegisterReply,
+    RegisterWorker,
+    RequestLocation,
+    StatusReply,
+    StatusRequest,
+    UndrainInstance,
+    now_ms,
+)
+from protocol.base import Message
+from protocol.sockets import Received
+
+from policy import DispatchState, dispatch, freeness
+from policy.dispatch import POLICIES
+from services.config import SchedulerConfig
+from services.log import get_logger
+from services.scheduler.commands import CommandChannels
+from services.scheduler.registry import Registry, ReportOutcome, WorkerRecord
+
+log = get_logger("kvferry.scheduler")
+
+UNKNOWN_WORKER_LOG_EVERY_S = 5.0  # an unknown worker reports every few ms: log it now and then
+
+
+class SchedulerCore:
+    """Registry + dispatch state + handlers. `commands` may be None (no forwarding, e.g. in tests)."""
+
+    def __init__(self, cfg: SchedulerConfig, commands: CommandChannels | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        if cfg.policy not in POLICIES:
+            raise ValueError(f"unknown dispatch policy {cfg.policy!r} (known: {', '.join(POLICIES)})")
+        if cfg.heartbeat_interval_ms <= 0 or cfg.heartbeat_timeout_ms <= 0 or cfg.report_interval_ms <= 0:
+            raise ValueError("scheduler intervals and timeouts must be positive")
+        self.cfg = cfg
+        self.scheduler_id = cfg.scheduler_id
+        self.policy = cfg.policy
+        self.registry = Registry(timeout_s=cfg.heartbeat_timeout_ms / 1000.0)
+        self.state = DispatchState()
+        self.commands = commands
+        self.clock = clock
+        self._unknown_logged: dict[str, float] = {}
+        self._handlers: dict[type, Callable[[Received], Any]] = {
+            RegisterWorker: self.on_register,
+            LoadReport: self.on_load_report,
+            Heartbeat: self.on_heartbeat,
+            Deregister: self.on_deregister,
+            MigrationResult: self.on_migration_result,
+            DispatchRequest: self.on_dispatch,
+            StatusRequest: self.on_status,
+            MigrateRequestTo: self.on_migrate_request,
+            DrainInstance: self.on_drain,
+            UndrainInstance: self.on_undrain,
+            Ping: self.on_ping,
+        }
+
+    async def handle(self, rec: Received) -> Message | None:
+        """The reply to `rec.msg` (None: no reply)."""
+        handler = self._handlers.get(type(rec.msg))
+        if handler is None:  # cannot happen with SchedulerInbound as the socket's allowed types
+            return ErrorReply(reply_to=getattr(rec.msg, "msg_id", None), code=ErrorCode.UNKNOWN_TYPE,
+                              message=f"the scheduler does not handle {type(rec.msg).__name__}")
+        return handler(rec)
+
+    # ---- workers -------------------------------------------------------------------------------
+
+    def on_register(self, rec: Received) -> Message:
+        msg: RegisterWorker = rec.msg
+        if self.registry.get(msg.worker_id) is None and len(self.registry) >= self.registry.max_workers:
+            return ErrorReply(reply_to=msg.msg_id, code=ErrorCode.OVERLOADED,
+                              message=f"{self.registry.max_workers} workers already registered")
+        if self.commands is not None:
+            try:
+                self.commands.open(msg.worker_id, msg.endpoints.control)
+            except zmq.ZMQError as exc:
+                log.warning("worker.rejected", worker_id=msg.worker_id, control=msg.endpoints.control, error=str(exc))
+                return ErrorReply(reply_to=msg.msg_id, code=ErrorCode.INVALID,
+                                  message=f"cannot connect to control endpoint {msg.endpoints.control!r}: {exc}")
+        record, known = self.registry.register(msg, rec.peer, self.clock(), now_ms())
+        self.state.on_report(msg.worker_id)
+        self._unknown_logged.pop(msg.worker_id, None)
+        if self.commands is not None:
+            if record.draining:  # a drain the operator asked for survives the worker's restart
+                self.commands.send_drain(msg.worker_id, True)
+        (log.debug if known else log.info)(
+            "worker.registered", worker_id=msg.worker_id, control=msg.endpoints.control,
+            migration=msg.endpoints.migration, host=msg.host, engine=msg.engine, model=msg.model,
+            total_blocks=msg.total_blocks, block_size=msg.block_size, again=known)
+        return RegisterReply(reply_to=msg.msg_id, scheduler_id=self.scheduler_id,
+                             heartbeat_interval_ms=self.cfg.heartbeat_interval_ms,
+                             report_interval_ms=self.cfg.report_interval_ms)
+
+    def on_load_report(self, rec: Received) -> Message | None:
+        msg: LoadReport = rec.msg
+        outcome = self.registry.apply_report(msg, self.clock(), now_ms())
+        if outcome is ReportOutcome.APPLIED:
+            self.state.on_report(msg.worker_id)
+            return None
+        if outcome is ReportOutcome.STALE:
+            return None
+        return self._unknown_worker(msg.worker_id, "LoadReport")
+
+    def on_heartbeat(self, rec: Received) -> Message | None:
+        msg: Heartbeat = rec.msg
+        if msg.role != "worker":
+            return None  # only workers' heartbeats matter to the scheduler
+        if self.registry.heard(msg.sender_id, self.clock()):
+            return None
+        return self._unknown_worker(msg.sender_id, "Heartbeat")
+
+    def _unknown_worker(self, worker_id: str, what: str) -> ErrorReply:
+        now = self.clock()
+        if now - self._unknown_logged.get(worker_id, -math.inf) >= UNKNOWN_WORKER_LOG_EVERY_S:
+            self._unknown_logged[worker_id] = now
+            if len(self._unknown_logged) > 10_000:
+                self._unknown_logged.clear()
+            known = self.registry.get(worker_id) is not None
+            log.warning("worker.unknown", worker_id=worker_id, message=what,
+                        reason="declared dead" if known else "not registered")
+        return ErrorReply(code=ErrorCode.NOT_FOUND, message=f"unknown worker {worker_id}: register again")
+
+    def on_deregister(self, rec: Received) -> None:
+        msg: Deregister = rec.msg
+        record = self.registry.remove(msg.worker_id)
+        self.state.on_report(msg.worker_id)
+        if self.commands is not None:
+            self.commands.close(msg.worker_id)
+        log.info("worker.deregistered", worker_id=msg.worker_id, reason=msg.reason, known=record is not None)
+        return None
+
+    def on_migration_result(self, rec: Received) -> None:
+        m: MigrationResult = rec.msg
+        log.info("migration.result", migration_id=m.migration_id, request_id=m.request_id,
+                 src_worker_id=m.src_worker_id, dst_worker_id=m.dst_worker_id, outcome=m.outcome,
+                 reason=m.reason, stages=m.stages, blocks=m.blocks, bytes_moved=m.bytes_moved,
+                 downtime_ms=m.downtime_ms)
+        return None
+
+    def on_pong(self, worker_id: str) -> None:
+        record = self.registry.get(worker_id)
+        if record is not None:
+            record.last_pong_ms = now_ms()
+
+    def sweep(self) -> list[WorkerRecord]:
+        """Declare silent workers dead (called on a timer); forget long-dead ones."""
+        now = self.clock()
+        dead = self.registry.sweep(now)
+        for record in dead:
+            self.state.on_report(record.worker_id)
+            log.warning("worker.dead", worker_id=record.worker_id,
+                        silent_s=round(now - record.last_heard, 3), alive_workers=self.registry.num_alive)
+        for wid in self.registry.forget_dead(now, after_s=max(60.0, 10 * self.registry.timeout_s)):
+            if self.commands is not None:
+                self.commands.close(wid)
+            log.info("worker.forgotten", worker_id=wid)
+        return dead
+
+    # ---- frontends -----------------------------------------------------------------------------
+
+    def choose(self, msg: DispatchRequest) -> WorkerRecord | None:
+        """Run the dispatch policy for `msg`; None when no instance can take it."""
+        snapshots = self.registry.snapshots()
+        if msg.exclude_workers:
+            excluded = set(msg.exclude_workers)
+            snapshots = [s for s in snapshots if s.instance_id not in excluded]
+        bs = self.registry.block_size
+        demand = -(-msg.num_prompt_tokens // bs)
+        wid = dispatch(self.policy, snapshots, self.state, demand)
+        return None if wid is None else self.registry.get(wid)
+
+    def on_dispatch(self, rec: Received) -> Message:
+        msg: DispatchRequest = rec.msg
+        record = self.choose(msg)
+        if record is None:
+            log.info("request.unavailable", request_id=msg.request_id, frontend_id=msg.frontend_id,
+                     workers=len(self.registry), alive=self.registry.num_alive)
+            return ErrorReply(reply_to=msg.msg_id, code=ErrorCode.UNAVAILABLE,
+                              message=f"no worker can take the request ({len(self.registry)} registered, "
+                                      f"{self.registry.num_alive} alive; draining or full ones excluded)")
+        log.info("request.dispatched", request_id=msg.request_id, worker_id=record.worker_id,
+                 frontend_id=msg.frontend_id, priority=msg.priority, prompt_tokens=msg.num_prompt_tokens)
+        return DispatchReply(reply_to=msg.msg_id, request_id=msg.request_id, worker_id=record.worker_id,
+                             worker_address=record.info.endpoints.control)
+
+    def on_status(self, rec: Received) -> Message:
+        msg: StatusRequest = rec.msg
+        return self.status(msg.msg_id, include_requests=msg.include_requests)
+
+    def status(self, reply_to: str, include_requests: bool = True) -> StatusReply:
+        """Every instance and (with `include_requests`) every request on a live instance."""
+        instances: list[InstanceStatus] = []
+        requests: list[RequestLocation] = []
+        for r in self.registry:
+            snap = r.snapshot
+            info = r.info
+            instances.append(InstanceStatus(
+                worker_id=info.worker_id, endpoints=info.endpoints, host=info.host, engine=info.engine,
+                model=info.model, total_blocks=snap.total_blocks, free_blocks=snap.free_blocks,
+                block_size=info.block_size, num_running=snap.num_running, num_waiting=snap.num_waiting,
+                freeness=freeness(snap), alive=r.alive, draining=snap.draining, last_report_ms=r.last_report_ms))
+            if include_requests and r.alive and r.report is not None:
+                requests.extend(RequestLocation(request_id=e.request_id, worker_id=info.worker_id,
+                                                priority=e.priority, num_tokens=e.num_tokens, running=e.running)
+                                for e in r.report.requests)
+        return StatusReply(reply_to=reply_to, scheduler_id=self.scheduler_id, instances=instances,
+                           requests=requests, policy=self.policy)
+
+    # ---- operator commands ---------------------------------------------------------------------
+
+    def _set_draining(self, msg_id: str, worker_id: str, draining: bool) -> Message:
+        record = self.registry.set_draining(worker_id, draining)
+        if record is None:
+            return ErrorReply(reply_to=msg_id, code=ErrorCode.NOT_FOUND, message=f"unknown worker {worker_id}")
+        if self.commands is not None:
+            self.commands.send_drain(worker_id, draining)
+        log.info("worker.draining" if draining else "worker.undrained", worker_id=worker_id)
+        return Ack(reply_to=msg_id, detail=f"{worker_id}: {'draining' if draining else 'dispatch resumed'}")
+
+    def on_drain(self, rec: Received) -> Message:
+        return self._set_draining(rec.msg.msg_id, rec.msg.worker_id, True)
+
+    def on_undrain(self, rec: Received) -> Message:
+        return self._set_draining(rec.msg.msg_id, rec.msg.worker_id, False)
+
+    def on_migrate_request(self, rec: Received) -> Message:
+        msg: MigrateRequestTo = rec.msg
+        log.info("migration.refused", request_id=msg.request_id, dst_worker_id=msg.dst_worker_id,
+                 reason="not available in this version")
+        return ErrorReply(reply_to=msg.msg_id, code=ErrorCode.REFUSED,
+                          message="live migration is not available in this version")
+
+    def on_ping(self, rec: Received) -> Message:
+        return Pong.to(rec.msg, sender_id=self.scheduler_id)

@@ -1,0 +1,38 @@
+"""Convert what a worker told the scheduler into the policy's view of it (policy.InstanceLoad)."""
+
+from __future__ import annotations
+
+from protocol import LoadReport, RegisterWorker
+
+from policy import InstanceLoad, RequestLoad
+
+
+def instance_load(info: RegisterWorker, report: LoadReport | None, *, alive: bool = True,
+                  draining: bool = False, include_requests: bool = False) -> InstanceLoad:
+    """The InstanceLoad of a worker registered with `info` whose latest report is `report`.
+
+    Before its first report a worker counts as empty (all its registered blocks free). It is
+    draining when the scheduler drains it (`draining`) or when it says so itself (`report.draining`).
+    `max_running` comes from the report, else from the registration. Per-request entries are
+    converted only with `include_requests` (dispatch does not need them; they can be thousands).
+    """
+    if report is None:
+        return InstanceLoad(
+            instance_id=info.worker_id, total_blocks=info.total_blocks, free_blocks=info.total_blocks,
+            num_running=0, num_waiting=0, draining=draining, alive=alive, max_running=info.max_running)
+    requests: tuple[RequestLoad, ...] = ()
+    if include_requests:
+        requests = tuple(RequestLoad(r.request_id, r.priority, r.num_blocks, r.num_tokens, r.running)
+                         for r in report.requests)
+    return InstanceLoad(
+        instance_id=info.worker_id,
+        total_blocks=report.total_blocks,
+        free_blocks=report.free_blocks,
+        num_running=report.num_running,
+        num_waiting=report.num_waiting,
+        head_of_line_blocks=report.head_of_line_blocks,
+        requests=requests,
+        draining=draining or report.draining,
+        alive=alive,
+        max_running=report.max_running if report.max_running is not None else info.max_running,
+    )

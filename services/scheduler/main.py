@@ -1,0 +1,86 @@
+"""The scheduler process: bind the ROUTER, serve SchedulerInbound, run the timers, stop on a signal.
+
+`run(cfg)` blocks until SIGTERM/SIGINT (or `stop` is set). Once bound it calls `on_ready(endpoint)`;
+`kvferry scheduler` prints `READY scheduler <endpoint>` there, which `kvferry up` waits for.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+from collections.abc import Callable
+
+import zmq
+import zmq.asyncio
+
+from protocol import SchedulerInbound
+from protocol.sockets import MessageSocket, serve
+from services.config import KvferryConfig
+from services.log import get_logger
+from services.scheduler.commands import CommandChannels
+from services.scheduler.handlers import SchedulerCore
+
+log = get_logger("kvferry.scheduler")
+
+SWEEP_INTERVAL_S = 0.1  # liveness check period: a silent worker is dead at most this long after its timeout
+
+
+async def serve_scheduler(cfg: KvferryConfig, on_ready: Callable[[str], None] | None = None,
+                          stop: asyncio.Event | None = None) -> None:
+    """Serve until `stop` is set (created here and set by SIGTERM/SIGINT when not given)."""
+    loop = asyncio.get_running_loop()
+    if stop is None:
+        stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(sig, stop.set)
+    sc = cfg.scheduler
+    ctx = zmq.asyncio.Context()
+    commands = CommandChannels(ctx, sc.scheduler_id, sc.heartbeat_interval_ms / 1000.0)
+    core = SchedulerCore(sc, commands)
+    commands.on_pong = core.on_pong
+    bind = cfg.cluster.scheduler_bind()
+    sock = MessageSocket.bind(ctx, zmq.ROUTER, bind, SchedulerInbound, hwm=100_000, name="scheduler")
+    tasks: list[asyncio.Task[None]] = []
+    try:
+        async def sweeper() -> None:
+            while True:
+                await asyncio.sleep(min(SWEEP_INTERVAL_S, sc.heartbeat_timeout_ms / 4000.0))
+                core.sweep()
+
+        tasks.append(loop.create_task(serve(sock, core.handle), name="scheduler-serve"))
+        tasks.append(loop.create_task(sweeper(), name="scheduler-sweep"))
+        endpoint = cfg.cluster.scheduler()
+        log.info("scheduler.ready", endpoint=endpoint, bind=bind, scheduler_id=sc.scheduler_id, policy=sc.policy,
+                 heartbeat_interval_ms=sc.heartbeat_interval_ms, heartbeat_timeout_ms=sc.heartbeat_timeout_ms,
+                 report_interval_ms=sc.report_interval_ms)
+        if on_ready is not None:
+            on_ready(endpoint)
+        stopped = loop.create_task(stop.wait())
+        done, _ = await asyncio.wait([stopped, *tasks], return_when=asyncio.FIRST_COMPLETED)
+        for t in done:
+            if t is not stopped and t.exception() is not None:
+                raise t.exception()  # a timer or the serve loop died: fail loudly
+        stopped.cancel()
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await commands.aclose()
+        sock.close()
+        ctx.destroy(linger=0)
+        log.info("scheduler.stopped", workers=len(core.registry))
+
+
+def run(cfg: KvferryConfig, on_ready: Callable[[str], None] | None = None) -> int:
+    """Run the scheduler on uvloop when available; returns the exit status."""
+    try:
+        import uvloop
+
+        factory = uvloop.new_event_loop
+    except ImportError:  # pragma: no cover - uvloop is a dependency
+        factory = None
+    with asyncio.Runner(loop_factory=factory) as runner:
+        runner.run(serve_scheduler(cfg, on_ready))
+    return 0
