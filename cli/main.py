@@ -13,6 +13,7 @@ import importlib
 import sys
 
 COMMANDS = (
+    "cli.frontend",
     "cli.up",
     "cli.demo",
     "cli.scheduler",

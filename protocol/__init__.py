@@ -12,6 +12,7 @@ Modules (import the names from here):
 - frames: tensors as extra frames without copies (pack_tensor_frames / unpack_tensor_frames).
 - sockets: asyncio ZeroMQ wrappers (MessageSocket, Requester, request, serve).
 - addresses: ClusterAddresses, the one config every endpoint derives from.
+- client: the SDK <-> frontend messages (GenerateRequest, GenerateChunk, CancelGenerate).
 """
 
 from protocol.addresses import ClusterAddresses
@@ -26,6 +27,15 @@ from protocol.base import (
     new_msg_id,
     now_ms,
     remaining_s,
+)
+from protocol.client import (
+    CancelGenerate,
+    ChatMessage,
+    ClientInbound,
+    FrontendSdkInbound,
+    GenerateChunk,
+    GenerateRequest,
+    Usage,
 )
 from protocol.codec import decode, decode_as, encode, validate
 from protocol.common import Ack, ErrorCode, ErrorReply, Heartbeat, Ping, Pong, error_reply
@@ -86,5 +96,5 @@ from protocol.to_worker import (
 )
 
 __all__ = [name for name in dir() if not name.startswith("_") and name not in {
-    "addresses", "base", "codec", "common", "errors", "fields", "payloads", "to_frontend", "to_scheduler", "to_worker",
+    "addresses", "base", "client", "codec", "common", "errors", "fields", "payloads", "to_frontend", "to_scheduler", "to_worker",
 }]

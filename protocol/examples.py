@@ -7,6 +7,7 @@ message type without an example here fails the protocol tests.
 from __future__ import annotations
 
 from protocol.base import Message, deadline_in
+from protocol.client import CancelGenerate, ChatMessage, GenerateChunk, GenerateRequest, Usage
 from protocol.common import Ack, ErrorReply, Heartbeat, Ping, Pong
 from protocol.payloads import RequestLoadEntry, RequestState, SamplingParams, TensorSpec, WorkerEndpoints
 from protocol.to_frontend import (
@@ -121,4 +122,10 @@ def example_messages() -> list[Message]:
                                               free_blocks=1000, block_size=16, num_running=1, num_waiting=0,
                                               freeness=float("inf"), last_report_ms=dl)],
                     requests=[RequestLocation(request_id="cmpl-1", worker_id="worker-0", num_tokens=380)]),
+        # SDK <-> frontend
+        GenerateRequest(messages=[ChatMessage(role="user", content="Hi")], sampling=SAMPLING, stop=["\n\n"],
+                        priority=1, stream=True, deadline_ms=dl),
+        GenerateChunk(reply_to="m-1", request_id="sdk-1", text="Hello", token_ids=[9, 8], first_index=0,
+                      finish_reason="stop", usage=Usage(prompt_tokens=3, completion_tokens=2, total_tokens=5)),
+        CancelGenerate(target="m-1"),
     ]

@@ -1,0 +1,262 @@
+"""AsyncClient and Client (a synchronous wrapper) over a frontend's SDK endpoint (a ZeroMQ ROUTER).
+
+One DEALER per client; a reader task routes each GenerateChunk / ErrorReply by `reply_to` to the
+call waiting for it, so many generations can run at once over one client. Leaving a `stream`
+early (break, close, cancellation, timeout) sends CancelGenerate, which aborts the request on
+the worker that runs it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+from collections.abc import AsyncIterator, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import zmq
+import zmq.asyncio
+
+from protocol.base import deadline_in
+from protocol.client import CancelGenerate, ChatMessage, ClientInbound, GenerateChunk, GenerateRequest, Usage
+from protocol.common import ErrorCode, ErrorReply
+from protocol.errors import ProtocolError
+from protocol.payloads import SamplingParams
+from protocol.sockets import MessageSocket
+
+
+class SdkError(Exception):
+    """The frontend refused or failed a request; `code` is the protocol ErrorCode."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code, self.message = code, message
+
+
+class InvalidRequest(SdkError):
+    """Bad parameters, prompt too long (HTTP 400)."""
+
+
+class Overloaded(SdkError):
+    """Too many requests in flight; retry later (HTTP 429)."""
+
+
+class Unavailable(SdkError):
+    """No worker can take the request (HTTP 503)."""
+
+
+class GenerateTimeout(SdkError, TimeoutError):
+    """No (complete) answer within the timeout; the request was cancelled."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(ErrorCode.EXPIRED, message)
+
+
+_ERRORS = {ErrorCode.INVALID: InvalidRequest, ErrorCode.OVERLOADED: Overloaded,
+           ErrorCode.UNAVAILABLE: Unavailable, ErrorCode.REFUSED: Unavailable}
+
+
+def _error(reply: ErrorReply) -> SdkError:
+    if reply.code == ErrorCode.EXPIRED:
+        return GenerateTimeout(reply.message)
+    return _ERRORS.get(reply.code, SdkError)(reply.code, reply.message)
+
+
+@dataclass
+class Chunk:
+    """Part of a streamed answer: new text and the tokens it came from; the last chunk has
+    `finish_reason` ("stop" or "length") and `usage`."""
+
+    request_id: str
+    text: str
+    token_ids: list[int]
+    first_index: int
+    finish_reason: str | None = None
+    usage: Usage | None = None
+
+
+@dataclass
+class Result:
+    """A whole answer. `request_id` is the id `kvferry ctl status` shows."""
+
+    text: str
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    usage: Usage | None = None
+    request_id: str = ""
+
+
+def _request(prompt: str | None, prompt_token_ids: Sequence[int] | None, messages: Sequence[dict] | None,
+             max_tokens: int, temperature: float, top_p: float, top_k: int, seed: int | None,
+             stop: str | Sequence[str] | None, priority: int, ignore_eos: bool, stream: bool,
+             timeout: float) -> GenerateRequest:
+    if sum(x is not None for x in (prompt, prompt_token_ids, messages)) != 1:
+        raise ValueError("give exactly one of prompt=, prompt_token_ids=, messages=")
+    msgs = None if messages is None else [ChatMessage(role=m["role"], content=m["content"]) for m in messages]
+    stops = [stop] if isinstance(stop, str) else list(stop or [])
+    sampling = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
+                              ignore_eos=ignore_eos)
+    return GenerateRequest(prompt=prompt, prompt_token_ids=None if prompt_token_ids is None else list(prompt_token_ids),
+                           messages=msgs, sampling=sampling, stop=stops, priority=priority, stream=stream,
+                           deadline_ms=deadline_in(timeout))
+
+
+class AsyncClient:
+    """asyncio client of one frontend's SDK endpoint (e.g. tcp://127.0.0.1:17101).
+
+    `timeout` (seconds) bounds each whole generation unless a call passes its own.
+    """
+
+    def __init__(self, endpoint: str, timeout: float = 600.0) -> None:
+        self.endpoint = endpoint
+        self.timeout = timeout
+        self._ctx: zmq.asyncio.Context | None = None
+        self._sock: MessageSocket | None = None
+        self._reader: asyncio.Task | None = None
+        self._queues: dict[str, asyncio.Queue] = {}
+
+    async def __aenter__(self) -> "AsyncClient":
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    def _ensure(self) -> MessageSocket:
+        if self._sock is None:
+            self._ctx = zmq.asyncio.Context()
+            self._sock = MessageSocket.connect(self._ctx, zmq.DEALER, self.endpoint, ClientInbound, name="sdk-client")
+            self._reader = asyncio.get_running_loop().create_task(self._read())
+        return self._sock
+
+    async def _read(self) -> None:
+        assert self._sock is not None
+        while True:
+            try:
+                rec = await self._sock.recv()
+            except ProtocolError:
+                continue
+            q = self._queues.get(getattr(rec.msg, "reply_to", None) or "")
+            if q is not None:
+                q.put_nowait(rec.msg)
+
+    async def close(self) -> None:
+        """Stop the reader and close the socket (running streams end with an error)."""
+        if self._reader is not None:
+            self._reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reader
+            self._reader = None
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+        if self._ctx is not None:
+            self._ctx.term()
+            self._ctx = None
+
+    async def _chunks(self, req: GenerateRequest, timeout: float) -> AsyncIterator[GenerateChunk]:
+        sock = self._ensure()
+        loop = asyncio.get_running_loop()
+        end = loop.time() + timeout
+        q: asyncio.Queue = asyncio.Queue()
+        self._queues[req.msg_id] = q
+        done = False
+        try:
+            await sock.send(req, timeout_s=timeout)
+            while True:
+                left = end - loop.time()
+                try:
+                    if left <= 0:
+                        raise asyncio.TimeoutError
+                    msg = await asyncio.wait_for(q.get(), left)
+                except asyncio.TimeoutError:
+                    raise GenerateTimeout(f"no complete answer within {timeout:g} s") from None
+                if isinstance(msg, ErrorReply):
+                    done = True
+                    raise _error(msg)
+                yield msg
+                if msg.finish_reason is not None:
+                    done = True
+                    return
+        finally:
+            self._queues.pop(req.msg_id, None)
+            if not done and self._sock is not None:
+                with contextlib.suppress(Exception):
+                    await self._sock.send(CancelGenerate(target=req.msg_id), timeout_s=1.0)
+
+    async def stream(self, prompt: str | None = None, *, prompt_token_ids: Sequence[int] | None = None,
+                     messages: Sequence[dict[str, str]] | None = None, max_tokens: int = 16,
+                     temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
+                     stop: str | Sequence[str] | None = None, priority: int = 0, ignore_eos: bool = False,
+                     timeout: float | None = None) -> AsyncIterator[Chunk]:
+        """Yield Chunks as tokens arrive. Breaking out early cancels the request."""
+        t = self.timeout if timeout is None else timeout
+        req = _request(prompt, prompt_token_ids, messages, max_tokens, temperature, top_p, top_k, seed, stop,
+                       priority, ignore_eos, True, t)
+        chunks = self._chunks(req, t)
+        try:
+            async for c in chunks:
+                yield Chunk(c.request_id, c.text, list(c.token_ids), c.first_index, c.finish_reason, c.usage)
+        finally:
+            await chunks.aclose()
+
+    async def generate(self, prompt: str | None = None, *, prompt_token_ids: Sequence[int] | None = None,
+                       messages: Sequence[dict[str, str]] | None = None, max_tokens: int = 16,
+                       temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
+                       stop: str | Sequence[str] | None = None, priority: int = 0, ignore_eos: bool = False,
+                       timeout: float | None = None) -> Result:
+        """The whole answer at once. Raises GenerateTimeout, InvalidRequest, Overloaded, Unavailable."""
+        t = self.timeout if timeout is None else timeout
+        req = _request(prompt, prompt_token_ids, messages, max_tokens, temperature, top_p, top_k, seed, stop,
+                       priority, ignore_eos, False, t)
+        chunks = self._chunks(req, t)
+        try:
+            async for c in chunks:
+                if c.finish_reason is not None:
+                    return Result(c.text, list(c.token_ids), c.finish_reason, c.usage, c.request_id)
+        finally:
+            await chunks.aclose()
+        raise SdkError(ErrorCode.INTERNAL, "the stream ended without a final chunk")
+
+
+class Client:
+    """Synchronous client: an AsyncClient on an event loop in a background thread."""
+
+    def __init__(self, endpoint: str, timeout: float = 600.0) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="kvferry-sdk", daemon=True)
+        self._thread.start()
+        self._async = AsyncClient(endpoint, timeout)
+
+    def _run(self, coro: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def generate(self, prompt: str | None = None, **kw: Any) -> Result:
+        """See AsyncClient.generate."""
+        return self._run(self._async.generate(prompt, **kw))
+
+    def stream(self, prompt: str | None = None, **kw: Any) -> Iterator[Chunk]:
+        """See AsyncClient.stream; leaving the loop early (or `.close()`) cancels the request."""
+        agen = self._async.stream(prompt, **kw)
+        try:
+            while True:
+                try:
+                    yield self._run(agen.__anext__())
+                except StopAsyncIteration:
+                    return
+        finally:
+            self._run(agen.aclose())
+
+    def close(self) -> None:
+        if self._loop.is_closed():
+            return
+        self._run(self._async.close())
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=5)
+        self._loop.close()

@@ -1,0 +1,174 @@
+"""One generation, from validated parameters to text deltas: the core both APIs share.
+
+`Generator.run(params)` is an async iterator of `Delta`s: text (stable, stop strings cut out),
+the token ids it came from, and on the last one the finish reason ("stop" or "length") and usage.
+It starts the request through the Router, applies the deadline to every wait, stops the request
+on the worker when a stop string matches, and aborts it when the consumer goes away (the
+iterator is closed or its task cancelled). Metrics are recorded here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from protocol.payloads import SamplingParams
+from services.frontend.detokenizer import IncrementalDetokenizer, StopMatcher
+from services.frontend.metrics import FrontendMetrics
+from services.frontend.router import RouteError, Router
+from services.log import get_logger
+
+log = get_logger("kvferry.frontend.generation")
+
+
+@dataclass
+class GenerateParams:
+    """A validated generation request (from the OpenAI API or the SDK)."""
+
+    request_id: str
+    prompt_ids: list[int]
+    sampling: SamplingParams
+    stop: list[str] = field(default_factory=list)
+    priority: int = 0
+    timeout_s: float = 600.0
+
+
+@dataclass(slots=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+    def to_dict(self) -> dict[str, int]:
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
+                "total_tokens": self.total_tokens}
+
+
+@dataclass(slots=True)
+class Delta:
+    """Part of the output. `first_index` is the output index of token_ids[0]."""
+
+    text: str
+    token_ids: list[int]
+    first_index: int
+    finish_reason: str | None = None
+    usage: Usage | None = None
+
+
+class GenerationError(Exception):
+    """The request failed after it started (worker error, lost worker, deadline)."""
+
+    def __init__(self, code: str, message: str, status: int = 500) -> None:
+        super().__init__(message)
+        self.code, self.message, self.status = code, message, status
+
+
+class Generator:
+    """Runs generations over a Router with one tokenizer."""
+
+    def __init__(self, router: Router, tokenizer, metrics: FrontendMetrics) -> None:  # noqa: ANN001
+        self.router = router
+        self.tokenizer = tokenizer
+        self.metrics = metrics
+        self.active = 0  # generations in flight
+
+    async def run(self, p: GenerateParams) -> AsyncIterator[Delta]:
+        """Start the request (raises RouteError before the first delta when it cannot start)."""
+        start = time.monotonic()
+        deadline = start + p.timeout_s
+        self.metrics.in_flight.inc()
+        self.active += 1
+        outcome = "cancelled"
+        try:
+            try:
+                stream = await self.router.submit(p.request_id, p.prompt_ids, p.sampling, p.priority, p.timeout_s)
+            except RouteError as exc:
+                outcome = "rejected" if exc.status < 500 else "unavailable"
+                raise
+            detok = IncrementalDetokenizer(self.tokenizer, p.prompt_ids)
+            stops = StopMatcher(p.stop)
+            n_out = 0
+            last_token_t: float | None = None
+            try:
+                while True:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        raise TimeoutError
+                    try:
+                        ev = await asyncio.wait_for(stream.queue.get(), remaining)
+                    except asyncio.TimeoutError:
+                        raise TimeoutError from None
+                    now = time.monotonic()
+                    if ev.token_ids:
+                        if last_token_t is None:
+                            self.metrics.ttft.observe(now - start)
+                        else:
+                            self.metrics.itl.observe((now - last_token_t) / len(ev.token_ids))
+                        last_token_t = now
+                        self.metrics.generated_tokens.inc(len(ev.token_ids))
+                    if ev.finish_reason in ("abort", "error"):
+                        raise GenerationError("worker_" + ev.finish_reason, ev.error or f"request {ev.finish_reason}ed")
+                    # Per token only when stop strings need the exact token that completes them.
+                    groups = [[t] for t in ev.token_ids] if stops.stops else [ev.token_ids]
+                    text, ids, first, stopped = "", [], n_out, False
+                    for g in groups:
+                        if not g:
+                            continue
+                        piece, stopped = stops.feed(detok.push(g))
+                        text += piece
+                        ids.extend(g)
+                        n_out += len(g)
+                        if stopped:
+                            break
+                    if stopped:
+                        self.router.abort(p.request_id, "stop string")
+                        outcome = "stop"
+                        yield Delta(text, ids, first, "stop", Usage(len(p.prompt_ids), n_out))
+                        return
+                    if ev.finish_reason is not None:
+                        tail, stopped = stops.feed(detok.flush())
+                        text += tail if stopped else tail + stops.flush()
+                        self.router.finish(p.request_id)
+                        reason = "length" if ev.finish_reason == "length" and not stopped else "stop"
+                        outcome = reason
+                        yield Delta(text, ids, first, reason, Usage(len(p.prompt_ids), n_out))
+                        return
+                    if text or ids:
+                        yield Delta(text, ids, first)
+            except TimeoutError:
+                outcome = "timeout"
+                self.router.abort(p.request_id, "deadline passed")
+                raise GenerationError("timeout", f"no result within {p.timeout_s:g} s", 504) from None
+            except GenerationError:
+                outcome = "error"
+                self.router.finish(p.request_id)
+                raise
+            except BaseException:
+                # Consumer gone (closed iterator, cancelled task, client disconnect): free the worker.
+                if p.request_id in self.router.streams:
+                    self.router.abort(p.request_id, "client went away")
+                raise
+        finally:
+            self.metrics.in_flight.dec()
+            self.active -= 1
+            self.metrics.requests.labels(outcome=outcome).inc()
+            if outcome in ("stop", "length"):
+                self.metrics.e2e.observe(time.monotonic() - start)
+            log.info("request.finished", request_id=p.request_id, outcome=outcome)
+
+    async def collect(self, p: GenerateParams) -> Delta:
+        """The whole output as one Delta."""
+        text: list[str] = []
+        ids: list[int] = []
+        last: Delta | None = None
+        async for d in self.run(p):
+            text.append(d.text)
+            ids.extend(d.token_ids)
+            last = d
+        assert last is not None and last.finish_reason is not None
+        return Delta("".join(text), ids, 0, last.finish_reason, last.usage)

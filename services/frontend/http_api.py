@@ -1,0 +1,253 @@
+"""The OpenAI-compatible HTTP API (FastAPI): completions, chat completions, models, health, metrics.
+
+Every error is an OpenAI error body. A streaming response is SSE (`data: {...}\\n\\n` chunks, then
+`data: [DONE]`); with `stream_options.include_usage` a last chunk has empty `choices` and the
+`usage`. A client that disconnects has its request aborted on the worker that owns it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from services.config import FrontendConfig
+from services.frontend.generation import Delta, GenerateParams, GenerationError, Generator
+from services.frontend.metrics import FrontendMetrics
+from services.frontend.params import ApiError, ParsedRequest, RequestParser, bad
+from services.frontend.router import RouteError, Router, new_request_id
+from services.log import get_logger
+
+log = get_logger("kvferry.frontend.http")
+
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+@dataclass
+class ApiContext:
+    """What the HTTP handlers need."""
+
+    cfg: FrontendConfig
+    model_name: str
+    parser: RequestParser
+    generator: Generator
+    router: Router
+    metrics: FrontendMetrics
+    created: int = 0
+
+
+def _dumps(obj: Any) -> str:
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client has gone (the request body was already read)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+def create_app(ctx: ApiContext) -> FastAPI:
+    """The FastAPI app over a running Router/Generator."""
+    app = FastAPI(title="kvferry", docs_url=None, redoc_url=None, openapi_url=None)
+    ctx.created = ctx.created or int(time.time())
+
+    @app.exception_handler(ApiError)
+    async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
+        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        err = ApiError(exc.status_code, str(exc.detail), code="not_found" if exc.status_code == 404 else None)
+        return JSONResponse(err.body(), status_code=exc.status_code)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+        return JSONResponse(bad(str(exc)).body(), status_code=400)
+
+    def auth(request: Request) -> None:
+        key = ctx.cfg.api_key
+        if not key:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or token.strip() != key:
+            raise ApiError(401, "invalid or missing API key (Authorization: Bearer ...)", code="invalid_api_key")
+
+    async def read_json(request: Request) -> Any:
+        limit = ctx.cfg.max_body_bytes
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise ApiError(413, f"the request body is larger than {limit} bytes", code="request_too_large")
+        data = bytearray()
+        async for chunk in request.stream():
+            data += chunk
+            if len(data) > limit:
+                raise ApiError(413, f"the request body is larger than {limit} bytes", code="request_too_large")
+        try:
+            return json.loads(data)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise bad(f"the request body is not valid JSON: {exc}", None, "invalid_json") from None
+
+    async def parse(request: Request, chat: bool) -> ParsedRequest:
+        auth(request)
+        body = await read_json(request)
+        try:
+            return ctx.parser.chat(body) if chat else ctx.parser.completion(body)
+        except ApiError:
+            ctx.metrics.requests.labels(outcome="invalid").inc()
+            raise
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        return await generate(request, await parse(request, chat=False), chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        return await generate(request, await parse(request, chat=True), chat=True)
+
+    @app.get("/v1/models")
+    async def models(request: Request) -> JSONResponse:
+        auth(request)
+        return JSONResponse({"object": "list", "data": [
+            {"id": ctx.model_name, "object": "model", "created": ctx.created, "owned_by": "kvferry"}]})
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        ok = ctx.router.healthy
+        body = {"status": "ok" if ok else "unavailable", "workers": len(ctx.router.known),
+                "scheduler": {True: "ok", False: "unreachable", None: "unknown"}[ctx.router.scheduler_ok]}
+        return JSONResponse(body, status_code=200 if ok else 503)
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(ctx.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    # ---- generation ------------------------------------------------------------------------------
+
+    async def generate(request: Request, parsed: ParsedRequest, chat: bool) -> Response:
+        if ctx.generator.active >= ctx.cfg.max_inflight:
+            ctx.metrics.requests.labels(outcome="rejected").inc()
+            raise ApiError(429, f"more than {ctx.cfg.max_inflight} requests in flight; retry later",
+                           code="too_many_requests", headers={"Retry-After": "1"})
+        rid = new_request_id("chatcmpl" if chat else "cmpl")
+        params = GenerateParams(rid, parsed.prompt_ids, parsed.sampling, parsed.stop, parsed.priority,
+                                ctx.cfg.request_timeout_s)
+        deltas = ctx.generator.run(params)
+        try:
+            first = await _first(request, deltas, rid)
+        except RouteError as exc:
+            await deltas.aclose()
+            raise ApiError(exc.status, exc.message, code=exc.code,
+                           headers={"Retry-After": "1"} if exc.status in (429, 503) else None) from None
+        except GenerationError as exc:
+            await deltas.aclose()
+            raise ApiError(exc.status, exc.message, code=exc.code) from None
+        except BaseException:
+            await deltas.aclose()
+            raise
+        if parsed.stream:
+            return StreamingResponse(_sse(first, deltas, rid, chat, parsed.include_usage), media_type="text/event-stream",
+                                     headers=SSE_HEADERS)
+        return await _whole(request, first, deltas, rid, chat)
+
+    async def _first(request: Request, deltas: AsyncIterator[Delta], rid: str) -> Delta:
+        return await _watch_disconnect(request, deltas.__anext__(), rid)
+
+    async def _watch_disconnect(request: Request, awaitable: Any, rid: str) -> Any:
+        """Await `awaitable`; abort the request if the client disconnects first."""
+        task = asyncio.ensure_future(awaitable)
+        watcher = asyncio.ensure_future(_disconnected(request))
+        try:
+            done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+            if task in done:
+                return task.result()
+            log.info("request.client_disconnected", request_id=rid)
+            ctx.router.abort(rid, "client disconnected")
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                await task
+            raise ApiError(499, "client disconnected")
+        finally:
+            watcher.cancel()
+            if not task.done():
+                task.cancel()
+
+    async def _whole(request: Request, first: Delta, deltas: AsyncIterator[Delta], rid: str, chat: bool) -> Response:
+        async def rest() -> Delta:
+            text, ids, last = [first.text], list(first.token_ids), first
+            async for d in deltas:
+                text.append(d.text)
+                ids.extend(d.token_ids)
+                last = d
+            return Delta("".join(text), ids, 0, last.finish_reason, last.usage)
+
+        try:
+            out = first if first.finish_reason else await _watch_disconnect(request, rest(), rid)
+        except GenerationError as exc:
+            raise ApiError(exc.status, exc.message, code=exc.code) from None
+        finally:
+            await deltas.aclose()
+        usage = out.usage.to_dict() if out.usage else None
+        if chat:
+            choice = {"index": 0, "message": {"role": "assistant", "content": out.text}, "logprobs": None,
+                      "finish_reason": out.finish_reason}
+            obj = "chat.completion"
+        else:
+            choice = {"index": 0, "text": out.text, "logprobs": None, "finish_reason": out.finish_reason}
+            obj = "text_completion"
+        return JSONResponse({"id": rid, "object": obj, "created": int(time.time()), "model": ctx.model_name,
+                             "choices": [choice], "usage": usage})
+
+    async def _sse(first: Delta, deltas: AsyncIterator[Delta], rid: str, chat: bool,
+                   include_usage: bool) -> AsyncIterator[str]:
+        created = int(time.time())
+        obj = "chat.completion.chunk" if chat else "text_completion"
+
+        def chunk(d: Delta | None, role: bool = False) -> str:
+            if chat:
+                delta: dict[str, Any] = {"role": "assistant", "content": ""} if role else {"content": d.text if d else ""}
+                choice: dict[str, Any] = {"index": 0, "delta": delta, "logprobs": None,
+                                          "finish_reason": d.finish_reason if d else None}
+            else:
+                choice = {"index": 0, "text": d.text if d else "", "logprobs": None,
+                          "finish_reason": d.finish_reason if d else None}
+            body: dict[str, Any] = {"id": rid, "object": obj, "created": created, "model": ctx.model_name,
+                                    "choices": [choice]}
+            if include_usage:
+                body["usage"] = None
+            return f"data: {_dumps(body)}\n\n"
+
+        last: Delta | None = None
+        try:
+            if chat:
+                yield chunk(None, role=True)
+            d: Delta | None = first
+            while d is not None:
+                if d.text or d.finish_reason:
+                    yield chunk(d)
+                last = d
+                d = None if d.finish_reason else await deltas.__anext__()
+        except GenerationError as exc:
+            yield f"data: {_dumps(ApiError(exc.status, exc.message, code=exc.code).body())}\n\n"
+        except StopAsyncIteration:
+            pass
+        finally:
+            await deltas.aclose()
+        if include_usage and last is not None and last.usage is not None:
+            body = {"id": rid, "object": obj, "created": created, "model": ctx.model_name, "choices": [],
+                    "usage": last.usage.to_dict()}
+            yield f"data: {_dumps(body)}\n\n"
+        yield "data: [DONE]\n\n"
+
+    return app

@@ -1,0 +1,233 @@
+"""OpenAI request bodies → validated generation parameters, or an `ApiError` (OpenAI error body).
+
+Checks JSON shape, field types and ranges the way OpenAI documents them; unknown fields are
+ignored (clients send extras such as `user`). Extensions: `priority` (int, lower is served
+first), `ignore_eos` (bool), `top_k` (int).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from protocol.fields import INT64_MAX, MAX_TOKEN_ID
+from protocol.payloads import SamplingParams
+from services.config import FrontendConfig
+
+MAX_STOP = 16
+INT32 = 1 << 31
+
+
+class ApiError(Exception):
+    """An error answered in OpenAI's format: {"error": {"message", "type", "param", "code"}}."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 type_: str | None = None, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+        self.type = type_ or {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+                              413: "invalid_request_error", 429: "rate_limit_error"}.get(status, "server_error")
+        self.headers = headers or {}
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def bad(message: str, param: str | None = None, code: str | None = None) -> ApiError:
+    return ApiError(400, message, param, code or "invalid_value")
+
+
+@dataclass
+class ParsedRequest:
+    """What the API layer needs besides the prompt."""
+
+    prompt_ids: list[int]
+    sampling: SamplingParams
+    stop: list[str] = field(default_factory=list)
+    priority: int = 0
+    stream: bool = False
+    include_usage: bool = False
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _opt(body: dict, name: str, kind: str, lo: float | None = None, hi: float | None = None,
+         lo_open: bool = False) -> Any:
+    v = body.get(name)
+    if v is None:
+        return None
+    if kind == "int" and not _is_int(v):
+        raise bad(f"'{name}' must be an integer", name, "invalid_type")
+    if kind == "num" and not _is_num(v):
+        raise bad(f"'{name}' must be a number", name, "invalid_type")
+    if kind == "bool" and not isinstance(v, bool):
+        raise bad(f"'{name}' must be a boolean", name, "invalid_type")
+    if lo is not None and (v <= lo if lo_open else v < lo):
+        raise bad(f"'{name}' must be {'>' if lo_open else '>='} {lo:g}, got {v}", name)
+    if hi is not None and v > hi:
+        raise bad(f"'{name}' must be <= {hi:g}, got {v}", name)
+    return v
+
+
+class RequestParser:
+    """Validates completion and chat bodies against the config and the model's tokenizer."""
+
+    def __init__(self, cfg: FrontendConfig, tokenizer, served_model_name: str, model_aliases: tuple[str, ...] = (),
+                 max_context: int | None = None) -> None:  # noqa: ANN001
+        self.cfg = cfg
+        self.tokenizer = tokenizer
+        self.model_names = {served_model_name, *model_aliases}
+        self.max_context = max_context
+
+    # ---- shared ----------------------------------------------------------------------------------
+
+    def _common(self, body: Any, prompt_ids_of, chat: bool) -> ParsedRequest:  # noqa: ANN001
+        if not isinstance(body, dict):
+            raise bad("the request body must be a JSON object", None, "invalid_type")
+        model = body.get("model")
+        if model is not None and not isinstance(model, str):
+            raise bad("'model' must be a string", "model", "invalid_type")
+        if model is not None and model not in self.model_names:
+            raise ApiError(400, f"the model '{model}' does not exist; this server serves "
+                                f"'{sorted(self.model_names)[0]}'", "model", "model_not_found")
+        n = _opt(body, "n", "int")
+        if n is not None and n != 1:
+            raise bad("n>1 is not supported" if n > 1 else "'n' must be >= 1", "n")
+        if body.get("best_of") not in (None, 1):
+            raise bad("best_of>1 is not supported", "best_of")
+        if body.get("logprobs") not in (None, False) or body.get("top_logprobs") is not None:
+            raise bad("logprobs are not supported", "logprobs")
+        if body.get("echo") not in (None, False):
+            raise bad("echo is not supported", "echo")
+        if body.get("suffix") not in (None, ""):
+            raise bad("suffix is not supported", "suffix")
+        stream = _opt(body, "stream", "bool") or False
+        include_usage = False
+        so = body.get("stream_options")
+        if so is not None:
+            if not isinstance(so, dict):
+                raise bad("'stream_options' must be an object", "stream_options", "invalid_type")
+            iu = so.get("include_usage")
+            if iu is not None and not isinstance(iu, bool):
+                raise bad("'stream_options.include_usage' must be a boolean", "stream_options", "invalid_type")
+            include_usage = bool(iu)
+        limit = self.cfg.max_tokens_limit
+        max_tokens = _opt(body, "max_tokens", "int", 1, limit)
+        if chat:
+            mct = _opt(body, "max_completion_tokens", "int", 1, limit)
+            max_tokens = mct if mct is not None else max_tokens
+        temperature = _opt(body, "temperature", "num", 0, 2)
+        top_p = _opt(body, "top_p", "num", 0, 1, lo_open=True)
+        top_k = _opt(body, "top_k", "int", -1, MAX_TOKEN_ID)
+        seed = _opt(body, "seed", "int", 0, INT64_MAX)
+        priority = _opt(body, "priority", "int", -INT32, INT32 - 1) or 0
+        ignore_eos = _opt(body, "ignore_eos", "bool") or False
+        for name in ("presence_penalty", "frequency_penalty"):
+            v = _opt(body, name, "num", -2, 2)
+            if v not in (None, 0):
+                raise bad(f"'{name}' is not supported", name)
+        stop = body.get("stop")
+        if stop is None:
+            stops: list[str] = []
+        elif isinstance(stop, str):
+            stops = [stop]
+        elif isinstance(stop, list) and all(isinstance(s, str) for s in stop):
+            stops = list(stop)
+        else:
+            raise bad("'stop' must be a string or a list of strings", "stop", "invalid_type")
+        if len(stops) > MAX_STOP:
+            raise bad(f"at most {MAX_STOP} stop strings", "stop")
+        stops = [s for s in stops if s]
+        if any(len(s) > 1024 for s in stops):
+            raise bad("stop strings are limited to 1024 characters", "stop")
+
+        prompt_ids = prompt_ids_of(body)
+        if len(prompt_ids) > self.cfg.max_prompt_tokens:
+            raise ApiError(400, f"the prompt has {len(prompt_ids)} tokens, more than the limit of "
+                                f"{self.cfg.max_prompt_tokens}", "messages" if chat else "prompt",
+                           "context_length_exceeded")
+        if self.max_context is not None and len(prompt_ids) >= self.max_context:
+            raise ApiError(400, f"the prompt has {len(prompt_ids)} tokens; the model's context is "
+                                f"{self.max_context}", "messages" if chat else "prompt", "context_length_exceeded")
+        if max_tokens is None:
+            max_tokens = 16 if not chat else limit
+            if self.max_context is not None:
+                max_tokens = max(1, min(max_tokens, self.max_context - len(prompt_ids)))
+        elif self.max_context is not None and len(prompt_ids) + max_tokens > self.max_context:
+            raise ApiError(400, f"prompt ({len(prompt_ids)} tokens) + max_tokens ({max_tokens}) exceed the "
+                                f"model's context of {self.max_context}", "max_tokens", "context_length_exceeded")
+        sampling = SamplingParams(max_tokens=max_tokens, temperature=1.0 if temperature is None else float(temperature),
+                                  top_p=1.0 if top_p is None else float(top_p),
+                                  top_k=0 if top_k in (None, -1) else top_k, seed=seed, ignore_eos=ignore_eos)
+        return ParsedRequest(prompt_ids, sampling, stops, priority, stream, include_usage)
+
+    # ---- completions -----------------------------------------------------------------------------
+
+    def completion(self, body: Any) -> ParsedRequest:
+        return self._common(body, self._prompt_ids, chat=False)
+
+    def _prompt_ids(self, body: dict) -> list[int]:
+        prompt = body.get("prompt")
+        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+            prompt = prompt[0]  # a batch of one
+        if isinstance(prompt, str):
+            ids = self.tokenizer.encode(prompt)
+        elif isinstance(prompt, list) and prompt and all(_is_int(t) for t in prompt):
+            vocab = self.tokenizer.vocab_size
+            if any(t < 0 or t >= vocab for t in prompt):
+                raise bad(f"token ids must be in [0, {vocab})", "prompt")
+            ids = list(prompt)
+        elif isinstance(prompt, list) and len(prompt) > 1:
+            raise bad("batched prompts are not supported; send one prompt per request", "prompt")
+        elif prompt is None:
+            raise bad("'prompt' is required", "prompt", "missing_required_parameter")
+        else:
+            raise bad("'prompt' must be a string, a list of token ids, or a list with one of them", "prompt",
+                      "invalid_type")
+        if not ids:
+            raise bad("the prompt is empty", "prompt")
+        return ids
+
+    # ---- chat ------------------------------------------------------------------------------------
+
+    def chat(self, body: Any) -> ParsedRequest:
+        return self._common(body, self._chat_ids, chat=True)
+
+    def _chat_ids(self, body: dict) -> list[int]:
+        messages = body.get("messages")
+        if messages is None:
+            raise bad("'messages' is required", "messages", "missing_required_parameter")
+        if not isinstance(messages, list) or not messages:
+            raise bad("'messages' must be a non-empty list", "messages", "invalid_type")
+        norm = []
+        for i, m in enumerate(messages):
+            if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+                raise bad(f"messages[{i}] must be an object with a string 'role'", f"messages[{i}]", "invalid_type")
+            content = m.get("content")
+            if isinstance(content, list):  # content parts: text only
+                parts = []
+                for part in content:
+                    if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                        raise bad(f"messages[{i}].content: only text parts are supported", f"messages[{i}].content")
+                    parts.append(part["text"])
+                content = "".join(parts)
+            elif content is None:
+                content = ""
+            elif not isinstance(content, str):
+                raise bad(f"messages[{i}].content must be a string", f"messages[{i}].content", "invalid_type")
+            norm.append({"role": m["role"], "content": content})
+        return self.encode_chat(norm)
+
+    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
+        from engine.errors import InvalidRequestError
+
+        try:
+            return self.tokenizer.encode_chat(messages)
+        except InvalidRequestError as exc:
+            raise bad(str(exc), "messages") from None

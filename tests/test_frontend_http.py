@@ -1,0 +1,425 @@
+"""Frontend end to end with a fake scheduler and a fake worker played by this test (ZeroMQ on
+127.0.0.1), driven by the official `openai` client, raw HTTP, and the SDK.
+
+The fake worker answers every prompt with ANSWER's tokens (tiny's byte tokenizer, so multi-byte
+characters are split across tokens), sent out of order and with a duplicate batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import socket
+
+import httpx
+import openai
+import pytest
+import zmq
+import zmq.asyncio
+
+from engine.weights import tiny
+from protocol import (
+    AbortRequest,
+    Ack,
+    AddRequest,
+    DispatchReply,
+    DispatchRequest,
+    ErrorReply,
+    InstanceStatus,
+    SchedulerInbound,
+    StatusReply,
+    StatusRequest,
+    TokenBatch,
+    TokenBatches,
+    WorkerControlInbound,
+    WorkerEndpoints,
+)
+from protocol.sockets import MessageSocket, serve
+from services.config import KvferryConfig
+from services.frontend.server import Frontend
+from sdk import AsyncClient, Client, InvalidRequest, Overloaded
+
+pytestmark = pytest.mark.timeout(60)
+
+ANSWER = "Hi é日本😀 there, friend."
+TOK = tiny.byte_tokenizer()
+ANSWER_IDS = TOK.encode(ANSWER)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ep() -> str:
+    return f"tcp://127.0.0.1:{free_port()}"
+
+
+class FakeCluster:
+    """A scheduler ROUTER and one worker ROUTER; the worker streams ANSWER_IDS for every request.
+
+    Prompt keywords steer it: "slow" streams 3 tokens then waits for an abort; "overload" answers
+    ErrorReply(overloaded)."""
+
+    def __init__(self) -> None:
+        self.ctx = zmq.asyncio.Context()
+        self.scheduler_ep, self.worker_ep = ep(), ep()
+        self.added: list[AddRequest] = []
+        self.aborted: list[str] = []
+        self.dispatches = 0
+        self.tasks: list[asyncio.Task] = []
+        self.pushers: dict[str, MessageSocket] = {}
+        self.sched_task: asyncio.Task | None = None
+        self.sched_sock: MessageSocket | None = None
+
+    def start_scheduler(self) -> None:
+        self.sched_sock = MessageSocket.bind(self.ctx, zmq.ROUTER, self.scheduler_ep, SchedulerInbound)
+        self.sched_task = asyncio.create_task(serve(self.sched_sock, self.on_scheduler))
+
+    async def stop_scheduler(self) -> None:
+        assert self.sched_task and self.sched_sock
+        self.sched_task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self.sched_task
+        self.sched_sock.close()
+
+    async def start(self) -> None:
+        self.start_scheduler()
+        wsock = MessageSocket.bind(self.ctx, zmq.ROUTER, self.worker_ep, WorkerControlInbound)
+        self.tasks.append(asyncio.create_task(serve(wsock, self.on_worker)))
+
+    async def close(self) -> None:
+        for t in self.tasks:
+            t.cancel()
+        if self.sched_task and not self.sched_task.done():
+            await self.stop_scheduler()
+        for t in self.tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
+        self.ctx.destroy(linger=0)
+
+    async def on_scheduler(self, rec):
+        m = rec.msg
+        if isinstance(m, DispatchRequest):
+            self.dispatches += 1
+            return DispatchReply(reply_to=m.msg_id, request_id=m.request_id, worker_id="worker-0",
+                                 worker_address=self.worker_ep)
+        if isinstance(m, StatusRequest):
+            inst = InstanceStatus(worker_id="worker-0", endpoints=WorkerEndpoints(control=self.worker_ep,
+                                                                                  migration=self.worker_ep))
+            return StatusReply(reply_to=m.msg_id, scheduler_id="fake", instances=[inst])
+        return None
+
+    async def on_worker(self, rec):
+        m = rec.msg
+        if isinstance(m, AddRequest):
+            prompt = TOK.decode(m.prompt_token_ids)
+            if "overload" in prompt:
+                return ErrorReply(reply_to=m.msg_id, code="overloaded", message="queue full")
+            self.added.append(m)
+            self.tasks.append(asyncio.create_task(self.stream(m, slow="slow" in prompt)))
+            return Ack(reply_to=m.msg_id)
+        if isinstance(m, AbortRequest):
+            self.aborted.append(m.request_id)
+            return Ack(reply_to=m.msg_id)
+        return None
+
+    async def stream(self, m: AddRequest, slow: bool) -> None:
+        push = self.pushers.get(m.reply_address)
+        if push is None:
+            push = self.pushers[m.reply_address] = MessageSocket.connect(self.ctx, zmq.PUSH, m.reply_address)
+        rid, ids = m.request_id, ANSWER_IDS[:m.sampling.max_tokens]
+        reason = "length" if len(ids) < len(ANSWER_IDS) else "stop"
+
+        def b(i, j, fin=None):
+            return TokenBatch(request_id=rid, first_index=i, token_ids=ids[i:j], worker_id="worker-0",
+                              finish_reason=fin)
+
+        if slow:
+            await push.send(b(0, 3))
+            while rid not in self.aborted:
+                await asyncio.sleep(0.02)
+            return
+        n = len(ids)
+        await push.send(b(0, 3))
+        await push.send(b(6, 9))  # ahead of a gap
+        await push.send(TokenBatches(worker_id="worker-0", batches=[b(0, 3), b(3, 6)]))  # a duplicate, then the gap
+        await push.send(b(4, 10))  # overlaps
+        await asyncio.sleep(0.01)
+        await push.send(b(10, n - 1))
+        await push.send(b(n - 1, n, reason))
+
+
+@pytest.fixture
+async def cluster():
+    c = FakeCluster()
+    await c.start()
+    yield c
+    await c.close()
+
+
+def make_cfg(c: FakeCluster, **frontend) -> KvferryConfig:
+    cfg = KvferryConfig()
+    cfg.cluster = dataclasses.replace(cfg.cluster, http_port=0, overrides={
+        "scheduler": c.scheduler_ep, "frontend.0.sdk": ep(), "frontend.0.tokens": ep()})
+    cfg.frontend = dataclasses.replace(cfg.frontend, **frontend)
+    return cfg
+
+
+@pytest.fixture
+async def frontend(cluster):
+    fe = Frontend(make_cfg(cluster, dispatch_timeout_s=0.3, max_body_bytes=4096), tokenizer=TOK, model_name="tiny",
+                  max_context=4096)
+    await fe.start()
+    yield fe
+    await fe.stop()
+
+
+async def wait_for(pred, timeout=5.0):
+    for _ in range(int(timeout / 0.02)):
+        if pred():
+            return True
+        await asyncio.sleep(0.02)
+    return pred()
+
+
+# ---- validation -------------------------------------------------------------------------------
+
+async def test_bad_requests_get_openai_errors(frontend):
+    async with httpx.AsyncClient(base_url=frontend.http_url, timeout=5) as h:
+        cases = [
+            (b"{not json", 400, "invalid_json", None),
+            (b"[1, 2]", 400, None, None),
+            ({"model": "tiny", "prompt": 5}, 400, "invalid_type", "prompt"),
+            ({"model": "tiny", "prompt": "x", "max_tokens": "5"}, 400, "invalid_type", "max_tokens"),
+            ({"model": "tiny", "prompt": "x", "max_tokens": 0}, 400, "invalid_value", "max_tokens"),
+            ({"model": "tiny", "prompt": "x", "temperature": 3.5}, 400, "invalid_value", "temperature"),
+            ({"model": "tiny", "prompt": "x", "top_p": 0}, 400, "invalid_value", "top_p"),
+            ({"model": "tiny", "prompt": "x", "stream": "yes"}, 400, "invalid_type", "stream"),
+            ({"model": "tiny", "prompt": "x", "stop": [1]}, 400, "invalid_type", "stop"),
+            ({"model": "tiny", "prompt": [1, 99999]}, 400, "invalid_value", "prompt"),
+            ({"model": "tiny", "prompt": ""}, 400, "invalid_value", "prompt"),
+            ({"model": "gpt-4", "prompt": "x"}, 400, "model_not_found", "model"),
+            ({"model": "tiny", "prompt": "x", "n": 2}, 400, "invalid_value", "n"),
+            ({"model": "tiny", "prompt": "x" * 5000}, 413, "request_too_large", None),
+        ]
+        for body, status, code, param in cases:
+            kw = {"content": body} if isinstance(body, bytes) else {"json": body}
+            r = await h.post("/v1/completions", headers={"content-type": "application/json"}, **kw)
+            assert r.status_code == status, (body, r.text)
+            err = r.json()["error"]
+            assert set(err) == {"message", "type", "param", "code"} and err["message"]
+            if code:
+                assert err["code"] == code, (body, err)
+            if param:
+                assert err["param"] == param, (body, err)
+        r = await h.post("/v1/completions", json={"model": "tiny", "prompt": "x", "n": 2})
+        assert r.json()["error"]["message"] == "n>1 is not supported"
+        r = await h.post("/v1/chat/completions", json={"model": "tiny", "messages": [{"role": "user", "content": 3}]})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "messages[0].content"
+        r = await h.post("/v1/chat/completions", json={"model": "tiny", "messages": "hi"})
+        assert r.status_code == 400
+        r = await h.post("/v1/completions", json={"prompt": "overload me"})
+        assert r.status_code == 429 and r.json()["error"]["code"] == "overloaded" and r.headers["retry-after"]
+        r = await h.get("/nope")
+        assert r.status_code == 404 and "error" in r.json()
+        # still serving
+        r = await h.post("/v1/completions", json={"model": "tiny", "prompt": "ok", "max_tokens": 64})
+        assert r.status_code == 200 and r.json()["choices"][0]["text"] == ANSWER
+
+
+async def test_api_key(cluster):
+    fe = Frontend(make_cfg(cluster, api_key="sekret"), tokenizer=TOK, model_name="tiny")
+    await fe.start()
+    try:
+        async with httpx.AsyncClient(base_url=fe.http_url, timeout=5) as h:
+            r = await h.get("/v1/models")
+            assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+            r = await h.post("/v1/completions", json={"prompt": "x"}, headers={"Authorization": "Bearer wrong"})
+            assert r.status_code == 401
+        client = openai.AsyncOpenAI(base_url=fe.http_url + "/v1", api_key="sekret", max_retries=0)
+        models = await client.models.list()
+        assert [m.id for m in models.data] == ["tiny"]
+        out = await client.completions.create(model="tiny", prompt="hey", max_tokens=64)
+        assert out.choices[0].text == ANSWER
+        await client.close()
+    finally:
+        await fe.stop()
+
+
+# ---- the OpenAI client ------------------------------------------------------------------------
+
+async def test_openai_client_streams_and_non_streams(frontend, cluster):
+    client = openai.AsyncOpenAI(base_url=frontend.http_url + "/v1", api_key="none", max_retries=0)
+    prompt = "Say hi"
+    n_prompt, n_out = len(TOK.encode(prompt)), len(ANSWER_IDS)
+
+    out = await client.completions.create(model="tiny", prompt=prompt, max_tokens=64)
+    assert out.choices[0].text == ANSWER and out.choices[0].finish_reason == "stop"
+    assert (out.usage.prompt_tokens, out.usage.completion_tokens, out.usage.total_tokens) == (
+        n_prompt, n_out, n_prompt + n_out)
+    assert out.id.startswith("cmpl-") and out.id == cluster.added[-1].request_id  # the wire id
+
+    texts, usage, reasons = [], None, []
+    stream = await client.completions.create(model="tiny", prompt=prompt, max_tokens=64, stream=True,
+                                             stream_options={"include_usage": True})
+    async for ch in stream:
+        if ch.choices:
+            texts.append(ch.choices[0].text)
+            reasons.append(ch.choices[0].finish_reason)
+        else:
+            usage = ch.usage
+    assert "".join(texts) == ANSWER and reasons[-1] == "stop" and len(texts) > 2
+    assert usage.completion_tokens == n_out and usage.prompt_tokens == n_prompt
+
+    out = await client.completions.create(model="tiny", prompt=list(TOK.encode(prompt)), max_tokens=5)
+    assert out.choices[0].text == TOK.decode(ANSWER_IDS[:5]) and out.choices[0].finish_reason == "length"
+
+    msgs = [{"role": "user", "content": "hello"}]
+    chat = await client.chat.completions.create(model="tiny", messages=msgs, max_completion_tokens=64)
+    assert chat.choices[0].message.content == ANSWER and chat.choices[0].message.role == "assistant"
+    assert chat.usage.prompt_tokens == len(TOK.encode_chat(msgs)) and chat.id.startswith("chatcmpl-")
+    assert cluster.added[-1].prompt_token_ids == TOK.encode_chat(msgs)
+
+    parts, usage = [], None
+    stream = await client.chat.completions.create(model="tiny", messages=msgs, stream=True, max_tokens=64,
+                                                  stream_options={"include_usage": True}, seed=3, temperature=0.5,
+                                                  extra_body={"priority": -2})
+    async for ch in stream:
+        if ch.choices:
+            parts.append(ch.choices[0].delta.content or "")
+        else:
+            usage = ch.usage
+    assert "".join(parts) == ANSWER and usage.completion_tokens == n_out
+    add = cluster.added[-1]
+    assert add.priority == -2 and add.sampling.seed == 3 and add.sampling.temperature == 0.5
+    assert add.first_index == 0 and add.reply_address == frontend.router.reply_address
+    await client.close()
+
+
+async def test_stop_string_aborts_on_worker(frontend, cluster):
+    client = openai.AsyncOpenAI(base_url=frontend.http_url + "/v1", api_key="none", max_retries=0)
+    out = await client.completions.create(model="tiny", prompt="x", max_tokens=64, stop=["日本", "zzz"])
+    assert out.choices[0].text == "Hi é" and out.choices[0].finish_reason == "stop"
+    assert out.usage.completion_tokens == len(TOK.encode("Hi é日本"))
+    assert await wait_for(lambda: out.id in cluster.aborted)
+    await client.close()
+
+
+async def test_client_disconnect_aborts_on_worker(frontend, cluster):
+    async with httpx.AsyncClient(base_url=frontend.http_url, timeout=5) as h:
+        async with h.stream("POST", "/v1/completions", json={"prompt": "slow please", "max_tokens": 64,
+                                                             "stream": True}) as r:
+            assert r.status_code == 200
+            async for line in r.aiter_lines():
+                if line.startswith("data:"):
+                    break
+    assert await wait_for(lambda: len(cluster.aborted) == 1)
+    assert cluster.aborted == [cluster.added[-1].request_id]
+    assert await wait_for(lambda: not frontend.router.streams)
+
+    # non-streaming too
+    async with httpx.AsyncClient(base_url=frontend.http_url, timeout=0.5) as h:
+        with pytest.raises(httpx.ReadTimeout):
+            await h.post("/v1/completions", json={"prompt": "slow please", "max_tokens": 64})
+    assert await wait_for(lambda: len(cluster.aborted) == 2)
+
+
+# ---- SDK ---------------------------------------------------------------------------------------
+
+async def test_sdk_same_as_http(frontend, cluster):
+    async with AsyncClient(frontend.sdk_endpoint, timeout=10) as c:
+        res = await c.generate("Say hi", max_tokens=64)
+        assert res.text == ANSWER and res.token_ids == ANSWER_IDS and res.finish_reason == "stop"
+        assert res.usage.prompt_tokens == len(TOK.encode("Say hi")) and res.request_id == cluster.added[-1].request_id
+        chunks = [ch async for ch in c.stream(messages=[{"role": "user", "content": "hello"}], max_tokens=64)]
+        assert "".join(ch.text for ch in chunks) == ANSWER and chunks[-1].usage.completion_tokens == len(ANSWER_IDS)
+        ids = [t for ch in chunks for t in ch.token_ids]
+        assert ids == ANSWER_IDS and [ch.first_index for ch in chunks][0] == 0
+        res = await c.generate(prompt_token_ids=[1, 2, 3], max_tokens=4, stop="zz")
+        assert res.finish_reason == "length" and res.token_ids == ANSWER_IDS[:4]
+        res = await c.generate("x", max_tokens=64, stop=["😀"])
+        assert res.text == "Hi é日本" and res.finish_reason == "stop"
+        with pytest.raises(InvalidRequest):
+            await c.generate(prompt_token_ids=[1, 99999])
+        with pytest.raises(Overloaded):
+            await c.generate("overload")
+        # leaving a stream early cancels the request on the worker
+        async for ch in c.stream("slow", max_tokens=64):
+            rid = ch.request_id
+            break
+        assert await wait_for(lambda: rid in cluster.aborted)
+
+    def sync_part() -> tuple[str, str]:
+        with Client(frontend.sdk_endpoint, timeout=10) as sc:
+            whole = sc.generate("hi", max_tokens=64).text
+            streamed = "".join(ch.text for ch in sc.stream("hi", max_tokens=64))
+            return whole, streamed
+
+    assert await asyncio.to_thread(sync_part) == (ANSWER, ANSWER)
+
+
+async def test_sdk_timeout(frontend, cluster):
+    from sdk import GenerateTimeout
+
+    async with AsyncClient(frontend.sdk_endpoint) as c:
+        with pytest.raises(GenerateTimeout):
+            await c.generate("slow", max_tokens=64, timeout=0.5)
+    assert await wait_for(lambda: len(cluster.aborted) == 1)
+
+
+# ---- metrics, health, fallback ---------------------------------------------------------------
+
+def metric(text: str, name: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(name + " ") or line.startswith(name + "{"):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"{name} missing")
+
+
+async def test_metrics_move(frontend):
+    async with httpx.AsyncClient(base_url=frontend.http_url, timeout=5) as h:
+        before = (await h.get("/metrics")).text
+        assert metric(before, "kvferry_time_to_first_token_seconds_count") == 0
+        for _ in range(2):
+            assert (await h.post("/v1/completions", json={"prompt": "hi", "max_tokens": 64})).status_code == 200
+        text = (await h.get("/metrics")).text
+    for name in ("kvferry_time_to_first_token_seconds_count", "kvferry_e2e_request_latency_seconds_count",
+                 "kvferry_dispatch_latency_seconds_count"):
+        assert metric(text, name) == 2, name
+    assert metric(text, "kvferry_inter_token_latency_seconds_count") > 2
+    assert metric(text, 'kvferry_requests_total{outcome="stop"}') == 2
+    assert metric(text, "kvferry_generated_tokens_total") == 2 * len(ANSWER_IDS)
+    assert metric(text, "kvferry_requests_in_flight") == 0
+
+
+async def test_scheduler_down_falls_back_to_last_known_worker(frontend, cluster):
+    async with httpx.AsyncClient(base_url=frontend.http_url, timeout=5) as h:
+        assert (await h.get("/health")).status_code == 200  # known from the first status reply
+        r = await h.post("/v1/completions", json={"prompt": "hi", "max_tokens": 64})
+        assert r.status_code == 200 and cluster.dispatches == 1
+        await cluster.stop_scheduler()
+        r = await h.post("/v1/completions", json={"prompt": "hi", "max_tokens": 64})
+        assert r.status_code == 200 and r.json()["choices"][0]["text"] == ANSWER
+        assert cluster.dispatches == 1 and len(cluster.added) == 2
+        assert frontend.router.scheduler_ok is False
+        health = await h.get("/health")
+        assert health.status_code == 200 and health.json()["scheduler"] == "unreachable"
+
+
+async def test_health_503_without_workers():
+    cfg = KvferryConfig()
+    cfg.cluster = dataclasses.replace(cfg.cluster, http_port=0, overrides={
+        "scheduler": ep(), "frontend.0.sdk": ep(), "frontend.0.tokens": ep()})
+    cfg.frontend = dataclasses.replace(cfg.frontend, dispatch_timeout_s=0.2)
+    fe = Frontend(cfg, tokenizer=TOK, model_name="tiny")
+    await fe.start()
+    try:
+        async with httpx.AsyncClient(base_url=fe.http_url, timeout=5) as h:
+            assert (await h.get("/health")).status_code == 503
+            r = await h.post("/v1/completions", json={"prompt": "hi"})
+            assert r.status_code == 503 and r.json()["error"]["code"] == "unavailable"
+    finally:
+        await fe.stop()
