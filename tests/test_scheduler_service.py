@@ -294,8 +294,12 @@ def test_core_dispatch_counts_requests_since_the_last_report():
     assert [i.worker_id for i in st.instances] == ["w0", "w1", "w2"] and st.policy == "load"
     assert handle(DrainInstance(worker_id="nope")).code == "not_found"
     assert handle(MigrateRequestTo(request_id="r1", dst_worker_id="w0")).code == "refused"
+    clock[0] = 1.9  # timeout 2 s: a worker's Ping keeps it alive, like a Heartbeat
+    assert isinstance(handle(Ping(sender_id="w0")), Pong)
+    clock[0] = 2.5
+    assert [r.worker_id for r in core.sweep()] == ["w1", "w2"]
     clock[0] = 10.0
-    assert len(core.sweep()) == 3
+    assert len(core.sweep()) == 1
     assert handle(DispatchRequest(request_id="z", num_prompt_tokens=1, frontend_id="f")).code == "unavailable"
 
 

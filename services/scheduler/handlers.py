@@ -267,4 +267,6 @@ class SchedulerCore:
                           message="live migration is not available in this version")
 
     def on_ping(self, rec: Received) -> Message:
+        """Pong to anyone (ctl, frontends, workers); a live worker's Ping also counts as heard from it."""
+        self.registry.heard(rec.msg.sender_id, self.clock())
         return Pong.to(rec.msg, sender_id=self.scheduler_id)
