@@ -1,7 +1,27 @@
-"""kvferry's engine: a paged-KV Llama decoder with continuous batching and migratable requests."""
+"""kvferry's engine: a paged-KV Llama decoder with continuous batching and migratable requests.
 
-from engine.config import EngineConfig, ModelConfig
-from engine.engine import EngineStats, LLMEngine
-from engine.request import FinishReason, RequestOutput, SamplingParams
+Exports resolve lazily so that light users (`engine.errors` in the CLI) do not import torch.
+"""
 
-__all__ = ["EngineConfig", "EngineStats", "FinishReason", "LLMEngine", "ModelConfig", "RequestOutput", "SamplingParams"]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "EngineConfig": "engine.config",
+    "ModelConfig": "engine.config",
+    "EngineStats": "engine.engine",
+    "LLMEngine": "engine.engine",
+    "FinishReason": "engine.request",
+    "RequestOutput": "engine.request",
+    "SamplingParams": "engine.request",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'engine' has no attribute {name!r}")
