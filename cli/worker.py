@@ -47,6 +47,10 @@ def run(args: argparse.Namespace) -> int:
     from services.log import configure_logging
 
     configure_logging("worker", args.log_level)
+    import faulthandler
+    import signal
+
+    faulthandler.register(signal.SIGUSR1)  # `kill -USR1 <pid>`: dump every thread's stack to stderr
     try:
         overrides = overrides_from_args(args)
         cfg = load_config(args.config, overrides=overrides)

@@ -3,18 +3,22 @@
 Every engine call happens on that thread: commands (add, abort, migration reads/writes, stats)
 are queued from the asyncio loop and run between two steps, in order; step outputs are handed
 back to the loop with `call_soon_threadsafe`.
+
+A step that raises fails the requests it was running (aborted in the engine, reported as outputs
+with finish_reason "error"), so a failing request cannot make every later step fail too.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import queue
 import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 from engine.engine import LLMEngine
-from engine.request import RequestOutput
+from engine.request import FinishReason, RequestOutput, RequestStatus
 
 T = TypeVar("T")
 
@@ -30,6 +34,9 @@ class EngineDriver:
                  idle_wait_s: float = 0.05) -> None:
         self.engine = engine
         self._loop = loop
+        # Callbacks run on the loop in the creator's context (structlog's bound service/pid, ...),
+        # not in the engine thread's empty one.
+        self._context = contextvars.copy_context()
         self._on_outputs = on_outputs
         self._on_step_error = on_step_error
         self._idle_wait_s = idle_wait_s
@@ -69,13 +76,32 @@ class EngineDriver:
                 continue
             try:
                 outputs = self.engine.step()
-            except Exception as exc:  # noqa: BLE001 - reported to the worker, which fails the batch's requests
+            except Exception as exc:  # noqa: BLE001 - the batch's requests fail, the driver keeps going
+                failed = self._fail_running(exc)
                 if self._on_step_error is not None:
-                    self._loop.call_soon_threadsafe(self._on_step_error, exc)
+                    self._loop.call_soon_threadsafe(self._on_step_error, exc, context=self._context)
+                if failed:
+                    self._loop.call_soon_threadsafe(self._on_outputs, failed, context=self._context)
                 continue
             self.steps += 1
             if outputs:
-                self._loop.call_soon_threadsafe(self._on_outputs, outputs)
+                self._loop.call_soon_threadsafe(self._on_outputs, outputs, context=self._context)
+
+    def _fail_running(self, exc: BaseException) -> list[RequestOutput]:
+        """Abort every running request (the batch that failed) and return their error outputs."""
+        message = f"engine step failed: {type(exc).__name__}: {exc}"[:4000]
+        failed: list[RequestOutput] = []
+        for rid, req in list(self.engine.requests.items()):
+            if req.status is not RequestStatus.RUNNING:
+                continue
+            num_out = req.num_output_tokens
+            try:
+                self.engine.abort_request(rid)
+            except Exception:  # noqa: BLE001 - the engine is already in trouble; drop it from the registry
+                self.engine.requests.pop(rid, None)
+            failed.append(RequestOutput(rid, [], num_out, finished=True, finish_reason=FinishReason.ERROR,
+                                        error=message))
+        return failed
 
     def _apply(self, fn: Callable[[LLMEngine], Any], fut: asyncio.Future[Any]) -> None:
         try:

@@ -1,0 +1,188 @@
+"""The worker's control socket: requests from frontends and commands from the scheduler.
+
+A ROUTER bound at the worker's control endpoint serving WorkerControlInbound:
+
+- AddRequest → Ack, or ErrorReply: INVALID (the engine's reason), OVERLOADED (waiting queue at
+  `max_waiting`), REFUSED (draining or stopping, duplicate request id).
+- AbortRequest → Ack(ok=True) after the request is stopped (its stream ends with finish_reason
+  "abort"), or Ack(ok=False) when this worker does not hold it (unknown or already finished).
+- Ping → Pong; Heartbeat (frontends) → no reply; Drain → Ack; Shutdown → Ack, then the worker stops.
+- MigrateCommand / CancelMigration → ErrorReply(REFUSED): live migration is not in this version.
+
+Add and abort run as tasks (they wait for the engine thread's next step boundary), so one slow
+engine step does not serialise the control socket: every add that arrives during a step is
+applied at the same boundary. Invalid frames are answered by protocol.sockets.serve.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import TYPE_CHECKING
+
+from engine.errors import InvalidRequestError
+from engine.request import SamplingParams as EngineSamplingParams
+from protocol.common import Ack, ErrorCode, ErrorReply, Heartbeat, Ping, Pong
+from protocol.sockets import MessageSocket, Received
+from protocol.to_worker import AbortRequest, AddRequest, CancelMigration, Drain, MigrateCommand, Shutdown
+from services.log import get_logger
+from services.worker.streams import Route
+
+if TYPE_CHECKING:
+    from services.worker.worker import Worker
+
+log = get_logger(__name__)
+
+MIGRATION_UNAVAILABLE = "live migration is not available in this version"
+
+
+class Overloaded(Exception):
+    """The engine's waiting queue is full."""
+
+
+class ControlHandler:
+    """Handles one control message at a time (the `serve` handler); add/abort reply from tasks."""
+
+    def __init__(self, worker: "Worker", sock: MessageSocket) -> None:
+        self.worker = worker
+        self.sock = sock
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.frontend_seen: dict[str, float] = {}  # frontend id → monotonic time of its last heartbeat
+
+    async def __call__(self, rec: Received) -> object | None:
+        msg = rec.msg
+        w = self.worker
+        if isinstance(msg, AddRequest):
+            refusal = self._check_add(msg)
+            if refusal is not None:
+                return refusal
+            # Routed at once (not in the task), so a second AddRequest with this id is refused.
+            w.routes.add(Route(msg.request_id, msg.frontend_id, msg.reply_address, index_offset=msg.first_index))
+            self._spawn(self._add(rec, msg))
+            return None
+        if isinstance(msg, AbortRequest):
+            self._spawn(self._abort(rec, msg))
+            return None
+        if isinstance(msg, Ping):
+            w.link.heard_from(msg.sender_id)
+            return Pong.to(msg, sender_id=w.worker_id)
+        if isinstance(msg, Heartbeat):
+            self.frontend_seen[msg.sender_id] = time.monotonic()
+            return None
+        if isinstance(msg, Drain):
+            w.set_draining(msg.draining)
+            return Ack(reply_to=msg.msg_id, detail="draining" if msg.draining else "not draining")
+        if isinstance(msg, Shutdown):
+            log.info("worker.shutdown_requested", worker_id=w.worker_id, drain_first=msg.drain_first,
+                     reason=msg.reason)
+            await self.sock.send(Ack(reply_to=msg.msg_id, detail="shutting down"), peer=rec.peer, timeout_s=1.0)
+            w.request_stop(drain_first=msg.drain_first, reason=msg.reason or "shutdown command")
+            return None
+        if isinstance(msg, (MigrateCommand, CancelMigration)):
+            log.info("worker.migration_refused", migration_id=msg.migration_id,
+                     request_id=getattr(msg, "request_id", None))
+            return ErrorReply(reply_to=msg.msg_id, code=ErrorCode.REFUSED, message=MIGRATION_UNAVAILABLE)
+        log.warning("worker.unhandled_message", type=type(msg).__name__)
+        mid = getattr(msg, "msg_id", None)
+        return ErrorReply(reply_to=mid, code=ErrorCode.UNKNOWN_TYPE, message=f"{type(msg).__name__} is not handled")
+
+    # ---- add / abort -----------------------------------------------------------------------------
+
+    def _check_add(self, msg: AddRequest) -> ErrorReply | None:
+        w = self.worker
+        why = None
+        if w.stopping:
+            why = "the worker is stopping"
+        elif w.draining:
+            why = "the worker is draining"
+        elif msg.request_id in w.routes:
+            why = f"request id {msg.request_id!r} is already running on this worker"
+        if why is None:
+            return None
+        log.info("request.refused", request_id=msg.request_id, reason=why)
+        return ErrorReply(reply_to=msg.msg_id, code=ErrorCode.REFUSED, message=why)
+
+    async def _add(self, rec: Received, msg: AddRequest) -> None:
+        w = self.worker
+        rid = msg.request_id
+        sampling = EngineSamplingParams.from_dict(msg.sampling.to_dict())
+        prompt = list(msg.prompt_token_ids)
+        max_waiting = w.cfg.worker.max_waiting
+
+        def add(engine) -> None:  # noqa: ANN001 - runs on the engine thread
+            if len(engine.scheduler.waiting) >= max_waiting:
+                raise Overloaded(f"{len(engine.scheduler.waiting)} requests are waiting (limit {max_waiting})")
+            engine.add_request(rid, prompt, sampling, msg.priority)
+
+        reply: object
+        try:
+            await w.driver.call(add)
+        except Overloaded as exc:
+            w.routes.pop(rid)
+            log.info("request.refused", request_id=rid, reason="overloaded")
+            reply = ErrorReply(reply_to=msg.msg_id, code=ErrorCode.OVERLOADED, message=str(exc))
+        except InvalidRequestError as exc:
+            w.routes.pop(rid)
+            log.info("request.invalid", request_id=rid, error=str(exc))
+            reply = ErrorReply(reply_to=msg.msg_id, code=ErrorCode.INVALID, message=str(exc)[:4096])
+        except Exception as exc:  # noqa: BLE001 - e.g. the engine thread did not answer in time
+            log.exception("request.add_failed", request_id=rid)
+            await self._forget(rid)
+            reply = ErrorReply(reply_to=msg.msg_id, code=ErrorCode.INTERNAL,
+                               message=f"{type(exc).__name__}: {exc}"[:4096])
+        else:
+            log.info("request.added", request_id=rid, worker_id=w.worker_id, frontend_id=msg.frontend_id,
+                     prompt_tokens=len(prompt), max_tokens=sampling.max_tokens, priority=msg.priority,
+                     first_index=msg.first_index)
+            w.link.mark_dirty()
+            reply = Ack(reply_to=msg.msg_id, detail="added")
+        await self._reply(rec, reply)
+
+    async def _abort(self, rec: Received, msg: AbortRequest) -> None:
+        w = self.worker
+        rid = msg.request_id
+        if rid not in w.routes:
+            await self._reply(rec, Ack(reply_to=msg.msg_id, ok=False, detail=f"request {rid!r} is not on this worker"))
+            return
+        try:
+            out = await w.driver.call(lambda e: e.abort_request(rid))
+        except Exception as exc:  # noqa: BLE001
+            log.exception("request.abort_failed", request_id=rid)
+            await self._reply(rec, ErrorReply(reply_to=msg.msg_id, code=ErrorCode.INTERNAL,
+                                              message=f"{type(exc).__name__}: {exc}"[:4096]))
+            return
+        if out is None:  # it finished at the same step boundary; its last batch is already sent
+            await self._reply(rec, Ack(reply_to=msg.msg_id, ok=False, detail=f"request {rid!r} already finished"))
+            return
+        log.info("request.aborted", request_id=rid, reason=msg.reason, tokens=out.first_index)
+        w.streamer.publish([out])  # the final batch: finish_reason "abort"
+        w.link.mark_dirty()
+        await self._reply(rec, Ack(reply_to=msg.msg_id, ok=True, detail="aborted"))
+
+    async def _forget(self, rid: str) -> None:
+        """Make sure a request whose add failed half-way is neither in the engine nor routed."""
+        try:
+            await self.worker.driver.call(lambda e: e.abort_request(rid), timeout_s=30.0)
+        except Exception:  # noqa: BLE001
+            log.exception("request.forget_failed", request_id=rid)
+        self.worker.routes.pop(rid)
+
+    # ---- helpers ---------------------------------------------------------------------------------
+
+    async def _reply(self, rec: Received, msg: object) -> None:
+        try:
+            await self.sock.send(msg, peer=rec.peer, timeout_s=1.0)  # type: ignore[arg-type]
+        except Exception as exc:  # noqa: BLE001 - the socket may be closing
+            log.warning("worker.reply_failed", type=type(msg).__name__, error=str(exc))
+
+    def _spawn(self, coro) -> None:  # noqa: ANN001
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def cancel_tasks(self) -> None:
+        tasks = list(self._tasks)
+        for t in tasks:
+            t.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=2.0)

@@ -1,0 +1,200 @@
+"""The worker process: one engine and its agent (control socket, token streams, scheduler link).
+
+`run_worker(cfg)` builds the engine, starts the engine thread, binds the control socket, keeps
+the worker registered with the scheduler, prints `READY worker <id> <control endpoint>` once it
+serves (and has registered, or tried for a moment), and returns after a stop: SIGTERM/SIGINT, a
+Shutdown command, or `Worker.request_stop`. Stopping ends every unfinished request's stream with an
+error batch (so frontends can resume it elsewhere), deregisters, and stops the engine thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+import sys
+import time
+
+import zmq
+import zmq.asyncio
+
+from engine.engine import LLMEngine
+from engine.request import RequestOutput
+from protocol.base import now_ms
+from protocol.fields import MAX_REQUESTS_PER_INSTANCE
+from protocol.payloads import RequestLoadEntry, WorkerEndpoints
+from protocol.sockets import MessageSocket, serve
+from protocol.to_scheduler import LoadReport, RegisterWorker
+from protocol.to_worker import WorkerControlInbound
+from services.config import KvferryConfig
+from services.log import get_logger
+from services.worker.control import ControlHandler
+from services.worker.engine_driver import EngineDriver
+from services.worker.engine_factory import EngineInfo, build_engine
+from services.worker.scheduler_link import SchedulerLink
+from services.worker.streams import RouteTable, TokenStreamer
+
+log = get_logger(__name__)
+
+READY_WAIT_FOR_REGISTER_S = 2.0  # READY is printed after registering, or after this long without
+DRAIN_TIMEOUT_S = 60.0  # Shutdown(drain_first): how long to let running requests finish
+
+
+class Worker:
+    """One engine instance and its agent. Build with `Worker(cfg, engine, info)`, then `await run()`."""
+
+    def __init__(self, cfg: KvferryConfig, engine: LLMEngine, info: EngineInfo) -> None:
+        self.cfg = cfg
+        self.engine = engine
+        self.info = info
+        self.worker_id = cfg.worker.resolved_id
+        self.index = cfg.worker.index
+        self.control_endpoint = cfg.cluster.worker_control(self.index)
+        self.migration_endpoint = cfg.cluster.worker_migration(self.index)
+        self.max_running = cfg.worker.max_num_seqs + cfg.worker.max_waiting
+        self.draining = False
+        self.stopping = False
+        self.routes = RouteTable()
+        self.streamer = TokenStreamer(self.worker_id, self.routes)
+        self.ctx = zmq.asyncio.Context()
+        self.loop = asyncio.get_running_loop()
+        self.driver = EngineDriver(engine, self.loop, self._on_outputs, self._on_step_error)
+        self.link = SchedulerLink(
+            self.ctx, cfg.cluster.scheduler(), self.worker_id, self._register_message, self._load_report,
+            heartbeat_interval_s=cfg.scheduler.heartbeat_interval_ms / 1000.0,
+            report_interval_s=cfg.scheduler.report_interval_ms / 1000.0,
+            heartbeat_timeout_s=cfg.scheduler.heartbeat_timeout_ms / 1000.0,
+        )
+        self.control: MessageSocket | None = None
+        self.handler: ControlHandler | None = None
+        self._serve_task: asyncio.Task[None] | None = None
+        self._stop = asyncio.Event()
+        self._stop_reason = ""
+        self._drain_first = False
+
+    # ---- lifecycle -------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Start the engine thread, bind the control socket, start the scheduler link."""
+        self.control = MessageSocket.bind(self.ctx, zmq.ROUTER, self.cfg.cluster.bind(self.control_endpoint),
+                                          WorkerControlInbound, name=f"{self.worker_id}-control")
+        self.driver.start()
+        self.handler = ControlHandler(self, self.control)
+        self._serve_task = asyncio.create_task(serve(self.control, self.handler), name="worker-control")
+        self.link.start()
+
+    async def run(self, ready_line: bool = True) -> None:
+        """Start, announce readiness, and serve until a stop is requested; then stop cleanly."""
+        await self.start()
+        try:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.link.registered.wait(), READY_WAIT_FOR_REGISTER_S)
+            log.info("worker.ready", worker_id=self.worker_id, control=self.control_endpoint,
+                     migration=self.migration_endpoint, scheduler=self.cfg.cluster.scheduler(),
+                     registered=self.link.registered.is_set(), engine=self.info.kind, model=self.info.model,
+                     total_blocks=self.info.total_blocks, block_size=self.info.block_size)
+            if ready_line:
+                print(f"READY worker {self.worker_id} {self.control_endpoint}", flush=True)
+            await self._stop.wait()
+            if self._drain_first:
+                await self._drain(DRAIN_TIMEOUT_S)
+        finally:
+            await self.stop(self._stop_reason or "stopped")
+
+    def request_stop(self, drain_first: bool = False, reason: str = "") -> None:
+        """Ask `run` to return (safe from signal handlers and control messages)."""
+        if self._stop.is_set():
+            return
+        self._stop_reason = reason
+        self._drain_first = drain_first
+        if drain_first:
+            self.set_draining(True)
+        self._stop.set()
+
+    def set_draining(self, draining: bool) -> None:
+        if draining != self.draining:
+            log.info("worker.draining" if draining else "worker.undrained", worker_id=self.worker_id,
+                     requests=len(self.routes))
+        self.draining = draining
+        self.link.mark_dirty()
+
+    async def _drain(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while len(self.routes) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+
+    async def stop(self, reason: str = "stopped") -> None:
+        """Stop serving: fail unfinished requests, deregister, stop the engine, close sockets."""
+        if self.stopping:
+            return
+        self.stopping = True
+        log.info("worker.stopping", worker_id=self.worker_id, reason=reason, requests=len(self.routes))
+        if self._serve_task is not None:
+            self._serve_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._serve_task
+        if self.handler is not None:
+            await self.handler.cancel_tasks()
+        left = self.routes.ids()
+        if left:
+            with contextlib.suppress(Exception):
+                await self.driver.call(lambda e: [e.abort_request(r) for r in left], timeout_s=5.0)
+            self.streamer.fail(self.routes.ids(), f"worker {self.worker_id} stopped ({reason})")
+        await self.link.stop(reason)
+        await self.loop.run_in_executor(None, self.driver.stop)
+        if self.control is not None:
+            self.control.close()
+        self.streamer.close(linger_ms=500)  # let the final error batches leave
+        self.ctx.term()
+        log.info("worker.stopped", worker_id=self.worker_id)
+
+    # ---- engine callbacks (on the event loop) ----------------------------------------------------
+
+    def _on_outputs(self, outputs: list[RequestOutput]) -> None:
+        self.streamer.publish(outputs)
+        self.link.mark_dirty()
+
+    def _on_step_error(self, exc: BaseException) -> None:
+        log.error("worker.step_failed", worker_id=self.worker_id, error=f"{type(exc).__name__}: {exc}")
+
+    # ---- scheduler messages ----------------------------------------------------------------------
+
+    def _register_message(self) -> RegisterWorker:
+        return RegisterWorker(
+            worker_id=self.worker_id,
+            endpoints=WorkerEndpoints(control=self.control_endpoint, migration=self.migration_endpoint),
+            host=socket.gethostname()[:256], engine=self.info.kind, model=self.info.model[:256],  # type: ignore[arg-type]
+            total_blocks=self.info.total_blocks, block_size=self.info.block_size,
+            kv_bytes_per_block=self.info.kv_bytes_per_block, max_running=self.max_running, pid=os.getpid(),
+        )
+
+    async def _load_report(self, seq: int) -> LoadReport:
+        stats = await self.driver.call(lambda e: e.stats(per_request=True), timeout_s=5.0)
+        entries = [RequestLoadEntry(request_id=r.request_id, priority=r.priority, num_blocks=r.num_blocks,
+                                    num_tokens=r.num_tokens, running=r.status == "running")
+                   for r in stats.requests[:MAX_REQUESTS_PER_INSTANCE]]
+        return LoadReport(
+            worker_id=self.worker_id, seq=seq, sent_ms=now_ms(), total_blocks=stats.num_blocks,
+            free_blocks=stats.num_free_blocks, num_running=stats.num_running, num_waiting=stats.num_waiting,
+            num_preemptions=stats.num_preemptions, head_of_line_blocks=stats.head_of_line_blocks,
+            requests=entries, draining=self.draining, max_running=self.max_running,
+        )
+
+
+async def run_worker(cfg: KvferryConfig) -> None:
+    """The worker process's main coroutine: build the engine, serve until SIGTERM/SIGINT/Shutdown."""
+    log.info("worker.starting", worker_id=cfg.worker.resolved_id, engine=cfg.worker.engine, model=cfg.worker.model,
+             device=cfg.worker.device, control=cfg.cluster.worker_control(cfg.worker.index))
+    loop = asyncio.get_running_loop()
+    engine, info = await loop.run_in_executor(None, build_engine, cfg.worker)
+    worker = Worker(cfg, engine, info)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, worker.request_stop, False, signal.Signals(sig).name)
+    try:
+        await worker.run()
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+        sys.stdout.flush()
