@@ -48,6 +48,7 @@ class WorkerConfig:
     max_waiting: int = 256  # queued requests beyond this are refused (overloaded)
     seed: int = 0
     threads: int = 0  # torch intra-op threads; 0: torch's default
+    frontend_timeout_s: float = 10.0  # a frontend that heartbeated, then fell silent this long: abort its requests
 
     @property
     def resolved_id(self) -> str:

@@ -564,3 +564,15 @@ def test_streamer_sends_one_message_per_frontend_per_step():
         for s in pulls:
             s.close(linger=0)
         ctx.term()
+
+
+async def test_requests_of_a_lost_frontend_are_aborted(cluster):
+    await cluster.start_worker(*SIM, env={"KVFERRY_WORKER_FRONTEND_TIMEOUT_S": "1.0"})
+    await cluster.client.send(Heartbeat(sender_id="fe-test", role="frontend", seq=1))
+    assert isinstance(await cluster.call(cluster.add("orphan", max_tokens=1000)), Ack)
+    await cluster.frontend.until(lambda: len(cluster.frontend.tokens.get("orphan", [])) >= 1)
+    start = len(cluster.scheduler.messages)
+    fin = await cluster.frontend.finished("orphan")  # no more heartbeats: aborted after ~1 s
+    assert fin.finish_reason == "abort" and len(cluster.frontend.tokens["orphan"]) < 1000
+    await cluster.scheduler.wait_for(lambda m: isinstance(m, LoadReport) and m.free_blocks == m.total_blocks
+                                     and not m.requests, start=start)

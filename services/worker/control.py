@@ -56,6 +56,8 @@ class ControlHandler:
             refusal = self._check_add(msg)
             if refusal is not None:
                 return refusal
+            if msg.frontend_id in self.frontend_seen:
+                self.frontend_seen[msg.frontend_id] = time.monotonic()
             # Routed at once (not in the task), so a second AddRequest with this id is refused.
             w.routes.add(Route(msg.request_id, msg.frontend_id, msg.reply_address, index_offset=msg.first_index))
             self._spawn(self._add(rec, msg))
@@ -158,6 +160,28 @@ class ControlHandler:
         w.streamer.publish([out])  # the final batch: finish_reason "abort"
         w.link.mark_dirty()
         await self._reply(rec, Ack(reply_to=msg.msg_id, ok=True, detail="aborted"))
+
+    async def abort_lost_frontends(self, timeout_s: float) -> None:
+        """Abort the requests of frontends that heartbeated before and fell silent for `timeout_s`
+        (DESIGN §6: a frontend that disappears gets its requests aborted, freeing their blocks)."""
+        now = time.monotonic()
+        for fid, seen in list(self.frontend_seen.items()):
+            if now - seen <= timeout_s:
+                continue
+            del self.frontend_seen[fid]
+            rids = self.worker.routes.by_frontend(fid)
+            log.warning("worker.frontend_lost", frontend_id=fid, silent_s=round(now - seen, 1), requests=len(rids))
+            for rid in rids:
+                try:
+                    out = await self.worker.driver.call(lambda e, rid=rid: e.abort_request(rid))
+                except Exception:  # noqa: BLE001
+                    log.exception("request.abort_failed", request_id=rid)
+                    continue
+                if out is not None:
+                    log.info("request.aborted", request_id=rid, reason="frontend lost", tokens=out.first_index)
+                    self.worker.streamer.publish([out])
+            if rids:
+                self.worker.link.mark_dirty()
 
     async def _forget(self, rid: str) -> None:
         """Make sure a request whose add failed half-way is neither in the engine nor routed."""

@@ -40,6 +40,7 @@ log = get_logger(__name__)
 
 READY_WAIT_FOR_REGISTER_S = 2.0  # READY is printed after registering, or after this long without
 DRAIN_TIMEOUT_S = 60.0  # Shutdown(drain_first): how long to let running requests finish
+FRONTEND_TIMEOUT_S = 10.0  # a frontend that heartbeated and then stayed silent this long is gone
 
 
 class Worker:
@@ -70,6 +71,8 @@ class Worker:
         self.control: MessageSocket | None = None
         self.handler: ControlHandler | None = None
         self._serve_task: asyncio.Task[None] | None = None
+        self._watchdog_task: asyncio.Task[None] | None = None
+        self.frontend_timeout_s = cfg.worker.frontend_timeout_s or FRONTEND_TIMEOUT_S
         self._stop = asyncio.Event()
         self._stop_reason = ""
         self._drain_first = False
@@ -83,6 +86,7 @@ class Worker:
         self.driver.start()
         self.handler = ControlHandler(self, self.control)
         self._serve_task = asyncio.create_task(serve(self.control, self.handler), name="worker-control")
+        self._watchdog_task = asyncio.create_task(self._frontend_watchdog(), name="frontend-watchdog")
         self.link.start()
 
     async def run(self, ready_line: bool = True) -> None:
@@ -131,10 +135,10 @@ class Worker:
             return
         self.stopping = True
         log.info("worker.stopping", worker_id=self.worker_id, reason=reason, requests=len(self.routes))
-        if self._serve_task is not None:
-            self._serve_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._serve_task
+        for task in (self._serve_task, self._watchdog_task):
+            if task is not None:
+                task.cancel()
+                await asyncio.wait({task}, timeout=2.0)
         if self.handler is not None:
             await self.handler.cancel_tasks()
         left = self.routes.ids()
@@ -149,6 +153,16 @@ class Worker:
         self.streamer.close(linger_ms=500)  # let the final error batches leave
         self.ctx.term()
         log.info("worker.stopped", worker_id=self.worker_id)
+
+    async def _frontend_watchdog(self) -> None:
+        # Not while draining: frontends stop heartbeating a draining worker, yet its requests go on.
+        while not self.stopping:
+            await asyncio.sleep(min(1.0, self.frontend_timeout_s / 4))
+            if self.handler is not None and not self.draining:
+                try:
+                    await self.handler.abort_lost_frontends(self.frontend_timeout_s)
+                except Exception:  # noqa: BLE001 - the watchdog must survive
+                    log.exception("worker.watchdog_failed")
 
     # ---- engine callbacks (on the event loop) ----------------------------------------------------
 
