@@ -116,6 +116,7 @@ class LocalCluster:
             deadline = time.monotonic() + self.spec.ready_timeout_s
             for child in self.children:
                 self._wait_ready(child, deadline)
+            self._wait_healthy(deadline)
         except BaseException:
             self.stop()
             raise
@@ -159,6 +160,24 @@ class LocalCluster:
         if not ready:
             raise LaunchError(f"{child.name} exited with status {child.proc.wait()} before it was ready")
         child.ready_line = ready[0]
+
+    def _wait_healthy(self, deadline: float) -> None:
+        """Ready means serviceable: the frontend's /health says it knows a live worker."""
+        import httpx
+
+        url = f"{self.http_url}/health"
+        while True:
+            try:
+                if httpx.get(url, timeout=2.0).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            dead = self.first_exited()
+            if dead is not None:
+                raise LaunchError(f"{dead.name} exited with status {dead.proc.returncode}")
+            if time.monotonic() > deadline:
+                raise LaunchError(f"{url} did not answer 200 within {self.spec.ready_timeout_s:.0f} s")
+            time.sleep(0.1)
 
     def first_exited(self) -> Child | None:
         return next((c for c in self.children if c.proc.poll() is not None), None)

@@ -1,0 +1,184 @@
+"""End to end: `kvferry up`'s processes (scheduler, 2 torch workers, frontend) on 127.0.0.1,
+driven by the official openai client, the SDK and `kvferry ctl`."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import random
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import openai
+import pytest
+
+from sdk import AsyncClient
+from services.config import load_config
+from services.launcher import ClusterSpec, LocalCluster
+
+MODEL = "tiny"
+PROMPT = "Once upon a time"
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def free_ports() -> tuple[int, int]:
+    """An HTTP port and a ZeroMQ base port whose scheduler/frontend/worker ports are free."""
+    for _ in range(100):
+        base = random.randrange(20000, 30000, 200)
+        http = base + 190
+        if all(_port_free(p) for p in (base, base + 1, base + 2, base + 100, base + 101, base + 102, base + 103, http)):
+            return http, base
+    raise RuntimeError("no free port range")
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    http, base = free_ports()
+    cfg = load_config(env={}, overrides={
+        "cluster": {"http_port": http, "base_port": base},
+        "worker": {"engine": "torch", "model": MODEL, "dtype": "float32", "num_blocks": 512, "max_num_seqs": 64},
+        "frontend": {"model": MODEL},
+    })
+    c = LocalCluster(ClusterSpec(cfg, num_workers=2, ready_timeout_s=120))
+    c.start()
+    try:
+        yield c
+    finally:
+        c.stop()
+    assert all(ch.proc.returncode is not None for ch in c.children)
+
+
+def ctl_status(c: LocalCluster) -> dict:
+    out = subprocess.run([sys.executable, "-m", "cli.main", "ctl", "status", "--json", "--scheduler",
+                          c.scheduler_endpoint], capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)
+
+
+def wait_idle(c: LocalCluster, timeout_s: float = 15.0) -> dict:
+    """Until every worker reports zero used blocks and no request."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        st = ctl_status(c)
+        if all(i["used_blocks"] == 0 and i["num_running"] == 0 and i["num_waiting"] == 0 for i in st["instances"]):
+            return st
+        if time.monotonic() > deadline:
+            raise AssertionError(f"workers still hold blocks: {st['instances']}")
+        time.sleep(0.3)
+
+
+def reference(prompt: str, max_tokens: int) -> dict:
+    out = subprocess.run([sys.executable, "-m", "cli.main", "generate", "--model", MODEL, "--dtype", "float32",
+                          "--prompt", prompt, "--max-tokens", str(max_tokens), "--json"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)
+
+
+def test_cluster_serves_two_workers(cluster):
+    st = ctl_status(cluster)
+    assert sorted(i["worker_id"] for i in st["instances"]) == ["worker-0", "worker-1"]
+    assert all(i["alive"] for i in st["instances"])
+    assert httpx.get(f"{cluster.http_url}/health", timeout=10).status_code == 200
+
+
+def test_greedy_completion_equals_kvferry_generate(cluster):
+    ref = reference(PROMPT, 24)
+    client = openai.OpenAI(base_url=f"{cluster.http_url}/v1", api_key="x", timeout=60)
+    resp = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=24, temperature=0)
+    assert resp.choices[0].text == ref["text"]
+    assert resp.usage.completion_tokens == len(ref["token_ids"])
+    # streaming gives the same text, in pieces, with usage at the end
+    stream = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=24, temperature=0, stream=True,
+                                       stream_options={"include_usage": True})
+    parts, usage = [], None
+    for chunk in stream:
+        if chunk.choices:
+            parts.append(chunk.choices[0].text)
+        if chunk.usage:
+            usage = chunk.usage
+    assert "".join(parts) == ref["text"]
+    assert usage is not None and usage.completion_tokens == len(ref["token_ids"])
+
+
+def test_chat_stream_and_non_stream_agree(cluster):
+    client = openai.OpenAI(base_url=f"{cluster.http_url}/v1", api_key="x", timeout=60)
+    messages = [{"role": "user", "content": "Say something."}]
+    full = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=16, temperature=0)
+    stream = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=16, temperature=0, stream=True)
+    text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+    assert text == full.choices[0].message.content
+    assert full.usage.prompt_tokens > 0
+
+
+async def test_fifty_concurrent_streams_over_two_workers(cluster):
+    client = openai.AsyncOpenAI(base_url=f"{cluster.http_url}/v1", api_key="x", timeout=120)
+
+    async def one(i: int) -> tuple[int, int, str]:
+        n = 8 + i % 9
+        stream = await client.completions.create(model=MODEL, prompt=f"request {i}:", max_tokens=n, temperature=0,
+                                                 stream=True, stream_options={"include_usage": True},
+                                                 extra_body={"ignore_eos": True})
+        usage, rid = None, ""
+        async for chunk in stream:
+            rid = chunk.id
+            if chunk.usage:
+                usage = chunk.usage
+        assert usage is not None
+        return n, usage.completion_tokens, rid
+
+    results = await asyncio.gather(*(one(i) for i in range(50)))
+    assert all(want == got for want, got, _ in results)
+    assert len({rid for _, _, rid in results}) == 50
+    await client.close()
+    metrics = httpx.get(f"{cluster.http_url}/metrics", timeout=10).text
+    assert "kvferry_time_to_first_token_seconds_bucket" in metrics
+    assert "kvferry_inter_token_latency_seconds_bucket" in metrics
+    assert "kvferry_e2e_request_latency_seconds_bucket" in metrics
+    assert "kvferry_requests_total" in metrics
+    wait_idle(cluster)
+
+
+async def test_client_disconnect_frees_blocks(cluster):
+    async with httpx.AsyncClient(timeout=30) as http:
+        body = {"model": MODEL, "prompt": PROMPT, "max_tokens": 8000, "stream": True, "ignore_eos": True}
+        async with http.stream("POST", f"{cluster.http_url}/v1/completions", json=body) as resp:
+            assert resp.status_code == 200
+            lines = resp.aiter_lines()  # kept open: leaving an `async for` early closes the connection
+            line = await anext(lines)
+            while not line.startswith("data: "):
+                line = await anext(lines)
+            rid = json.loads(line[6:])["id"]
+            # while the stream is open, its request holds blocks on one worker
+            st = await asyncio.to_thread(ctl_status, cluster)
+            assert any(r["request_id"] in rid for r in st["requests"]), st["requests"]
+            assert sum(i["used_blocks"] for i in st["instances"]) > 0
+        # leaving the block closed the connection mid-stream
+    st = wait_idle(cluster)
+    assert st["requests"] == []
+
+
+async def test_sdk_matches_http(cluster):
+    ref = reference(PROMPT, 12)
+    async with AsyncClient(cluster.sdk_endpoint, timeout=60) as sdk:
+        res = await sdk.generate(PROMPT, max_tokens=12)
+        assert res.text == ref["text"]
+        assert res.token_ids == ref["token_ids"]
+        assert res.usage is not None and res.usage.completion_tokens == len(ref["token_ids"])
+        pieces = []
+        async with contextlib.aclosing(sdk.stream(PROMPT, max_tokens=12)) as chunks:
+            async for c in chunks:
+                pieces.append(c.text)
+        assert "".join(pieces) == ref["text"]
