@@ -141,14 +141,20 @@ class AsyncClient:
                 q.put_nowait(rec.msg)
 
     async def close(self) -> None:
-        """Stop the reader and close the socket (running streams end with an error)."""
+        """Cancel running generations, stop the reader and close the socket."""
+        linger = 0
+        if self._sock is not None:
+            for msg_id in list(self._queues):
+                with contextlib.suppress(Exception):
+                    await self._sock.send(CancelGenerate(target=msg_id), timeout_s=0.5)
+                    linger = 500  # let the cancels leave before the socket closes
         if self._reader is not None:
             self._reader.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._reader
             self._reader = None
         if self._sock is not None:
-            self._sock.close()
+            self._sock.raw.close(linger=linger)
             self._sock = None
         if self._ctx is not None:
             self._ctx.term()
@@ -189,7 +195,9 @@ class AsyncClient:
                      temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
                      stop: str | Sequence[str] | None = None, priority: int = 0, ignore_eos: bool = False,
                      timeout: float | None = None) -> AsyncIterator[Chunk]:
-        """Yield Chunks as tokens arrive. Breaking out early cancels the request."""
+        """Yield Chunks as tokens arrive. Leaving early cancels the request once the iterator is
+        closed: use `async with contextlib.aclosing(client.stream(...)) as chunks:` to close it at
+        once on `break` (otherwise it is closed when garbage collected, or by `client.close()`)."""
         t = self.timeout if timeout is None else timeout
         req = _request(prompt, prompt_token_ids, messages, max_tokens, temperature, top_p, top_k, seed, stop,
                        priority, ignore_eos, True, t)

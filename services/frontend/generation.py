@@ -111,6 +111,8 @@ class Generator:
                             self.metrics.itl.observe((now - last_token_t) / len(ev.token_ids))
                         last_token_t = now
                         self.metrics.generated_tokens.inc(len(ev.token_ids))
+                    if ev.finish_reason == "abort" and p.request_id not in self.router.streams:
+                        raise GenerationError("cancelled", ev.error or "cancelled", 499)
                     if ev.finish_reason in ("abort", "error"):
                         raise GenerationError("worker_" + ev.finish_reason, ev.error or f"request {ev.finish_reason}ed")
                     # Per token only when stop strings need the exact token that completes them.
@@ -144,8 +146,8 @@ class Generator:
                 outcome = "timeout"
                 self.router.abort(p.request_id, "deadline passed")
                 raise GenerationError("timeout", f"no result within {p.timeout_s:g} s", 504) from None
-            except GenerationError:
-                outcome = "error"
+            except GenerationError as exc:
+                outcome = "cancelled" if exc.code == "cancelled" else "error"
                 self.router.finish(p.request_id)
                 raise
             except BaseException:

@@ -262,8 +262,6 @@ class Router:
                     self._tombstones[b.request_id] = time.monotonic() + TOMBSTONE_S
                     self._spawn(self._send_abort(b.request_id, worker.address, "aborted by the frontend"))
             return
-        if b.finish_reason == "abort" and b.worker_id != stream.worker_id:
-            return  # a former owner letting go after a migration
         stream.accept(b)
 
     def _on_moved(self, m: RequestMoved) -> None:

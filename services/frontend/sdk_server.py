@@ -41,6 +41,7 @@ class SdkServer:
         self.sock = MessageSocket.bind(ctx or zmq.asyncio.Context.instance(), zmq.ROUTER, endpoint,
                                        FrontendSdkInbound, name="frontend-sdk")
         self._jobs: dict[tuple[bytes, str], asyncio.Task] = {}
+        self._rids: dict[tuple[bytes, str], str] = {}  # the request id of each job
         self._serve: asyncio.Task | None = None
 
     def start(self) -> None:
@@ -61,9 +62,13 @@ class SdkServer:
         if isinstance(msg, Ping):
             return Pong.to(msg, sender_id=self.frontend_id)
         if isinstance(msg, CancelGenerate):
-            task = self._jobs.get((rec.peer, msg.target))
-            if task is not None:
-                task.cancel()
+            key = (rec.peer, msg.target)
+            rid = self._rids.get(key)
+            if rid is not None and rid in self.generator.router.streams:
+                log.info("request.cancelled", request_id=rid)
+                self.generator.router.abort(rid, "cancelled by the client")  # ends the generation
+            elif (task := self._jobs.get(key)) is not None:
+                task.cancel()  # not started on a worker yet
             return None
         if isinstance(msg, GenerateRequest):
             key = (rec.peer, msg.msg_id)
@@ -71,7 +76,7 @@ class SdkServer:
                 return ErrorReply(reply_to=msg.msg_id, code=ErrorCode.REFUSED, message="duplicate msg_id")
             task = asyncio.get_running_loop().create_task(self._generate(rec.peer, msg))
             self._jobs[key] = task
-            task.add_done_callback(lambda _t, k=key: self._jobs.pop(k, None))
+            task.add_done_callback(lambda _t, k=key: (self._jobs.pop(k, None), self._rids.pop(k, None)))
         return None
 
     def _params(self, msg: GenerateRequest) -> tuple[GenerateParams, int]:
@@ -118,6 +123,7 @@ class SdkServer:
             await send(error(ErrorCode.OVERLOADED, f"more than {self.cfg.max_inflight} requests in flight"))
             return
         rid = params.request_id
+        self._rids[(peer, msg.msg_id)] = rid
         deltas = self.generator.run(params)
         text: list[str] = []
         ids: list[int] = []

@@ -69,6 +69,10 @@ class RequestStream:
         if skip > 0:
             self.duplicates += min(skip, len(batch.token_ids))
         self.next_index += len(new)
+        if batch.finish_reason == "abort" and batch.worker_id != self.worker_id:
+            # A former owner letting go after a migration: its tokens count, its finish does not.
+            batch = TokenBatch(request_id=batch.request_id, first_index=batch.first_index,
+                               token_ids=batch.token_ids, worker_id=batch.worker_id)
         if batch.finish_reason is not None:
             end = batch.first_index + len(batch.token_ids)
             if end < self.next_index:
