@@ -182,3 +182,51 @@ async def test_sdk_matches_http(cluster):
             async for c in chunks:
                 pieces.append(c.text)
         assert "".join(pieces) == ref["text"]
+
+
+async def test_hostile_frames_on_the_frontend_sockets_are_refused_and_it_keeps_serving(cluster):
+    """Random bytes, truncated msgpack, an unknown type, a wrong version and an oversized envelope
+    on the SDK endpoint get an ErrorReply; garbage on the token ingress is dropped; then a normal
+    request through both HTTP and the SDK still works."""
+    import msgpack
+    import zmq
+    import zmq.asyncio
+
+    from protocol import ErrorReply, decode
+    from protocol.client import GenerateRequest
+    from protocol.codec import encode
+
+    valid = encode(GenerateRequest(prompt="hi", stream=False))
+    hostile = [
+        b"\x00\x01garbage\xff",
+        valid[: len(valid) // 2],
+        msgpack.packb([1, "NoSuchMessage", {}]),
+        msgpack.packb([99, "GenerateRequest", {}]),
+        b"\x93" + b"x" * (33 << 20),  # above the 32 MiB envelope limit
+    ]
+    ctx = zmq.asyncio.Context()
+    try:
+        sdk = ctx.socket(zmq.DEALER)
+        sdk.setsockopt(zmq.LINGER, 0)
+        sdk.connect(cluster.sdk_endpoint)
+        codes = []
+        for frame in hostile:
+            await sdk.send(frame)
+            if await sdk.poll(10_000):
+                reply = decode(await sdk.recv())
+                assert isinstance(reply, ErrorReply)
+                codes.append(reply.code)
+        assert {"malformed", "unknown_type", "version_mismatch"} <= set(codes)
+        tokens = ctx.socket(zmq.PUSH)
+        tokens.setsockopt(zmq.LINGER, 0)
+        tokens.connect(cluster.spec.config.cluster.frontend_tokens(0))
+        for frame in hostile[:4]:
+            await tokens.send(frame)
+    finally:
+        ctx.destroy(linger=0)
+    client = openai.AsyncOpenAI(base_url=f"{cluster.http_url}/v1", api_key="x", timeout=60)
+    resp = await client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=4, temperature=0)
+    assert resp.usage.completion_tokens == 4
+    await client.close()
+    async with AsyncClient(cluster.sdk_endpoint, timeout=60) as sdk_client:
+        assert (await sdk_client.generate(PROMPT, max_tokens=4)).usage.completion_tokens == 4
