@@ -7,6 +7,7 @@ import importlib
 
 KINDS = (
     "cli.bench_engine",
+    "cli.bench_frontend",
 )
 
 

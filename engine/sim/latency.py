@@ -2,7 +2,7 @@
 
 step = base + per_seq * batch + per_prefill_token * prefill_tokens + per_context_token * context_tokens
 
-Two profiles:
+Three profiles:
 - `llama7b-a10`: LLaMA-7B in fp16 on one A10 (24 GB), the paper's setup. Derived from the A10's
   data sheet (600 GB/s memory, 125 TFLOP/s dense fp16 tensor) with achieved fractions typical of
   vLLM on that card: a decode step streams the 13.5 GB of weights (~23 ms at ~95 % of peak
@@ -11,6 +11,10 @@ Two profiles:
   KV capacity: 24 GB x 0.9 - 13.5 GB weights - ~1 GB activations ~ 7 GB ~ 14,000 tokens.
 - `smollm2-cpu`: fitted by `kvferry bench engine --fit` from this engine serving SmolLM2-135M in
   bfloat16 on a 2-core x86 machine (figures in the README).
+- `instant`: no model at all, for benchmarking the serving path (`kvferry bench frontend`): every
+  step sleeps a flat 1 ms (so a busy worker does not spin a core, and 64 running sequences still
+  give 64,000 tokens/s per worker), huge KV capacity, and a 256-token vocabulary (byte tokens of
+  the `tiny` tokenizer the frontend uses with sim workers).
 """
 
 from __future__ import annotations
@@ -50,4 +54,9 @@ SMOLLM2_CPU = LatencyModel(
     per_context_token_ms=0.0015, kv_capacity_tokens=65536, kv_bytes_per_token=46080, vocab_size=49152,
 )
 
-PROFILES: dict[str, LatencyModel] = {m.name: m for m in (LLAMA7B_A10, SMOLLM2_CPU)}
+INSTANT = LatencyModel(
+    name="instant", base_ms=1.0, per_seq_ms=0.0, per_prefill_token_ms=0.0,
+    per_context_token_ms=0.0, kv_capacity_tokens=1 << 22, kv_bytes_per_token=16, vocab_size=256,
+)
+
+PROFILES: dict[str, LatencyModel] = {m.name: m for m in (LLAMA7B_A10, SMOLLM2_CPU, INSTANT)}
