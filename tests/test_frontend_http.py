@@ -143,13 +143,16 @@ class FakeCluster:
                 await asyncio.sleep(0.02)
             return
         n = len(ids)
-        await push.send(b(0, 3))
-        await push.send(b(6, 9))  # ahead of a gap
-        await push.send(TokenBatches(worker_id="worker-0", batches=[b(0, 3), b(3, 6)]))  # a duplicate, then the gap
-        await push.send(b(4, 10))  # overlaps
-        await asyncio.sleep(0.01)
-        await push.send(b(10, n - 1))
-        await push.send(b(n - 1, n, reason))
+        # Pauses between sends, as between engine steps: the frontend merges what is already
+        # queued into one event, so back-to-back batches could arrive as a single piece.
+        for msg in (b(0, 3),
+                    b(6, 9),  # ahead of a gap
+                    TokenBatches(worker_id="worker-0", batches=[b(0, 3), b(3, 6)]),  # a duplicate, then the gap
+                    b(4, 10),  # overlaps
+                    b(10, n - 1),
+                    b(n - 1, n, reason)):
+            await push.send(msg)
+            await asyncio.sleep(0.01)
 
 
 @pytest.fixture

@@ -18,6 +18,7 @@ from protocol.payloads import SamplingParams
 from services.frontend.detokenizer import IncrementalDetokenizer, StopMatcher
 from services.frontend.metrics import FrontendMetrics
 from services.frontend.router import RouteError, Router
+from services.frontend.streams import StreamEvent
 from services.log import get_logger
 
 log = get_logger("kvferry.frontend.generation")
@@ -68,6 +69,27 @@ class GenerationError(Exception):
         self.code, self.message, self.status = code, message, status
 
 
+async def _next_event(queue: asyncio.Queue[StreamEvent], timeout_s: float) -> StreamEvent:
+    """The next event, merged with every event already queued behind it: when the frontend falls
+    behind, one SSE event / SDK chunk then carries many tokens instead of paying per token."""
+    if queue.empty():
+        try:
+            ev = await asyncio.wait_for(queue.get(), timeout_s)  # a timer task only when we must wait
+        except asyncio.TimeoutError:
+            raise TimeoutError from None
+    else:
+        ev = queue.get_nowait()
+    if ev.finish_reason is not None or queue.empty():
+        return ev
+    ids = list(ev.token_ids)
+    while not queue.empty():
+        nxt = queue.get_nowait()
+        ids.extend(nxt.token_ids)
+        if nxt.finish_reason is not None:
+            return StreamEvent(ids, nxt.finish_reason, nxt.error)
+    return StreamEvent(ids)
+
+
 class Generator:
     """Runs generations over a Router with one tokenizer."""
 
@@ -99,16 +121,15 @@ class Generator:
                     remaining = deadline - time.monotonic()
                     if remaining <= 0:
                         raise TimeoutError
-                    try:
-                        ev = await asyncio.wait_for(stream.queue.get(), remaining)
-                    except asyncio.TimeoutError:
-                        raise TimeoutError from None
+                    ev = await _next_event(stream.queue, remaining)
                     now = time.monotonic()
                     if ev.token_ids:
                         if last_token_t is None:
                             self.metrics.ttft.observe(now - start)
-                        else:
-                            self.metrics.itl.observe((now - last_token_t) / len(ev.token_ids))
+                        else:  # tokens merged into one event share the gap (one sample per token)
+                            gap = (now - last_token_t) / len(ev.token_ids)
+                            for _ in ev.token_ids:
+                                self.metrics.itl.observe(gap)
                         last_token_t = now
                         self.metrics.generated_tokens.inc(len(ev.token_ids))
                     if ev.finish_reason == "abort" and p.request_id not in self.router.streams:
