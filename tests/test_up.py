@@ -1,0 +1,83 @@
+"""`kvferry up` as a user runs it: all services start, and none outlives it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.test_e2e_cluster import free_ports
+
+
+def children_of(pid: int) -> list[int]:
+    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True)
+    return [int(p) for p in out.stdout.split()]
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # a zombie is gone for our purposes
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().split()[2] != "Z"
+
+
+def start_up(http: int, base: int) -> tuple[subprocess.Popen[str], list[int]]:
+    proc = subprocess.Popen([sys.executable, "-m", "cli.main", "up", "--engine", "sim", "--model", "instant",
+                             "--workers", "2", "--http-port", str(http), "--base-port", str(base)],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    deadline = time.monotonic() + 90
+    lines = []
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        lines.append(line)
+        if "scheduler  :" in line:
+            kids = children_of(proc.pid)
+            assert len(kids) == 4, kids  # scheduler, 2 workers, frontend
+            return proc, kids
+    proc.kill()
+    raise AssertionError(f"kvferry up did not come up: {lines}")
+
+
+def wait_gone(pids: list[int], timeout_s: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while any(alive(p) for p in pids):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"still running: {[p for p in pids if alive(p)]}")
+        time.sleep(0.1)
+
+
+def test_sigterm_stops_every_service():
+    http, base = free_ports()
+    proc, kids = start_up(http, base)
+    try:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 0
+        wait_gone(kids)
+    finally:
+        proc.kill()
+
+
+def test_a_child_dying_first_stops_the_cluster():
+    http, base = free_ports()
+    proc, kids = start_up(http, base)
+    try:
+        os.kill(kids[1], signal.SIGKILL)  # a worker dies
+        assert proc.wait(20) == 1
+        wait_gone(kids)
+    finally:
+        proc.kill()
+
+
+@pytest.mark.parametrize("args", [["--workers", "0"]])
+def test_bad_arguments_exit_2(args):
+    out = subprocess.run([sys.executable, "-m", "cli.main", "up", *args], capture_output=True, text=True, timeout=30)
+    assert out.returncode == 2 and "error:" in out.stderr
