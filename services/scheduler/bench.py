@@ -1,7 +1,7 @@
 """Dispatch latency of a running scheduler with N registered instances (for `kvferry bench`).
 
 `measure_dispatch_latency(endpoint, instances=64, requests=5000)` registers N fake workers (they
-keep sending load reports at `report_interval_s` from a background thread while it measures),
+keep sending load reports at `report_interval_s` from a separate process while it measures),
 then sends DispatchRequests one at a time from a frontend DEALER and returns round-trip
 percentiles in milliseconds. `python -m services.scheduler.bench` starts its own scheduler
 process and prints the figures as JSON.
@@ -15,7 +15,7 @@ import random
 import socket
 import subprocess
 import sys
-import threading
+import multiprocessing
 import time
 from typing import Any
 
@@ -43,7 +43,8 @@ def measure_dispatch_latency(endpoint: str, instances: int = 64, requests: int =
     """Round-trip dispatch latency (ms) through a live scheduler at `endpoint` with `instances` workers."""
     rng = random.Random(seed)
     ctx = zmq.Context()
-    stop = threading.Event()
+    stop_mp = multiprocessing.get_context("spawn").Event()
+    reporter = None
     workers: list[zmq.Socket] = []
     try:
         for i in range(instances):
@@ -60,18 +61,15 @@ def measure_dispatch_latency(endpoint: str, instances: int = 64, requests: int =
             if not w.poll(5000) or not isinstance(decode(w.recv(), WorkerSchedulerReplies), RegisterReply):
                 raise RuntimeError("registration failed")
 
-        def reporter() -> None:
-            seq = 0
-            while not stop.is_set():
-                seq += 1
-                for i, w in enumerate(workers):
-                    free = rng.randint(0, 1000)
-                    w.send(encode(LoadReport(worker_id=f"bench-w{i}", seq=seq, total_blocks=1000, free_blocks=free,
-                                             num_running=rng.randint(0, 32), num_waiting=rng.randint(0, 2))))
-                stop.wait(report_interval_s)
-
-        thread = threading.Thread(target=reporter, daemon=True)
-        thread.start()
+        # Load reports come from another process: in a thread they would hold the GIL in bursts
+        # (64 encodes + sends every interval) and show up as this loop's latency, not the scheduler's.
+        mp = multiprocessing.get_context("spawn")
+        started = mp.Event()
+        reporter = mp.Process(target=_report_loop, args=(endpoint, instances, report_interval_s, stop_mp, started, seed),
+                              daemon=True)
+        reporter.start()
+        if not started.wait(30):
+            raise RuntimeError("the load reporter process did not start")
         fe = ctx.socket(zmq.DEALER)
         fe.setsockopt(zmq.LINGER, 0)
         fe.connect(endpoint)
@@ -88,15 +86,41 @@ def measure_dispatch_latency(endpoint: str, instances: int = 64, requests: int =
                 raise RuntimeError(f"dispatch failed: {reply}")
             if n >= warmup:
                 times.append(dt * 1000)
-        stop.set()
-        thread.join(5)
+        stop_mp.set()
+        reporter.join(5)
         times.sort()
         return {"instances": instances, "requests": requests, "p50_ms": round(_percentile(times, 0.50), 4),
                 "p99_ms": round(_percentile(times, 0.99), 4),
                 "p999_ms": round(_percentile(times, 0.999), 4), "max_ms": round(times[-1], 4),
                 "mean_ms": round(sum(times) / len(times), 4)}
     finally:
-        stop.set()
+        stop_mp.set()
+        if reporter is not None and reporter.is_alive():
+            reporter.kill()
+        ctx.destroy(linger=0)
+
+
+def _report_loop(endpoint: str, instances: int, interval_s: float, stop, started, seed: int) -> None:  # noqa: ANN001
+    """Child process: every interval, one LoadReport per fake worker (its own sockets)."""
+    rng = random.Random(seed + 1)
+    ctx = zmq.Context()
+    socks = []
+    for i in range(instances):
+        w = ctx.socket(zmq.DEALER)
+        w.setsockopt(zmq.LINGER, 0)
+        w.connect(endpoint)
+        socks.append(w)
+    started.set()
+    seq = 1000  # above the registration's reports
+    try:
+        while not stop.is_set():
+            seq += 1
+            for i, w in enumerate(socks):
+                w.send(encode(LoadReport(worker_id=f"bench-w{i}", seq=seq, total_blocks=1000,
+                                         free_blocks=rng.randint(0, 1000), num_running=rng.randint(0, 32),
+                                         num_waiting=rng.randint(0, 2))))
+            stop.wait(interval_s)
+    finally:
         ctx.destroy(linger=0)
 
 
