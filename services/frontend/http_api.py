@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fastapi import FastAPI, Request
+from msgspec.json import encode as _json_encode
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -46,7 +47,8 @@ class ApiContext:
 
 
 def _dumps(obj: Any) -> str:
-    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+    # msgspec's JSON encoder is several times faster than json.dumps on the per-event SSE path.
+    return _json_encode(obj).decode()
 
 
 async def _disconnected(request: Request) -> None:
