@@ -8,6 +8,7 @@ import torch
 
 from engine.config import ModelConfig
 from engine.kv_cache import KVCache
+from engine.model import paged_decode_cpu
 from engine.model.attention import AttentionMetadata, PrefillChunk
 from engine.model.llama import LlamaForCausalLM
 from engine.sampler import sample
@@ -27,6 +28,8 @@ class ModelRunner:
         self.device = device
         self.kv = KVCache(cfg, num_blocks, block_size, dtype, device)
         self.bytes_per_block = KVCache.bytes_per_block(cfg, block_size, dtype)
+        if self.device.type == "cpu":
+            paged_decode_cpu.available()  # build / load the fused decode kernel now, not in the first step
 
     def execute(self, sched: SchedulerOutput, table: Callable[[str], list[int]]) -> dict[str, int]:
         bs = self.block_size
@@ -47,9 +50,9 @@ class ModelRunner:
             width = max(len(t) for t in tables)
             padded = [t + [0] * (width - len(t)) for t in tables]
             meta.decode_block_tables = torch.tensor(padded, dtype=torch.long, device=self.device)
-            ctx = torch.tensor([p + 1 for p in positions], device=self.device)
-            keys = torch.arange(width * bs, device=self.device)
-            meta.decode_mask = (keys[None, :] < ctx[:, None]).view(len(decodes), 1, 1, width * bs)
+            # The SDPA fallback in attention._decode derives its mask from these lazily.
+            meta.decode_context_lens = torch.tensor([p + 1 for p in positions], dtype=torch.long,
+                                                    device=self.device)
         flat_pos = [torch.tensor(positions, dtype=torch.long)]
         flat_slots = [torch.tensor(slots, dtype=torch.long)]
         q_start = len(decodes)

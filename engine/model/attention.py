@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from engine.model import paged_decode_cpu
+
 
 @dataclass
 class PrefillChunk:
@@ -28,7 +30,8 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor  # [T] flat cache slot of every token
     num_decode: int = 0
     decode_block_tables: torch.Tensor | None = None  # [B, max_blocks]
-    decode_mask: torch.Tensor | None = None  # [B, 1, 1, max_blocks * block_size], True = attend
+    decode_context_lens: torch.Tensor | None = None  # [B] keys each decode attends to (position + 1)
+    decode_mask: torch.Tensor | None = None  # [B, 1, 1, max_blocks * block_size], True = attend; built lazily
     prefills: list[PrefillChunk] = field(default_factory=list)
 
 
@@ -75,6 +78,11 @@ def _gather(cache: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:
 
 
 def _decode(q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, group: int) -> torch.Tensor:
+    if (q.device.type == "cpu" and meta.decode_context_lens is not None
+            and paged_decode_cpu.available()):
+        # Fused kernel: reads K and V straight from the blocks, no gather copy, no mask.
+        return paged_decode_cpu.paged_decode(q, kv_cache, meta.decode_block_tables,
+                                             meta.decode_context_lens, q.shape[-1] ** -0.5)
     b, num_heads, d = q.shape
     kvh = num_heads // group
     # One query token per request: fold the query heads of a KV group into the "query length"
@@ -85,5 +93,8 @@ def _decode(q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, gr
     tables = meta.decode_block_tables
     kv = kv_cache.view(2, nblocks, -1).index_select(1, tables.flatten())
     kv = kv.view(2, b, tables.shape[1] * bs, kvh, d).transpose(2, 3)  # [2, B, KVH, S, D]
+    if meta.decode_mask is None:  # built once per step, shared by the layers
+        keys = torch.arange(tables.shape[1] * bs, device=q.device)
+        meta.decode_mask = (keys[None, :] < meta.decode_context_lens[:, None]).view(b, 1, 1, -1)
     o = F.scaled_dot_product_attention(qd, kv[0], kv[1], attn_mask=meta.decode_mask)
     return o.reshape(b, num_heads, d)
