@@ -22,6 +22,7 @@ requests by `reply_to`).
 from __future__ import annotations
 
 import asyncio
+from collections import deque
 import contextlib
 import logging
 import time
@@ -215,7 +216,25 @@ class MessageSocket:
         """The next valid message. Invalid input is logged (one line) and raised as a ProtocolError
         with `peer` (and `reply_to` when readable) set, so the caller can answer with
         `send_error(exc)` and keep receiving."""
-        parts = await self.raw.recv_multipart(copy=not self.zero_copy)
+        return self._check(await self.raw.recv_multipart(copy=not self.zero_copy))
+
+    async def recv_queued(self, limit: int) -> list[Received | ProtocolError]:
+        """Up to `limit` messages already queued, taken without waiting (each a Received, or the
+        ProtocolError its frames raised)."""
+        out: list[Received | ProtocolError] = []
+        while len(out) < limit:
+            try:
+                # NOBLOCK completes the future at once: no trip through the event loop.
+                parts = await self.raw.recv_multipart(flags=zmq.NOBLOCK, copy=not self.zero_copy)
+            except zmq.Again:
+                break
+            try:
+                out.append(self._check(parts))
+            except ProtocolError as exc:
+                out.append(exc)
+        return out
+
+    def _check(self, parts: list[Any]) -> Received:
         peer = None
         if self.is_router:
             peer = _to_bytes(parts[0])
@@ -387,37 +406,64 @@ class Requester:
 Handler = Callable[[Received], Awaitable[Message | None]]
 
 
-async def serve(sock: MessageSocket, handler: Handler, *, reject_expired: bool = True) -> None:
+async def serve(sock: MessageSocket, handler: Handler, *, reject_expired: bool = True,
+                first: tuple[type, ...] = (), batch: int = 256) -> None:
     """Receive forever, calling `handler` for each valid message; its return value (if any) is
     sent back to the sender. Invalid input, handler exceptions and expired requests become an
     ErrorReply to the sender (ROUTER sockets; other socket types only log). Never returns unless
-    cancelled. Handlers run one at a time: start a task inside for long work."""
+    cancelled. Handlers run one at a time: start a task inside for long work.
+
+    Each wake-up takes every message already queued (up to `batch`); those whose type is in
+    `first` are handled before the rest, so latency-critical requests do not wait behind a burst
+    of bulk traffic (the scheduler's dispatches behind load reports)."""
     can_reply = sock.is_router or sock.raw.type in (zmq.DEALER, zmq.PAIR)
     while True:
         try:
-            rec = await sock.recv()
+            items: list[Received | ProtocolError] = [await sock.recv()]
         except ProtocolError as exc:
-            if sock.is_router:
-                await sock.send_error(exc)
+            items = [exc]
+        items.extend(await sock.recv_queued(batch - 1))
+        if not first:
+            for item in items:
+                await _serve_one(sock, handler, item, reject_expired, can_reply)
             continue
-        msg_id = getattr(rec.msg, "msg_id", None)
-        if reject_expired and expired(rec.msg):
-            log.info("%s: %s %s arrived past its deadline", sock.name, type(rec.msg).__name__, msg_id)
-            if can_reply:
-                await sock.send(ErrorReply(reply_to=msg_id, code=ErrorCode.EXPIRED, message="deadline passed"),
-                                peer=rec.peer, timeout_s=1.0)
-            continue
+        pending = deque(_urgent_first(items, first))
+        while pending:
+            await _serve_one(sock, handler, pending.popleft(), reject_expired, can_reply)
+            if pending and sock.raw.get(zmq.EVENTS) & zmq.POLLIN:
+                # Something arrived while we worked through the batch: an urgent one jumps ahead.
+                pending = deque(_urgent_first([*pending, *await sock.recv_queued(batch)], first))
+
+
+def _urgent_first(items: list[Received | ProtocolError], first: tuple[type, ...]) -> list[Received | ProtocolError]:
+    return sorted(items, key=lambda it: not (isinstance(it, Received) and isinstance(it.msg, first)))
+
+
+async def _serve_one(sock: MessageSocket, handler: Handler, item: Received | ProtocolError,
+                     reject_expired: bool, can_reply: bool) -> None:
+    if isinstance(item, ProtocolError):
+        if sock.is_router:
+            await sock.send_error(item)
+        return
+    rec = item
+    msg_id = getattr(rec.msg, "msg_id", None)
+    if reject_expired and expired(rec.msg):
+        log.info("%s: %s %s arrived past its deadline", sock.name, type(rec.msg).__name__, msg_id)
+        if can_reply:
+            await sock.send(ErrorReply(reply_to=msg_id, code=ErrorCode.EXPIRED, message="deadline passed"),
+                            peer=rec.peer, timeout_s=1.0)
+        return
+    try:
+        reply = await handler(rec)
+    except ProtocolError as exc:
+        reply = error_reply(exc, msg_id)
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the loop keeps serving; the sender learns of it
+        log.exception("%s: handler failed on %s", sock.name, type(rec.msg).__name__)
+        reply = error_reply(exc, msg_id) if isinstance(rec.msg, RequestMessage) else None
+    if reply is not None and can_reply:
         try:
-            reply = await handler(rec)
+            await sock.send(reply, peer=rec.peer, timeout_s=1.0)
         except ProtocolError as exc:
-            reply = error_reply(exc, msg_id)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - the loop keeps serving; the sender learns of it
-            log.exception("%s: handler failed on %s", sock.name, type(rec.msg).__name__)
-            reply = error_reply(exc, msg_id) if isinstance(rec.msg, RequestMessage) else None
-        if reply is not None and can_reply:
-            try:
-                await sock.send(reply, peer=rec.peer, timeout_s=1.0)
-            except ProtocolError as exc:
-                log.warning("%s: could not send %s: %s", sock.name, type(reply).__name__, exc)
+            log.warning("%s: could not send %s: %s", sock.name, type(reply).__name__, exc)

@@ -535,3 +535,33 @@ async def test_frames_through_message_sockets(ctx):
     finally:
         client.close()
         server.close()
+
+
+async def test_serve_handles_urgent_messages_before_a_queued_burst():
+    """serve(first=...) takes everything already queued and handles the urgent types first: the
+    scheduler's dispatches do not wait behind a burst of load reports."""
+    from protocol import Heartbeat, Ping, Pong
+
+    ctx = zmq.asyncio.Context()
+    try:
+        server = MessageSocket.open(ctx, zmq.ROUTER, allowed=(Heartbeat, Ping), name="server")
+        port = server.raw.bind_to_random_port("tcp://127.0.0.1")
+        client = MessageSocket.connect(ctx, zmq.DEALER, f"tcp://127.0.0.1:{port}", allowed=(Pong,))
+        for i in range(50):
+            await client.send(Heartbeat(sender_id="w", role="worker", seq=i))
+        await client.send(Ping(sender_id="urgent"))
+        await asyncio.sleep(0.3)  # all 51 queued before serving starts
+        order: list[str] = []
+
+        async def handler(rec: Received):
+            order.append(type(rec.msg).__name__)
+            return Pong(reply_to=rec.msg.msg_id, sender_id="server") if isinstance(rec.msg, Ping) else None
+
+        task = asyncio.create_task(serve(server, handler, first=(Ping,)))
+        reply = await asyncio.wait_for(client.recv(), 5)
+        assert isinstance(reply.msg, Pong)
+        await asyncio.sleep(0.1)
+        task.cancel()
+        assert order[0] == "Ping" and order.count("Heartbeat") == 50
+    finally:
+        ctx.destroy(linger=0)

@@ -14,6 +14,7 @@ from collections.abc import Callable
 import zmq
 import zmq.asyncio
 
+from protocol import DispatchRequest
 from protocol import SchedulerInbound
 from protocol.sockets import MessageSocket, serve
 from services.config import KvferryConfig
@@ -49,7 +50,7 @@ async def serve_scheduler(cfg: KvferryConfig, on_ready: Callable[[str], None] | 
                 await asyncio.sleep(min(SWEEP_INTERVAL_S, sc.heartbeat_timeout_ms / 4000.0))
                 core.sweep()
 
-        tasks.append(loop.create_task(serve(sock, core.handle), name="scheduler-serve"))
+        tasks.append(loop.create_task(serve(sock, core.handle, first=(DispatchRequest,)), name="scheduler-serve"))
         tasks.append(loop.create_task(sweeper(), name="scheduler-sweep"))
         endpoint = cfg.cluster.scheduler()
         log.info("scheduler.ready", endpoint=endpoint, bind=bind, scheduler_id=sc.scheduler_id, policy=sc.policy,
