@@ -47,7 +47,8 @@ def register(kinds: argparse._SubParsersAction) -> None:
     p.add_argument("--duration", type=float, default=10.0, help="seconds per throughput phase (default: 10)")
     p.add_argument("--concurrency", type=positive_int, default=64,
                    help="concurrent connections of the short-request phase (default: 64)")
-    p.add_argument("--streams", type=positive_int, default=64, help="concurrent streams (default: 64)")
+    p.add_argument("--streams", type=positive_int, default=128,
+                   help="concurrent streams (default: 128; 64 per sim worker keeps the frontend the bottleneck)")
     p.add_argument("--stream-tokens", type=positive_int, default=512, help="max_tokens of each stream (default: 512)")
     p.add_argument("--prompt-len", type=positive_int, default=16, help="prompt token ids per request (default: 16)")
     p.add_argument("--workers", type=positive_int, default=2, help="sim workers (default: 2)")
