@@ -384,35 +384,15 @@ def phase_dispatch(args: argparse.Namespace) -> dict:
 
 # ---- cluster ---------------------------------------------------------------------------------
 
-def _port_free(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def free_ports(workers: int) -> tuple[int, int]:
-    """An HTTP port and a ZeroMQ base port whose scheduler/frontend/worker ports are free."""
-    for _ in range(200):
-        base = random.randrange(20000, 50000, 200)
-        http = base + 190
-        ports = [base, base + 1, base + 2, http] + [base + 100 + k for k in range(2 * workers + 2)]
-        if all(_port_free(p) for p in ports):
-            return http, base
-    raise RuntimeError("no free port range")
-
-
 def make_cluster(args: argparse.Namespace):  # noqa: ANN201 - LocalCluster
     from services.config import load_config
-    from services.launcher import ClusterSpec, LocalCluster
+    from services.launcher import ClusterSpec, LocalCluster, free_ports
 
     http, base = free_ports(args.workers)
     seqs = max(args.streams, args.concurrency) + 64

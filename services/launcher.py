@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import ctypes
 import os
+import random
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -28,6 +30,27 @@ def _die_with_parent() -> None:  # runs in the child between fork and exec
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
     except OSError:
         pass
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def free_ports(workers: int) -> tuple[int, int]:
+    """An HTTP port and a ZeroMQ base port whose scheduler, frontend and worker ports (the layout
+    of protocol.ClusterAddresses) are free on 127.0.0.1: for tests and benchmarks."""
+    for _ in range(200):
+        base = random.randrange(20000, 50000, 200)
+        http = base + 190
+        ports = [base, base + 1, base + 2, http] + [base + 100 + k for k in range(2 * workers + 2)]
+        if all(_port_free(p) for p in ports):
+            return http, base
+    raise RuntimeError("no free port range")
 
 
 class LaunchError(RuntimeError):

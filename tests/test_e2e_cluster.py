@@ -6,8 +6,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import random
-import socket
 import subprocess
 import sys
 import time
@@ -18,34 +16,15 @@ import pytest
 
 from sdk import AsyncClient
 from services.config import load_config
-from services.launcher import ClusterSpec, LocalCluster
+from services.launcher import ClusterSpec, LocalCluster, free_ports
 
 MODEL = "tiny"
 PROMPT = "Once upon a time"
 
 
-def _port_free(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
-def free_ports() -> tuple[int, int]:
-    """An HTTP port and a ZeroMQ base port whose scheduler/frontend/worker ports are free."""
-    for _ in range(100):
-        base = random.randrange(20000, 30000, 200)
-        http = base + 190
-        if all(_port_free(p) for p in (base, base + 1, base + 2, base + 100, base + 101, base + 102, base + 103, http)):
-            return http, base
-    raise RuntimeError("no free port range")
-
-
 @pytest.fixture(scope="module")
 def cluster():
-    http, base = free_ports()
+    http, base = free_ports(2)
     cfg = load_config(env={}, overrides={
         "cluster": {"http_port": http, "base_port": base},
         "worker": {"engine": "torch", "model": MODEL, "dtype": "float32", "num_blocks": 512, "max_num_seqs": 64},

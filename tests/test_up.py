@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from tests.test_e2e_cluster import free_ports
+from services.launcher import free_ports
 
 
 def children_of(pid: int) -> list[int]:
@@ -56,7 +56,7 @@ def wait_gone(pids: list[int], timeout_s: float = 15.0) -> None:
 
 
 def test_sigterm_stops_every_service():
-    http, base = free_ports()
+    http, base = free_ports(2)
     proc, kids = start_up(http, base)
     try:
         proc.send_signal(signal.SIGTERM)
@@ -67,7 +67,7 @@ def test_sigterm_stops_every_service():
 
 
 def test_a_child_dying_first_stops_the_cluster():
-    http, base = free_ports()
+    http, base = free_ports(2)
     proc, kids = start_up(http, base)
     try:
         os.kill(kids[1], signal.SIGKILL)  # a worker dies
