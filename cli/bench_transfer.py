@@ -135,7 +135,7 @@ def source_proc(path: str, ctrl_addr: str, data_addr: str, num_blocks: int, dtyp
 
 
 def dest_proc(path: str, ctrl_addr: str, data_addr: str, num_blocks: int, dtype: torch.dtype,
-              src_seed: int | None, transfers: list[tuple[list[int], list[int]]], verify: bool,
+              src_seed: int | None, transfers: list[tuple[list[int], list[int]]], reps: int, verify: bool,
               results: Any) -> None:
     """Spawned destination: write every chunk into its own cache; with `verify`, after each
     transfer's last chunk, check the blocks against the source's (regenerated from its seed)."""
@@ -182,7 +182,7 @@ def dest_proc(path: str, ctrl_addr: str, data_addr: str, num_blocks: int, dtype:
                     _ctrl_send(ctrl, b"ack", header.seq)
                 if header is not None and header.last:
                     if verify:
-                        src, dst = transfers[t_index % len(transfers)]
+                        src, dst = transfers[t_index // reps]
                         good = torch.equal(cache[:, :, dst].view(torch.uint8), expected[:, :, src].view(torch.uint8))
                         others = sorted(set(range(num_blocks)) - set(dst))
                         good = good and not cache[:, :, others].view(torch.uint8).any().item()
@@ -217,7 +217,7 @@ def run_pair(path: str, num_blocks: int, dtype: torch.dtype, transfers: list[tup
     src = ctx.Process(target=source_proc, args=(kind, ctrl_addr, data_addr, num_blocks, dtype, seed, transfers,
                                                 reps, opts or {}, results), daemon=True)
     dst = ctx.Process(target=dest_proc, args=(kind, ctrl_addr, data_addr, num_blocks, dtype, seed,
-                                              transfers, verify, results), daemon=True)
+                                              transfers, reps, verify, results), daemon=True)
     src.start()
     dst.start()
     got: dict[str, Any] = {}

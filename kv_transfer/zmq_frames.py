@@ -59,7 +59,7 @@ class FramesSender(KVSender):
             pending = [t for t in self._trackers if t is not None]
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
             try:
-                pending[0].wait(left if left is None else min(left, 0.05))
+                pending[0].wait(-1 if left is None else min(left, 0.05))
             except zmq.NotDone:
                 if deadline is not None and time.monotonic() >= deadline:
                     return False
@@ -97,7 +97,7 @@ class FramesSender(KVSender):
             if t is not None:
                 left = None if deadline is None else max(0.0, deadline - time.monotonic())
                 try:
-                    t.wait(left)
+                    t.wait(-1 if left is None else left)
                 except zmq.NotDone:
                     return False
         return True
