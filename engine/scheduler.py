@@ -159,9 +159,9 @@ class Scheduler:
             return
         head = self.waiting[0]
         need = blocks_for(head.num_tokens, self.blocks.block_size) + self.blocks.watermark_blocks
-        victims = sorted((r for r in self.running if r.priority > head.priority), key=Request.sort_key)
         if self.blocks.num_free >= need and len(self.running) < self.config.max_num_seqs:
-            return
+            return  # room enough: no need to look for victims (this runs every step something waits)
+        victims = sorted((r for r in self.running if r.priority > head.priority), key=Request.sort_key)
         while victims and (self.blocks.num_free < need or len(self.running) >= self.config.max_num_seqs):
             victim = victims.pop()
             self._preempt(victim)
