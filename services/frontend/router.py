@@ -94,7 +94,9 @@ class Router:
         self.known: dict[str, KnownWorker] = {}
         self.scheduler_ok: bool | None = None
         self.on_dispatch = on_dispatch
-        self._tombstones: dict[str, float] = {}
+        # Aborted requests: expiry time and the owners already told, so late tokens or a move
+        # re-send the abort only to an owner that has not had it.
+        self._tombstones: dict[str, tuple[float, set[str]]] = {}
         self._workers: dict[str, Requester] = {}
         self._tasks: list[asyncio.Task] = []
         self._bg: set[asyncio.Task] = set()
@@ -218,8 +220,15 @@ class Router:
         address = worker_address or (stream.worker_address if stream else None)
         if stream is not None:
             stream.fail("abort", reason)
-        self._tombstones[request_id] = time.monotonic() + TOMBSTONE_S
+        self._tombstones[request_id] = (time.monotonic() + TOMBSTONE_S, set())
         if address is not None:
+            self._abort_at(request_id, address, reason)
+
+    def _abort_at(self, request_id: str, address: str, reason: str) -> None:
+        """Send the abort to `address` unless it was already told about this request."""
+        _, told = self._tombstones[request_id]
+        if address not in told:
+            told.add(address)
             self._spawn(self._send_abort(request_id, address, reason))
 
     async def _send_abort(self, request_id: str, address: str, reason: str) -> None:
@@ -258,9 +267,8 @@ class Router:
         if stream is None:
             if b.request_id in self._tombstones and not b.finished:
                 worker = self.known.get(b.worker_id)
-                if worker is not None:  # it still runs somewhere: abort it there (again)
-                    self._tombstones[b.request_id] = time.monotonic() + TOMBSTONE_S
-                    self._spawn(self._send_abort(b.request_id, worker.address, "aborted by the frontend"))
+                if worker is not None:  # it still runs somewhere: abort it there, if not yet told
+                    self._abort_at(b.request_id, worker.address, "aborted by the frontend")
             return
         stream.accept(b)
 
@@ -271,7 +279,7 @@ class Router:
             stream.worker_id, stream.worker_address = m.worker_id, m.control_endpoint
             log.info("request.moved", request_id=m.request_id, worker_id=m.worker_id, next_index=m.next_index)
         elif m.request_id in self._tombstones:
-            self._spawn(self._send_abort(m.request_id, m.control_endpoint, "aborted by the frontend"))
+            self._abort_at(m.request_id, m.control_endpoint, "aborted by the frontend")
 
     # ---- background ------------------------------------------------------------------------------
 
@@ -291,7 +299,7 @@ class Router:
             except ProtocolError as exc:
                 log.warning("frontend.status_failed", error=str(exc))
             now = time.monotonic()
-            for rid in [r for r, t in self._tombstones.items() if t < now]:
+            for rid in [r for r, (t, _) in self._tombstones.items() if t < now]:
                 del self._tombstones[rid]
             await asyncio.sleep(STATUS_INTERVAL_S)
 
