@@ -1,12 +1,17 @@
-"""`kvferry ctl`: ask the running scheduler about the cluster, or tell it to drain an instance.
+"""`kvferry ctl`: ask the running scheduler about the cluster, or tell it to move requests around.
 
-    kvferry ctl status [--json]      every instance and every request with its instance
-    kvferry ctl drain ID             stop dispatching to instance ID (the worker is told to drain)
-    kvferry ctl undrain ID           dispatch to it again
+    kvferry ctl status [--json]                  every instance and every request with its instance
+    kvferry ctl migrate REQUEST --to ID [--wait S]
+                                                 live-migrate a running request to instance ID; with
+                                                 --wait, until the request is listed on ID
+    kvferry ctl drain ID [--wait S]              stop dispatching to instance ID and migrate its requests
+                                                 off (the worker is told to drain); with --wait, until
+                                                 it reports no requests
+    kvferry ctl undrain ID                       dispatch to it again (stops the drain migrations)
 
 The scheduler is found at --scheduler ENDPOINT, else from --base-port / --config / KVFERRY_*.
-Exit status: 0 done; 1 the scheduler refused (unknown instance, ...); 2 no answer or bad usage
-(`error: ...` on stderr).
+Exit status: 0 done; 1 the scheduler or the worker refused (unknown instance or request, busy,
+incompatible instances, ...), or --wait ran out; 2 no answer or bad usage (`error: ...` on stderr).
 """
 
 from __future__ import annotations
@@ -16,21 +21,25 @@ import json
 import math
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
+
+WAIT_POLL_S = 0.1  # --wait polls the scheduler's status this often
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("ctl", help="inspect and steer a running cluster (status, drain, undrain)",
-                       description="Talk to the running scheduler: show the cluster, drain or undrain an instance.")
+    p = sub.add_parser("ctl", help="inspect and steer a running cluster (status, migrate, drain, undrain)",
+                       description="Talk to the running scheduler: show the cluster, migrate a request, drain "
+                                   "or undrain an instance.")
     ctl = p.add_subparsers(dest="ctl_command", metavar="ACTION", title="actions")
     ctl.required = True
 
-    def common(q: argparse.ArgumentParser) -> None:
+    def common(q: argparse.ArgumentParser, timeout_s: float = 2.0) -> None:
         q.add_argument("--scheduler", metavar="ENDPOINT", help="the scheduler's endpoint, e.g. tcp://127.0.0.1:17100")
         q.add_argument("--base-port", type=int, metavar="P", help="cluster base port (the scheduler is at P)")
         q.add_argument("--config", metavar="FILE", help="TOML config file ([cluster] section)")
-        q.add_argument("--timeout", type=float, default=2.0, metavar="S",
-                       help="seconds to wait for the scheduler (default: 2)")
+        q.add_argument("--timeout", type=float, default=timeout_s, metavar="S",
+                       help=f"seconds to wait for the scheduler's answer (default: {timeout_s:g})")
 
     s = ctl.add_parser("status", help="every instance and request", description="Show every instance (blocks, "
                        "running, waiting, freeness, alive, draining) and every request with its instance.")
@@ -38,10 +47,23 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "(infinite freeness as the strings \"inf\" / \"-inf\")")
     common(s)
     s.set_defaults(func=run_status)
-    for name, helptext in (("drain", "stop dispatching to an instance and tell its worker to drain"),
+    m = ctl.add_parser("migrate", help="live-migrate a running request to another instance",
+                       description="Move a running request, with its KV cache, to instance ID while it keeps "
+                                   "generating. Prints `<migration id>: <request> <source> -> <destination>` "
+                                   "once the source worker has started the migration.")
+    m.add_argument("request", metavar="REQUEST_ID", help="the request id, as `kvferry ctl status` shows it")
+    m.add_argument("--to", required=True, metavar="ID", dest="instance", help="the destination instance")
+    m.add_argument("--wait", type=float, metavar="S", help="then wait up to S seconds until the request is "
+                   "listed on ID (exit 1 if not)")
+    common(m, timeout_s=5.0)
+    m.set_defaults(func=run_migrate)
+    for name, helptext in (("drain", "stop dispatching to an instance and migrate its requests off"),
                            ("undrain", "dispatch to a drained instance again")):
         d = ctl.add_parser(name, help=helptext, description=helptext[0].upper() + helptext[1:] + ".")
         d.add_argument("instance", metavar="ID", help="the instance (worker) id, as `kvferry ctl status` shows it")
+        if name == "drain":
+            d.add_argument("--wait", type=float, metavar="S", help="then wait up to S seconds until the instance "
+                           "reports no requests (exit 1 if not)")
         common(d)
         d.set_defaults(func=run_drain, draining=name == "drain")
 
@@ -66,6 +88,15 @@ def _endpoint(args: argparse.Namespace) -> str:
 
 def _ask(args: argparse.Namespace, msg: Any) -> Any:
     """Send `msg` to the scheduler and return its reply (bounded by --timeout)."""
+    async def one(ask: Callable[[Any], Awaitable[Any]]) -> Any:
+        return await ask(msg)
+
+    return _session(args, one)
+
+
+def _session(args: argparse.Namespace, body: Callable[[Callable[[Any], Awaitable[Any]]], Awaitable[Any]]) -> Any:
+    """Run `body(ask)` over one connection to the scheduler; `ask(msg)` returns the reply to `msg`
+    (each bounded by --timeout). Failures become _Failed with the exit status to use."""
     import asyncio
 
     import zmq
@@ -84,7 +115,7 @@ def _ask(args: argparse.Namespace, msg: Any) -> Any:
         try:
             sock = MessageSocket.connect(ctx, zmq.DEALER, endpoint, SchedulerReplies)
             try:
-                return await request(sock, msg, timeout_s=args.timeout)
+                return await body(lambda msg: request(sock, msg, timeout_s=args.timeout))
             finally:
                 sock.close()
         finally:
@@ -98,6 +129,26 @@ def _ask(args: argparse.Namespace, msg: Any) -> Any:
         raise _Failed(f"the scheduler refused: {exc}", 1) from None
     except zmq.ZMQError as exc:
         raise _Failed(f"cannot reach the scheduler at {endpoint}: {exc}", 2) from None
+
+
+async def _wait_until(ask: Callable[[Any], Awaitable[Any]], include_requests: bool, wait_s: float,
+                      done: Callable[[Any], str | None], what: str) -> str:
+    """Poll StatusRequest until `done(reply)` returns a message (returned), or raise _Failed(1)
+    after `wait_s` seconds; the message then says `what` was not reached."""
+    import asyncio
+
+    from protocol import StatusRequest
+
+    deadline = time.monotonic() + wait_s
+    while True:
+        reply = await ask(StatusRequest(include_requests=include_requests))
+        message = done(reply)
+        if message is not None:
+            return message
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise _Failed(f"{what} within {wait_s:g} s", 1)
+        await asyncio.sleep(min(WAIT_POLL_S, left))
 
 
 def _fail(exc: _Failed) -> int:
@@ -181,20 +232,86 @@ def run_status(args: argparse.Namespace) -> int:
 
 # ---- drain / undrain -----------------------------------------------------------------------------
 
-def run_drain(args: argparse.Namespace) -> int:
-    from protocol import DrainInstance, UndrainInstance
+def _valid(msg: Any, what: str) -> bool:
+    """Validate locally: an id the protocol rejects (spaces, too long, ...) is a usage error."""
     from protocol.codec import validate
     from protocol.errors import ProtocolError
 
-    msg = (DrainInstance if args.draining else UndrainInstance)(worker_id=args.instance)
     try:
         validate(msg)
-    except ProtocolError as exc:  # an id the protocol rejects (spaces, too long, ...)
-        print(f"error: invalid instance id {args.instance!r}: {exc}", file=sys.stderr)
+    except ProtocolError as exc:
+        print(f"error: invalid {what}: {exc}", file=sys.stderr)
+        return False
+    return True
+
+
+def _bad_wait(args: argparse.Namespace) -> bool:
+    if getattr(args, "wait", None) is not None and not args.wait > 0:
+        print("error: --wait must be positive", file=sys.stderr)
+        return True
+    return False
+
+
+def run_drain(args: argparse.Namespace) -> int:
+    from protocol import DrainInstance, UndrainInstance
+
+    msg = (DrainInstance if args.draining else UndrainInstance)(worker_id=args.instance)
+    if not _valid(msg, f"instance id {args.instance!r}") or _bad_wait(args):
         return 2
+    wait_s = getattr(args, "wait", None)
+
+    def drained(reply: Any) -> str | None:
+        inst = next((i for i in reply.instances if i.worker_id == args.instance), None)
+        if inst is None:
+            return f"{args.instance}: left the cluster"
+        if not inst.alive:
+            raise _Failed(f"{args.instance} died with {inst.num_running + inst.num_waiting} requests on it", 1)
+        if inst.num_running == 0 and inst.num_waiting == 0:
+            return f"{args.instance}: drained (no requests)"
+        return None
+
+    async def body(ask: Callable[[Any], Awaitable[Any]]) -> None:
+        reply = await ask(msg)
+        print(reply.detail or ("draining" if args.draining else "undrained"), flush=True)
+        if wait_s is not None:
+            print(await _wait_until(ask, False, wait_s, drained, f"{args.instance} still had requests"))
+
     try:
-        reply = _ask(args, msg)
+        _session(args, body)
     except _Failed as exc:
         return _fail(exc)
-    print(reply.detail or ("draining" if args.draining else "undrained"))
+    return 0
+
+
+# ---- migrate -------------------------------------------------------------------------------------
+
+def run_migrate(args: argparse.Namespace) -> int:
+    from protocol import MigrateRequestTo
+
+    msg = MigrateRequestTo(request_id=args.request, dst_worker_id=args.instance)
+    if not _valid(msg, "request or instance id") or _bad_wait(args):
+        return 2
+    last_seen: list[str] = []  # where the request was at the latest poll
+
+    def arrived(reply: Any) -> str | None:
+        where = [r.worker_id for r in reply.requests if r.request_id == args.request]
+        last_seen[:] = where
+        return f"{args.request} is on {args.instance}" if args.instance in where else None
+
+    async def body(ask: Callable[[Any], Awaitable[Any]]) -> None:
+        reply = await ask(msg)
+        print(reply.detail, flush=True)
+        if args.wait is not None:
+            try:
+                print(await _wait_until(ask, True, args.wait, arrived, f"{args.request} did not reach {args.instance}"))
+            except _Failed as exc:
+                if exc.status == 1:
+                    where = ", ".join(last_seen) if last_seen else "no instance (finished or aborted?)"
+                    raise _Failed(f"{exc}; it is listed on {where}", 1) from None
+                raise
+
+    try:
+        _session(args, body)
+    except _Failed as exc:
+        return _fail(exc)
     return 0

@@ -30,6 +30,10 @@ class SchedulerConfig:
     heartbeat_interval_ms: int = 500
     heartbeat_timeout_ms: int = 2000  # a worker silent this long is removed from dispatch
     report_interval_ms: int = 50  # workers report load at most this often
+    migration_interval_ms: int = 100  # the migration round (drain) runs this often
+    max_migrations_per_instance: int = 1  # in flight out of, and into, each instance
+    migration_ack_timeout_ms: int = 2000  # a source must accept or refuse a MigrateCommand within this
+    migration_timeout_ms: int = 60_000  # an accepted migration with no MigrationResult by then is forgotten
 
 
 @dataclass

@@ -293,7 +293,7 @@ def test_core_dispatch_counts_requests_since_the_last_report():
     st = handle(StatusRequest())
     assert [i.worker_id for i in st.instances] == ["w0", "w1", "w2"] and st.policy == "load"
     assert handle(DrainInstance(worker_id="nope")).code == "not_found"
-    assert handle(MigrateRequestTo(request_id="r1", dst_worker_id="w0")).code == "refused"
+    assert handle(MigrateRequestTo(request_id="r1", dst_worker_id="w0")).code == "not_found"  # on no instance
     clock[0] = 1.9  # timeout 2 s: a worker's Ping keeps it alive, like a Heartbeat
     assert isinstance(handle(Ping(sender_id="w0")), Pong)
     clock[0] = 2.5
@@ -447,7 +447,7 @@ def test_drain_stops_dispatch_and_forwards_to_the_worker(sched, ctx):
     assert isinstance(fe.ask(UndrainInstance(worker_id="w0")), Ack)
     assert dispatch(fe, "y").worker_id == "w0"
     assert fe.ask(DrainInstance(worker_id="nobody")).code == "not_found"
-    assert fe.ask(MigrateRequestTo(request_id="x", dst_worker_id="w1")).code == "refused"
+    assert fe.ask(MigrateRequestTo(request_id="x", dst_worker_id="w1")).code == "not_found"  # no report lists x
     control.close(linger=0)
 
 

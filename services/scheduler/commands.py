@@ -3,21 +3,24 @@
 The worker's control ROUTER accepts Ping (→ Pong), Drain, MigrateCommand, CancelMigration and
 Shutdown (protocol.to_worker.WorkerControlInbound). Over this channel the scheduler sends its own
 heartbeat, a `Ping(sender_id=<scheduler_id>)` every heartbeat interval, so a worker can tell the
-scheduler is alive, and forwards drain commands. Every send and wait is bounded; a worker that is
-not reachable only costs timeouts (ZMQ_IMMEDIATE: nothing queues up for an absent peer).
+scheduler is alive, forwards drain commands, and sends migration commands (`ask`). Every send
+and wait is bounded; a worker that is not reachable only costs timeouts (ZMQ_IMMEDIATE: nothing
+queues up for an absent peer).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
+from typing import Any
 
 import zmq
 import zmq.asyncio
 
 from protocol import Ack, Drain, ErrorReply, Ping, Pong
+from protocol.base import Message, RequestMessage
 from protocol.errors import ProtocolError
 from protocol.sockets import MessageSocket, Requester, configure_socket
 from services.log import get_logger
@@ -106,6 +109,29 @@ class CommandChannels:
         task = asyncio.get_running_loop().create_task(forward())
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    async def ask(self, worker_id: str, msg: RequestMessage, timeout_s: float) -> Message:
+        """Send `msg` to the worker and return its reply (an ErrorReply is returned, not raised).
+        Raises RequestTimeout when it does not answer within `timeout_s`, KeyError without a channel."""
+        ch = self._channels.get(worker_id)
+        if ch is None:
+            raise KeyError(worker_id)
+        return await ch.requester.request(msg, timeout_s, raise_errors=False)
+
+    def spawn(self, coro: Coroutine[Any, Any, None], name: str = "") -> asyncio.Task[None]:
+        """Run `coro` in the background; `aclose` cancels it. Exceptions are logged, not raised."""
+        async def guarded() -> None:
+            try:
+                await coro
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001 - one failed command must not go unnoticed, nor kill anything
+                log.exception("command.task_failed", task=name)
+
+        task = asyncio.get_running_loop().create_task(guarded(), name=name or None)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
 
     def __contains__(self, worker_id: str) -> bool:
         return worker_id in self._channels

@@ -1,8 +1,9 @@
 """The scheduler's message handlers: one method per SchedulerInbound type.
 
 `SchedulerCore.handle(received)` returns the reply (or None for one-way messages that need
-none); protocol.sockets.serve sends it back to the sender. Handlers never block: forwarding a
-command to a worker runs as a background task (services.scheduler.commands).
+none, or whose reply a background task sends later); protocol.sockets.serve sends it back to the
+sender. Handlers never block: forwarding a command to a worker runs as a background task
+(services.scheduler.commands).
 
 Conventions other services follow:
 - A LoadReport or Heartbeat from a worker the scheduler does not know (never registered, or
@@ -11,6 +12,8 @@ Conventions other services follow:
   the worker then sends RegisterWorker again (registering is idempotent).
 - Dispatch answers `ErrorReply(code="unavailable")` when no live, non-draining, non-full worker
   can take the request.
+- MigrateRequestTo is answered later, from a background task, once the source worker has accepted
+  (Ack) or refused (ErrorReply) the MigrateCommand; invalid requests at once (services.scheduler.migrator).
 """
 
 from __future__ import annotations
@@ -53,6 +56,7 @@ from policy.dispatch import POLICIES
 from services.config import SchedulerConfig
 from services.log import get_logger
 from services.scheduler.commands import CommandChannels
+from services.scheduler.migrator import Migrator
 from services.scheduler.registry import Registry, ReportOutcome, WorkerRecord
 
 log = get_logger("kvferry.scheduler")
@@ -67,8 +71,11 @@ class SchedulerCore:
                  clock: Callable[[], float] = time.monotonic) -> None:
         if cfg.policy not in POLICIES:
             raise ValueError(f"unknown dispatch policy {cfg.policy!r} (known: {', '.join(POLICIES)})")
-        if cfg.heartbeat_interval_ms <= 0 or cfg.heartbeat_timeout_ms <= 0 or cfg.report_interval_ms <= 0:
+        if min(cfg.heartbeat_interval_ms, cfg.heartbeat_timeout_ms, cfg.report_interval_ms, cfg.migration_interval_ms,
+               cfg.migration_ack_timeout_ms, cfg.migration_timeout_ms) <= 0:
             raise ValueError("scheduler intervals and timeouts must be positive")
+        if cfg.max_migrations_per_instance < 0:
+            raise ValueError("max_migrations_per_instance must be 0 (no drain migrations) or more")
         self.cfg = cfg
         self.scheduler_id = cfg.scheduler_id
         self.policy = cfg.policy
@@ -76,6 +83,7 @@ class SchedulerCore:
         self.state = DispatchState()
         self.commands = commands
         self.clock = clock
+        self.migrator = Migrator(cfg, self.registry, commands, clock)
         self._unknown_logged: dict[str, float] = {}
         self._handlers: dict[type, Callable[[Received], Any]] = {
             RegisterWorker: self.on_register,
@@ -167,10 +175,7 @@ class SchedulerCore:
 
     def on_migration_result(self, rec: Received) -> None:
         m: MigrationResult = rec.msg
-        log.info("migration.result", migration_id=m.migration_id, request_id=m.request_id,
-                 src_worker_id=m.src_worker_id, dst_worker_id=m.dst_worker_id, outcome=m.outcome,
-                 reason=m.reason, stages=m.stages, blocks=m.blocks, bytes_moved=m.bytes_moved,
-                 downtime_ms=m.downtime_ms)
+        self.migrator.on_result(m)
         return None
 
     def on_pong(self, worker_id: str) -> None:
@@ -259,12 +264,14 @@ class SchedulerCore:
     def on_undrain(self, rec: Received) -> Message:
         return self._set_draining(rec.msg.msg_id, rec.msg.worker_id, False)
 
-    def on_migrate_request(self, rec: Received) -> Message:
-        msg: MigrateRequestTo = rec.msg
-        log.info("migration.refused", request_id=msg.request_id, dst_worker_id=msg.dst_worker_id,
-                 reason="not available in this version")
-        return ErrorReply(reply_to=msg.msg_id, code=ErrorCode.REFUSED,
-                          message="live migration is not available in this version")
+    def on_migrate_request(self, rec: Received) -> Message | None:
+        """An ErrorReply at once, or None: the Ack (or the source's refusal) is sent later, when the
+        source worker has answered (services.scheduler.migrator)."""
+        return self.migrator.on_ctl(rec.msg, rec.peer)
+
+    def migration_round(self) -> None:
+        """Called on a timer (`migration_interval_ms`): move requests off draining instances."""
+        self.migrator.round()
 
     def on_ping(self, rec: Received) -> Message:
         """Pong to anyone (ctl, frontends, workers); a live worker's Ping also counts as heard from it."""

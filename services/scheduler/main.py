@@ -16,6 +16,7 @@ import zmq.asyncio
 
 from protocol import DispatchRequest
 from protocol import SchedulerInbound
+from protocol.base import Message
 from protocol.sockets import MessageSocket, serve
 from services.config import KvferryConfig
 from services.log import get_logger
@@ -44,18 +45,32 @@ async def serve_scheduler(cfg: KvferryConfig, on_ready: Callable[[str], None] | 
     bind = cfg.cluster.scheduler_bind()
     sock = MessageSocket.bind(ctx, zmq.ROUTER, bind, SchedulerInbound, hwm=100_000, name="scheduler")
     tasks: list[asyncio.Task[None]] = []
+
+    async def send_later(peer: bytes | None, msg: Message) -> None:
+        # Replies that wait for a worker (ctl migrate) go out from background tasks; a ROUTER
+        # send never blocks, so this interleaves safely with the serve loop's replies.
+        await sock.send(msg, peer=peer, timeout_s=1.0)
+
+    core.migrator.send = send_later
     try:
         async def sweeper() -> None:
             while True:
                 await asyncio.sleep(min(SWEEP_INTERVAL_S, sc.heartbeat_timeout_ms / 4000.0))
                 core.sweep()
 
+        async def migration_rounds() -> None:
+            while True:
+                await asyncio.sleep(sc.migration_interval_ms / 1000.0)
+                core.migration_round()
+
         tasks.append(loop.create_task(serve(sock, core.handle, first=(DispatchRequest,)), name="scheduler-serve"))
         tasks.append(loop.create_task(sweeper(), name="scheduler-sweep"))
+        tasks.append(loop.create_task(migration_rounds(), name="scheduler-migration"))
         endpoint = cfg.cluster.scheduler()
         log.info("scheduler.ready", endpoint=endpoint, bind=bind, scheduler_id=sc.scheduler_id, policy=sc.policy,
                  heartbeat_interval_ms=sc.heartbeat_interval_ms, heartbeat_timeout_ms=sc.heartbeat_timeout_ms,
-                 report_interval_ms=sc.report_interval_ms)
+                 report_interval_ms=sc.report_interval_ms, migration_interval_ms=sc.migration_interval_ms,
+                 max_migrations_per_instance=sc.max_migrations_per_instance)
         if on_ready is not None:
             on_ready(endpoint)
         stopped = loop.create_task(stop.wait())

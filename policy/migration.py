@@ -1,0 +1,106 @@
+"""Migration planning (DESIGN §3): which running requests move where, from load snapshots alone.
+
+Pure code, no I/O and no clock, so the live scheduler and the offline simulator run the same plan.
+
+Today the sources are the draining instances (DESIGN §3: a draining instance counts as infinitely
+loaded, so everything moves off it). Each source is paired with the freest live, non-draining,
+compatible destination that has room for the request, counting what this round already sent
+there. A later change adds load balancing (sources below a freeness threshold, destinations
+above it) by widening `migration_sources`.
+
+Only running requests are planned: a queued request holds no KV to move and runs on its draining
+instance in time (it is then moved like the others).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import Counter
+from collections.abc import Collection, Hashable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+from policy.freeness import freeness
+from policy.snapshot import InstanceLoad, RequestLoad
+
+
+@dataclass(frozen=True)
+class PlannedMigration:
+    """Move `request_id` (None: the source picks) from instance `src` to instance `dst`."""
+
+    src: str
+    dst: str
+    request_id: str | None
+    reason: str = "drain"
+
+
+def migration_victim(requests: Iterable[RequestLoad], exclude: Collection[str] = ()) -> RequestLoad | None:
+    """The request a source gives up first: the lowest priority (the largest priority number, since
+    lower numbers are served first), then the shortest context (the cheapest to move), then by id."""
+    cands = [r for r in requests if r.running and r.request_id not in exclude]
+    return min(cands, key=lambda r: (-r.priority, r.num_tokens, r.request_id), default=None)
+
+
+def migration_sources(instances: Iterable[InstanceLoad]) -> list[InstanceLoad]:
+    """Instances to move requests off, most running requests first (ties by id)."""
+    srcs = [i for i in instances if i.alive and i.draining and i.num_running > 0]
+    return sorted(srcs, key=lambda i: (-i.num_running, i.instance_id))
+
+
+def compatible(layouts: Mapping[str, Hashable] | None, a: str, b: str) -> bool:
+    """Two instances can exchange KV blocks only with equal layouts (block size, bytes per block,
+    engine); `layouts` None means all are compatible. An instance without a layout pairs with none."""
+    if layouts is None:
+        return True
+    la = layouts.get(a)
+    return la is not None and la == layouts.get(b)
+
+
+def plan_migrations(instances: Sequence[InstanceLoad], in_flight: Iterable[tuple[str, str]] = (), *,
+                    max_per_instance: int = 1, layouts: Mapping[str, Hashable] | None = None,
+                    busy_requests: Collection[str] = ()) -> list[PlannedMigration]:
+    """The migrations to start now.
+
+    `in_flight`: the (src, dst) pair of every migration not yet finished (repeats count); at most
+    `max_per_instance` migrations go out of, and at most that many into, each instance.
+    `layouts`: instance id → KV layout key (see `compatible`). `busy_requests`: request ids not to
+    plan (already migrating, or just moved and the source has not reported since).
+    A source's request is named when its snapshot lists requests, else left to the source (None).
+    """
+    if max_per_instance <= 0:
+        return []
+    out_n: Counter[str] = Counter()
+    in_n: Counter[str] = Counter()
+    for src, dst in in_flight:
+        out_n[src] += 1
+        in_n[dst] += 1
+    dests = {i.instance_id: i for i in instances if i.alive and not i.draining}
+    taken = set(busy_requests)
+    plans: list[PlannedMigration] = []
+    for src in migration_sources(instances):
+        sid = src.instance_id
+        while out_n[sid] < max_per_instance:
+            victim = migration_victim(src.requests, taken) if src.requests else None
+            if src.requests and victim is None:
+                break  # every running request listed is already on its way
+            need = victim.num_blocks if victim is not None else 0
+            dst = _freest(dests.values(), sid, in_n, max_per_instance, layouts, need)
+            if dst is None:
+                break
+            plans.append(PlannedMigration(sid, dst.instance_id, victim.request_id if victim else None))
+            out_n[sid] += 1
+            in_n[dst.instance_id] += 1
+            if victim is not None:
+                taken.add(victim.request_id)
+            # Count the request on its destination now: the next pick sees it as less free.
+            dests[dst.instance_id] = dataclasses.replace(
+                dst, free_blocks=max(0, dst.free_blocks - need), num_running=dst.num_running + 1)
+    return plans
+
+
+def _freest(cands: Iterable[InstanceLoad], src: str, in_n: Counter[str], limit: int,
+            layouts: Mapping[str, Hashable] | None, need_blocks: int) -> InstanceLoad | None:
+    ok = [d for d in cands
+          if d.instance_id != src and in_n[d.instance_id] < limit and not d.full
+          and d.free_blocks >= need_blocks and compatible(layouts, src, d.instance_id)]
+    # max() keeps the first of equals: ties go to the lowest id (deterministic).
+    return max(sorted(ok, key=lambda d: d.instance_id), key=freeness, default=None)
