@@ -34,6 +34,18 @@ class RequestLoad:
     num_blocks: int
 
 
+@dataclass(frozen=True)
+class MigrationView:
+    """What a migration source needs to know about a request between two steps."""
+
+    status: str
+    num_tokens: int
+    num_computed_tokens: int
+    num_preemptions: int
+    priority: int
+    block_table: tuple[int, ...]
+
+
 @dataclass
 class EngineStats:
     """A load snapshot of the instance, the input of the scheduling policy."""
@@ -206,6 +218,21 @@ class LLMEngine:
         if req is None:
             raise MigrationError(f"no live request {request_id!r}")
         return req
+
+    @property
+    def kv_tensor(self) -> torch.Tensor | None:
+        """The KV cache [layers, 2, blocks, block_size, kv_heads, head_dim]; None for the sim executor
+        (it has no KV data: migrations move bookkeeping only)."""
+        kv = getattr(self.executor, "kv", None)
+        return None if kv is None else kv.data
+
+    def migration_view(self, request_id: str) -> MigrationView | None:
+        """The request's progress and block table; None when it is not here (finished, detached)."""
+        req = self.requests.get(request_id)
+        if req is None or request_id in self.detached:
+            return None
+        return MigrationView(req.status.value, req.num_tokens, req.num_computed_tokens, req.num_preemptions,
+                             req.priority, tuple(self.blocks.table(request_id)))
 
     def export_request(self, request_id: str) -> dict:
         """The request's state as a plain dict (see Request.export_state)."""

@@ -92,6 +92,15 @@ class KVSender(abc.ABC):
     def ack(self, seq: int) -> None:
         """The destination consumed chunk `seq`: its slot may be reused."""
 
+    @abc.abstractmethod
+    def in_flight(self) -> int:
+        """Chunks not yet acknowledged (a sender is reusable for another transfer at 0)."""
+
+    def payload(self, seq: int) -> list[Any]:
+        """Data frames the caller sends after chunk `seq`'s header (none when the data travels
+        through a staging buffer the destination maps)."""
+        return []
+
     def close(self) -> None:
         """Release the medium (idempotent)."""
 

@@ -134,6 +134,9 @@ class ShmSender(KVSender):
         self._inflight[seq] = slot
         return ChunkHeader(seq=seq, dst_block_ids=list(dst_ids), slot=slot, offset=offset, last=last)
 
+    def in_flight(self) -> int:
+        return len(self._inflight)
+
     def ack(self, seq: int) -> None:
         slot = self._inflight.pop(seq, None)
         if slot is None:

@@ -3,7 +3,9 @@
 The source gathers a chunk's blocks into one of `depth` preallocated, pre-touched staging
 tensors and sends it with copy=False, track=True; a staging tensor is reused only once its
 MessageTracker reports ZeroMQ done with the memory (so `ack` is a no-op here: the medium frees
-itself). The destination builds a tensor over the received frame (no copy) and index_copy_s it
+itself). With `sock=None` the sender only stages: the caller sends `payload(seq)` after the
+header on its own socket (the migration coordinator's MigrateBlocks), and `ack(seq)` (the
+destination's BlocksAck) frees the staging tensor. The destination builds a tensor over the received frame (no copy) and index_copy_s it
 into its cache. The caller provides the connected sockets (PUSH/PULL, or DEALER/ROUTER with a
 routing-id `prefix`); the header is msgpack (msgspec) of ChunkHeader.
 """
@@ -31,7 +33,7 @@ class FramesSender(KVSender):
     name = "frames"
     bound = "zmq copy=False over tcp (~1.6 GB/s loopback here; ~4.3 GB/s ipc) after an index_select gather"
 
-    def __init__(self, cache: torch.Tensor, sock: zmq.Socket, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    def __init__(self, cache: torch.Tensor, sock: zmq.Socket | None, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
                  depth: int = 2, prefix: Sequence[bytes] = ()) -> None:
         self.cache, self.sock, self.prefix = cache, sock, list(prefix)
         self.chunk_blocks = max(1, chunk_bytes // block_bytes(cache))
@@ -40,10 +42,14 @@ class FramesSender(KVSender):
         self._staging = [torch.zeros(block_shape(cache, self.chunk_blocks), dtype=cache.dtype)
                          for _ in range(depth)]
         self._trackers: list[zmq.MessageTracker | None] = [None] * depth
+        self._staged: dict[int, tuple[int, memoryview]] = {}  # sock=None: seq -> (slot, data) until acked
         self._seq = 0
 
     def _free_slot(self) -> int | None:
+        busy = {slot for slot, _ in self._staged.values()}
         for i, t in enumerate(self._trackers):
+            if i in busy:
+                continue
             if t is None or t.done:
                 self._trackers[i] = None
                 return i
@@ -83,12 +89,24 @@ class FramesSender(KVSender):
         header = ChunkHeader(seq=self._seq, dst_block_ids=list(dst_ids), last=last)
         self._seq += 1
         data = memoryview(view.reshape(-1).view(torch.uint8).numpy())
-        self._trackers[slot] = self.sock.send_multipart([*self.prefix, _enc.encode(header), data],
-                                                        copy=False, track=True)
+        if self.sock is None:
+            self._staged[header.seq] = (slot, data)
+        else:
+            self._trackers[slot] = self.sock.send_multipart([*self.prefix, _enc.encode(header), data],
+                                                            copy=False, track=True)
         return header
 
+    def in_flight(self) -> int:
+        return len(self._staged) + sum(1 for t in self._trackers if t is not None and not t.done)
+
+    def payload(self, seq: int) -> list[memoryview]:
+        """sock=None: the data frame of staged chunk `seq` (valid until `ack(seq)`)."""
+        return [self._staged[seq][1]]
+
     def ack(self, seq: int) -> None:
-        """No-op: staging reuse follows ZeroMQ's trackers."""
+        """sock=None: chunk `seq` was consumed, its staging tensor is free again. With a socket: a
+        no-op (staging reuse follows ZeroMQ's trackers)."""
+        self._staged.pop(seq, None)
 
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until ZeroMQ is done with every sent chunk; False on timeout."""
@@ -106,7 +124,7 @@ class FramesSender(KVSender):
         """Drops the staging tensors once ZeroMQ has finished with them (waits up to 5 s). The socket is the caller's."""
         if self._staging:
             self.flush(5.0)
-            self._staging, self._trackers = [], []
+            self._staging, self._trackers, self._staged = [], [], {}
 
 
 def _frame_tensor(frame: Any) -> torch.Tensor:

@@ -31,6 +31,8 @@ from protocol.fields import (
     Count,
     Endpoint,
     Id,
+    Name,
+    NonNegInt,
     PositiveCount,
     Priority,
     Text,
@@ -109,8 +111,15 @@ class Shutdown(RequestMessage, kw_only=True, frozen=True):
 
 # ---- worker ↔ worker migration -------------------------------------------------------------------
 
+TransferPath = Literal["frames", "shm", "cuda_ipc"]
+
+
 class MigrateReserve(RequestMessage, kw_only=True, frozen=True):
-    """Source → destination: reserve `num_blocks` more blocks for the migration (additive per stage)."""
+    """Source → destination: reserve `num_blocks` more blocks for the migration (additive per stage).
+
+    Stage 0 opens the migration on the destination: it checks the KV layout (`block_size`,
+    `kv_bytes_per_block`, `kv_dtype`) and picks the data path from where the source's cache is
+    (`src_host`, `src_device`; `path` forces one)."""
 
     migration_id: Id
     request_id: Id
@@ -119,18 +128,21 @@ class MigrateReserve(RequestMessage, kw_only=True, frozen=True):
     num_blocks: Count
     block_size: PositiveCount
     kv_bytes_per_block: Count = 0
+    kv_dtype: Name = ""
+    src_host: Name = ""
+    src_device: Name = "cpu"
+    path: TransferPath | None = None
 
 
 class ReserveReply(ReplyMessage, kw_only=True, frozen=True):
-    """Destination → source: the newly reserved block ids (ok) or why not (no_room, draining, ...)."""
+    """Destination → source: the newly reserved block ids (ok) or why not (no_room, busy,
+    draining, layout, ...), and the data path to use (decided at stage 0)."""
 
     migration_id: Id
     ok: bool
     block_ids: BlockIds = []
     reason: Text = ""
-
-
-TransferPath = Literal["frames", "shm", "cuda_ipc"]
+    path: TransferPath = "frames"
 
 
 class MigrateBlocks(RequestMessage, kw_only=True, frozen=True):
@@ -143,6 +155,10 @@ class MigrateBlocks(RequestMessage, kw_only=True, frozen=True):
     dst_block_ids: BlockIds
     tensors: Annotated[list[TensorSpec], Meta(max_length=MAX_TENSORS)] = []
     path: TransferPath = "frames"
+    seq: NonNegInt = 0  # chunk number within the migration
+    staging: Name = ""  # shm: the staging buffer's name (kv_transfer.shm); cuda_ipc: the cache handle key
+    staging_bytes: NonNegInt = 0
+    offset: NonNegInt = 0  # shm: where the chunk lies in the staging buffer
 
 
 class BlocksAck(ReplyMessage, kw_only=True, frozen=True):
@@ -191,5 +207,5 @@ WorkerMigrationInbound = Union[MigrateReserve, MigrateBlocks, MigrateCommit, Mig
 WorkerSchedulerReplies = Union[RegisterReply, Ack, Pong, ErrorReply]
 """What a worker receives back on its DEALER to the scheduler."""
 
-WorkerMigrationReplies = Union[ReserveReply, BlocksAck, CommitAck, MigrateAbort, ErrorReply]
+WorkerMigrationReplies = Union[ReserveReply, BlocksAck, CommitAck, MigrateAbort, Pong, ErrorReply]
 """What the source of a migration receives back on its DEALER."""

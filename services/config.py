@@ -53,6 +53,15 @@ class WorkerConfig:
     seed: int = 0
     threads: int = 0  # torch intra-op threads; 0: torch's default
     frontend_timeout_s: float = 10.0  # a frontend that heartbeated, then fell silent this long: abort its requests
+    # Live migration (DESIGN §5).
+    migration_path: str = "auto"  # auto (shm on one host, else frames) | shm | frames
+    max_migrations_out: int = 2  # concurrent migrations with this worker as source
+    max_migrations_in: int = 2  # ... and as destination
+    migration_final_blocks: int = 2  # last stage once at most this many complete blocks are left to copy
+    migration_max_stages: int = 8  # ... or after this many pre-copy stages
+    migration_timeout_s: float = 10.0  # a migration peer silent this long: abort (reservations are freed)
+    migration_chunk_bytes: int = 16 << 20  # KV bytes per MigrateBlocks
+    migration_shm_bytes: int = 64 << 20  # shm staging buffer per outgoing migration
 
     @property
     def resolved_id(self) -> str:

@@ -7,7 +7,13 @@ A ROUTER bound at the worker's control endpoint serving WorkerControlInbound:
 - AbortRequest → Ack(ok=True) after the request is stopped (its stream ends with finish_reason
   "abort"), or Ack(ok=False) when this worker does not hold it (unknown or already finished).
 - Ping → Pong; Heartbeat (frontends) → no reply; Drain → Ack; Shutdown → Ack, then the worker stops.
-- MigrateCommand / CancelMigration → ErrorReply(REFUSED): live migration is not in this version.
+- MigrateCommand → Ack(ok=True, detail=<the request id being moved>) once the migration started,
+  or ErrorReply (refused / not_found / overloaded: too many migrations / invalid).
+- CancelMigration → Ack(ok=True) when the migration was stopped before its commit (the request
+  stays here), Ack(ok=False, detail) when unknown or already committing.
+- An AbortRequest for a request that is migrating out first cancels the migration; if the
+  commit already went through, the answer is Ack(ok=False, "moved to <worker>") and the
+  frontend re-sends the abort to the new owner (it learns of it by RequestMoved).
 
 Add and abort run as tasks (they wait for the engine thread's next step boundary), so one slow
 engine step does not serialise the control socket: every add that arrives during a step is
@@ -33,7 +39,7 @@ if TYPE_CHECKING:
 
 log = get_logger(__name__)
 
-MIGRATION_UNAVAILABLE = "live migration is not available in this version"
+CANCEL_WAIT_S = 30.0  # an abort waits this long at most for a migration of its request to settle
 
 
 class Overloaded(Exception):
@@ -80,10 +86,10 @@ class ControlHandler:
             await self.sock.send(Ack(reply_to=msg.msg_id, detail="shutting down"), peer=rec.peer, timeout_s=1.0)
             w.request_stop(drain_first=msg.drain_first, reason=msg.reason or "shutdown command")
             return None
-        if isinstance(msg, (MigrateCommand, CancelMigration)):
-            log.info("worker.migration_refused", migration_id=msg.migration_id,
-                     request_id=getattr(msg, "request_id", None))
-            return ErrorReply(reply_to=msg.msg_id, code=ErrorCode.REFUSED, message=MIGRATION_UNAVAILABLE)
+        if isinstance(msg, MigrateCommand):
+            return await self._migrate(msg)
+        if isinstance(msg, CancelMigration):
+            return self._cancel_migration(msg)
         log.warning("worker.unhandled_message", type=type(msg).__name__)
         mid = getattr(msg, "msg_id", None)
         return ErrorReply(reply_to=mid, code=ErrorCode.UNKNOWN_TYPE, message=f"{type(msg).__name__} is not handled")
@@ -140,9 +146,38 @@ class ControlHandler:
             reply = Ack(reply_to=msg.msg_id, detail="added")
         await self._reply(rec, reply)
 
+    async def _migrate(self, msg: MigrateCommand) -> object:
+        from services.worker.migration.source import Refused
+
+        assert self.worker.migration is not None
+        try:
+            m = await self.worker.migration.source.start(msg)
+        except Refused as exc:
+            log.info("migration.refused", migration_id=msg.migration_id, request_id=msg.request_id, reason=str(exc))
+            return ErrorReply(reply_to=msg.msg_id, code=exc.code, message=str(exc))
+        return Ack(reply_to=msg.msg_id, detail=m.request_id)
+
+    def _cancel_migration(self, msg: CancelMigration) -> object:
+        assert self.worker.migration is not None
+        m = self.worker.migration.source.cancel(msg.migration_id, "cancelled by the scheduler")
+        if m is None:
+            return Ack(reply_to=msg.msg_id, ok=False, detail=f"no migration {msg.migration_id} here")
+        if m.cancel_reason is None:
+            return Ack(reply_to=msg.msg_id, ok=False, detail=f"migration {msg.migration_id} is committing")
+        return Ack(reply_to=msg.msg_id, ok=True, detail="cancelling")
+
     async def _abort(self, rec: Received, msg: AbortRequest) -> None:
         w = self.worker
         rid = msg.request_id
+        m = w.migration.source.cancel(rid, "aborted by the frontend") if w.migration else None
+        if m is not None:
+            try:
+                await asyncio.wait_for(m.done.wait(), CANCEL_WAIT_S)
+            except asyncio.TimeoutError:
+                log.warning("request.abort_waiting_migration", request_id=rid, migration_id=m.migration_id)
+            if m.outcome == "committed":
+                await self._reply(rec, Ack(reply_to=msg.msg_id, ok=False, detail=f"moved to {m.dst_worker_id}"))
+                return
         if rid not in w.routes:
             await self._reply(rec, Ack(reply_to=msg.msg_id, ok=False, detail=f"request {rid!r} is not on this worker"))
             return

@@ -151,6 +151,10 @@ class SchedulerLink:
         elif isinstance(msg, RegisterReply) and msg.scheduler_id != self.scheduler_id:
             self.reregister(f"a register reply from scheduler {msg.scheduler_id}")
 
+    async def send(self, msg: object) -> bool:
+        """Send a one-way message (e.g. MigrationResult); False when it could not leave."""
+        return await self._send(msg)
+
     async def _send(self, msg: object) -> bool:
         """Send a one-way message; False when it could not leave (no scheduler, socket reopening)."""
         requester = self._requester

@@ -20,7 +20,8 @@ from engine.request import FinishReason, RequestOutput
 from protocol.codec import encode
 from protocol.errors import ProtocolError
 from protocol.fields import MAX_BATCHES_PER_MESSAGE
-from protocol.to_frontend import TokenBatch, TokenBatches
+from protocol.base import Message
+from protocol.to_frontend import RequestMoved, TokenBatch, TokenBatches
 from services.log import get_logger
 
 log = get_logger(__name__)
@@ -37,7 +38,10 @@ class Route:
     frontend_id: str
     reply_address: str
     index_offset: int = 0  # AddRequest.first_index: tokens the frontend already holds
-    tokens_sent: int = 0
+    tokens_sent: int = 0  # the engine's output index of the next token (tokens it produced so far)
+    # A migrated-in request: the RequestMoved (this worker's control endpoint) to send before its
+    # first tokens, so the frontend's aborts follow the request.
+    announce: str | None = None
 
 
 class RouteTable:
@@ -94,6 +98,8 @@ class TokenStreamer:
             if route is None:
                 log.warning("request.output_unrouted", request_id=out.request_id)
                 continue
+            if route.announce is not None:
+                self.announce(route)
             batch = TokenBatch(
                 request_id=out.request_id, first_index=route.index_offset + out.first_index,
                 token_ids=list(out.new_token_ids),
@@ -113,6 +119,19 @@ class TokenStreamer:
                 self._send(address, TokenBatches(worker_id=self.worker_id,
                                                  batches=batches[i:i + MAX_BATCHES_PER_MESSAGE]))
         return finished
+
+    def announce(self, route: Route, control_endpoint: str | None = None) -> None:
+        """Tell the request's frontend that this worker owns it now (RequestMoved), once.
+
+        With `control_endpoint` it is sent now regardless of `route.announce` (a source that
+        takes a request back after an unanswered commit)."""
+        endpoint = control_endpoint or route.announce
+        route.announce = None
+        if endpoint is None:
+            return
+        self._send(route.reply_address, RequestMoved(
+            request_id=route.request_id, worker_id=self.worker_id, control_endpoint=endpoint,
+            next_index=route.index_offset + route.tokens_sent))
 
     def fail(self, request_ids: Iterable[str], error: str) -> None:
         """End these requests' streams with an error batch (worker stopping, request lost)."""
@@ -142,7 +161,7 @@ class TokenStreamer:
         self._last_used[address] = time.monotonic()
         return sock
 
-    def _send(self, address: str, msg: TokenBatches) -> None:
+    def _send(self, address: str, msg: Message) -> None:
         try:
             self._socket(address).send(encode(msg), flags=zmq.NOBLOCK, copy=True)
             self.sent_messages += 1
@@ -151,13 +170,14 @@ class TokenStreamer:
         except (zmq.ZMQError, ProtocolError, ValueError) as exc:
             self._dropped(address, msg, str(exc))
 
-    def _dropped(self, address: str, msg: TokenBatches, why: str) -> None:
+    def _dropped(self, address: str, msg: Message, why: str) -> None:
         self.dropped_messages += 1
         now = time.monotonic()
         if now - self._last_drop_log >= 1.0:  # a dead frontend must not flood the log
             self._last_drop_log = now
             log.warning("worker.tokens_dropped", address=address, reason=why, dropped_total=self.dropped_messages,
-                        request_ids=[b.request_id for b in msg.batches[:8]])
+                        request_ids=[b.request_id for b in getattr(msg, "batches", [msg])[:8]
+                                     if hasattr(b, "request_id")])
 
     def close(self, linger_ms: int = 0) -> None:
         """Close every socket; `linger_ms` lets queued batches (final error batches) go out first."""

@@ -33,6 +33,7 @@ from services.log import get_logger
 from services.worker.control import ControlHandler
 from services.worker.engine_driver import EngineDriver
 from services.worker.engine_factory import EngineInfo, build_engine
+from services.worker.migration.service import MigrationService
 from services.worker.scheduler_link import SchedulerLink
 from services.worker.streams import RouteTable, TokenStreamer
 
@@ -69,6 +70,7 @@ class Worker:
             heartbeat_timeout_s=cfg.scheduler.heartbeat_timeout_ms / 1000.0,
         )
         self.control: MessageSocket | None = None
+        self.migration: MigrationService | None = None
         self.handler: ControlHandler | None = None
         self._serve_task: asyncio.Task[None] | None = None
         self._watchdog_task: asyncio.Task[None] | None = None
@@ -83,7 +85,9 @@ class Worker:
         """Start the engine thread, bind the control socket, start the scheduler link."""
         self.control = MessageSocket.bind(self.ctx, zmq.ROUTER, self.cfg.cluster.bind(self.control_endpoint),
                                           WorkerControlInbound, name=f"{self.worker_id}-control")
+        self.migration = MigrationService(self)
         self.driver.start()
+        self.migration.start()
         self.handler = ControlHandler(self, self.control)
         self._serve_task = asyncio.create_task(serve(self.control, self.handler), name="worker-control")
         self._watchdog_task = asyncio.create_task(self._frontend_watchdog(), name="frontend-watchdog")
@@ -141,6 +145,11 @@ class Worker:
                 await asyncio.wait({task}, timeout=2.0)
         if self.handler is not None:
             await self.handler.cancel_tasks()
+        if self.migration is not None:
+            try:
+                await self.migration.aclose()  # outgoing requests stay here, incoming reservations are freed
+            except Exception:  # noqa: BLE001 - stopping goes on
+                log.exception("worker.migration_close_failed")
         left = self.routes.ids()
         if left:
             with contextlib.suppress(Exception):
@@ -194,6 +203,8 @@ class Worker:
             free_blocks=stats.num_free_blocks, num_running=stats.num_running, num_waiting=stats.num_waiting,
             num_preemptions=stats.num_preemptions, head_of_line_blocks=stats.head_of_line_blocks,
             requests=entries, draining=self.draining, max_running=self.max_running,
+            num_migrations_in=len(self.migration.destination) if self.migration else 0,
+            num_migrations_out=len(self.migration.source) if self.migration else 0,
         )
 
 

@@ -1,0 +1,481 @@
+"""The source role of a live migration: multi-stage pre-copy, then stop-and-copy and commit.
+
+One task per outgoing migration (DESIGN §5):
+- stage 0 reserves blocks for the request's complete blocks on the destination (which may
+  refuse) and copies them while the request keeps decoding here; each next stage copies the
+  blocks completed meanwhile;
+- once at most `migration_final_blocks` complete blocks are left (or after
+  `migration_max_stages`), the request leaves the batch (detached, blocks kept), the rest is
+  copied including the partly filled last block, and MigrateCommit carries its state;
+- after a positive CommitAck the source frees its blocks and forgets the request's route.
+
+Copies read only blocks whose tokens are all computed, on a copy thread, while the engine thread
+keeps stepping: those blocks are never written again unless the request is preempted or ends,
+and the last stage checks that neither happened (the block table's copied prefix is unchanged)
+before anything is committed.
+
+Every abort (the request finished or was preempted, the destination refused or stayed silent,
+a cancel) leaves the request running here exactly once: a detached request is re-attached, the
+destination is told with MigrateAbort, and no block is freed before the commit is acknowledged.
+Cancels are cooperative: RPC waits race a cancel event; engine and copy calls always complete.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import contextlib
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import zmq
+import zmq.asyncio
+
+from engine.block_manager import blocks_for
+from engine.engine import LLMEngine, MigrationView
+from kv_transfer.base import KVSender, block_bytes, block_shape
+from protocol.common import ErrorCode, ErrorReply
+from protocol.errors import ProtocolError, RequestTimeout
+from protocol.payloads import RequestState, TensorSpec
+from protocol.sockets import MessageSocket, Received, Requester
+from protocol.to_scheduler import MigrationResult
+from protocol.to_worker import (
+    BlocksAck,
+    CommitAck,
+    MigrateAbort,
+    MigrateBlocks,
+    MigrateCommand,
+    MigrateCommit,
+    MigrateReserve,
+    ReserveReply,
+    WorkerMigrationReplies,
+)
+from services.log import get_logger
+from services.worker.migration.kv_io import SenderPool
+from services.worker.migration.metrics import MigrationMetrics
+
+if TYPE_CHECKING:
+    from services.worker.worker import Worker
+
+log = get_logger(__name__)
+
+T = TypeVar("T")
+
+
+class Aborted(Exception):
+    """A migration gives up; `reason` is a short label (metrics, MigrationResult)."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(detail or reason)
+        self.reason = reason
+        self.detail = detail
+
+
+class Refused(Exception):
+    """A MigrateCommand this worker cannot start; `code` is the ErrorReply code."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass
+class Outgoing:
+    """One migration with this worker as the source."""
+
+    migration_id: str
+    request_id: str
+    dst_worker_id: str
+    dst_endpoint: str
+    reason: str = ""
+    started: float = field(default_factory=time.monotonic)
+    phase: str = "precopy"  # precopy → final → committing → done
+    cancel_reason: str | None = None
+    cancelled: asyncio.Event = field(default_factory=asyncio.Event)
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+    outcome: str = ""  # committed | aborted
+    abort_reason: str = ""
+    path: str = ""
+    stages: int = 0
+    blocks: int = 0
+    bytes_moved: int = 0
+    downtime_ms: float = 0.0
+
+
+class PeerChannels:
+    """One DEALER (with a Requester) per destination migration endpoint, opened on first use.
+
+    One-way messages from a destination (its MigrateAbort) go to `on_message`."""
+
+    def __init__(self, ctx: zmq.asyncio.Context, identity: str,
+                 on_message: Callable[[Received], Awaitable[None] | None]) -> None:
+        self.ctx = ctx
+        self.identity = identity
+        self.on_message = on_message
+        self._peers: dict[str, tuple[MessageSocket, Requester]] = {}
+
+    def get(self, endpoint: str) -> Requester:
+        peer = self._peers.get(endpoint)
+        if peer is None:
+            sock = MessageSocket.connect(
+                self.ctx, zmq.DEALER, endpoint, WorkerMigrationReplies, name=f"migrate->{endpoint}",
+                identity=f"{self.identity}-{uuid.uuid4().hex[:8]}".encode(), hwm=1000)
+            peer = (sock, Requester(sock, self.on_message).start())
+            self._peers[endpoint] = peer
+        return peer[1]
+
+    async def aclose(self) -> None:
+        peers, self._peers = list(self._peers.values()), {}
+        for sock, requester in peers:
+            await requester.close()
+            sock.close()
+
+
+class MigrationSource:
+    """Starts, runs and cancels this worker's outgoing migrations (at most `max_migrations_out`)."""
+
+    def __init__(self, worker: "Worker", peers: PeerChannels, pool: SenderPool | None,
+                 copy_pool: concurrent.futures.Executor, metrics: MigrationMetrics, host: str) -> None:
+        self.w = worker
+        self.cfg = worker.cfg.worker
+        self.peers = peers
+        self.pool = pool
+        self.copy_pool = copy_pool
+        self.metrics = metrics
+        self.host = host
+        self.by_id: dict[str, Outgoing] = {}
+        self.by_request: dict[str, Outgoing] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._copying = 0  # copy-thread calls in flight (close waits for them)
+
+    def __len__(self) -> int:
+        return len(self.by_id)
+
+    # ---- start / cancel --------------------------------------------------------------------------
+
+    async def start(self, cmd: MigrateCommand) -> Outgoing:
+        """Validate and start `cmd`; raises Refused (ErrorReply code, message) when it cannot."""
+        w = self.w
+        if w.stopping:
+            raise Refused(ErrorCode.REFUSED, "the worker is stopping")
+        if cmd.dst_worker_id == w.worker_id:
+            raise Refused(ErrorCode.INVALID, "the destination is this worker")
+        if cmd.migration_id in self.by_id:
+            raise Refused(ErrorCode.REFUSED, f"migration {cmd.migration_id} is already running")
+        if len(self.by_id) >= self.cfg.max_migrations_out:
+            raise Refused(ErrorCode.OVERLOADED,
+                          f"busy: {len(self.by_id)} outgoing migrations (limit {self.cfg.max_migrations_out})")
+        rid = cmd.request_id or await self._pick()
+        if rid is None:
+            raise Refused(ErrorCode.NOT_FOUND, "no request to migrate")
+        if rid not in w.routes:
+            raise Refused(ErrorCode.NOT_FOUND, f"request {rid!r} is not on this worker")
+        if rid in self.by_request:
+            raise Refused(ErrorCode.REFUSED, f"request {rid!r} is already migrating")
+        m = Outgoing(cmd.migration_id, rid, cmd.dst_worker_id, cmd.dst_endpoint, cmd.reason)
+        self.by_id[m.migration_id] = m
+        self.by_request[rid] = m
+        self.metrics.started.labels(role="out").inc()
+        log.info("migration.started", migration_id=m.migration_id, request_id=rid, dst_worker_id=m.dst_worker_id,
+                 reason=m.reason)
+        task = asyncio.get_running_loop().create_task(self._run(m), name=f"migrate-{m.migration_id}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        w.link.mark_dirty()
+        return m
+
+    async def _pick(self) -> str | None:
+        """Lowest priority first (the largest priority number), then the shortest context."""
+        stats = await self.w.driver.call(lambda e: e.stats(per_request=True), timeout_s=5.0)
+        candidates = [r for r in stats.requests
+                      if r.status == "running" and r.request_id in self.w.routes and r.request_id not in self.by_request]
+        if not candidates:
+            return None
+        return min(candidates, key=lambda r: (-r.priority, r.num_tokens)).request_id
+
+    def cancel(self, key: str, reason: str) -> Outgoing | None:
+        """Ask migration `key` (a migration id or a request id) to abort if it has not reached the
+        commit; returns it (await `.done`) or None when there is none."""
+        m = self.by_id.get(key) or self.by_request.get(key)
+        if m is None:
+            return None
+        if m.phase != "committing" and m.cancel_reason is None:
+            m.cancel_reason = reason
+            m.cancelled.set()
+        return m
+
+    def on_peer_abort(self, msg: MigrateAbort) -> None:
+        """The destination gave up (its reservation timed out, it is stopping)."""
+        m = self.by_id.get(msg.migration_id)
+        if m is not None:
+            self.cancel(m.migration_id, f"destination: {msg.reason or 'aborted'}")
+
+    async def aclose(self, timeout_s: float = 5.0) -> None:
+        """Abort every migration not yet committing and wait for all to settle."""
+        for m in list(self.by_id.values()):
+            self.cancel(m.migration_id, "stopped")
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=timeout_s)
+        deadline = time.monotonic() + timeout_s
+        while self._copying and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        if self.pool is not None:
+            self.pool.close()
+
+    # ---- the procedure ---------------------------------------------------------------------------
+
+    async def _run(self, m: Outgoing) -> None:
+        w = self.w
+        rid = m.request_id
+        bs = w.info.block_size
+        requester = self.peers.get(m.dst_endpoint)
+        sender: KVSender | None = None
+        opened = detached = committed = False
+        copied: list[int] = []  # source block ids already at the destination, in table order
+        try:
+            view = await self._engine(lambda e: e.migration_view(rid))
+            if view is None:
+                raise Aborted("finished")
+            preemptions = view.num_preemptions
+            stage = 0
+            while view.num_computed_tokens > 0:  # a queued request (nothing computed) is a plain move
+                new = list(view.block_table[len(copied):view.num_computed_tokens // bs])
+                if stage > 0 and (len(new) <= self.cfg.migration_final_blocks or stage >= self.cfg.migration_max_stages):
+                    break
+                reply = await self._reserve(m, requester, stage, len(new))
+                opened = True
+                sender = sender or self._sender(m, reply.path)
+                await self._copy(m, requester, sender, new, reply.block_ids, stage)
+                copied += new
+                stage += 1
+                m.stages = stage
+                view = self._still_here(await self._engine(lambda e: e.migration_view(rid)), preemptions)
+
+            # Last stage: out of the batch, copy the rest (with the partial block), commit.
+            m.phase = "final"
+            self._check_cancel(m)
+            prefix = tuple(copied)
+
+            def detach(e: LLMEngine) -> tuple[dict, MigrationView, float] | str:
+                v = e.migration_view(rid)
+                if v is None:
+                    return "finished"
+                if v.num_preemptions != preemptions or v.block_table[:len(prefix)] != prefix:
+                    return "preempted"
+                return e.detach_request(rid), v, time.perf_counter()
+
+            res = await self._engine(detach)
+            if isinstance(res, str):
+                raise Aborted(res)
+            state, view, t_out = res
+            detached = True
+            rest = list(view.block_table[len(copied):blocks_for(state["num_computed_tokens"], bs)])
+            if not opened or rest:
+                reply = await self._reserve(m, requester, stage, len(rest))
+                opened = True
+                if rest:
+                    sender = sender or self._sender(m, reply.path)
+                    await self._copy(m, requester, sender, rest, reply.block_ids, stage)
+            m.stages = stage + 1
+            self._check_cancel(m)
+            route = w.routes.get(rid)
+            if route is None:
+                raise Aborted("aborted", "the request was aborted during the migration")
+            m.phase = "committing"
+            commit = MigrateCommit(migration_id=m.migration_id, state=RequestState.from_engine_dict(state),
+                                   frontend_id=route.frontend_id, reply_address=route.reply_address,
+                                   next_index=route.index_offset + route.tokens_sent)
+            ack = await self._rpc(m, requester.request(commit, self.cfg.migration_timeout_s, raise_errors=False),
+                                  cancellable=False)
+            if isinstance(ack, ErrorReply):
+                raise Aborted("refused", ack.message)
+            if not isinstance(ack, CommitAck) or not ack.ok:
+                raise Aborted(getattr(ack, "reason", "") or "refused")
+            committed = True
+            m.downtime_ms = (time.perf_counter() - t_out) * 1000.0
+            w.routes.pop(rid)
+            await self._engine(lambda e: e.release(rid) if rid in e.detached else 0)
+            m.outcome = "committed"
+        except Aborted as exc:
+            m.outcome, m.abort_reason = "aborted", exc.reason
+            if exc.detail:
+                log.info("migration.abort_detail", migration_id=m.migration_id, detail=exc.detail[:500])
+        except RequestTimeout:
+            m.outcome, m.abort_reason = "aborted", "commit_timeout" if m.phase == "committing" else "timeout"
+        except (ProtocolError, zmq.ZMQError) as exc:
+            m.outcome, m.abort_reason = "aborted", "error"
+            log.warning("migration.protocol_error", migration_id=m.migration_id, error=str(exc))
+        except Exception:  # noqa: BLE001 - a bug aborts this migration, not the worker
+            log.exception("migration.failed", migration_id=m.migration_id)
+            m.outcome, m.abort_reason = "aborted", "error"
+        finally:
+            if not committed:
+                await self._undo(m, requester, opened, detached)
+            if sender is not None and self.pool is not None:
+                self.pool.give_back(sender)
+            self._finish(m)
+
+    async def _undo(self, m: Outgoing, requester: Requester, opened: bool, detached: bool) -> None:
+        """The request stays (or comes back) here; the destination frees what it reserved."""
+        rid = m.request_id
+        m.outcome = "aborted"
+        m.abort_reason = m.abort_reason or "error"
+        if opened:
+            with contextlib.suppress(ProtocolError, zmq.ZMQError):
+                await requester.send(MigrateAbort(migration_id=m.migration_id, reason=m.abort_reason), timeout_s=0.5)
+        if detached:
+            try:
+                back = await self._engine(lambda e: (e.reattach_request(rid), True)[1] if rid in e.detached else False)
+            except Exception:  # noqa: BLE001
+                log.exception("migration.reattach_failed", migration_id=m.migration_id, request_id=rid)
+                back = False
+            route = self.w.routes.get(rid)
+            if back and route is not None and m.abort_reason == "commit_timeout":
+                # The commit may have landed (the destination then drops its copy on MigrateAbort):
+                # make sure the frontend sends aborts here.
+                self.w.streamer.announce(route, self.w.control_endpoint)
+
+    def _finish(self, m: Outgoing) -> None:
+        m.phase = "done"
+        self.by_id.pop(m.migration_id, None)
+        if self.by_request.get(m.request_id) is m:
+            del self.by_request[m.request_id]
+        if m.outcome == "committed":
+            self.metrics.committed.labels(role="out").inc()
+            self.metrics.downtime.observe(m.downtime_ms / 1000.0)
+            self.metrics.stages.observe(m.stages)
+        else:
+            self.metrics.aborted.labels(role="out", reason=m.abort_reason).inc()
+        log.info("migration.ended", migration_id=m.migration_id, request_id=m.request_id,
+                 dst_worker_id=m.dst_worker_id, outcome=m.outcome, reason=m.abort_reason or None, path=m.path,
+                 stages=m.stages, blocks=m.blocks, bytes=m.bytes_moved, downtime_ms=round(m.downtime_ms, 3),
+                 seconds=round(time.monotonic() - m.started, 4))
+        m.done.set()
+        self.w.link.mark_dirty()
+        result = MigrationResult(
+            migration_id=m.migration_id, request_id=m.request_id, src_worker_id=self.w.worker_id,
+            dst_worker_id=m.dst_worker_id, outcome=m.outcome, reason=m.abort_reason, stages=m.stages,  # type: ignore[arg-type]
+            blocks=m.blocks, bytes_moved=m.bytes_moved, downtime_ms=m.downtime_ms)
+        task = asyncio.get_running_loop().create_task(self.w.link.send(result))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # ---- steps -----------------------------------------------------------------------------------
+
+    def _sender(self, m: Outgoing, path: str) -> KVSender | None:
+        m.path = path
+        return None if self.pool is None else self.pool.take(path)  # type: ignore[arg-type]
+
+    @staticmethod
+    def _still_here(view: MigrationView | None, preemptions: int) -> MigrationView:
+        if view is None:
+            raise Aborted("finished")
+        if view.num_preemptions != preemptions or view.status != "running":
+            raise Aborted("preempted")
+        return view
+
+    @staticmethod
+    def _check_cancel(m: Outgoing) -> None:
+        if m.cancel_reason is not None:
+            raise Aborted(_reason_label(m.cancel_reason), m.cancel_reason)
+
+    async def _engine(self, fn: Callable[[LLMEngine], T]) -> T:
+        """An engine-thread call that always completes (its effect must be known, e.g. a detach)."""
+        return await self.w.driver.call(fn, timeout_s=max(30.0, self.cfg.migration_timeout_s))
+
+    async def _rpc(self, m: Outgoing, coro: Awaitable[Any], cancellable: bool = True) -> Any:
+        """Await a request to the destination; a cancel (when allowed) wins the race."""
+        task = asyncio.ensure_future(coro)
+        if not cancellable:
+            return await task
+        waiter = asyncio.ensure_future(m.cancelled.wait())
+        try:
+            await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            waiter.cancel()
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, ProtocolError):
+                await task
+            self._check_cancel(m)
+        return task.result()
+
+    async def _reserve(self, m: Outgoing, requester: Requester, stage: int, n: int) -> ReserveReply:
+        w = self.w
+        kv = w.engine.kv_tensor
+        forced = self.cfg.migration_path if self.cfg.migration_path != "auto" else None
+        msg = MigrateReserve(
+            migration_id=m.migration_id, request_id=m.request_id, src_worker_id=w.worker_id, stage=stage,
+            num_blocks=n, block_size=w.info.block_size, kv_bytes_per_block=w.info.kv_bytes_per_block,
+            kv_dtype="" if kv is None else str(kv.dtype).removeprefix("torch."), src_host=self.host,
+            src_device="cpu" if kv is None else kv.device.type, path=forced)  # type: ignore[arg-type]
+        reply = await self._rpc(m, requester.request(msg, self.cfg.migration_timeout_s, raise_errors=False))
+        if isinstance(reply, ErrorReply):
+            raise Aborted("refused", reply.message)
+        if not isinstance(reply, ReserveReply) or not reply.ok:
+            raise Aborted(getattr(reply, "reason", "") or "refused")
+        if len(reply.block_ids) != n:
+            raise Aborted("error", f"asked for {n} blocks, the destination reserved {len(reply.block_ids)}")
+        return reply
+
+    async def _copy(self, m: Outgoing, requester: Requester, sender: KVSender | None, src: list[int],
+                    dst: list[int], stage: int) -> None:
+        """Send blocks `src` into the destination's `dst`, chunked, with up to `sender.depth`
+        chunks in flight: the next chunk is gathered while the destination writes the previous."""
+        m.blocks += len(src)
+        if not src or sender is None:  # sim engine: no KV data to move
+            return
+        cache = self.w.engine.kv_tensor
+        assert cache is not None
+        loop = asyncio.get_running_loop()
+        pending: collections.deque[tuple[int, asyncio.Future[Any]]] = collections.deque()
+        staging = getattr(sender, "attach_info", lambda: {})()
+        dtype = str(cache.dtype).removeprefix("torch.")
+        try:
+            for src_chunk, dst_chunk in sender.chunks(src, dst):
+                while not sender.can_send():
+                    await self._settle(m, sender, pending.popleft())
+                self._copying += 1
+                try:
+                    header = await loop.run_in_executor(self.copy_pool, sender.send_chunk, src_chunk, dst_chunk)
+                finally:
+                    self._copying -= 1
+                msg = MigrateBlocks(
+                    migration_id=m.migration_id, stage=stage, dst_block_ids=dst_chunk, path=sender.name,
+                    seq=header.seq, staging=staging.get("shm_name", ""), staging_bytes=staging.get("shm_bytes", 0),
+                    offset=header.offset,
+                    tensors=[TensorSpec(dtype=dtype, shape=list(block_shape(cache, len(dst_chunk))))]  # type: ignore[arg-type]
+                    if sender.name == "frames" else [])
+                fut = asyncio.ensure_future(self._rpc(m, requester.request(
+                    msg, self.cfg.migration_timeout_s, frames=sender.payload(header.seq), raise_errors=False)))
+                pending.append((header.seq, fut))
+                nbytes = len(src_chunk) * block_bytes(cache)
+                m.bytes_moved += nbytes
+                self.metrics.bytes.labels(path=sender.name).inc(nbytes)
+            while pending:
+                await self._settle(m, sender, pending.popleft())
+        finally:
+            for _, fut in pending:
+                fut.cancel()
+
+    @staticmethod
+    async def _settle(m: Outgoing, sender: KVSender, item: tuple[int, asyncio.Future[Any]]) -> None:
+        seq, fut = item
+        ack = await fut
+        if isinstance(ack, ErrorReply):
+            raise Aborted("refused", ack.message)
+        if not isinstance(ack, BlocksAck) or not ack.ok:
+            raise Aborted("error", getattr(ack, "reason", "") or "blocks not written")
+        sender.ack(seq)
+
+
+def _reason_label(reason: str) -> str:
+    """A bounded metrics label for a free-text cancel reason."""
+    for label in ("stopped", "aborted", "cancelled", "destination"):
+        if reason.startswith(label):
+            return label
+    return "cancelled"
