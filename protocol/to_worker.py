@@ -79,15 +79,24 @@ class RegisterReply(ReplyMessage, kw_only=True, frozen=True):
     reason: Text = ""
 
 
+MigrationMode = Literal["live", "blocking", "recompute"]
+
+
 class MigrateCommand(RequestMessage, kw_only=True, frozen=True):
     """Be the source of a migration to `dst_worker_id`. With `request_id` None the source picks
-    (lowest priority first, then shortest context). Ack(ok=False, detail) when it cannot start."""
+    (lowest priority first, then shortest context). Answered by Ack(detail=<request id>) once
+    started, or ErrorReply. The outcome follows as MigrationResult to the scheduler.
+
+    `mode`: "live" (multi-stage pre-copy, DESIGN §5); "blocking" (stop, copy every block, resume
+    there); "recompute" (stop, move only the state: the destination prefills the tokens again).
+    The last two are the baselines of `kvferry bench migration`."""
 
     migration_id: Id
     request_id: Id | None = None
     dst_worker_id: Id
     dst_endpoint: Endpoint  # the destination's migration socket
     reason: Text = ""  # load, defrag, priority, drain, ctl
+    mode: MigrationMode = "live"
 
 
 class CancelMigration(RequestMessage, kw_only=True, frozen=True):

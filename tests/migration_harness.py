@@ -175,12 +175,12 @@ class MigrationCluster:
         reply = await self.call(i, msg)
         assert isinstance(reply, Ack), reply
 
-    async def migrate(self, src: int, dst: int, rid: str | None = None) -> tuple[str, Any]:
+    async def migrate(self, src: int, dst: int, rid: str | None = None, mode: str = "live") -> tuple[str, Any]:
         """Send MigrateCommand to worker `src`; (migration id, the worker's reply)."""
         mid = f"mig-{uuid.uuid4().hex[:10]}"
         w = self.workers[dst]
         reply = await self.call(src, MigrateCommand(migration_id=mid, request_id=rid, dst_worker_id=w.worker_id,
-                                                    dst_endpoint=w.migration_endpoint, reason="test"))
+                                                    dst_endpoint=w.migration_endpoint, reason="test", mode=mode))
         return mid, reply
 
     async def result(self, migration_id: str, timeout: float = WAIT_S) -> MigrationResult:
@@ -188,8 +188,8 @@ class MigrationCluster:
         return await self.scheduler.wait_for(
             lambda m: isinstance(m, MigrationResult) and m.migration_id == migration_id, timeout)
 
-    async def migrate_and_wait(self, src: int, dst: int, rid: str | None = None) -> MigrationResult:
-        mid, reply = await self.migrate(src, dst, rid)
+    async def migrate_and_wait(self, src: int, dst: int, rid: str | None = None, mode: str = "live") -> MigrationResult:
+        mid, reply = await self.migrate(src, dst, rid, mode)
         assert isinstance(reply, Ack) and reply.ok, reply
         return await self.result(mid)
 

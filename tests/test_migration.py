@@ -149,6 +149,22 @@ async def test_long_context_moves_in_many_chunks_and_stages(make_cluster):
     await c.wait_idle()
 
 
+async def test_blocking_and_recompute_baselines_give_identical_tokens(make_cluster):
+    c = await make_cluster(2)
+    fe = c.frontend
+    await twins(c, "stop-copy", 300, temperature=1.0, seed=3)
+    await twins(c, "recompute", 300, temperature=1.0, seed=4)
+    await fe.until(lambda: fe.count("stop-copy") >= 20 and fe.count("recompute") >= 20)
+    blocking = await c.migrate_and_wait(0, 1, "stop-copy", mode="blocking")
+    assert blocking.outcome == "committed" and blocking.stages == 1 and blocking.bytes_moved > 0, blocking
+    recompute = await c.migrate_and_wait(0, 1, "recompute", mode="recompute")
+    assert recompute.outcome == "committed" and recompute.blocks == 0 and recompute.bytes_moved == 0, recompute
+    for rid in ("stop-copy", "recompute"):
+        await check_twins(c, rid)
+        assert fe.senders[rid] == ["worker-0", "worker-1"]
+    await c.wait_idle()
+
+
 async def test_a_waiting_request_is_moved_without_kv(make_cluster):
     c = await make_cluster(2, per_worker={0: {"max_num_seqs": 1}})
     fe = c.frontend

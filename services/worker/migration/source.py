@@ -92,6 +92,7 @@ class Outgoing:
     dst_worker_id: str
     dst_endpoint: str
     reason: str = ""
+    mode: str = "live"  # live | blocking | recompute (MigrateCommand.mode)
     started: float = field(default_factory=time.monotonic)
     phase: str = "precopy"  # precopy → final → committing → done
     cancel_reason: str | None = None
@@ -176,7 +177,7 @@ class MigrationSource:
             raise Refused(ErrorCode.NOT_FOUND, f"request {rid!r} is not on this worker")
         if rid in self.by_request:
             raise Refused(ErrorCode.REFUSED, f"request {rid!r} is already migrating")
-        m = Outgoing(cmd.migration_id, rid, cmd.dst_worker_id, cmd.dst_endpoint, cmd.reason)
+        m = Outgoing(cmd.migration_id, rid, cmd.dst_worker_id, cmd.dst_endpoint, cmd.reason, cmd.mode)
         self.by_id[m.migration_id] = m
         self.by_request[rid] = m
         self.metrics.started.labels(role="out").inc()
@@ -242,9 +243,10 @@ class MigrationSource:
                 raise Aborted("finished")
             preemptions = view.num_preemptions
             stage = 0
+            max_stages = self.cfg.migration_max_stages if m.mode == "live" else 0
             while view.num_computed_tokens > 0:  # a queued request (nothing computed) is a plain move
                 new = list(view.block_table[len(copied):view.num_computed_tokens // bs])
-                if stage > 0 and (len(new) <= self.cfg.migration_final_blocks or stage >= self.cfg.migration_max_stages):
+                if stage >= max_stages or (stage > 0 and len(new) <= self.cfg.migration_final_blocks):
                     break
                 reply = await self._reserve(m, requester, stage, len(new))
                 opened = True
@@ -273,6 +275,8 @@ class MigrationSource:
                 raise Aborted(res)
             state, view, t_out = res
             detached = True
+            if m.mode == "recompute":  # only the state moves; the destination prefills again
+                state = {**state, "num_computed_tokens": 0}
             rest = list(view.block_table[len(copied):blocks_for(state["num_computed_tokens"], bs)])
             if not opened or rest:
                 reply = await self._reserve(m, requester, stage, len(rest))
