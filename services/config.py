@@ -53,6 +53,7 @@ class WorkerConfig:
     seed: int = 0
     threads: int = 0  # torch intra-op threads; 0: torch's default
     frontend_timeout_s: float = 10.0  # a frontend that heartbeated, then fell silent this long: abort its requests
+    metrics_port: int = 0  # Prometheus /metrics over HTTP on [cluster] http_host; 0: off (`kvferry up`: + index)
     # Live migration (DESIGN §5).
     migration_path: str = "auto"  # auto (shm on one host, else frames) | shm | frames
     max_migrations_out: int = 2  # concurrent migrations with this worker as source

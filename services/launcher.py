@@ -134,6 +134,8 @@ class LocalCluster:
                 w = dict(cfg.worker.__dict__, index=i, worker_id=f"worker-{i}", device=self._device_for(i))
                 if threads and not w.get("threads"):
                     w["threads"] = threads
+                if cfg.worker.metrics_port:
+                    w["metrics_port"] = cfg.worker.metrics_port + i
                 self._spawn(f"worker-{i}", "worker", {**base_env, **_env_for("worker", w)})
             self._spawn("frontend", "frontend", {**base_env, **_env_for("frontend", cfg.frontend.__dict__)})
             deadline = time.monotonic() + self.spec.ready_timeout_s

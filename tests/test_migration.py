@@ -416,3 +416,30 @@ async def test_hostile_migration_messages_are_refused_and_the_worker_keeps_servi
     await c.frontend.finished("victim-ref", timeout=60)
     assert c.frontend.tokens("victim") == c.frontend.tokens("victim-ref")
     await c.wait_idle(timeout=10)  # the hostile reservation is freed by the sweeper
+
+
+async def test_worker_metrics_endpoint_counts_migrations(make_cluster):
+    import socket
+
+    import httpx
+
+    ports = []
+    for _ in range(2):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            ports.append(s.getsockname()[1])
+    c = await make_cluster(2, per_worker={0: {"metrics_port": ports[0]}, 1: {"metrics_port": ports[1]}})
+    await twins(c, "counted", 200)
+    await c.frontend.until(lambda: c.frontend.count("counted") >= 2)
+    assert (await c.migrate_and_wait(0, 1, "counted")).outcome == "committed"
+    async with httpx.AsyncClient(timeout=10) as http:
+        src = (await http.get(f"http://127.0.0.1:{ports[0]}/metrics")).text
+        dst = (await http.get(f"http://127.0.0.1:{ports[1]}/metrics")).text
+    assert 'kvferry_migrations_started_total{role="out"} 1.0' in src
+    assert 'kvferry_migrations_committed_total{role="out"} 1.0' in src
+    assert 'kvferry_migration_bytes_total{path="shm"}' in src
+    assert "kvferry_migration_downtime_seconds_count 1.0" in src
+    assert "kvferry_migration_stages_count 1.0" in src
+    assert 'kvferry_migrations_committed_total{role="in"} 1.0' in dst
+    await check_twins(c, "counted")
+    await c.wait_idle()

@@ -33,6 +33,7 @@ from services.log import get_logger
 from services.worker.control import ControlHandler
 from services.worker.engine_driver import EngineDriver
 from services.worker.engine_factory import EngineInfo, build_engine
+from services.worker.metrics_http import MetricsServer, start_metrics_server
 from services.worker.migration.service import MigrationService
 from services.worker.scheduler_link import SchedulerLink
 from services.worker.streams import RouteTable, TokenStreamer
@@ -71,6 +72,7 @@ class Worker:
         )
         self.control: MessageSocket | None = None
         self.migration: MigrationService | None = None
+        self._metrics_server: MetricsServer | None = None
         self.handler: ControlHandler | None = None
         self._serve_task: asyncio.Task[None] | None = None
         self._watchdog_task: asyncio.Task[None] | None = None
@@ -86,6 +88,9 @@ class Worker:
         self.control = MessageSocket.bind(self.ctx, zmq.ROUTER, self.cfg.cluster.bind(self.control_endpoint),
                                           WorkerControlInbound, name=f"{self.worker_id}-control")
         self.migration = MigrationService(self)
+        if self.cfg.worker.metrics_port:
+            self._metrics_server = start_metrics_server(self.cfg.cluster.http_host, self.cfg.worker.metrics_port,
+                                                        self.migration.metrics.registry)
         self.driver.start()
         self.migration.start()
         self.handler = ControlHandler(self, self.control)
@@ -159,6 +164,8 @@ class Worker:
         await self.loop.run_in_executor(None, self.driver.stop)
         if self.control is not None:
             self.control.close()
+        if self._metrics_server is not None:
+            self._metrics_server.close()
         self.streamer.close(linger_ms=500)  # let the final error batches leave
         self.ctx.term()
         log.info("worker.stopped", worker_id=self.worker_id)
