@@ -8,6 +8,7 @@ import importlib
 KINDS = (
     "cli.bench_engine",
     "cli.bench_frontend",
+    "cli.bench_migration",
     "cli.bench_transfer",
 )
 

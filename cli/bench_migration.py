@@ -1,0 +1,767 @@
+"""`kvferry bench migration`: downtime of live migration vs recompute vs blocking copy, by context.
+
+Two real worker processes (`kvferry worker --engine torch`) run on this machine, each with
+max(1, cores // 2) torch threads. The bench plays the scheduler (a ROUTER at the scheduler
+endpoint: registers the workers, answers pings, records MigrationResult and load reports) and the
+frontend (a PULL at the reply address, where every token batch is timestamped on arrival with
+time.perf_counter). Requests and MigrateCommands go straight to the workers' control sockets.
+
+For each context length L: bg-src (worker 0) and bg-dst (worker 1), short prompts, keep both
+engines decoding; R (a seeded random prompt of L - 16 tokens, capped so that the whole run fits
+the model's context; greedy, ignore_eos) starts on worker 0. After R has streamed 16 tokens it
+moves live 0→1 (multi-stage pre-copy), 16 tokens later blocking 1→0 (stop, copy every block,
+resume), 16 tokens later by recompute 0→1 (only the state moves; the destination prefills the
+tokens again). Then everything is aborted and both workers must report every KV block free.
+An unrecorded round at the shortest length goes first (--no-warmup: not): the first migration out
+of each worker sets up its shared-memory staging buffer, a one-off cost.
+
+- downtime (ms) = the gap between R's last token from the source and its first token from the
+  destination, minus R's median inter-token gap over the 10 tokens before the MigrateCommand;
+- decode step (ms) = median gap of bg-src (source; `_dst_`: bg-dst, destination) over the tokens
+  before the live migration's command, while R decodes in the source's batch;
+- during migration (ms) = mean gap of bg-src tokens arriving after the command up to R's last
+  token on the source (R still in that batch: like for like with the decode step), and of bg-dst
+  tokens arriving after the command and before R's first token there (bg-dst still alone).
+
+R's stream is checked (every output index exactly once, in order, from the worker that owns R at
+that point) and every migration must commit: the bench fails (exit 1) otherwise. Missed
+performance targets are reported, not failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import ctypes
+import json
+import math
+import os
+import platform
+import random
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cli.common import int_list, positive_int
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_LENGTHS = [256, 512, 1024, 2048, 4096, 8192]
+PLAN = (("live", 0, 1), ("blocking", 1, 0), ("recompute", 0, 1))  # mode, source, destination, in order
+MODES = tuple(p[0] for p in PLAN)
+TOKENS_BETWEEN = 16  # R's tokens before the first migration and between two migrations
+BASELINE_GAPS = 10  # R's gaps before a command that define its normal inter-token gap
+TAIL_TOKENS = 4  # R's tokens after the last migration before everything is aborted
+CONTEXT_MARGIN = 128  # prompt + every token R decodes stays below the model's context by this much
+BG_PROMPT_TOKENS = 16
+DOWNTIME_FLOOR_MS = 1.0  # flatness ratio: downtimes below this are step-time jitter on a shared machine
+PLOT_FLOOR_MS = 0.1  # log axes: smaller (or negative) downtimes are drawn here
+REPORT_INTERVAL_MS = 100
+TARGETS = {
+    "live_flatness": 1.5,  # live downtime at the longest length / at the shortest, at most
+    "live_decode_steps": 1.0,  # live downtime in decode steps, at most (every length)
+    "recompute_over_live_at_4096": 10.0,  # at least
+    "decode_slowdown_pct": 1.0,  # during a live migration vs without, source and destination, at most
+}
+REQUIRED_KEYS = ("context_tokens", "live_ms", "recompute_ms", "blocking_ms", "decode_step_ms",
+                 "decode_step_during_migration_ms")
+
+
+class BenchError(RuntimeError):
+    """A correctness problem (lost or repeated token, migration not committed, leaked blocks)."""
+
+
+def register(kinds: argparse._SubParsersAction) -> None:
+    p = kinds.add_parser("migration", help="downtime of live migration vs recompute vs blocking copy, by context",
+                         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2", help="tiny, smollm2, a HF folder or .gguf (default: smollm2)")
+    p.add_argument("--lengths", type=int_list, default=DEFAULT_LENGTHS,
+                   help=f"context lengths (default: {','.join(map(str, DEFAULT_LENGTHS))})")
+    p.add_argument("--json", metavar="FILE", help="write {'records': [...], ...} to FILE")
+    p.add_argument("--plot", metavar="FILE.png", help="plot downtime vs context (log-log) to FILE.png")
+    p.add_argument("--path", choices=("auto", "shm", "frames"), default="auto",
+                   help="KV data path between the workers (default: auto, shm on one host)")
+    p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32", "float16"),
+                   help="weights, activations and KV cache dtype (default: bfloat16)")
+    p.add_argument("--threads", type=positive_int, default=None,
+                   help="torch threads per worker (default: max(1, cores // 2))")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random prompts (default: 0)")
+    p.add_argument("--timeout", type=float, default=300.0,
+                   help="seconds any one phase (start, prefill, migration, abort) may take (default: 300)")
+    p.add_argument("--no-warmup", action="store_true",
+                   help="measure from the first migration on (default: one unrecorded round at the shortest length "
+                        "first, which pays the one-off staging buffer set-up)")
+    p.add_argument("--log-dir", help="keep the workers' logs in this folder (default: a temp folder, "
+                                     "shown on failure and removed)")
+    p.set_defaults(func=run)
+
+
+# ---- pure computations (unit-tested) --------------------------------------------------------------
+
+@dataclass
+class Stream:
+    """One request's tokens as a frontend stitches them: by output index, each exactly once.
+
+    A batch beyond the next expected index (a new owner's first tokens overtaking the old owner's
+    last ones) waits until the gap is filled; an index delivered twice raises BenchError."""
+
+    request_id: str
+    tokens: list[int] = field(default_factory=list)
+    times: list[float] = field(default_factory=list)  # arrival time of each output index
+    workers: list[str] = field(default_factory=list)  # who sent each output index
+    finish_reason: str | None = None
+    error: str | None = None
+    _pending: dict[int, tuple[list[int], str, float]] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def feed(self, first_index: int, token_ids: list[int], worker_id: str, t: float,
+             finish_reason: str | None = None, error: str | None = None) -> None:
+        if self.finish_reason is not None and token_ids:
+            raise BenchError(f"{self.request_id}: tokens at index {first_index} after its final batch")
+        if token_ids:
+            if first_index < len(self.tokens) or first_index in self._pending:
+                raise BenchError(f"{self.request_id}: index {first_index} delivered twice "
+                                 f"(by {worker_id}; {len(self.tokens)} tokens so far)")
+            self._pending[first_index] = (list(token_ids), worker_id, t)
+            while len(self.tokens) in self._pending:
+                ids, w, at = self._pending.pop(len(self.tokens))
+                self.tokens.extend(ids)
+                self.times.extend([at] * len(ids))
+                self.workers.extend([w] * len(ids))
+        if finish_reason is not None:
+            self.finish_reason = finish_reason
+            self.error = error
+
+    def check_complete(self) -> None:
+        if self._pending:
+            raise BenchError(f"{self.request_id}: gap at index {len(self.tokens)}; indices "
+                             f"{sorted(self._pending)[:5]} arrived but not the ones before")
+
+    def owner_runs(self) -> list[tuple[str, int]]:
+        """(worker, first index) of each run of consecutive tokens from one worker."""
+        runs: list[tuple[str, int]] = []
+        for i, w in enumerate(self.workers):
+            if not runs or runs[-1][0] != w:
+                runs.append((w, i))
+        return runs
+
+
+def gaps_ending_in(times: list[float], start: float, end: float, include_end: bool = True) -> list[float]:
+    """Inter-arrival gaps t[k] - t[k-1] whose end t[k] lies in (start, end] ((start, end) without
+    `include_end`)."""
+    return [times[k] - times[k - 1] for k in range(1, len(times))
+            if times[k] > start and (times[k] <= end if include_end else times[k] < end)]
+
+
+def first_gap_after(times: list[float], t: float) -> list[float]:
+    """The first gap that ends after `t` (the one a short window falls into), as a list."""
+    for k in range(1, len(times)):
+        if times[k] > t:
+            return [times[k] - times[k - 1]]
+    return []
+
+
+def recent_gaps(times: list[float], lo_index: int, hi_index: int, n: int) -> list[float]:
+    """The last `n` gaps between consecutive indices in [lo_index, hi_index)."""
+    ks = range(max(lo_index + 1, hi_index - n), hi_index)
+    return [times[k] - times[k - 1] for k in ks if 0 < k < len(times)]
+
+
+def median_ms(gaps_s: list[float]) -> float | None:
+    return statistics.median(gaps_s) * 1000.0 if gaps_s else None
+
+
+def mean_ms(gaps_s: list[float]) -> float | None:
+    return statistics.fmean(gaps_s) * 1000.0 if gaps_s else None
+
+
+def downtime_ms(last_src_t: float, first_dst_t: float, normal_gap_ms: float) -> float:
+    """The extra gap a migration causes: (first token from the destination - last from the source)
+    minus the request's normal inter-token gap. Near zero (either sign) when fully hidden."""
+    return (first_dst_t - last_src_t) * 1000.0 - normal_gap_ms
+
+
+def switch_index(workers: list[str], from_index: int, dst: str) -> int | None:
+    """The first output index at or after `from_index` sent by `dst`, if any yet."""
+    for i in range(from_index, len(workers)):
+        if workers[i] == dst:
+            return i
+    return None
+
+
+def slowdown_pct(base_ms: float | None, during_ms: float | None) -> float | None:
+    if base_ms is None or during_ms is None or base_ms <= 0:
+        return None
+    return (during_ms / base_ms - 1.0) * 100.0
+
+
+def evaluate_targets(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Each target of the issue: its bound, the measured value, whether it is met (None: not
+    measured by this run)."""
+    out: dict[str, dict[str, Any]] = {}
+    if len(records) >= 2:
+        lo, hi = min(records, key=lambda r: r["context_tokens"]), max(records, key=lambda r: r["context_tokens"])
+        ratio = max(hi["live_ms"], DOWNTIME_FLOOR_MS) / max(lo["live_ms"], DOWNTIME_FLOOR_MS)
+        out["live_flatness"] = {"target": f"live({hi['context_tokens']}) / live({lo['context_tokens']}) <= "
+                                          f"{TARGETS['live_flatness']} (downtimes floored at {DOWNTIME_FLOOR_MS} ms)",
+                                "value": round(ratio, 3), "met": ratio <= TARGETS["live_flatness"]}
+    steps = {r["context_tokens"]: r["live_ms"] / r["decode_step_ms"] for r in records if r["decode_step_ms"]}
+    worst = max(steps.items(), key=lambda kv: kv[1]) if steps else None
+    out["live_decode_steps"] = {"target": f"live downtime <= {TARGETS['live_decode_steps']} decode step at every "
+                                          "length",
+                                "value": None if worst is None else round(worst[1], 3),
+                                "at": None if worst is None else worst[0],
+                                "met": None if worst is None else worst[1] <= TARGETS["live_decode_steps"]}
+    at4k = [r for r in records if r["context_tokens"] == 4096]
+    ratio4k = at4k[0]["recompute_ms"] / max(at4k[0]["live_ms"], DOWNTIME_FLOOR_MS) if at4k else None
+    out["recompute_over_live_at_4096"] = {
+        "target": f"recompute / live >= {TARGETS['recompute_over_live_at_4096']} at 4096 (live floored at "
+                  f"{DOWNTIME_FLOOR_MS} ms)",
+        "value": None if ratio4k is None else round(ratio4k, 2),
+        "met": None if ratio4k is None else ratio4k >= TARGETS["recompute_over_live_at_4096"]}
+    slow = [(r["context_tokens"], side, r[key]) for r in records
+            for side, key in (("source", "decode_slowdown_pct"), ("destination", "decode_slowdown_dst_pct"))
+            if r.get(key) is not None]
+    worst_slow = max(slow, key=lambda s: s[2]) if slow else None
+    out["decode_slowdown_pct"] = {
+        "target": f"decode step during a live migration at most {TARGETS['decode_slowdown_pct']} % slower",
+        "value": None if worst_slow is None else round(worst_slow[2], 2),
+        "at": None if worst_slow is None else f"{worst_slow[1]} {worst_slow[0]}",
+        "met": None if worst_slow is None else worst_slow[2] <= TARGETS["decode_slowdown_pct"]}
+    return out
+
+
+# ---- the bench's scheduler and frontend -----------------------------------------------------------
+
+class _Watched:
+    """`until(pred)`: wait, bounded, until something this object received makes `pred()` true."""
+
+    def __init__(self) -> None:
+        self._changed = asyncio.Event()
+        self.failure: str | None = None  # set by a receive loop that died
+
+    def _notify(self) -> None:
+        self._changed.set()
+
+    async def until(self, pred: Callable[[], bool], timeout: float, what: str) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            self._changed.clear()
+            if self.failure is not None:
+                raise BenchError(self.failure)
+            if pred():
+                return
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise BenchError(f"timed out after {timeout:.0f} s waiting for {what}")
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), left)
+
+
+class SchedulerStub(_Watched):
+    """A ROUTER at the scheduler endpoint: RegisterWorker → RegisterReply, Ping → Pong; keeps
+    MigrationResults by migration id and each worker's latest LoadReport (with its arrival time)."""
+
+    def __init__(self, ctx: Any, endpoint: str) -> None:
+        import zmq
+
+        from protocol import SchedulerInbound
+        from protocol.sockets import MessageSocket
+
+        super().__init__()
+        self.sock = MessageSocket.bind(ctx, zmq.ROUTER, endpoint, SchedulerInbound, name="bench-scheduler")
+        self.workers: dict[str, Any] = {}  # worker id → RegisterWorker
+        self.results: dict[str, Any] = {}  # migration id → MigrationResult
+        self.reports: dict[str, tuple[float, Any]] = {}  # worker id → (perf_counter, LoadReport)
+
+    async def run(self) -> None:
+        from protocol import LoadReport, MigrationResult, Ping, Pong, RegisterReply, RegisterWorker
+        from protocol.errors import ProtocolError
+
+        try:
+            while True:
+                try:
+                    rec = await self.sock.recv()
+                except ProtocolError:
+                    continue
+                msg = rec.msg
+                if isinstance(msg, RegisterWorker):
+                    self.workers[msg.worker_id] = msg
+                    await self.sock.send(RegisterReply(reply_to=msg.msg_id, scheduler_id="bench",
+                                                       heartbeat_interval_ms=500,
+                                                       report_interval_ms=REPORT_INTERVAL_MS), peer=rec.peer)
+                elif isinstance(msg, Ping):
+                    await self.sock.send(Pong.to(msg, "bench"), peer=rec.peer)
+                elif isinstance(msg, MigrationResult):
+                    self.results[msg.migration_id] = msg
+                elif isinstance(msg, LoadReport):
+                    self.reports[msg.worker_id] = (time.perf_counter(), msg)
+                self._notify()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - surfaced by the next until()
+            self.failure = f"the bench's scheduler stub failed: {type(exc).__name__}: {exc}"
+            self._notify()
+
+
+class TokenSink(_Watched):
+    """A PULL at the reply address: stitches every request's stream (see Stream), timestamping each
+    message on arrival; records RequestMoved notices."""
+
+    def __init__(self, ctx: Any, endpoint: str) -> None:
+        import zmq
+
+        from protocol import FrontendTokenInbound
+        from protocol.sockets import MessageSocket
+
+        super().__init__()
+        self.endpoint = endpoint
+        self.sock = MessageSocket.bind(ctx, zmq.PULL, endpoint, FrontendTokenInbound, name="bench-frontend")
+        self.streams: dict[str, Stream] = {}
+        self.moved: list[tuple[float, Any]] = []
+
+    def stream(self, request_id: str) -> Stream:
+        return self.streams.setdefault(request_id, Stream(request_id))
+
+    async def run(self) -> None:
+        from protocol import RequestMoved, TokenBatch, TokenBatches
+        from protocol.errors import ProtocolError
+
+        try:
+            while True:
+                try:
+                    rec = await self.sock.recv()
+                except ProtocolError:
+                    continue
+                t = time.perf_counter()
+                msg = rec.msg
+                batches = msg.batches if isinstance(msg, TokenBatches) else [msg] if isinstance(msg, TokenBatch) else []
+                for b in batches:
+                    self.stream(b.request_id).feed(b.first_index, list(b.token_ids), b.worker_id, t,
+                                                   b.finish_reason, b.error)
+                if isinstance(msg, RequestMoved):
+                    self.moved.append((t, msg))
+                self._notify()
+        except asyncio.CancelledError:
+            raise
+        except BenchError as exc:
+            self.failure = str(exc)
+            self._notify()
+        except Exception as exc:  # noqa: BLE001
+            self.failure = f"the bench's token sink failed: {type(exc).__name__}: {exc}"
+            self._notify()
+
+
+# ---- worker processes ---------------------------------------------------------------------------
+
+def _die_with_parent() -> None:  # in the child between fork and exec: no orphaned workers
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+class WorkerProcess:
+    """One `kvferry worker` child: stdout and stderr to files in `log_dir`."""
+
+    def __init__(self, index: int, base_port: int, scheduler: str, args: argparse.Namespace, threads: int,
+                 log_dir: Path) -> None:
+        self.index = index
+        self.worker_id = f"worker-{index}"
+        self.out_path = log_dir / f"{self.worker_id}.out"
+        self.log_path = log_dir / f"{self.worker_id}.log"
+        env = {**os.environ, "KVFERRY_LOG_LEVEL": "INFO", "KVFERRY_WORKER_MIGRATION_PATH": args.path}
+        cmd = [sys.executable, "-m", "cli.main", "worker", "--index", str(index), "--base-port", str(base_port),
+               "--scheduler", scheduler, "--engine", "torch", "--model", args.model, "--dtype", args.dtype,
+               "--threads", str(threads)]
+        with open(self.out_path, "wb") as out, open(self.log_path, "wb") as err:
+            self.proc = subprocess.Popen(cmd, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=out, stderr=err, env=env,
+                                         preexec_fn=_die_with_parent)
+
+    async def ready(self, timeout: float) -> None:
+        """Wait for `READY worker <id> ...` on its stdout (model load and kernel build can take a while)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            text = self.out_path.read_text(errors="replace")
+            if f"READY worker {self.worker_id}" in text:
+                return
+            if self.proc.poll() is not None:
+                raise BenchError(f"{self.worker_id} exited with status {self.proc.returncode} before READY")
+            if time.monotonic() > deadline:
+                raise BenchError(f"{self.worker_id} not READY within {timeout:.0f} s")
+            await asyncio.sleep(0.1)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)  # a clean stop frees its shared-memory buffers
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+
+    def log_tail(self, chars: int = 4000) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-chars:]
+        except OSError:
+            return ""
+
+
+# ---- the measurement ------------------------------------------------------------------------------
+
+@dataclass
+class Context:
+    """What one run shares across lengths."""
+
+    args: argparse.Namespace
+    sched: SchedulerStub
+    sink: TokenSink
+    controls: list[Any]  # a Requester per worker's control socket
+    workers: list[WorkerProcess]
+    max_context: int
+    vocab: tuple[int, int]  # random prompt token range [lo, hi)
+    rng: random.Random
+
+
+def _prompt(ctx: Context, n: int) -> list[int]:
+    lo, hi = ctx.vocab
+    return [ctx.rng.randrange(lo, hi) for _ in range(n)]
+
+
+async def _add(ctx: Context, worker: int, rid: str, prompt: list[int], max_tokens: int) -> None:
+    from protocol import AddRequest, SamplingParams
+
+    ctx.sink.stream(rid)
+    msg = AddRequest(request_id=rid, prompt_token_ids=prompt, frontend_id="bench",
+                     reply_address=ctx.sink.endpoint,
+                     sampling=SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True))
+    await ctx.controls[worker].request(msg, 30.0)
+
+
+async def _abort(ctx: Context, worker: int, rid: str) -> None:
+    from protocol import AbortRequest
+
+    ack = await ctx.controls[worker].request(AbortRequest(request_id=rid, reason="bench"), 60.0)
+    if not ack.ok:
+        raise BenchError(f"abort of {rid} on worker-{worker}: {ack.detail}")
+
+
+async def _migrate(ctx: Context, mode: str, src: int, dst: int, rid: str, mid: str) -> None:
+    from protocol import ClusterAddresses, MigrateCommand
+
+    addrs = ClusterAddresses(base_port=ctx.args.base_port)
+    msg = MigrateCommand(migration_id=mid, request_id=rid, dst_worker_id=f"worker-{dst}",
+                         dst_endpoint=addrs.worker_migration(dst), reason="bench", mode=mode)  # type: ignore[arg-type]
+    ack = await ctx.controls[src].request(msg, 30.0)
+    if not ack.ok or ack.detail != rid:
+        raise BenchError(f"MigrateCommand {mode} {rid}: worker-{src} answered {ack}")
+
+
+async def measure_length(ctx: Context, length: int) -> dict[str, Any]:
+    """One context length: three migrations of R, then abort all and check no block leaked."""
+    timeout = ctx.args.timeout
+    sink, sched = ctx.sink, ctx.sched
+    tag = uuid.uuid4().hex[:6]
+    rid, bs, bd = f"R-{length}-{tag}", f"bg-src-{length}-{tag}", f"bg-dst-{length}-{tag}"
+    prompt_len = max(1, min(length - TOKENS_BETWEEN, ctx.max_context - CONTEXT_MARGIN))
+    bg_max = ctx.max_context - BG_PROMPT_TOKENS - 1
+    await _add(ctx, 0, bs, _prompt(ctx, BG_PROMPT_TOKENS), bg_max)
+    await _add(ctx, 1, bd, _prompt(ctx, BG_PROMPT_TOKENS), bg_max)
+    R, S, D = sink.stream(rid), sink.stream(bs), sink.stream(bd)
+    await sink.until(lambda: len(S) >= 2 and len(D) >= 2, timeout, "the background requests to decode")
+    t_add = time.perf_counter()
+    await _add(ctx, 0, rid, _prompt(ctx, prompt_len), ctx.max_context - prompt_len - 1)
+
+    def alive() -> None:
+        for s in (R, S, D):
+            if s.finish_reason is not None:
+                raise BenchError(f"{s.request_id} ended early: {s.finish_reason} {s.error or ''}")
+
+    record: dict[str, Any] = {"context_tokens": length, "prompt_tokens": prompt_len, "migrations": {}}
+    start = 0  # R's first index on its current owner
+    for mode, src, dst in PLAN:
+        await sink.until(lambda: len(R) >= start + TOKENS_BETWEEN or R.finish_reason is not None, timeout,
+                         f"{rid} to stream {TOKENS_BETWEEN} tokens on worker-{src}")
+        alive()
+        if mode == "live":
+            record["ttft_s"] = R.times[0] - t_add
+        n_cmd = len(R)
+        mid = f"{mode}-{length}-{tag}"
+        t_cmd = time.perf_counter()
+        await _migrate(ctx, mode, src, dst, rid, mid)
+        await sched.until(lambda: mid in sched.results, timeout, f"the MigrationResult of {mid}")
+        res = sched.results[mid]
+        if res.outcome != "committed":
+            raise BenchError(f"{mode} migration of {rid} worker-{src} → worker-{dst} did not commit: "
+                             f"{res.outcome} ({res.reason})")
+        await sink.until(lambda: switch_index(R.workers, n_cmd, f"worker-{dst}") is not None
+                         or R.finish_reason is not None, timeout, f"{rid}'s first token from worker-{dst}")
+        alive()
+        j = switch_index(R.workers, n_cmd, f"worker-{dst}")
+        assert j is not None
+        if j == 0 or any(w != f"worker-{src}" for w in R.workers[start:j]):
+            raise BenchError(f"{rid}: tokens {start}..{j - 1} were not all from worker-{src}: {R.workers[start:j]}")
+        normal = median_ms(recent_gaps(R.times, start, n_cmd, BASELINE_GAPS))
+        if normal is None:
+            raise BenchError(f"{rid}: no inter-token gaps before the {mode} migration")
+        m = {"context_tokens": prompt_len + n_cmd, "src": f"worker-{src}", "dst": f"worker-{dst}",
+             "downtime_ms": downtime_ms(R.times[j - 1], R.times[j], normal),
+             "gap_ms": (R.times[j] - R.times[j - 1]) * 1000.0, "normal_gap_ms": normal,
+             "command_to_first_token_ms": (R.times[j] - t_cmd) * 1000.0,
+             "worker_downtime_ms": res.downtime_ms, "stages": res.stages, "blocks": res.blocks,
+             "bytes_moved": res.bytes_moved}
+        if mode == "live":
+            # Like-for-like windows: the source's batch still holds R; the destination's not yet.
+            t_ref = R.times[max(start, n_cmd - BASELINE_GAPS - 1)]
+            t_last_src, t_first_dst = R.times[j - 1], R.times[j]
+            before_src, before_dst = gaps_ending_in(S.times, t_ref, t_cmd), gaps_ending_in(D.times, t_ref, t_cmd)
+            base_src, base_dst = median_ms(before_src), median_ms(before_dst)
+            during_src = gaps_ending_in(S.times, t_cmd, t_last_src) or first_gap_after(S.times, t_cmd)
+            during_dst = gaps_ending_in(D.times, t_cmd, t_first_dst, include_end=False) or \
+                first_gap_after(D.times, t_cmd)
+            record.update({
+                "decode_step_ms": base_src, "decode_step_during_migration_ms": mean_ms(during_src),
+                "decode_step_dst_ms": base_dst, "decode_step_dst_during_migration_ms": mean_ms(during_dst),
+                # The means too: gap distributions are skewed, so mean-during vs median-before is not
+                # the whole story on a noisy machine.
+                "decode_step_mean_ms": mean_ms(before_src), "decode_step_dst_mean_ms": mean_ms(before_dst),
+                "decode_gaps_before_migration": len(before_src), "decode_gaps_during_migration": len(during_src),
+                "decode_gaps_dst_during_migration": len(during_dst)})
+        record["migrations"][mode] = m
+        start = j
+    await sink.until(lambda: len(R) >= start + TAIL_TOKENS or R.finish_reason is not None, timeout,
+                     f"{rid}'s tokens after the last migration")
+    alive()
+    R.check_complete()
+    owners = [w for w, _ in R.owner_runs()]
+    expected = ["worker-0"] + [f"worker-{d}" for _, _, d in PLAN]
+    if owners != expected:
+        raise BenchError(f"{rid}: owners {owners}, expected {expected}")
+
+    # Abort everything; both workers must come back to every block free.
+    t_abort = time.perf_counter()
+    await asyncio.gather(_abort(ctx, PLAN[-1][2], rid), _abort(ctx, 0, bs), _abort(ctx, 1, bd))
+    await sink.until(lambda: all(s.finish_reason is not None for s in (R, S, D)), timeout, "the final batches")
+    for s in (R, S, D):
+        s.check_complete()
+        if s.finish_reason != "abort":
+            raise BenchError(f"{s.request_id}: finish {s.finish_reason} {s.error or ''}, expected abort")
+
+    def idle(wid: str) -> bool:
+        t, rep = sched.reports.get(wid, (0.0, None))
+        return t > t_abort and rep.free_blocks == rep.total_blocks and rep.num_running == 0 \
+            and rep.num_migrations_in == 0 and rep.num_migrations_out == 0
+
+    try:
+        await sched.until(lambda: all(idle(w.worker_id) for w in ctx.workers), 15.0,
+                          "both workers to report every KV block free")
+    except BenchError:
+        left = {w: (r.total_blocks - r.free_blocks, r.num_running) for w, (_, r) in sched.reports.items()}
+        raise BenchError(f"KV blocks still in use after aborting everything (worker: (used blocks, running)): "
+                         f"{left}") from None
+
+    live, blocking, recompute = (record["migrations"][k]["downtime_ms"] for k in MODES)
+    record.update({
+        "live_ms": live, "blocking_ms": blocking, "recompute_ms": recompute,
+        "recompute_over_live": recompute / max(live, DOWNTIME_FLOOR_MS),
+        "decode_slowdown_pct": slowdown_pct(record["decode_step_ms"], record["decode_step_during_migration_ms"]),
+        "decode_slowdown_dst_pct": slowdown_pct(record["decode_step_dst_ms"],
+                                                record["decode_step_dst_during_migration_ms"]),
+        "context_at_migration": {k: record["migrations"][k]["context_tokens"] for k in MODES},
+    })
+    for key in ("decode_step_ms", "decode_step_dst_ms"):
+        if record[key] is None:
+            raise BenchError(f"length {length}: no background tokens before the live migration ({key})")
+    return record
+
+
+async def _run_async(args: argparse.Namespace, log_dir: Path, workers: list[WorkerProcess],
+                     meta: dict[str, Any]) -> list[dict[str, Any]]:
+    import zmq.asyncio
+
+    from protocol import ClusterAddresses, WorkerSchedulerReplies
+    from protocol.sockets import MessageSocket, Requester
+    from services.launcher import free_ports
+
+    _, args.base_port = free_ports(2)
+    addrs = ClusterAddresses(base_port=args.base_port)
+    zctx = zmq.asyncio.Context()
+    sched = SchedulerStub(zctx, addrs.scheduler_bind())
+    sink = TokenSink(zctx, addrs.frontend_tokens(0))
+    tasks = [asyncio.create_task(sched.run()), asyncio.create_task(sink.run())]
+    socks: list[Any] = []
+    requesters: list[Any] = []
+    try:
+        threads = args.threads or max(1, (os.cpu_count() or 2) // 2)
+        meta["threads_per_worker"] = threads
+        t0 = time.perf_counter()
+        for i in range(2):
+            workers.append(WorkerProcess(i, args.base_port, addrs.scheduler(), args, threads, log_dir))
+        max_context, vocab = await asyncio.get_running_loop().run_in_executor(None, _model_facts, args.model)
+        await asyncio.gather(*(w.ready(max(args.timeout, 180.0)) for w in workers))
+        await sched.until(lambda: all(w.worker_id in sched.workers for w in workers), 30.0,
+                          "both workers to register")
+        meta["startup_s"] = round(time.perf_counter() - t0, 1)
+        reg = sched.workers["worker-0"]
+        meta.update(block_size=reg.block_size, kv_bytes_per_block=reg.kv_bytes_per_block,
+                    kv_bytes_per_token=reg.kv_bytes_per_block // max(1, reg.block_size),
+                    total_blocks=reg.total_blocks, max_context=max_context)
+        for i in range(2):
+            s = MessageSocket.connect(zctx, zmq.DEALER, addrs.worker_control(i), WorkerSchedulerReplies,
+                                      name=f"bench->worker-{i}")
+            socks.append(s)
+            requesters.append(Requester(s).start())
+        ctx = Context(args, sched, sink, requesters, workers, max_context, vocab, random.Random(args.seed))
+        if not args.no_warmup:
+            # The first migration out of each worker creates its shm staging buffer (and the first
+            # one in maps it): a one-off cost that is not the steady state, so a round is thrown away.
+            t = time.perf_counter()
+            await measure_length(ctx, min(args.lengths))
+            meta["warmup_s"] = round(time.perf_counter() - t, 1)
+            print(f"  warm-up round at {min(args.lengths)} tokens done ({meta['warmup_s']:.0f} s; not recorded)",
+                  flush=True)
+        records = []
+        for length in args.lengths:
+            t = time.perf_counter()
+            rec = await measure_length(ctx, length)
+            rec["seconds"] = round(time.perf_counter() - t, 1)
+            records.append(rec)
+            print(f"  {length:>6} tokens: live {rec['live_ms']:.1f} ms, blocking {rec['blocking_ms']:.1f} ms, "
+                  f"recompute {rec['recompute_ms']:.1f} ms ({rec['seconds']:.0f} s)", flush=True)
+        return records
+    finally:
+        for r in requesters:
+            await r.close()
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for s in [*socks, sched.sock, sink.sock]:
+            s.close()
+        zctx.term()
+
+
+def _model_facts(model: str) -> tuple[int, tuple[int, int]]:
+    """The model's context length and the token range of random prompts (clear of the control
+    tokens at the start of large vocabularies and of the tiny model's special tokens)."""
+    from engine.weights.loader import resolve
+
+    cfg = resolve(model).config
+    vocab = cfg.vocab_size
+    return cfg.max_position_embeddings, ((100, vocab) if vocab >= 1000 else (0, min(vocab, 256)))
+
+
+# ---- output ---------------------------------------------------------------------------------------
+
+def _fmt(v: float | None, spec: str = ".1f") -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float) and math.isinf(v):
+        return "inf"
+    return format(v, spec)
+
+
+def print_table(records: list[dict[str, Any]]) -> None:
+    cols = ("context", "live ms", "blocking ms", "recompute ms", "step ms", "during ms", "slowdown %",
+            "dst slowdown %", "recompute/live")
+    print("".join(f"{c:>15}" for c in cols))
+    for r in records:
+        vals = (str(r["context_tokens"]), _fmt(r["live_ms"]), _fmt(r["blocking_ms"]), _fmt(r["recompute_ms"]),
+                _fmt(r["decode_step_ms"]), _fmt(r["decode_step_during_migration_ms"]),
+                _fmt(r["decode_slowdown_pct"]), _fmt(r["decode_slowdown_dst_pct"]), _fmt(r["recompute_over_live"]))
+        print("".join(f"{v:>15}" for v in vals))
+
+
+def write_plot(records: list[dict[str, Any]], path: str, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    xs = [r["context_tokens"] for r in records]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for key, label, style in (("live_ms", "live (pre-copy)", "o-"), ("blocking_ms", "blocking copy", "s-"),
+                              ("recompute_ms", "recompute (re-prefill)", "^-"),
+                              ("decode_step_ms", "decode step (source)", "k--")):
+        ax.plot(xs, [max(r[key], PLOT_FLOOR_MS) for r in records], style, label=label)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xticks(xs, [str(x) for x in xs])
+    ax.set_xlabel("context tokens")
+    ax.set_ylabel(f"downtime, ms (values < {PLOT_FLOOR_MS} drawn at {PLOT_FLOOR_MS})")
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def run(args: argparse.Namespace) -> int:
+    if any(n < 2 for n in args.lengths):
+        raise SystemExit("error: every length must be at least 2 tokens")
+    own_dir = args.log_dir is None
+    log_dir = Path(tempfile.mkdtemp(prefix="kvferry-bm-")) if own_dir else Path(args.log_dir)
+    log_dir.mkdir(parents=True, exist_ok=True)
+    workers: list[WorkerProcess] = []
+    meta: dict[str, Any] = {}
+    t_start = time.perf_counter()
+    load_before = os.getloadavg()
+    ok = False
+    print(f"bench migration: model {args.model}, lengths {','.join(map(str, args.lengths))}, path {args.path}",
+          flush=True)
+    from protocol.errors import ProtocolError
+
+    try:
+        records = asyncio.run(_run_async(args, log_dir, workers, meta))
+        ok = True
+    except (BenchError, ProtocolError) as exc:  # a wrong stream, a refused or unanswered command
+        print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        for w in workers:
+            print(f"---- {w.worker_id} log ({w.log_path}) ----\n{w.log_tail()}", file=sys.stderr)
+        return 1
+    finally:
+        for w in workers:
+            w.stop()
+        if own_dir and ok:
+            shutil.rmtree(log_dir, ignore_errors=True)
+        elif not ok:
+            print(f"(worker logs kept in {log_dir})", file=sys.stderr)
+    wall = time.perf_counter() - t_start
+    targets = evaluate_targets(records)
+    print()
+    print_table(records)
+    print(f"({wall:.0f} s; {meta.get('threads_per_worker')} torch thread(s) per worker on {os.cpu_count()} cores; "
+          f"KV {meta.get('kv_bytes_per_token')} bytes/token; load average {load_before[0]:.2f} before, "
+          f"{os.getloadavg()[0]:.2f} after)")
+    missed = [(k, t) for k, t in targets.items() if t["met"] is False]
+    for k, t in missed:
+        print(f"target missed: {t['target']}: {t['value']}" + (f" (at {t['at']})" if t.get("at") else ""))
+    if not missed:
+        print("all measured targets met")
+    out = {
+        "records": records,
+        "model": args.model, "dtype": args.dtype, "path": args.path,
+        "machine": {"cpus": os.cpu_count(), "machine": platform.machine(), "processor": platform.processor(),
+                    "python": platform.python_version(), "load_average_before": load_before[0],
+                    "load_average_after": os.getloadavg()[0]},
+        **meta,
+        "targets": targets,
+        "wall_s": round(wall, 1),
+    }
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=2)
+    if args.plot:
+        Path(args.plot).parent.mkdir(parents=True, exist_ok=True)
+        write_plot(records, args.plot, f"migration downtime, {args.model} on {os.cpu_count()} CPU cores")
+    return 0
