@@ -1,14 +1,17 @@
-"""Dispatch: which instance gets a new request. Policies `rr` and `load` (highest freeness)."""
+"""Dispatch: which instance gets a new request: round-robin (`rr`) or the highest freeness
+(`load`; the policies `kvferry` and `kvferry-nopri` dispatch this way too). With a PolicyConfig
+that has priority headroom, a high-priority request judges instances by high-priority load."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from policy.config import POLICY_NAMES, PolicyConfig, named_policy
 from policy.freeness import freeness
 from policy.snapshot import InstanceLoad
 
-POLICIES = ("rr", "load")
+POLICIES = POLICY_NAMES
 
 
 @dataclass
@@ -33,26 +36,29 @@ def eligible(instances: Sequence[InstanceLoad]) -> list[InstanceLoad]:
     return [i for i in instances if i.alive and not i.draining and not i.full]
 
 
-def dispatch(policy: str, instances: Sequence[InstanceLoad], state: DispatchState,
-             demand_blocks: int = 1) -> str | None:
+def dispatch(policy: str | PolicyConfig, instances: Sequence[InstanceLoad], state: DispatchState,
+             demand_blocks: int = 1, priority: int = 0) -> str | None:
     """The instance id for a new request needing `demand_blocks` blocks, or None if no instance
-    can take it. Updates `state` with the choice."""
+    can take it. `policy`: a PolicyConfig or a policy name. Updates `state` with the choice."""
+    cfg = policy if isinstance(policy, PolicyConfig) else named_policy(policy)
     cands = eligible(instances)
     if not cands:
         return None
-    if policy == "rr":
+    if cfg.dispatch == "rr":
         cands.sort(key=lambda i: i.instance_id)
         choice = cands[state.rr_cursor % len(cands)]
         state.rr_cursor += 1
-    elif policy == "load":
+    elif cfg.dispatch == "load":
+        high = cfg.priority_headroom and cfg.is_high(priority)
+
         def score(i: InstanceLoad) -> float:
             n = state.since_report.get(i.instance_id, 0)
             each = state.blocks_since_report.get(i.instance_id, 0) // n if n else 0
-            return freeness(i, n, each)
+            return freeness(i, n, each, cfg=cfg, high=high)
         # max() keeps the first of equals: ties go to the lowest id (deterministic).
         choice = max(sorted(cands, key=lambda i: i.instance_id), key=score)
     else:
-        raise ValueError(f"unknown dispatch policy {policy!r} (known: {', '.join(POLICIES)})")
+        raise ValueError(f"unknown dispatch kind {cfg.dispatch!r}")
     state.on_dispatch(choice.instance_id, demand_blocks)
     return choice.instance_id
 

@@ -2,11 +2,12 @@
 
 Pure code, no I/O and no clock, so the live scheduler and the offline simulator run the same plan.
 
-Today the sources are the draining instances (DESIGN §3: a draining instance counts as infinitely
-loaded, so everything moves off it). Each source is paired with the freest live, non-draining,
-compatible destination that has room for the request, counting what this round already sent
-there. A later change adds load balancing (sources below a freeness threshold, destinations
-above it) by widening `migration_sources`.
+Sources are the draining instances (DESIGN §3: a draining instance counts as infinitely loaded,
+so everything moves off it) and, when the policy migrates (`PolicyConfig.migrate`), instances
+whose freeness is below `migrate_out_below` or whose queue is blocked (queued or preempted
+work): the most loaded first. Each source is paired with the freest live, non-draining,
+compatible destination that has room for the request (for load balancing: whose freeness is
+above `migrate_in_above` and whose queue is empty), counting what this round already sent there.
 
 Only running requests are planned: a queued request holds no KV to move and runs on its draining
 instance in time (it is then moved like the others).
@@ -19,6 +20,7 @@ from collections import Counter
 from collections.abc import Collection, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
+from policy.config import PolicyConfig
 from policy.freeness import freeness
 from policy.snapshot import InstanceLoad, RequestLoad
 
@@ -40,10 +42,21 @@ def migration_victim(requests: Iterable[RequestLoad], exclude: Collection[str] =
     return min(cands, key=lambda r: (-r.priority, r.num_tokens, r.request_id), default=None)
 
 
-def migration_sources(instances: Iterable[InstanceLoad]) -> list[InstanceLoad]:
-    """Instances to move requests off, most running requests first (ties by id)."""
-    srcs = [i for i in instances if i.alive and i.draining and i.num_running > 0]
-    return sorted(srcs, key=lambda i: (-i.num_running, i.instance_id))
+def is_overloaded(inst: InstanceLoad, cfg: PolicyConfig) -> bool:
+    """A load-balancing source: low freeness, or a blocked queue."""
+    return inst.num_running > 0 and (freeness(inst, cfg=cfg) < cfg.migrate_out_below or inst.num_waiting > 0)
+
+
+def migration_sources(instances: Iterable[InstanceLoad], cfg: PolicyConfig | None = None) -> list[InstanceLoad]:
+    """Instances to move requests off: draining ones (most running requests first), then, with a
+    migrating policy, overloaded ones (least free first); ties by id."""
+    insts = [i for i in instances if i.alive and i.num_running > 0]
+    drains = sorted((i for i in insts if i.draining), key=lambda i: (-i.num_running, i.instance_id))
+    if cfg is None or not cfg.migrate:
+        return drains
+    loaded = sorted((i for i in insts if not i.draining and is_overloaded(i, cfg)),
+                    key=lambda i: (freeness(i, cfg=cfg), i.instance_id))
+    return drains + loaded
 
 
 def compatible(layouts: Mapping[str, Hashable] | None, a: str, b: str) -> bool:
@@ -57,7 +70,7 @@ def compatible(layouts: Mapping[str, Hashable] | None, a: str, b: str) -> bool:
 
 def plan_migrations(instances: Sequence[InstanceLoad], in_flight: Iterable[tuple[str, str]] = (), *,
                     max_per_instance: int = 1, layouts: Mapping[str, Hashable] | None = None,
-                    busy_requests: Collection[str] = ()) -> list[PlannedMigration]:
+                    busy_requests: Collection[str] = (), cfg: PolicyConfig | None = None) -> list[PlannedMigration]:
     """The migrations to start now.
 
     `in_flight`: the (src, dst) pair of every migration not yet finished (repeats count); at most
@@ -76,17 +89,19 @@ def plan_migrations(instances: Sequence[InstanceLoad], in_flight: Iterable[tuple
     dests = {i.instance_id: i for i in instances if i.alive and not i.draining}
     taken = set(busy_requests)
     plans: list[PlannedMigration] = []
-    for src in migration_sources(instances):
+    for src in migration_sources(instances, cfg):
         sid = src.instance_id
+        balance = not src.draining  # a load-balancing move, not a drain
         while out_n[sid] < max_per_instance:
             victim = migration_victim(src.requests, taken) if src.requests else None
             if src.requests and victim is None:
                 break  # every running request listed is already on its way
             need = victim.num_blocks if victim is not None else 0
-            dst = _freest(dests.values(), sid, in_n, max_per_instance, layouts, need)
+            dst = _freest(dests.values(), sid, in_n, max_per_instance, layouts, need, cfg if balance else None)
             if dst is None:
                 break
-            plans.append(PlannedMigration(sid, dst.instance_id, victim.request_id if victim else None))
+            plans.append(PlannedMigration(sid, dst.instance_id, victim.request_id if victim else None,
+                                          "load" if balance else "drain"))
             out_n[sid] += 1
             in_n[dst.instance_id] += 1
             if victim is not None:
@@ -98,9 +113,16 @@ def plan_migrations(instances: Sequence[InstanceLoad], in_flight: Iterable[tuple
 
 
 def _freest(cands: Iterable[InstanceLoad], src: str, in_n: Counter[str], limit: int,
-            layouts: Mapping[str, Hashable] | None, need_blocks: int) -> InstanceLoad | None:
+            layouts: Mapping[str, Hashable] | None, need_blocks: int,
+            balance: PolicyConfig | None = None) -> InstanceLoad | None:
+    """The freest destination; for a load-balancing move (`balance`) only one above the policy's
+    destination threshold with an empty queue."""
     ok = [d for d in cands
           if d.instance_id != src and in_n[d.instance_id] < limit and not d.full
-          and d.free_blocks >= need_blocks and compatible(layouts, src, d.instance_id)]
+          and d.free_blocks >= need_blocks and compatible(layouts, src, d.instance_id)
+          and (balance is None or (d.num_waiting == 0 and freeness(d, cfg=balance) > balance.migrate_in_above))]
+
+    def score(d: InstanceLoad) -> float:
+        return freeness(d, cfg=balance)
     # max() keeps the first of equals: ties go to the lowest id (deterministic).
-    return max(sorted(ok, key=lambda d: d.instance_id), key=freeness, default=None)
+    return max(sorted(ok, key=lambda d: d.instance_id), key=score, default=None)

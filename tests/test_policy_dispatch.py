@@ -45,7 +45,7 @@ def test_no_instance_or_unknown_policy():
     assert dispatch("load", [inst("a", 10, 1, alive=False)], DispatchState()) is None
     full = InstanceLoad("f", 100, 100, num_running=8, num_waiting=0, max_running=8)
     assert dispatch("load", [full], DispatchState()) is None
-    with pytest.raises(ValueError, match="unknown dispatch policy"):
+    with pytest.raises(ValueError, match="unknown policy"):
         dispatch("nope", [inst("a", 10, 1)], DispatchState())
 
 

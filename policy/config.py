@@ -1,0 +1,60 @@
+"""Policy settings and the named policies every benchmark compares (DESIGN §3).
+
+- `rr`: round-robin dispatch, no migration.
+- `load`: dispatch to the freest instance, no migration (the paper's INFaaS++).
+- `kvferry`: freeness dispatch, migration for load balancing, de-fragmentation and draining,
+  priority headroom.
+- `kvferry-nopri`: `kvferry` without the priority headroom (high-priority requests are judged
+  like the others).
+
+Priorities: an integer, lower is served first (the engine's and vLLM's convention); a request is
+"high priority" when its priority is below `high_priority_below` (default 0: negative numbers).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+POLICY_NAMES = ("rr", "load", "kvferry", "kvferry-nopri")
+
+
+@dataclass(frozen=True)
+class PolicyConfig:
+    """Everything the pure policy functions need besides the load snapshots."""
+
+    name: str = "kvferry"
+    dispatch: str = "load"  # rr | load (highest freeness)
+    migrate: bool = True  # migration rounds for load balancing / de-fragmentation (draining always moves)
+    priority_headroom: bool = True
+    high_priority_below: int = 0  # priority < this is high priority
+    headroom_fraction: float = 0.3  # an instance's blocks kept as headroom for its high-priority requests
+    migrate_out_below: float = 3.0  # freeness below this: a migration source
+    migrate_in_above: float = 30.0  # freeness above this: a migration destination
+    migration_interval_s: float = 0.05
+    max_migrations_per_instance: int = 1
+    # Scaling: keep the average freeness within [scale_up_below, scale_down_above].
+    scale_up_below: float = 10.0
+    scale_down_above: float = 60.0
+    scale_interval_s: float = 10.0
+    min_instances: int = 1
+    max_instances: int = 1
+
+    def is_high(self, priority: int) -> bool:
+        return priority < self.high_priority_below
+
+    def replace(self, **changes: object) -> "PolicyConfig":
+        return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
+
+
+def named_policy(name: str, **overrides: object) -> PolicyConfig:
+    """The PolicyConfig of a named policy, with `overrides` (thresholds, scaling bounds) applied."""
+    presets = {
+        "rr": dict(dispatch="rr", migrate=False, priority_headroom=False),
+        "load": dict(dispatch="load", migrate=False, priority_headroom=False),
+        "kvferry": dict(dispatch="load", migrate=True, priority_headroom=True),
+        "kvferry-nopri": dict(dispatch="load", migrate=True, priority_headroom=False),
+    }
+    if name not in presets:
+        raise ValueError(f"unknown policy {name!r} (known: {', '.join(POLICY_NAMES)})")
+    return PolicyConfig(name=name, **presets[name]).replace(**overrides)  # type: ignore[arg-type]
