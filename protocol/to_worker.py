@@ -168,6 +168,7 @@ class MigrateBlocks(RequestMessage, kw_only=True, frozen=True):
     staging: Name = ""  # shm: the staging buffer's name (kv_transfer.shm); cuda_ipc: the cache handle key
     staging_bytes: NonNegInt = 0
     offset: NonNegInt = 0  # shm: where the chunk lies in the staging buffer
+    final: bool = False  # part of the last stage (the request is out of every batch): write it first
 
 
 class BlocksAck(ReplyMessage, kw_only=True, frozen=True):

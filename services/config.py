@@ -63,6 +63,7 @@ class WorkerConfig:
     migration_timeout_s: float = 10.0  # a migration peer silent this long: abort (reservations are freed)
     migration_chunk_bytes: int = 16 << 20  # KV bytes per MigrateBlocks
     migration_shm_bytes: int = 64 << 20  # shm staging buffer per outgoing migration
+    migration_precopy_nice: int = 19  # CPU priority of pre-copy threads (decode steps keep their cores)
 
     @property
     def resolved_id(self) -> str:

@@ -17,7 +17,6 @@ source for `migration_timeout_s` is aborted by a sweeper, freeing its blocks.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -36,6 +35,7 @@ from protocol.to_worker import (
     ReserveReply,
 )
 from services.log import get_logger
+from services.worker.migration.copy_threads import CopyThreads
 from services.worker.migration.kv_io import ReceiverCache
 from services.worker.migration.metrics import MigrationMetrics
 from services.worker.streams import Route
@@ -68,12 +68,12 @@ class Incoming:
 class MigrationDestination:
     """Serves the migration socket (see the module docstring)."""
 
-    def __init__(self, worker: "Worker", sock: MessageSocket, copy_pool: concurrent.futures.Executor,
+    def __init__(self, worker: "Worker", sock: MessageSocket, copy_threads: CopyThreads,
                  metrics: MigrationMetrics, host: str) -> None:
         self.w = worker
         self.cfg = worker.cfg.worker
         self.sock = sock
-        self.copy_pool = copy_pool
+        self.copy_threads = copy_threads
         self.metrics = metrics
         self.place = WorkerPlace(host, "cpu" if worker.engine.kv_tensor is None else worker.engine.kv_tensor.device.type)
         cache = worker.engine.kv_tensor
@@ -185,7 +185,8 @@ class MigrationDestination:
         except (ValueError, OSError) as exc:
             return nack(f"cannot open the staging buffer: {exc}")
         header = ChunkHeader(seq=msg.seq, dst_block_ids=list(msg.dst_block_ids), offset=msg.offset)
-        fut = asyncio.wrap_future(self.copy_pool.submit(rx.receive_chunk, header, rec.frames))
+        pool = self.copy_threads.pool(urgent=msg.final)
+        fut = asyncio.wrap_future(pool.submit(rx.receive_chunk, header, rec.frames))
         m.writes.add(fut)
         try:
             await asyncio.shield(fut)

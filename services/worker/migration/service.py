@@ -8,7 +8,6 @@ incoming migrations whose source fell silent.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextlib
 import socket
 from pathlib import Path
@@ -19,6 +18,7 @@ import zmq
 from protocol.sockets import MessageSocket, Received, serve
 from protocol.to_worker import MigrateAbort, MigrateCommit, WorkerMigrationInbound
 from services.log import get_logger
+from services.worker.migration.copy_threads import CopyThreads
 from services.worker.migration.destination import MigrationDestination
 from services.worker.migration.kv_io import SenderPool
 from services.worker.migration.metrics import MigrationMetrics
@@ -49,8 +49,7 @@ class MigrationService:
         cfg = worker.cfg.worker
         self.metrics = MigrationMetrics()
         self.host = host_identity()
-        # Two threads: a gather for an outgoing migration and a write for an incoming one may overlap.
-        self.copy_pool = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="kv-copy")
+        self.copy_threads = CopyThreads(cfg.migration_precopy_nice)
         self.sock = MessageSocket.bind(worker.ctx, zmq.ROUTER, worker.cfg.cluster.bind(worker.migration_endpoint),
                                        WorkerMigrationInbound, max_frame_bytes=MAX_FRAME_BYTES, zero_copy=True,
                                        name=f"{worker.worker_id}-migration")
@@ -58,8 +57,8 @@ class MigrationService:
         pool = None if cache is None else SenderPool(cache, cfg.migration_chunk_bytes, cfg.migration_shm_bytes,
                                                      max_idle=max(1, cfg.max_migrations_out))
         self.peers = PeerChannels(worker.ctx, worker.worker_id, self._from_destination)
-        self.source = MigrationSource(worker, self.peers, pool, self.copy_pool, self.metrics, self.host)
-        self.destination = MigrationDestination(worker, self.sock, self.copy_pool, self.metrics, self.host)
+        self.source = MigrationSource(worker, self.peers, pool, self.copy_threads, self.metrics, self.host)
+        self.destination = MigrationDestination(worker, self.sock, self.copy_threads, self.metrics, self.host)
         self._tasks: list[asyncio.Task[None]] = []
 
     def start(self) -> None:
@@ -92,4 +91,4 @@ class MigrationService:
         await self.destination.aclose()
         await self.peers.aclose()
         self.sock.close()
-        self.copy_pool.shutdown(wait=True)
+        self.copy_threads.shutdown()

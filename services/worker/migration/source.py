@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import concurrent.futures
 import contextlib
 import time
 import uuid
@@ -55,6 +54,7 @@ from protocol.to_worker import (
     WorkerMigrationReplies,
 )
 from services.log import get_logger
+from services.worker.migration.copy_threads import CopyThreads
 from services.worker.migration.kv_io import SenderPool
 from services.worker.migration.metrics import MigrationMetrics
 
@@ -140,12 +140,12 @@ class MigrationSource:
     """Starts, runs and cancels this worker's outgoing migrations (at most `max_migrations_out`)."""
 
     def __init__(self, worker: "Worker", peers: PeerChannels, pool: SenderPool | None,
-                 copy_pool: concurrent.futures.Executor, metrics: MigrationMetrics, host: str) -> None:
+                 copy_threads: CopyThreads, metrics: MigrationMetrics, host: str) -> None:
         self.w = worker
         self.cfg = worker.cfg.worker
         self.peers = peers
         self.pool = pool
-        self.copy_pool = copy_pool
+        self.copy_threads = copy_threads
         self.metrics = metrics
         self.host = host
         self.by_id: dict[str, Outgoing] = {}
@@ -244,9 +244,15 @@ class MigrationSource:
             preemptions = view.num_preemptions
             stage = 0
             max_stages = self.cfg.migration_max_stages if m.mode == "live" else 0
+            spare: list[int] = []  # destination blocks reserved ahead for the last stage
             while view.num_computed_tokens > 0:  # a queued request (nothing computed) is a plain move
                 new = list(view.block_table[len(copied):view.num_computed_tokens // bs])
                 if stage >= max_stages or (stage > 0 and len(new) <= self.cfg.migration_final_blocks):
+                    if stage > 0 and m.mode == "live":
+                        # Reserve the last stage's blocks now (the blocks left, the partial one, one
+                        # more that may fill meanwhile), so the request's pause holds no
+                        # reservation round trip (a destination answers it between two steps).
+                        spare = list((await self._reserve(m, requester, stage, len(new) + 2)).block_ids)
                     break
                 reply = await self._reserve(m, requester, stage, len(new))
                 opened = True
@@ -278,12 +284,16 @@ class MigrationSource:
             if m.mode == "recompute":  # only the state moves; the destination prefills again
                 state = {**state, "num_computed_tokens": 0}
             rest = list(view.block_table[len(copied):blocks_for(state["num_computed_tokens"], bs)])
-            if not opened or rest:
-                reply = await self._reserve(m, requester, stage, len(rest))
+            # The reservation's blocks stay in order: `spare` follows the pre-copied ones, so the
+            # rest maps onto spare first; unused spare blocks become the request's next blocks.
+            targets = spare[:len(rest)]
+            if not opened or len(rest) > len(spare):
+                reply = await self._reserve(m, requester, stage, len(rest) - len(targets))
                 opened = True
-                if rest:
-                    sender = sender or self._sender(m, reply.path)
-                    await self._copy(m, requester, sender, rest, reply.block_ids, stage)
+                sender = sender or self._sender(m, reply.path)
+                targets += list(reply.block_ids)
+            if rest:
+                await self._copy(m, requester, sender, rest, targets, stage, final=True)
             m.stages = stage + 1
             self._check_cancel(m)
             route = w.routes.get(rid)
@@ -427,7 +437,7 @@ class MigrationSource:
         return reply
 
     async def _copy(self, m: Outgoing, requester: Requester, sender: KVSender | None, src: list[int],
-                    dst: list[int], stage: int) -> None:
+                    dst: list[int], stage: int, final: bool = False) -> None:
         """Send blocks `src` into the destination's `dst`, chunked, with up to `sender.depth`
         chunks in flight: the next chunk is gathered while the destination writes the previous."""
         m.blocks += len(src)
@@ -445,13 +455,14 @@ class MigrationSource:
                     await self._settle(m, sender, pending.popleft())
                 self._copying += 1
                 try:
-                    header = await loop.run_in_executor(self.copy_pool, sender.send_chunk, src_chunk, dst_chunk)
+                    header = await loop.run_in_executor(self.copy_threads.pool(final), sender.send_chunk, src_chunk,
+                                                        dst_chunk)
                 finally:
                     self._copying -= 1
                 msg = MigrateBlocks(
                     migration_id=m.migration_id, stage=stage, dst_block_ids=dst_chunk, path=sender.name,
                     seq=header.seq, staging=staging.get("shm_name", ""), staging_bytes=staging.get("shm_bytes", 0),
-                    offset=header.offset,
+                    offset=header.offset, final=final,
                     tensors=[TensorSpec(dtype=dtype, shape=list(block_shape(cache, len(dst_chunk))))]  # type: ignore[arg-type]
                     if sender.name == "frames" else [])
                 fut = asyncio.ensure_future(self._rpc(m, requester.request(
