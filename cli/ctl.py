@@ -1,6 +1,7 @@
 """`kvferry ctl`: ask the running scheduler about the cluster, or tell it to move requests around.
 
-    kvferry ctl status [--json]                  every instance and every request with its instance
+    kvferry ctl status [--json]                  every instance and every request with its instance (and
+                                                 the policy, instance-seconds, the scaling state)
     kvferry ctl migrate REQUEST --to ID [--wait S]
                                                  live-migrate a running request to instance ID; with
                                                  --wait, until the request is listed on ID
@@ -202,7 +203,16 @@ def format_status(reply: Any, now_ms: int | None = None) -> str:
                      f"{i.used_blocks}/{i.total_blocks}", str(i.free_blocks), str(i.num_running),
                      str(i.num_waiting), _fmt_freeness(i.freeness), age, i.endpoints.control])
     out = [f"scheduler {reply.scheduler_id}  policy {reply.policy}  instances {len(reply.instances)}  "
-           f"alive {sum(i.alive for i in reply.instances)}  requests {len(reply.requests)}", ""]
+           f"alive {sum(i.alive for i in reply.instances)}  requests {len(reply.requests)}  "
+           f"instance-seconds {getattr(reply, 'instance_seconds', 0.0):.1f}"]
+    sc = getattr(reply, "scaling", None)
+    if sc is not None:
+        last = "none" if sc.last_action == "none" else (
+            f"{sc.last_action} {(now_ms - sc.last_action_ms) / 1000:.1f}s ago")
+        out.append(f"scaling {sc.min_instances}..{sc.max_instances} instances  average freeness "
+                   f"{_fmt_freeness(sc.average_freeness)}  last action {last}  ups {sc.scale_ups}  downs "
+                   f"{sc.scale_downs}  retiring {', '.join(sc.retiring) or '-'}  manager {sc.manager_id or '-'}")
+    out.append("")
     if rows:
         out.append(_table(rows, ["INSTANCE", "ALIVE", "DRAINING", "ENGINE", "USED/TOTAL", "FREE", "RUNNING",
                                  "WAITING", "FREENESS", "LAST REPORT", "CONTROL"]))

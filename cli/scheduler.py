@@ -1,7 +1,8 @@
 """`kvferry scheduler`: run the global scheduler alone (what compose and systemd run).
 
 Settings come from --config FILE, then KVFERRY_* environment variables (KVFERRY_SCHEDULER_POLICY,
-KVFERRY_SCHEDULER_HEARTBEAT_TIMEOUT_MS, KVFERRY_CLUSTER_BASE_PORT, ...), then these flags.
+KVFERRY_SCHEDULER_MIGRATE_OUT_BELOW, KVFERRY_SCHEDULER_HEARTBEAT_TIMEOUT_MS, KVFERRY_CLUSTER_BASE_PORT,
+...), then these flags.
 Prints `READY scheduler <endpoint>` on stdout once bound; stops cleanly on SIGTERM/SIGINT.
 """
 
@@ -9,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 import sys
+
+from policy.config import POLICY_NAMES
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -22,7 +25,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", metavar="FILE", help="TOML config file ([cluster], [scheduler] sections)")
-    p.add_argument("--policy", choices=("rr", "load"), help="dispatch policy (default: load)")
+    p.add_argument("--policy", choices=POLICY_NAMES,
+                   help="scheduling policy: rr (round-robin), load (freest instance, no migration), kvferry "
+                        "(freeness dispatch, load-balancing migration, priority headroom; the default), "
+                        "kvferry-nopri (kvferry without the priority headroom)")
     p.add_argument("--base-port", type=int, metavar="P", help="cluster base port; the scheduler listens on P "
                    "(default: 17100)")
     p.add_argument("--bind", metavar="HOST", help="interface to bind (default: 127.0.0.1)")
@@ -43,7 +49,8 @@ def run(args: argparse.Namespace) -> int:
             "cluster": {"base_port": args.base_port, "bind_host": args.bind},
             "scheduler": {"policy": args.policy, "scheduler_id": args.scheduler_id},
         })
-    except ConfigFileError as exc:
+        cfg.scheduler.policy_config()
+    except (ConfigFileError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

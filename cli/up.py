@@ -1,4 +1,9 @@
-"""`kvferry up`: a local cluster (scheduler, N workers, frontend) as separate processes."""
+"""`kvferry up`: a local cluster (scheduler, N workers, frontend) as separate processes.
+
+With `--scaling`, the worker pool grows and shrinks between `--min-workers` and `--max-workers`
+as the scheduler advises (services.pool); scale events and, at exit, the instance-seconds used
+are printed on stdout.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +11,8 @@ import argparse
 import signal
 import sys
 import threading
+
+from policy.config import POLICY_NAMES
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -19,7 +26,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", default=None, choices=["bfloat16", "float32", "float16"])
     p.add_argument("--http-port", type=int, default=None)
     p.add_argument("--base-port", type=int, default=None, help="first ZeroMQ port (default 17100)")
-    p.add_argument("--policy", default=None, help="dispatch policy: rr | load")
+    p.add_argument("--policy", default=None, choices=POLICY_NAMES,
+                   help="scheduling policy: rr, load (no migration), kvferry (default: migration, priority "
+                        "headroom), kvferry-nopri (no priority headroom)")
+    p.add_argument("--scaling", action="store_true", default=None,
+                   help="auto-scale the worker pool between --min-workers and --max-workers")
+    p.add_argument("--min-workers", type=int, default=None, metavar="A",
+                   help="with --scaling: workers at start and at least (default: --workers, else 1)")
+    p.add_argument("--max-workers", type=int, default=None, metavar="B", help="with --scaling: at most (default 4)")
     p.add_argument("--num-blocks", type=int, default=None, help="KV blocks per worker (default: from memory)")
     p.add_argument("--config", default=None, help="TOML config file")
     p.add_argument("--ready-timeout", type=float, default=300.0)
@@ -30,16 +44,33 @@ def cluster_from_args(args: argparse.Namespace):  # noqa: ANN201 - LocalCluster,
     from services.config import load_config
     from services.launcher import ClusterSpec, LocalCluster
 
+    if args.scaling is None and (args.min_workers is not None or args.max_workers is not None):
+        raise ValueError("--min-workers and --max-workers go with --scaling")
+    if args.scaling and args.workers is not None and args.min_workers is not None:
+        raise ValueError("with --scaling, give --min-workers (the workers at start), not --workers")
+    min_workers = args.min_workers if args.min_workers is not None else args.workers
+    scheduler: dict[str, object] = {"policy": args.policy}
+    if args.scaling:
+        scheduler.update(scaling=True, scale_min_instances=min_workers if min_workers is not None else 1,
+                         scale_max_instances=args.max_workers if args.max_workers is not None else None)
     cfg = load_config(args.config, overrides={
         "cluster": {"http_port": args.http_port, "base_port": args.base_port},
-        "scheduler": {"policy": args.policy},
+        "scheduler": scheduler,
         "worker": {"engine": args.engine, "model": args.model, "device": args.device, "dtype": args.dtype,
                    "num_blocks": args.num_blocks},
         "frontend": {"model": args.model if args.engine != "sim" else None},
     })
     if cfg.worker.engine == "sim" and args.model is None:
         cfg.worker.model = "llama7b-a10"
-    workers = args.workers if args.workers is not None else 2
+    sc = cfg.scheduler
+    if sc.scaling:  # from the flag or the config file
+        if args.max_workers is None and sc.scale_max_instances <= max(1, sc.scale_min_instances - 1):
+            # Unset (the config default, 1) or below the minimum: 4, or the minimum when above.
+            sc.scale_max_instances = max(4, sc.scale_min_instances)
+        sc.policy_config()  # ValueError: bounds or thresholds that make no sense
+        workers = sc.scale_min_instances
+    else:
+        workers = args.workers if args.workers is not None else 2
     if workers < 1:
         raise ValueError("--workers must be at least 1")
     return LocalCluster(ClusterSpec(cfg, num_workers=workers, config_path=args.config,
@@ -62,7 +93,9 @@ def run(args: argparse.Namespace) -> int:
     except LaunchError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    print(f"kvferry is up: {len(cluster.children) - 2} workers", flush=True)
+    scaling = (f" (scaling {cluster.spec.config.scheduler.scale_min_instances}.."
+               f"{cluster.spec.config.scheduler.scale_max_instances})" if cluster.scaling else "")
+    print(f"kvferry is up: {len(cluster.workers())} workers{scaling}", flush=True)
     print(f"  OpenAI API : {cluster.http_url}/v1", flush=True)
     print(f"  SDK        : {cluster.sdk_endpoint}", flush=True)
     print(f"  scheduler  : {cluster.scheduler_endpoint}   (kvferry ctl status)", flush=True)
@@ -77,4 +110,6 @@ def run(args: argparse.Namespace) -> int:
                 break
     finally:
         cluster.stop()
+        if cluster.pool is not None:
+            print(f"instance-seconds: {cluster.pool.instance_seconds:.1f}", flush=True)
     return status

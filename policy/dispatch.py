@@ -1,6 +1,7 @@
 """Dispatch: which instance gets a new request: round-robin (`rr`) or the highest freeness
 (`load`; the policies `kvferry` and `kvferry-nopri` dispatch this way too). With a PolicyConfig
-that has priority headroom, a high-priority request judges instances by high-priority load."""
+that has priority headroom, a high-priority request judges instances by high-priority load (ties
+broken by overall freeness)."""
 
 from __future__ import annotations
 
@@ -51,10 +52,13 @@ def dispatch(policy: str | PolicyConfig, instances: Sequence[InstanceLoad], stat
     elif cfg.dispatch == "load":
         high = cfg.priority_headroom and cfg.is_high(priority)
 
-        def score(i: InstanceLoad) -> float:
+        def score(i: InstanceLoad) -> tuple[float, float]:
             n = state.since_report.get(i.instance_id, 0)
             each = state.blocks_since_report.get(i.instance_id, 0) // n if n else 0
-            return freeness(i, n, each, cfg=cfg, high=high)
+            f = freeness(i, n, each, cfg=cfg, high=high)
+            # A high-priority request's ties (e.g. no high-priority load anywhere: every F_high is
+            # M) go to the instance with the most room overall, not to the lowest id however busy.
+            return (f, freeness(i, n, each, cfg=cfg) if high else f)
         # max() keeps the first of equals: ties go to the lowest id (deterministic).
         choice = max(sorted(cands, key=lambda i: i.instance_id), key=score)
     else:

@@ -15,6 +15,8 @@ from protocol.to_frontend import (
     InstanceStatus,
     RequestLocation,
     RequestMoved,
+    ScaleAdvice,
+    ScalingStatus,
     StatusReply,
     TokenBatch,
     TokenBatches,
@@ -27,6 +29,7 @@ from protocol.to_scheduler import (
     MigrateRequestTo,
     MigrationResult,
     RegisterWorker,
+    ScaleQuery,
     StatusRequest,
     UndrainInstance,
 )
@@ -121,7 +124,15 @@ def example_messages() -> list[Message]:
                                               engine="torch", model="smollm2", total_blocks=1024,
                                               free_blocks=1000, block_size=16, num_running=1, num_waiting=0,
                                               freeness=float("inf"), last_report_ms=dl)],
-                    requests=[RequestLocation(request_id="cmpl-1", worker_id="worker-0", num_tokens=380)]),
+                    requests=[RequestLocation(request_id="cmpl-1", worker_id="worker-0", num_tokens=380)],
+                    instance_seconds=1234.5,
+                    scaling=ScalingStatus(min_instances=1, max_instances=4, average_freeness=12.5,
+                                          manager_id="kvferry-up", last_action="down", last_action_ms=dl,
+                                          scale_ups=3, scale_downs=1, retiring=["worker-2"])),
+        # pool manager <-> scheduler (listed last: tests index the earlier examples)
+        ScaleQuery(manager_id="kvferry-up", workers=["worker-0", "worker-1", "worker-2"], deadline_ms=dl),
+        ScaleAdvice(reply_to="m-1", scheduler_id="sched-0", enabled=True, start=1, stop=["worker-2"],
+                    retiring=["worker-2"], serving=2, average_freeness=7.5, instance_seconds=1234.5),
         # SDK <-> frontend
         GenerateRequest(messages=[ChatMessage(role="user", content="Hi")], sampling=SAMPLING, stop=["\n\n"],
                         priority=1, stream=True, deadline_ms=dl),

@@ -2,7 +2,8 @@
 
 From workers, on the frontend's token socket (FrontendTokenInbound): TokenBatch / TokenBatches
 (the stream), RequestMoved (a migration committed: aborts now go to the new owner).
-From the scheduler, as replies (SchedulerReplies): DispatchReply, StatusReply, Ack, Pong, ErrorReply.
+From the scheduler, as replies (SchedulerReplies): DispatchReply, StatusReply, ScaleAdvice (to a
+pool manager's ScaleQuery), Ack, Pong, ErrorReply.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from protocol.fields import (
     EpochMs,
     Endpoint,
     Id,
+    IdList,
     Name,
     Priority,
     Text,
@@ -109,17 +111,54 @@ class RequestLocation(msgspec.Struct, kw_only=True, frozen=True, array_like=True
     running: bool = True
 
 
+ScaleActionKind = Literal["none", "up", "down"]
+Seconds = Annotated[float, Meta(ge=0.0, le=1e15)]
+
+
+class ScalingStatus(msgspec.Struct, kw_only=True, frozen=True):
+    """The scheduler's auto-scaling state (in StatusReply when scaling is configured)."""
+
+    min_instances: Count = 1
+    max_instances: Count = 1
+    average_freeness: float = 0.0  # of the serving instances; may be ±inf
+    manager_id: Name = ""  # the pool manager heard from lately ("" when none: no action is taken)
+    last_action: ScaleActionKind = "none"
+    last_action_ms: EpochMs = 0
+    scale_ups: Count = 0  # "up" decisions so far
+    scale_downs: Count = 0  # instances drained to be stopped so far
+    retiring: IdList = []  # draining to be stopped once empty
+
+
 class StatusReply(ReplyMessage, kw_only=True, frozen=True):
-    """Answer to StatusRequest."""
+    """Answer to StatusRequest. `instance_seconds`: the seconds every instance was registered and
+    alive, summed over instances, since the scheduler started (the cost of the pool)."""
 
     scheduler_id: Id
     instances: Annotated[list[InstanceStatus], Meta(max_length=MAX_INSTANCES)] = []
     requests: Annotated[list[RequestLocation], Meta(max_length=MAX_INSTANCES * MAX_REQUESTS_PER_INSTANCE)] = []
     policy: Name = ""
+    instance_seconds: Seconds = 0.0
+    scaling: ScalingStatus | None = None
+
+
+class ScaleAdvice(ReplyMessage, kw_only=True, frozen=True):
+    """Answer to ScaleQuery: start `start` more workers now (0 or 1), stop the workers in `stop`
+    (drained by the scheduler, now empty, or dead). Each advice is given once for `start` (a lost
+    reply is made up by the next decision); `stop` repeats until the worker has left. With
+    `enabled` false (scaling is off in the scheduler) the manager keeps its pool as it is."""
+
+    scheduler_id: Id
+    enabled: bool = False
+    start: Annotated[int, Meta(ge=0, le=MAX_INSTANCES)] = 0
+    stop: IdList = []
+    retiring: IdList = []  # draining to be stopped once empty (not to be stopped yet)
+    serving: Count = 0  # live, non-draining instances
+    average_freeness: float = 0.0
+    instance_seconds: Seconds = 0.0
 
 
 FrontendTokenInbound = Union[TokenBatch, TokenBatches, RequestMoved]
 """Everything a frontend's token socket accepts (from workers)."""
 
-SchedulerReplies = Union[DispatchReply, StatusReply, Ack, Pong, ErrorReply]
+SchedulerReplies = Union[DispatchReply, StatusReply, ScaleAdvice, Ack, Pong, ErrorReply]
 """What a frontend or ctl receives back on its DEALER to the scheduler."""

@@ -2,7 +2,8 @@
 
 From workers: RegisterWorker (→ RegisterReply), LoadReport, Heartbeat, Deregister, MigrationResult.
 From frontends and `kvferry ctl`: DispatchRequest (→ DispatchReply), StatusRequest
-(→ StatusReply), MigrateRequestTo / DrainInstance / UndrainInstance (→ Ack). Any request may
+(→ StatusReply), MigrateRequestTo / DrainInstance / UndrainInstance (→ Ack).
+From a worker pool manager (`kvferry up --scaling`): ScaleQuery (→ ScaleAdvice). Any request may
 instead be answered by an ErrorReply.
 """
 
@@ -141,8 +142,20 @@ class UndrainInstance(RequestMessage, kw_only=True, frozen=True):
     worker_id: Id
 
 
+# ---- from a worker pool manager --------------------------------------------------------------------
+
+class ScaleQuery(RequestMessage, kw_only=True, frozen=True):
+    """A pool manager (the process that starts and stops workers, e.g. `kvferry up --scaling`) asks
+    what to do; it polls a few times a second. `workers`: the ids of the workers it runs now
+    (started and not yet stopped): those not registered yet count as starting, so the scheduler
+    does not ask for a second one meanwhile. Answered by ScaleAdvice."""
+
+    manager_id: Id
+    workers: IdList = []
+
+
 SchedulerInbound = Union[
     RegisterWorker, LoadReport, Heartbeat, Deregister, MigrationResult,
-    DispatchRequest, StatusRequest, MigrateRequestTo, DrainInstance, UndrainInstance, Ping,
+    DispatchRequest, StatusRequest, MigrateRequestTo, DrainInstance, UndrainInstance, ScaleQuery, Ping,
 ]
 """Everything the scheduler's ROUTER socket accepts: pass as `allowed` to decode / sockets."""

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from policy.config import PolicyConfig, named_policy
 from protocol.addresses import ClusterAddresses
 
 
@@ -25,15 +26,56 @@ class ConfigFileError(ValueError):
 
 @dataclass
 class SchedulerConfig:
+    """The global scheduler's settings. The policy thresholds map onto policy.PolicyConfig (see
+    `policy_config`); `policy` picks one of the named policies of policy.config."""
+
     scheduler_id: str = "scheduler-0"
-    policy: str = "load"  # dispatch policy: rr | load
+    policy: str = "kvferry"  # rr | load (no migration, INFaaS++) | kvferry (everything) | kvferry-nopri
     heartbeat_interval_ms: int = 500
     heartbeat_timeout_ms: int = 2000  # a worker silent this long is removed from dispatch
     report_interval_ms: int = 50  # workers report load at most this often
-    migration_interval_ms: int = 100  # the migration round (drain) runs this often
+    migration_interval_ms: int = 50  # the migration round (load balancing with kvferry*, drains) runs this often
     max_migrations_per_instance: int = 1  # in flight out of, and into, each instance
     migration_ack_timeout_ms: int = 2000  # a source must accept or refuse a MigrateCommand within this
     migration_timeout_ms: int = 60_000  # an accepted migration with no MigrationResult by then is forgotten
+    # Policy thresholds (DESIGN §3), in freeness units (decode steps the batch can still take).
+    migrate_out_below: float = 3.0  # kvferry*: an instance below this is a load-balancing migration source
+    migrate_in_above: float = 30.0  # ... and one above this a destination
+    headroom_fraction: float = 0.3  # kvferry: blocks an instance keeps free for its high-priority requests
+    high_priority_below: int = 0  # a request with priority below this is high priority
+    # Auto-scaling: keep the average freeness within [scale_up_below, scale_down_above]. The
+    # scheduler decides; a pool manager (`kvferry up --scaling`) starts and stops the workers.
+    scaling: bool = False
+    scale_up_below: float = 10.0
+    scale_down_above: float = 60.0
+    scale_interval_ms: int = 10_000  # at least this long between two scaling actions
+    scale_min_instances: int = 1
+    scale_max_instances: int = 1
+
+    def policy_config(self) -> PolicyConfig:
+        """The PolicyConfig of the named `policy` with these thresholds. Raises ValueError on an
+        unknown policy name or inconsistent thresholds."""
+        if self.migration_interval_ms <= 0 or self.scale_interval_ms <= 0:
+            raise ValueError("scheduler intervals must be positive")
+        if not 0.0 <= self.headroom_fraction <= 1.0:
+            raise ValueError(f"headroom_fraction must be within [0, 1], not {self.headroom_fraction}")
+        if self.migrate_out_below > self.migrate_in_above:
+            raise ValueError(f"migrate_out_below ({self.migrate_out_below}) is above migrate_in_above "
+                             f"({self.migrate_in_above})")
+        if self.scale_up_below >= self.scale_down_above:
+            raise ValueError(f"scale_up_below ({self.scale_up_below}) must be below scale_down_above "
+                             f"({self.scale_down_above}), or scaling would flap")
+        if not 1 <= self.scale_min_instances <= self.scale_max_instances:
+            raise ValueError(f"need 1 <= scale_min_instances ({self.scale_min_instances}) <= scale_max_instances "
+                             f"({self.scale_max_instances})")
+        return named_policy(
+            self.policy, migrate_out_below=self.migrate_out_below, migrate_in_above=self.migrate_in_above,
+            headroom_fraction=self.headroom_fraction, high_priority_below=self.high_priority_below,
+            migration_interval_s=self.migration_interval_ms / 1000.0,
+            max_migrations_per_instance=self.max_migrations_per_instance,
+            scale_up_below=self.scale_up_below, scale_down_above=self.scale_down_above,
+            scale_interval_s=self.scale_interval_ms / 1000.0, min_instances=self.scale_min_instances,
+            max_instances=self.scale_max_instances)
 
 
 @dataclass

@@ -3,7 +3,9 @@
 Each child is `python -m cli.main <service>`, configured through KVFERRY_* environment variables
 (so the same settings path as compose and systemd), and prints one `READY ...` line on stdout
 when it serves. Children die with the launcher (PR_SET_PDEATHSIG) and are stopped together:
-on stop(), on a signal, or when any one of them exits first.
+on stop(), on a signal, or when any one of them exits first -- except a worker stopped by
+scale-in: with `[scheduler] scaling` on, a pool manager (services.pool) starts and stops workers
+as the scheduler advises, between `scale_min_instances` and `scale_max_instances`.
 """
 
 from __future__ import annotations
@@ -59,10 +61,20 @@ class LaunchError(RuntimeError):
 
 @dataclass
 class Child:
+    """One service process."""
+
     name: str
     proc: subprocess.Popen[str]
     ready_line: str = ""
     output: list[str] = field(default_factory=list)  # stdout lines after READY (bounded)
+    index: int | None = None  # a worker's index (its ports)
+    retired: bool = False  # stopped by scale-in: its exit is no failure
+    ready: threading.Event = field(default_factory=threading.Event)  # READY seen, or stdout closed
+    early_lines: list[str] = field(default_factory=list)  # stdout up to READY
+
+    @property
+    def is_worker(self) -> bool:
+        return self.index is not None
 
 
 @dataclass
@@ -99,12 +111,31 @@ def _looks_numeric(s: str) -> bool:
 
 
 class LocalCluster:
-    """A scheduler, `num_workers` workers and one frontend on this machine."""
+    """A scheduler, `num_workers` workers and one frontend on this machine; with scaling on, a
+    pool manager thread adds and retires workers as the scheduler advises."""
 
     def __init__(self, spec: ClusterSpec) -> None:
         self.spec = spec
         self.children: list[Child] = []
         self._stopping = False
+        self._lock = threading.Lock()  # children: the pool manager adds workers from its thread
+        self._worker_env: dict[str, str] = {}
+        self.pool = None  # services.pool.PoolManager when scaling
+
+    @property
+    def scaling(self) -> bool:
+        return self.spec.config.scheduler.scaling
+
+    @property
+    def max_workers(self) -> int:
+        if not self.scaling:
+            return self.spec.num_workers
+        return max(self.spec.num_workers, self.spec.config.scheduler.scale_max_instances)
+
+    def workers(self) -> list[Child]:
+        """Worker processes not retired (running, or exited on their own)."""
+        with self._lock:
+            return [c for c in self.children if c.is_worker and not c.retired]
 
     # ---- endpoints ----------------------------------------------------------------------
 
@@ -127,24 +158,52 @@ class LocalCluster:
         base_env = dict(os.environ)
         base_env.update(_env_for("cluster", cfg.cluster.__dict__))
         base_env.update(self.spec.extra_env)
-        threads = self._threads_per_worker()
+        self._worker_env = base_env
         try:
             self._spawn("scheduler", "scheduler", {**base_env, **_env_for("scheduler", cfg.scheduler.__dict__)})
             for i in range(self.spec.num_workers):
-                w = dict(cfg.worker.__dict__, index=i, worker_id=f"worker-{i}", device=self._device_for(i))
-                if threads and not w.get("threads"):
-                    w["threads"] = threads
-                if cfg.worker.metrics_port:
-                    w["metrics_port"] = cfg.worker.metrics_port + i
-                self._spawn(f"worker-{i}", "worker", {**base_env, **_env_for("worker", w)})
+                self.start_worker(i)
             self._spawn("frontend", "frontend", {**base_env, **_env_for("frontend", cfg.frontend.__dict__)})
             deadline = time.monotonic() + self.spec.ready_timeout_s
-            for child in self.children:
+            for child in list(self.children):
                 self._wait_ready(child, deadline)
             self._wait_healthy(deadline)
+            if self.scaling:
+                from services.pool import PoolManager
+
+                self.pool = PoolManager(self)
+                self.pool.start()
         except BaseException:
             self.stop()
             raise
+
+    def start_worker(self, index: int) -> Child:
+        """Spawn worker `index` (its id and ports follow from the index); does not wait for READY."""
+        cfg = self.spec.config
+        w = dict(cfg.worker.__dict__, index=index, worker_id=f"worker-{index}", device=self._device_for(index))
+        threads = self._threads_per_worker()
+        if threads and not w.get("threads"):
+            w["threads"] = threads
+        if cfg.worker.metrics_port:
+            w["metrics_port"] = cfg.worker.metrics_port + index
+        return self._spawn(f"worker-{index}", "worker", {**self._worker_env, **_env_for("worker", w)}, index=index)
+
+    def next_worker_index(self) -> int:
+        """The lowest index no running worker process uses (a retired one may still hold its ports)."""
+        with self._lock:
+            used = {c.index for c in self.children if c.is_worker and c.proc.poll() is None}
+        return next(i for i in range(len(used) + 1) if i not in used)
+
+    def retire_worker(self, name: str) -> Child | None:
+        """Stop worker `name` for scale-in (SIGTERM: it deregisters); its exit is no failure."""
+        with self._lock:
+            child = next((c for c in self.children if c.name == name and c.is_worker and not c.retired), None)
+            if child is None:
+                return None
+            child.retired = True
+        if child.proc.poll() is None:
+            child.proc.send_signal(signal.SIGTERM)
+        return child
 
     def _device_for(self, i: int) -> str:
         dev = self.spec.config.worker.device
@@ -153,38 +212,44 @@ class LocalCluster:
     def _threads_per_worker(self) -> int:
         if not self.spec.config.worker.device.startswith("cpu"):
             return 0
-        return max(1, (os.cpu_count() or 1) // max(1, self.spec.num_workers))
+        return max(1, (os.cpu_count() or 1) // max(1, self.max_workers))
 
-    def _spawn(self, name: str, service: str, env: dict[str, str]) -> None:
+    def _spawn(self, name: str, service: str, env: dict[str, str], index: int | None = None) -> Child:
         cmd = [sys.executable, "-m", "cli.main", service]
         if self.spec.config_path:
             cmd += ["--config", str(self.spec.config_path)]
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True,
                                 bufsize=1, preexec_fn=_die_with_parent, cwd=str(Path(__file__).resolve().parents[1]))
-        self.children.append(Child(name, proc))
+        child = Child(name, proc, index=index)
+        with self._lock:
+            self.children.append(child)
+        self._read_stdout(child)
+        return child
 
-    def _wait_ready(self, child: Child, deadline: float) -> None:
+    @staticmethod
+    def _read_stdout(child: Child) -> None:
+        """Collect the child's stdout on a thread: lines up to READY (then `ready` is set), after it
+        into `output` (bounded). The pipe is always drained, so the child never blocks on it."""
         assert child.proc.stdout is not None
-        lines: list[str] = []
-        done = threading.Event()
 
         def read() -> None:
             for line in child.proc.stdout:  # type: ignore[union-attr]
-                if not done.is_set():
-                    lines.append(line.rstrip("\n"))
+                if not child.ready.is_set():
+                    child.early_lines.append(line.rstrip("\n"))
                     if line.startswith("READY"):
-                        done.set()
+                        child.ready_line = line.rstrip("\n")
+                        child.ready.set()
                 elif len(child.output) < 1000:
                     child.output.append(line.rstrip("\n"))
-            done.set()
+            child.ready.set()
 
         threading.Thread(target=read, name=f"stdout-{child.name}", daemon=True).start()
-        if not done.wait(max(0.0, deadline - time.monotonic())):
+
+    def _wait_ready(self, child: Child, deadline: float) -> None:
+        if not child.ready.wait(max(0.0, deadline - time.monotonic())):
             raise LaunchError(f"{child.name} did not become ready within {self.spec.ready_timeout_s:.0f} s")
-        ready = [ln for ln in lines if ln.startswith("READY")]
-        if not ready:
+        if not child.ready_line:
             raise LaunchError(f"{child.name} exited with status {child.proc.wait()} before it was ready")
-        child.ready_line = ready[0]
 
     def _wait_healthy(self, deadline: float) -> None:
         """Ready means serviceable: the frontend's /health says it knows a live worker."""
@@ -205,18 +270,27 @@ class LocalCluster:
             time.sleep(0.1)
 
     def first_exited(self) -> Child | None:
-        return next((c for c in self.children if c.proc.poll() is not None), None)
+        """A child that exited on its own (a retired worker's exit does not count), or None."""
+        with self._lock:
+            children = list(self.children)
+        return next((c for c in children if not c.retired and c.proc.poll() is not None), None)
 
     def stop(self, timeout_s: float = 10.0) -> None:
-        """SIGTERM every child (frontend first, scheduler last), then SIGKILL what is left."""
+        """Stop the pool manager, then SIGTERM every child (frontend first, scheduler last), then
+        SIGKILL what is left."""
         if self._stopping:
             return
         self._stopping = True
-        for child in reversed(self.children):
+        if self.pool is not None:
+            self.pool.stop()
+        with self._lock:
+            rank = {"frontend": 0, "scheduler": 2}
+            children = sorted(self.children, key=lambda c: rank.get(c.name, 1))  # stable: workers in order
+        for child in children:
             if child.proc.poll() is None:
                 child.proc.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + timeout_s
-        for child in self.children:
+        for child in children:
             try:
                 child.proc.wait(max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:

@@ -30,6 +30,8 @@ def cluster():
     http, base = free_ports(3)
     cfg = load_config(env={}, overrides={
         "cluster": {"http_port": http, "base_port": base},
+        # ctl is the only one to move requests here: no load-balancing migrations (the default kvferry has them)
+        "scheduler": {"policy": "load"},
         "worker": {"engine": "torch", "model": MODEL, "dtype": "float32", "num_blocks": 1024, "max_num_seqs": 16},
         "frontend": {"model": MODEL},
     })

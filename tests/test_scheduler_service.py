@@ -516,7 +516,7 @@ def test_ctl_status_json_and_drain_through_the_cli(slow_sched, ctx, capsys):
     data = json.loads(out.stdout)
     (inst,) = data["instances"]
     assert inst["worker_id"] == "w0" and inst["alive"] and inst["used_blocks"] == 30 and inst["num_running"] == 2
-    assert inst["endpoints"]["control"] == control_of("w0") and data["policy"] == "load"
+    assert inst["endpoints"]["control"] == control_of("w0") and data["policy"] == "kvferry"
     assert {(r["request_id"], r["worker_id"]) for r in data["requests"]} == {("cmpl-1", "w0"), ("cmpl-2", "w0")}
     capsys.readouterr()
     # the rest in-process (same code path, without starting the CLI again)
@@ -526,7 +526,7 @@ def test_ctl_status_json_and_drain_through_the_cli(slow_sched, ctx, capsys):
     assert "error: " in capsys.readouterr().err
     assert kvferry_main(["ctl", "status", "--scheduler", sched.endpoint]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].startswith("scheduler scheduler-0  policy load  instances 1")
+    assert lines[0].startswith("scheduler scheduler-0  policy kvferry  instances 1")
     assert any(ln.split()[:3] == ["w0", "yes", "yes"] for ln in lines)  # instance, alive, draining
     assert any(ln.split()[:2] == ["cmpl-1", "w0"] for ln in lines)
     assert kvferry_main(["ctl", "undrain", "w0", "--scheduler", sched.endpoint]) == 0

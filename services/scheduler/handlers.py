@@ -14,6 +14,10 @@ Conventions other services follow:
   can take the request.
 - MigrateRequestTo is answered later, from a background task, once the source worker has accepted
   (Ack) or refused (ErrorReply) the MigrateCommand; invalid requests at once (services.scheduler.migrator).
+- ScaleQuery (from a pool manager) is answered by ScaleAdvice (services.scheduler.scaler).
+
+The policy (`SchedulerConfig.policy`, one of policy.POLICY_NAMES, with the config's thresholds)
+drives dispatch (with the request's priority), the migration round and the scaling decisions.
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ from protocol import (
     RegisterReply,
     RegisterWorker,
     RequestLocation,
+    ScaleQuery,
     StatusReply,
     StatusRequest,
     UndrainInstance,
@@ -52,12 +57,12 @@ from protocol.base import Message
 from protocol.sockets import Received
 
 from policy import DispatchState, dispatch, freeness
-from policy.dispatch import POLICIES
 from services.config import SchedulerConfig
 from services.log import get_logger
 from services.scheduler.commands import CommandChannels
 from services.scheduler.migrator import Migrator
 from services.scheduler.registry import Registry, ReportOutcome, WorkerRecord
+from services.scheduler.scaler import Scaler
 
 log = get_logger("kvferry.scheduler")
 
@@ -65,12 +70,12 @@ UNKNOWN_WORKER_LOG_EVERY_S = 5.0  # an unknown worker reports every few ms: log 
 
 
 class SchedulerCore:
-    """Registry + dispatch state + handlers. `commands` may be None (no forwarding, e.g. in tests)."""
+    """Registry + dispatch state + migrator + scaler + handlers. `commands` may be None (no
+    forwarding, e.g. in tests)."""
 
     def __init__(self, cfg: SchedulerConfig, commands: CommandChannels | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
-        if cfg.policy not in POLICIES:
-            raise ValueError(f"unknown dispatch policy {cfg.policy!r} (known: {', '.join(POLICIES)})")
+        self.policy_cfg = cfg.policy_config()  # ValueError: unknown policy, inconsistent thresholds
         if min(cfg.heartbeat_interval_ms, cfg.heartbeat_timeout_ms, cfg.report_interval_ms, cfg.migration_interval_ms,
                cfg.migration_ack_timeout_ms, cfg.migration_timeout_ms) <= 0:
             raise ValueError("scheduler intervals and timeouts must be positive")
@@ -79,11 +84,15 @@ class SchedulerCore:
         self.cfg = cfg
         self.scheduler_id = cfg.scheduler_id
         self.policy = cfg.policy
-        self.registry = Registry(timeout_s=cfg.heartbeat_timeout_ms / 1000.0)
+        pc = self.policy_cfg
+        # Dispatch snapshots list the high-priority requests only: all the headroom needs.
+        self.registry = Registry(timeout_s=cfg.heartbeat_timeout_ms / 1000.0,
+                                 keep_priority=pc.is_high if pc.priority_headroom else None)
         self.state = DispatchState()
         self.commands = commands
         self.clock = clock
-        self.migrator = Migrator(cfg, self.registry, commands, clock)
+        self.migrator = Migrator(cfg, self.registry, commands, clock, policy=pc)
+        self.scaler = Scaler(cfg, pc, self.registry, self.migrator, commands, clock)
         self._unknown_logged: dict[str, float] = {}
         self._handlers: dict[type, Callable[[Received], Any]] = {
             RegisterWorker: self.on_register,
@@ -96,6 +105,7 @@ class SchedulerCore:
             MigrateRequestTo: self.on_migrate_request,
             DrainInstance: self.on_drain,
             UndrainInstance: self.on_undrain,
+            ScaleQuery: self.on_scale_query,
             Ping: self.on_ping,
         }
 
@@ -166,7 +176,7 @@ class SchedulerCore:
 
     def on_deregister(self, rec: Received) -> None:
         msg: Deregister = rec.msg
-        record = self.registry.remove(msg.worker_id)
+        record = self.registry.remove(msg.worker_id, now=self.clock())
         self.state.on_report(msg.worker_id)
         if self.commands is not None:
             self.commands.close(msg.worker_id)
@@ -200,14 +210,14 @@ class SchedulerCore:
     # ---- frontends -----------------------------------------------------------------------------
 
     def choose(self, msg: DispatchRequest) -> WorkerRecord | None:
-        """Run the dispatch policy for `msg`; None when no instance can take it."""
+        """Run the dispatch policy for `msg` (with its priority); None when no instance can take it."""
         snapshots = self.registry.snapshots()
         if msg.exclude_workers:
             excluded = set(msg.exclude_workers)
             snapshots = [s for s in snapshots if s.instance_id not in excluded]
         bs = self.registry.block_size
         demand = -(-msg.num_prompt_tokens // bs)
-        wid = dispatch(self.policy, snapshots, self.state, demand)
+        wid = dispatch(self.policy_cfg, snapshots, self.state, demand, msg.priority)
         return None if wid is None else self.registry.get(wid)
 
     def on_dispatch(self, rec: Received) -> Message:
@@ -239,13 +249,16 @@ class SchedulerCore:
                 worker_id=info.worker_id, endpoints=info.endpoints, host=info.host, engine=info.engine,
                 model=info.model, total_blocks=snap.total_blocks, free_blocks=snap.free_blocks,
                 block_size=info.block_size, num_running=snap.num_running, num_waiting=snap.num_waiting,
-                freeness=freeness(snap), alive=r.alive, draining=snap.draining, last_report_ms=r.last_report_ms))
+                freeness=freeness(snap, cfg=self.policy_cfg), alive=r.alive, draining=snap.draining,
+                last_report_ms=r.last_report_ms))
             if include_requests and r.alive and r.report is not None:
                 requests.extend(RequestLocation(request_id=e.request_id, worker_id=info.worker_id,
                                                 priority=e.priority, num_tokens=e.num_tokens, running=e.running)
                                 for e in r.report.requests)
         return StatusReply(reply_to=reply_to, scheduler_id=self.scheduler_id, instances=instances,
-                           requests=requests, policy=self.policy)
+                           requests=requests, policy=self.policy,
+                           instance_seconds=self.registry.instance_seconds(self.clock()),
+                           scaling=self.scaler.status())
 
     # ---- operator commands ---------------------------------------------------------------------
 
@@ -255,6 +268,8 @@ class SchedulerCore:
             return ErrorReply(reply_to=msg_id, code=ErrorCode.NOT_FOUND, message=f"unknown worker {worker_id}")
         if self.commands is not None:
             self.commands.send_drain(worker_id, draining)
+        if not draining:
+            self.scaler.cancel(worker_id)
         log.info("worker.draining" if draining else "worker.undrained", worker_id=worker_id)
         return Ack(reply_to=msg_id, detail=f"{worker_id}: {'draining' if draining else 'dispatch resumed'}")
 
@@ -270,8 +285,16 @@ class SchedulerCore:
         return self.migrator.on_ctl(rec.msg, rec.peer)
 
     def migration_round(self) -> None:
-        """Called on a timer (`migration_interval_ms`): move requests off draining instances."""
+        """Called on a timer (`migration_interval_ms`): move requests off draining instances and,
+        with a migrating policy, from overloaded instances to free ones."""
         self.migrator.round()
+
+    def scale_round(self) -> None:
+        """Called on a timer (`scaler.tick_s`) when scaling is on: decide, drain, advise."""
+        self.scaler.tick()
+
+    def on_scale_query(self, rec: Received) -> Message:
+        return self.scaler.on_query(rec.msg, self.scheduler_id)
 
     def on_ping(self, rec: Received) -> Message:
         """Pong to anyone (ctl, frontends, workers); a live worker's Ping also counts as heard from it."""

@@ -63,14 +63,25 @@ async def serve_scheduler(cfg: KvferryConfig, on_ready: Callable[[str], None] | 
                 await asyncio.sleep(sc.migration_interval_ms / 1000.0)
                 core.migration_round()
 
+        async def scale_rounds() -> None:
+            while True:
+                await asyncio.sleep(core.scaler.tick_s)
+                core.scale_round()
+
         tasks.append(loop.create_task(serve(sock, core.handle, first=(DispatchRequest,)), name="scheduler-serve"))
         tasks.append(loop.create_task(sweeper(), name="scheduler-sweep"))
         tasks.append(loop.create_task(migration_rounds(), name="scheduler-migration"))
+        if sc.scaling:
+            tasks.append(loop.create_task(scale_rounds(), name="scheduler-scaling"))
         endpoint = cfg.cluster.scheduler()
         log.info("scheduler.ready", endpoint=endpoint, bind=bind, scheduler_id=sc.scheduler_id, policy=sc.policy,
                  heartbeat_interval_ms=sc.heartbeat_interval_ms, heartbeat_timeout_ms=sc.heartbeat_timeout_ms,
                  report_interval_ms=sc.report_interval_ms, migration_interval_ms=sc.migration_interval_ms,
-                 max_migrations_per_instance=sc.max_migrations_per_instance)
+                 max_migrations_per_instance=sc.max_migrations_per_instance, migrate=core.policy_cfg.migrate,
+                 priority_headroom=core.policy_cfg.priority_headroom, migrate_out_below=sc.migrate_out_below,
+                 migrate_in_above=sc.migrate_in_above, scaling=sc.scaling,
+                 scale=f"{sc.scale_min_instances}..{sc.scale_max_instances} instances, freeness "
+                       f"{sc.scale_up_below}..{sc.scale_down_above}, every >= {sc.scale_interval_ms} ms")
         if on_ready is not None:
             on_ready(endpoint)
         stopped = loop.create_task(stop.wait())

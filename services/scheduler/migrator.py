@@ -1,4 +1,5 @@
-"""Live migration, the scheduler's side (DESIGN §5): `ctl migrate`, the periodic drain round, results.
+"""Live migration, the scheduler's side (DESIGN §5): `ctl migrate`, the periodic migration round
+(drains always; load balancing with the migrating policies kvferry and kvferry-nopri), results.
 
 The scheduler never moves KV itself: it sends `MigrateCommand` to the source worker's control
 endpoint and the workers do the rest. The source answers `Ack(ok=True, detail=<request id>)` once
@@ -28,7 +29,8 @@ from protocol.base import Message
 from protocol.errors import ProtocolError, RequestTimeout
 from protocol.fields import MAX_TEXT_LEN
 
-from policy import plan_migrations
+from policy import PlannedMigration, PolicyConfig, plan_migrations
+from policy.migration import migration_sources
 from services.config import SchedulerConfig
 from services.log import get_logger
 from services.scheduler.commands import CommandChannels
@@ -51,11 +53,13 @@ def layout_key(info: RegisterWorker) -> Hashable:
 
 
 class Migrator:
-    """Starts migrations (for ctl and for draining instances) and tracks them until they end."""
+    """Starts migrations (for ctl, for draining instances and, with a migrating policy, for load
+    balancing) and tracks them until they end."""
 
     def __init__(self, cfg: SchedulerConfig, registry: Registry, commands: CommandChannels | None,
-                 clock: Callable[[], float]) -> None:
+                 clock: Callable[[], float], policy: PolicyConfig | None = None) -> None:
         self.cfg = cfg
+        self.policy = policy if policy is not None else cfg.policy_config()
         self.registry = registry
         self.commands = commands
         self.clock = clock
@@ -136,14 +140,7 @@ class Migrator:
                             dst=e.dst, reason="source is dead or gone")
         if self.commands is None:
             return []
-        records = list(self.registry)
-        if not any(r.alive and r.snapshot.draining for r in records):
-            return []  # nothing to plan (load balancing will widen this)
-        # Per-request entries only where the planner looks for victims: they can be thousands.
-        loads = [r.load(include_requests=r.alive and r.snapshot.draining) for r in records]
-        plans = plan_migrations(loads, self.tracker.pairs(), max_per_instance=self.cfg.max_migrations_per_instance,
-                                layouts={r.worker_id: layout_key(r.info) for r in records},
-                                busy_requests=self.tracker.busy_requests())
+        plans = self.plan()
         started = []
         for p in plans:
             if p.src not in self.commands:
@@ -152,6 +149,26 @@ class Migrator:
             self._issue(entry, self.ack_timeout_s, reply=None)
             started.append(entry)
         return started
+
+    def plan(self) -> list[PlannedMigration]:
+        """What policy.plan_migrations plans now: drains always; load balancing (reason "load")
+        only with a migrating policy (kvferry, kvferry-nopri), not with rr and load."""
+        records = list(self.registry)
+        if not self.policy.migrate and not any(r.alive and r.snapshot.draining for r in records):
+            return []
+        # Find the sources on the small dispatch snapshots first, then list every request only
+        # for them (where the planner looks for victims: a report can list thousands).
+        sources = {i.instance_id for i in migration_sources([r.snapshot for r in records], self.policy)}
+        if not sources:
+            return []
+        loads = [r.load(include_requests=r.worker_id in sources) for r in records]
+        return plan_migrations(loads, self.tracker.pairs(), max_per_instance=self.policy.max_migrations_per_instance,
+                               layouts={r.worker_id: layout_key(r.info) for r in records},
+                               busy_requests=self.tracker.busy_requests(), cfg=self.policy)
+
+    def involved(self, worker_id: str) -> bool:
+        """Whether a migration in flight goes out of, or into, `worker_id`."""
+        return any(worker_id in pair for pair in self.tracker.pairs())
 
     # ---- results -------------------------------------------------------------------------------
 

@@ -8,7 +8,7 @@ a scheduler restart.
 from __future__ import annotations
 
 import bisect
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -40,6 +40,9 @@ class WorkerRecord:
     last_seq: int = -1
     last_report_ms: int = 0  # wall clock when the latest report was applied
     last_pong_ms: int = 0  # wall clock of the latest Pong to the scheduler's Ping
+    # Which requests the dispatch snapshot lists (by priority): the high-priority ones when the
+    # policy has priority headroom, else none.
+    keep_priority: Callable[[int], bool] | None = None
     snapshot: InstanceLoad = field(init=False)
 
     def __post_init__(self) -> None:
@@ -51,10 +54,11 @@ class WorkerRecord:
 
     def refresh(self) -> None:
         """Recompute the dispatch snapshot after any change."""
-        self.snapshot = instance_load(self.info, self.report, alive=self.alive, draining=self.draining)
+        self.snapshot = instance_load(self.info, self.report, alive=self.alive, draining=self.draining,
+                                      keep_priority=self.keep_priority)
 
     def load(self, include_requests: bool = False) -> InstanceLoad:
-        """The InstanceLoad, optionally with per-request entries (for status and migration)."""
+        """The InstanceLoad, optionally with every per-request entry (for status and migration)."""
         if not include_requests:
             return self.snapshot
         return instance_load(self.info, self.report, alive=self.alive, draining=self.draining,
@@ -64,15 +68,23 @@ class WorkerRecord:
 class Registry:
     """Workers by id. Keeps the dispatch snapshots in id order and rebuilds that list only after a
     change, so a dispatch costs O(n) with no sorting (the policy's sort of a sorted list is linear).
+
+    Also accounts instance-seconds: for every worker, the seconds from its registration until it
+    deregisters or is declared dead (again from a later registration), summed over workers.
+    `keep_priority`: which requests dispatch snapshots list (see WorkerRecord.keep_priority).
     """
 
-    def __init__(self, timeout_s: float, max_workers: int = 4096) -> None:
+    def __init__(self, timeout_s: float, max_workers: int = 4096,
+                 keep_priority: Callable[[int], bool] | None = None) -> None:
         self.timeout_s = timeout_s
         self.max_workers = max_workers
+        self.keep_priority = keep_priority
         self._workers: dict[str, WorkerRecord] = {}
         self._ids: list[str] = []  # sorted
         self._snapshots: list[InstanceLoad] | None = None
         self._block_size: int = 16
+        self._up_since: dict[str, float] = {}  # live workers: when they (last) registered
+        self._closed_s = 0.0  # instance-seconds of the periods already ended
 
     # ---- membership ----------------------------------------------------------------------------
 
@@ -86,16 +98,20 @@ class Registry:
         if old is None and len(self._workers) >= self.max_workers:
             raise OverflowError(f"{self.max_workers} workers already registered")
         rec = WorkerRecord(info=info, peer=peer, registered_ms=now_ms, last_heard=now,
-                           draining=old.draining if old is not None else False)
+                           draining=old.draining if old is not None else False, keep_priority=self.keep_priority)
         self._workers[info.worker_id] = rec
+        self._up_since.setdefault(info.worker_id, now)  # a live worker registering again keeps its start
         if old is None:
             bisect.insort(self._ids, info.worker_id)
         self._membership_changed()
         return rec, old is not None and old.alive
 
-    def remove(self, worker_id: str) -> WorkerRecord | None:
+    def remove(self, worker_id: str, now: float | None = None) -> WorkerRecord | None:
+        """Forget a worker (it deregistered, or was dead long enough); its up time ends at `now`
+        (default: when it was last heard from)."""
         rec = self._workers.pop(worker_id, None)
         if rec is not None:
+            self._close(worker_id, rec.last_heard if now is None else now)
             self._ids.remove(worker_id)
             self._membership_changed()
         return rec
@@ -162,6 +178,7 @@ class Registry:
             if rec.alive and rec.last_heard < limit:
                 rec.alive = False
                 rec.refresh()
+                self._close(rec.worker_id, now)
                 dead.append(rec)
         if dead:
             self._changed()
@@ -173,6 +190,17 @@ class Registry:
         for wid in gone:
             self.remove(wid)
         return gone
+
+    # ---- instance-seconds ----------------------------------------------------------------------
+
+    def _close(self, worker_id: str, now: float) -> None:
+        start = self._up_since.pop(worker_id, None)
+        if start is not None:
+            self._closed_s += max(0.0, now - start)
+
+    def instance_seconds(self, now: float) -> float:
+        """Seconds workers were registered and alive, summed over workers, up to `now`."""
+        return self._closed_s + sum(max(0.0, now - t) for t in self._up_since.values())
 
     # ---- views ---------------------------------------------------------------------------------
 
