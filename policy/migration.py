@@ -43,8 +43,10 @@ def migration_victim(requests: Iterable[RequestLoad], exclude: Collection[str] =
 
 
 def is_overloaded(inst: InstanceLoad, cfg: PolicyConfig) -> bool:
-    """A load-balancing source: low freeness, or a blocked queue."""
-    return inst.num_running > 0 and (freeness(inst, cfg=cfg) < cfg.migrate_out_below or inst.num_waiting > 0)
+    """A load-balancing source: low freeness, or a blocked queue (its head-of-line request does
+    not fit in the free blocks; a request that merely arrived since the last step does not count)."""
+    blocked = inst.num_waiting > 0 and inst.head_of_line_blocks > inst.free_blocks
+    return inst.num_running > 0 and (freeness(inst, cfg=cfg) < cfg.migrate_out_below or blocked)
 
 
 def migration_sources(instances: Iterable[InstanceLoad], cfg: PolicyConfig | None = None) -> list[InstanceLoad]:

@@ -62,8 +62,10 @@ def test_load_balancing_moves_lowest_priority_shortest_from_the_most_loaded_to_t
     # a policy without migration only drains
     assert plan_migrations([hot, warm, cold], cfg=named_policy("load")) == []
     # a blocked queue makes a source even with fair freeness
-    queued = inst("q", 100, 40, [(0, 20), (0, 20)], waiting=1, hol=50)
+    queued = inst("q", 100, 40, [(0, 20), (0, 20)], waiting=1, hol=70)  # 70 > 60 free: blocked
     assert [p.src for p in plan_migrations([queued, cold], cfg=KV)] == ["q"]
+    fits = inst("f", 100, 40, [(0, 20), (0, 20)], waiting=1, hol=10)  # just arrived, fits: not a source
+    assert plan_migrations([fits, cold], cfg=KV) == []
     # no destination above the threshold: nothing moves
     assert plan_migrations([hot, inst("meh", 100, 80, [(0, 80)])], cfg=KV) == []
 
