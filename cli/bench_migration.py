@@ -6,22 +6,25 @@ endpoint: registers the workers, answers pings, records MigrationResult and load
 frontend (a PULL at the reply address, where every token batch is timestamped on arrival with
 time.perf_counter). Requests and MigrateCommands go straight to the workers' control sockets.
 
-For each context length L: bg-src (worker 0) and bg-dst (worker 1), short prompts, keep both
-engines decoding; R (a seeded random prompt of L - 16 tokens, capped so that the whole run fits
-the model's context; greedy, ignore_eos) starts on worker 0. After R has streamed 16 tokens it
-moves live 0→1 (multi-stage pre-copy), 16 tokens later blocking 1→0 (stop, copy every block,
-resume), 16 tokens later by recompute 0→1 (only the state moves; the destination prefills the
-tokens again). Then everything is aborted and both workers must report every KV block free.
-An unrecorded round at the shortest length goes first (--no-warmup: not): the first migration out
-of each worker sets up its shared-memory staging buffer, a one-off cost.
+For each context length L: a background request on each worker (short prompt) keeps both engines
+decoding; R (a seeded random prompt of L - 16 tokens, capped so that the whole run fits the
+model's context; greedy, ignore_eos) starts on worker 0. Every 16 tokens R moves: N times live
+(multi-stage pre-copy: 0→1, 1→0, ...), then N times blocking (stop, copy every block, resume),
+then once by recompute (only the state moves; the destination prefills the tokens again);
+N = --migrations (3; with 1 the order is live 0→1, blocking 1→0, recompute 0→1). Then everything
+is aborted and both workers must report every KV block free. An unrecorded round at the shortest
+length goes first (--no-warmup: not): the first migration out of each worker sets up its
+shared-memory staging buffer, a one-off cost.
 
 - downtime (ms) = the gap between R's last token from the source and its first token from the
   destination, minus R's median inter-token gap over the 10 tokens before the MigrateCommand;
-- decode step (ms) = median gap of bg-src (source; `_dst_`: bg-dst, destination) over the tokens
-  before the live migration's command, while R decodes in the source's batch;
-- during migration (ms) = mean gap of bg-src tokens arriving after the command up to R's last
-  token on the source (R still in that batch: like for like with the decode step), and of bg-dst
-  tokens arriving after the command and before R's first token there (bg-dst still alone).
+  per length, the median over that mode's migrations;
+- decode step (ms) = median gap of the source's background request (`_dst_`: the destination's)
+  over the tokens before a live migration's command, while R decodes in the source's batch;
+- during migration (ms) = mean gap of the source's background tokens arriving after the command
+  up to R's last token there (R still in that batch: like for like with the decode step), and of
+  the destination's arriving after the command and before R's first token there (R not yet in).
+  Both pool the gaps of all N live migrations.
 
 R's stream is checked (every output index exactly once, in order, from the worker that owns R at
 that point) and every migration must commit: the bench fails (exit 1) otherwise. Missed
@@ -56,12 +59,11 @@ from cli.common import int_list, positive_int
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_LENGTHS = [256, 512, 1024, 2048, 4096, 8192]
-PLAN = (("live", 0, 1), ("blocking", 1, 0), ("recompute", 0, 1))  # mode, source, destination, in order
-MODES = tuple(p[0] for p in PLAN)
+MODES = ("live", "blocking", "recompute")
 TOKENS_BETWEEN = 16  # R's tokens before the first migration and between two migrations
 BASELINE_GAPS = 10  # R's gaps before a command that define its normal inter-token gap
 TAIL_TOKENS = 4  # R's tokens after the last migration before everything is aborted
-CONTEXT_MARGIN = 128  # prompt + every token R decodes stays below the model's context by this much
+CONTEXT_MARGIN = 128  # slack beyond R's planned tokens below the model's context (tokens during migrations)
 BG_PROMPT_TOKENS = 16
 DOWNTIME_FLOOR_MS = 1.0  # flatness ratio: downtimes below this are step-time jitter on a shared machine
 PLOT_FLOOR_MS = 0.1  # log axes: smaller (or negative) downtimes are drawn here
@@ -94,6 +96,9 @@ def register(kinds: argparse._SubParsersAction) -> None:
                    help="weights, activations and KV cache dtype (default: bfloat16)")
     p.add_argument("--threads", type=positive_int, default=None,
                    help="torch threads per worker (default: max(1, cores // 2))")
+    p.add_argument("--migrations", type=positive_int, default=3,
+                   help="live and blocking migrations per length (directions alternate; downtimes are their "
+                        "medians; one recompute either way; default: 3)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random prompts (default: 0)")
     p.add_argument("--timeout", type=float, default=300.0,
                    help="seconds any one phase (start, prefill, migration, abort) may take (default: 300)")
@@ -466,36 +471,54 @@ async def _migrate(ctx: Context, mode: str, src: int, dst: int, rid: str, mid: s
         raise BenchError(f"MigrateCommand {mode} {rid}: worker-{src} answered {ack}")
 
 
+def migration_plan(n: int) -> list[tuple[str, int, int]]:
+    """(mode, source, destination) in order: `n` live migrations alternating between the two
+    workers from 0→1, then `n` blocking ones going on alternating, then one recompute away from
+    wherever R is (the re-prefill is slow and its cost barely varies). n=1: live 0→1, blocking
+    1→0, recompute 0→1."""
+    plan: list[tuple[str, int, int]] = []
+    owner = 0
+    for mode in ("live",) * n + ("blocking",) * n + ("recompute",):
+        plan.append((mode, owner, 1 - owner))
+        owner = 1 - owner
+    return plan
+
+
 async def measure_length(ctx: Context, length: int) -> dict[str, Any]:
-    """One context length: three migrations of R, then abort all and check no block leaked."""
+    """One context length: R's migrations (migration_plan), then abort everything and check that
+    no KV block leaked. Downtimes are medians over each mode's migrations; the decode-step figures
+    pool the background requests' gaps over every live migration, by role (source, destination)."""
     timeout = ctx.args.timeout
     sink, sched = ctx.sink, ctx.sched
+    plan = migration_plan(ctx.args.migrations)
     tag = uuid.uuid4().hex[:6]
-    rid, bs, bd = f"R-{length}-{tag}", f"bg-src-{length}-{tag}", f"bg-dst-{length}-{tag}"
-    prompt_len = max(1, min(length - TOKENS_BETWEEN, ctx.max_context - CONTEXT_MARGIN))
+    rid = f"R-{length}-{tag}"
+    bg_ids = [f"bg-{i}-{length}-{tag}" for i in range(2)]  # one per worker; source or destination by turns
+    margin = TOKENS_BETWEEN * (len(plan) + 2) + CONTEXT_MARGIN
+    prompt_len = max(1, min(length - TOKENS_BETWEEN, ctx.max_context - margin))
     bg_max = ctx.max_context - BG_PROMPT_TOKENS - 1
-    await _add(ctx, 0, bs, _prompt(ctx, BG_PROMPT_TOKENS), bg_max)
-    await _add(ctx, 1, bd, _prompt(ctx, BG_PROMPT_TOKENS), bg_max)
-    R, S, D = sink.stream(rid), sink.stream(bs), sink.stream(bd)
-    await sink.until(lambda: len(S) >= 2 and len(D) >= 2, timeout, "the background requests to decode")
+    for i, bid in enumerate(bg_ids):
+        await _add(ctx, i, bid, _prompt(ctx, BG_PROMPT_TOKENS), bg_max)
+    R = sink.stream(rid)
+    bg = [sink.stream(bid) for bid in bg_ids]
+    await sink.until(lambda: all(len(s) >= 2 for s in bg), timeout, "the background requests to decode")
     t_add = time.perf_counter()
     await _add(ctx, 0, rid, _prompt(ctx, prompt_len), ctx.max_context - prompt_len - 1)
 
     def alive() -> None:
-        for s in (R, S, D):
+        for s in (R, *bg):
             if s.finish_reason is not None:
                 raise BenchError(f"{s.request_id} ended early: {s.finish_reason} {s.error or ''}")
 
-    record: dict[str, Any] = {"context_tokens": length, "prompt_tokens": prompt_len, "migrations": {}}
+    migrations: dict[str, list[dict[str, Any]]] = {mode: [] for mode in MODES}
+    pooled: dict[str, list[float]] = {"src": [], "src_during": [], "dst": [], "dst_during": []}
     start = 0  # R's first index on its current owner
-    for mode, src, dst in PLAN:
+    for mode, src, dst in plan:
         await sink.until(lambda: len(R) >= start + TOKENS_BETWEEN or R.finish_reason is not None, timeout,
                          f"{rid} to stream {TOKENS_BETWEEN} tokens on worker-{src}")
         alive()
-        if mode == "live":
-            record["ttft_s"] = R.times[0] - t_add
         n_cmd = len(R)
-        mid = f"{mode}-{length}-{tag}"
+        mid = f"{mode}-{len(migrations[mode])}-{length}-{tag}"
         t_cmd = time.perf_counter()
         await _migrate(ctx, mode, src, dst, rid, mid)
         await sched.until(lambda: mid in sched.results, timeout, f"the MigrationResult of {mid}")
@@ -513,45 +536,39 @@ async def measure_length(ctx: Context, length: int) -> dict[str, Any]:
         normal = median_ms(recent_gaps(R.times, start, n_cmd, BASELINE_GAPS))
         if normal is None:
             raise BenchError(f"{rid}: no inter-token gaps before the {mode} migration")
-        m = {"context_tokens": prompt_len + n_cmd, "src": f"worker-{src}", "dst": f"worker-{dst}",
-             "downtime_ms": downtime_ms(R.times[j - 1], R.times[j], normal),
-             "gap_ms": (R.times[j] - R.times[j - 1]) * 1000.0, "normal_gap_ms": normal,
-             "command_to_first_token_ms": (R.times[j] - t_cmd) * 1000.0,
-             "worker_downtime_ms": res.downtime_ms, "stages": res.stages, "blocks": res.blocks,
-             "bytes_moved": res.bytes_moved}
+        t_last_src, t_first_dst = R.times[j - 1], R.times[j]
+        migrations[mode].append({
+            "context_tokens": prompt_len + n_cmd, "src": f"worker-{src}", "dst": f"worker-{dst}",
+            "downtime_ms": downtime_ms(t_last_src, t_first_dst, normal),
+            "gap_ms": (t_first_dst - t_last_src) * 1000.0, "normal_gap_ms": normal,
+            "command_to_first_token_ms": (t_first_dst - t_cmd) * 1000.0,
+            "worker_downtime_ms": res.downtime_ms, "stages": res.stages, "blocks": res.blocks,
+            "bytes_moved": res.bytes_moved})
         if mode == "live":
             # Like-for-like windows: the source's batch still holds R; the destination's not yet.
             t_ref = R.times[max(start, n_cmd - BASELINE_GAPS - 1)]
-            t_last_src, t_first_dst = R.times[j - 1], R.times[j]
-            before_src, before_dst = gaps_ending_in(S.times, t_ref, t_cmd), gaps_ending_in(D.times, t_ref, t_cmd)
-            base_src, base_dst = median_ms(before_src), median_ms(before_dst)
-            during_src = gaps_ending_in(S.times, t_cmd, t_last_src) or first_gap_after(S.times, t_cmd)
-            during_dst = gaps_ending_in(D.times, t_cmd, t_first_dst, include_end=False) or \
-                first_gap_after(D.times, t_cmd)
-            record.update({
-                "decode_step_ms": base_src, "decode_step_during_migration_ms": mean_ms(during_src),
-                "decode_step_dst_ms": base_dst, "decode_step_dst_during_migration_ms": mean_ms(during_dst),
-                # The means too: gap distributions are skewed, so mean-during vs median-before is not
-                # the whole story on a noisy machine.
-                "decode_step_mean_ms": mean_ms(before_src), "decode_step_dst_mean_ms": mean_ms(before_dst),
-                "decode_gaps_before_migration": len(before_src), "decode_gaps_during_migration": len(during_src),
-                "decode_gaps_dst_during_migration": len(during_dst)})
-        record["migrations"][mode] = m
+            s_bg, d_bg = bg[src], bg[dst]
+            pooled["src"] += gaps_ending_in(s_bg.times, t_ref, t_cmd)
+            pooled["dst"] += gaps_ending_in(d_bg.times, t_ref, t_cmd)
+            pooled["src_during"] += gaps_ending_in(s_bg.times, t_cmd, t_last_src) or \
+                first_gap_after(s_bg.times, t_cmd)
+            pooled["dst_during"] += gaps_ending_in(d_bg.times, t_cmd, t_first_dst, include_end=False) or \
+                first_gap_after(d_bg.times, t_cmd)
         start = j
     await sink.until(lambda: len(R) >= start + TAIL_TOKENS or R.finish_reason is not None, timeout,
                      f"{rid}'s tokens after the last migration")
     alive()
     R.check_complete()
     owners = [w for w, _ in R.owner_runs()]
-    expected = ["worker-0"] + [f"worker-{d}" for _, _, d in PLAN]
+    expected = ["worker-0"] + [f"worker-{d}" for _, _, d in plan]
     if owners != expected:
         raise BenchError(f"{rid}: owners {owners}, expected {expected}")
 
     # Abort everything; both workers must come back to every block free.
     t_abort = time.perf_counter()
-    await asyncio.gather(_abort(ctx, PLAN[-1][2], rid), _abort(ctx, 0, bs), _abort(ctx, 1, bd))
-    await sink.until(lambda: all(s.finish_reason is not None for s in (R, S, D)), timeout, "the final batches")
-    for s in (R, S, D):
+    await asyncio.gather(_abort(ctx, plan[-1][2], rid), *(_abort(ctx, i, bid) for i, bid in enumerate(bg_ids)))
+    await sink.until(lambda: all(s.finish_reason is not None for s in (R, *bg)), timeout, "the final batches")
+    for s in (R, *bg):
         s.check_complete()
         if s.finish_reason != "abort":
             raise BenchError(f"{s.request_id}: finish {s.finish_reason} {s.error or ''}, expected abort")
@@ -569,18 +586,29 @@ async def measure_length(ctx: Context, length: int) -> dict[str, Any]:
         raise BenchError(f"KV blocks still in use after aborting everything (worker: (used blocks, running)): "
                          f"{left}") from None
 
-    live, blocking, recompute = (record["migrations"][k]["downtime_ms"] for k in MODES)
-    record.update({
-        "live_ms": live, "blocking_ms": blocking, "recompute_ms": recompute,
-        "recompute_over_live": recompute / max(live, DOWNTIME_FLOOR_MS),
-        "decode_slowdown_pct": slowdown_pct(record["decode_step_ms"], record["decode_step_during_migration_ms"]),
-        "decode_slowdown_dst_pct": slowdown_pct(record["decode_step_dst_ms"],
-                                                record["decode_step_dst_during_migration_ms"]),
-        "context_at_migration": {k: record["migrations"][k]["context_tokens"] for k in MODES},
-    })
-    for key in ("decode_step_ms", "decode_step_dst_ms"):
-        if record[key] is None:
-            raise BenchError(f"length {length}: no background tokens before the live migration ({key})")
+    for key in ("src", "dst"):
+        if not pooled[key]:
+            raise BenchError(f"length {length}: no background tokens before the live migrations ({key})")
+    down = {mode: statistics.median(m["downtime_ms"] for m in migrations[mode]) for mode in MODES}
+    record: dict[str, Any] = {
+        "context_tokens": length,
+        "live_ms": down["live"], "recompute_ms": down["recompute"], "blocking_ms": down["blocking"],
+        "decode_step_ms": median_ms(pooled["src"]),
+        "decode_step_during_migration_ms": mean_ms(pooled["src_during"]),
+        "decode_step_dst_ms": median_ms(pooled["dst"]),
+        "decode_step_dst_during_migration_ms": mean_ms(pooled["dst_during"]),
+        # The means too: gap distributions are skewed, so mean-during vs median-before is not the
+        # whole story on a noisy machine.
+        "decode_step_mean_ms": mean_ms(pooled["src"]), "decode_step_dst_mean_ms": mean_ms(pooled["dst"]),
+        "decode_gaps": {k: len(v) for k, v in pooled.items()},
+        "prompt_tokens": prompt_len, "ttft_s": R.times[0] - t_add,
+        "context_at_migration": {mode: [m["context_tokens"] for m in migrations[mode]] for mode in MODES},
+        "migrations": migrations,
+    }
+    record["recompute_over_live"] = record["recompute_ms"] / max(record["live_ms"], DOWNTIME_FLOOR_MS)
+    record["decode_slowdown_pct"] = slowdown_pct(record["decode_step_ms"], record["decode_step_during_migration_ms"])
+    record["decode_slowdown_dst_pct"] = slowdown_pct(record["decode_step_dst_ms"],
+                                                     record["decode_step_dst_during_migration_ms"])
     return record
 
 
@@ -649,6 +677,19 @@ async def _run_async(args: argparse.Namespace, log_dir: Path, workers: list[Work
         zctx.term()
 
 
+def _code_version() -> str:
+    """The commit the workers ran, with "+dirty" when the serving code differs from it (numbers
+    describe the code, and it changes)."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "services", "engine", "kv_transfer", "protocol"],
+                               cwd=ROOT, capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return (head or "unknown") + ("+dirty" if dirty else "")
+
+
 def _model_facts(model: str) -> tuple[int, tuple[int, int]]:
     """The model's context length and the token range of random prompts (clear of the control
     tokens at the start of large vocabularies and of the tiny model's special tokens)."""
@@ -715,6 +756,7 @@ def run(args: argparse.Namespace) -> int:
     meta: dict[str, Any] = {}
     t_start = time.perf_counter()
     load_before = os.getloadavg()
+    meta["code"] = _code_version()
     ok = False
     print(f"bench migration: model {args.model}, lengths {','.join(map(str, args.lengths))}, path {args.path}",
           flush=True)

@@ -19,6 +19,7 @@ from cli.bench_migration import (
     first_gap_after,
     gaps_ending_in,
     median_ms,
+    migration_plan,
     recent_gaps,
     slowdown_pct,
     switch_index,
@@ -73,6 +74,13 @@ def test_downtime_is_the_extra_gap():
     assert slowdown_pct(None, 20.0) is None
 
 
+def test_migration_plan_alternates_and_ends_with_one_recompute():
+    assert migration_plan(1) == [("live", 0, 1), ("blocking", 1, 0), ("recompute", 0, 1)]
+    assert migration_plan(2) == [("live", 0, 1), ("live", 1, 0), ("blocking", 0, 1), ("blocking", 1, 0),
+                                 ("recompute", 0, 1)]
+    assert [m for m, _, _ in migration_plan(3)] == ["live"] * 3 + ["blocking"] * 3 + ["recompute"]
+
+
 def _record(ctx: int, live: float, recompute: float, step: float = 20.0, slow: float = 0.5) -> dict:
     return {"context_tokens": ctx, "live_ms": live, "blocking_ms": 2 * live, "recompute_ms": recompute,
             "decode_step_ms": step, "decode_step_during_migration_ms": step * (1 + slow / 100),
@@ -101,7 +109,7 @@ def test_targets():
 def test_bench_migration_tiny_run(tmp_path):
     out, png = tmp_path / "bench.json", tmp_path / "bench.png"
     proc = subprocess.run([sys.executable, "-m", "cli.main", "bench", "migration", "--model", "tiny",
-                           "--lengths", "64,200", "--json", str(out), "--plot", str(png)],
+                           "--lengths", "64,200", "--migrations", "2", "--json", str(out), "--plot", str(png)],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "recompute/live" in proc.stdout
@@ -115,11 +123,15 @@ def test_bench_migration_tiny_run(tmp_path):
                     "decode_step_dst_ms", "decode_step_dst_during_migration_ms"):
             assert r[key] > 0, (key, r)
         assert r["live_ms"] > -r["decode_step_ms"]  # a hidden migration is ~0, never far below
-        for mode in ("live", "blocking", "recompute"):
-            m = r["migrations"][mode]
+        migs = r["migrations"]
+        assert [len(migs[mode]) for mode in ("live", "blocking", "recompute")] == [2, 2, 1]
+        for m in migs["live"] + migs["blocking"] + migs["recompute"]:
             assert m["gap_ms"] > 0 and m["worker_downtime_ms"] > 0 and m["stages"] >= 1
-        assert r["migrations"]["live"]["bytes_moved"] > 0 and r["migrations"]["blocking"]["bytes_moved"] > 0
-        assert r["migrations"]["recompute"]["bytes_moved"] == 0  # only the state moves
+        assert [(m["src"], m["dst"]) for m in migs["live"] + migs["blocking"]] == [("worker-0", "worker-1"),
+                                                                                ("worker-1", "worker-0")] * 2
+        assert all(m["bytes_moved"] > 0 for m in migs["live"] + migs["blocking"])
+        assert migs["recompute"][0]["bytes_moved"] == 0  # only the state moves
+        assert r["decode_gaps"]["src"] > 0 and r["decode_gaps"]["src_during"] > 0
     assert set(d["targets"]) == {"live_flatness", "live_decode_steps", "recompute_over_live_at_4096",
                                  "decode_slowdown_pct"}
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
