@@ -10,6 +10,7 @@ KINDS = (
     "cli.bench_frontend",
     "cli.bench_migration",
     "cli.bench_transfer",
+    "cli.bench_simulate",
 )
 
 
