@@ -11,6 +11,7 @@ KINDS = (
     "cli.bench_migration",
     "cli.bench_transfer",
     "cli.bench_simulate",
+    "cli.bench_paper",
 )
 
 

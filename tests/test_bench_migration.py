@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +14,9 @@ import pytest
 from cli.bench_migration import (
     REQUIRED_KEYS,
     BenchError,
+    OthersCPU,
     Stream,
+    _proc_cpu_s,
     downtime_ms,
     evaluate_targets,
     first_gap_after,
@@ -81,6 +84,14 @@ def test_migration_plan_alternates_and_ends_with_one_recompute():
     assert [m for m, _, _ in migration_plan(3)] == ["live"] * 3 + ["blocking"] * 3 + ["recompute"]
 
 
+def test_cpu_accounting_reads_live_processes():
+    sum(i * i for i in range(200_000))  # some CPU time of our own
+    assert _proc_cpu_s(os.getpid()) > 0
+    assert _proc_cpu_s(2**22 + 12345) == 0.0  # no such process
+    watch = OthersCPU([os.getpid()])
+    assert watch.cores() is None or watch.cores() >= 0
+
+
 def _record(ctx: int, live: float, recompute: float, step: float = 20.0, slow: float = 0.5) -> dict:
     return {"context_tokens": ctx, "live_ms": live, "blocking_ms": 2 * live, "recompute_ms": recompute,
             "decode_step_ms": step, "decode_step_during_migration_ms": step * (1 + slow / 100),
@@ -132,6 +143,7 @@ def test_bench_migration_tiny_run(tmp_path):
         assert all(m["bytes_moved"] > 0 for m in migs["live"] + migs["blocking"])
         assert migs["recompute"][0]["bytes_moved"] == 0  # only the state moves
         assert r["decode_gaps"]["src"] > 0 and r["decode_gaps"]["src_during"] > 0
+        assert r["attempts"] == 1 and (r["others_cpu_cores"] is None or r["others_cpu_cores"] >= 0)
     assert set(d["targets"]) == {"live_flatness", "live_decode_steps", "recompute_over_live_at_4096",
                                  "decode_slowdown_pct"}
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
