@@ -12,6 +12,7 @@ KINDS = (
     "cli.bench_transfer",
     "cli.bench_simulate",
     "cli.bench_paper",
+    "cli.bench_serve",
 )
 
 

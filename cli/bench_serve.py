@@ -1,0 +1,199 @@
+"""`kvferry bench serve`: replay a trace against a live cluster, in real time.
+
+Each request is sent at its arrival time (from the trace: generated or --trace-file) over the
+OpenAI HTTP API (--url; the openai client, streaming completions with the prompt as token ids,
+max_tokens = the output length, the `ignore_eos` and `priority` extensions) or the SDK (--sdk;
+sdk.AsyncClient streams). Prints a progress bar on stderr, then the metrics with `vllm bench
+serve`'s definitions (TTFT, TPOT, ITL per streamed chunk, E2E; mean, median, P90, P99; goodput
+under --goodput SLOs; per priority class). The cluster's policy is read from the scheduler's status
+(--scheduler, else the cluster config: --config / --base-port / KVFERRY_*), not given here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from cli.trace_args import add_trace_args, trace_from_args, trace_label
+
+PROMPT_IDS = range(3, 256)  # token ids valid for every tokenizer (the byte-level `tiny` one included)
+
+
+def register(kinds: argparse._SubParsersAction) -> None:
+    p = kinds.add_parser("serve", help="replay a trace against a live cluster (HTTP or SDK) and measure latencies",
+                         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    to = p.add_mutually_exclusive_group(required=True)
+    to.add_argument("--url", help="the frontend's HTTP base URL, e.g. http://127.0.0.1:8000")
+    to.add_argument("--sdk", metavar="ENDPOINT", help="the frontend's SDK endpoint, e.g. tcp://127.0.0.1:17101")
+    p.add_argument("--model", help="the model name for HTTP requests (default: the first of /v1/models)")
+    add_trace_args(p, requests=200)
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds per request (default: 600)")
+    p.add_argument("--scheduler", metavar="ENDPOINT", help="the scheduler, for its policy (default: from the config)")
+    p.add_argument("--base-port", type=int, metavar="P", help="cluster base port (the scheduler is at P)")
+    p.add_argument("--config", metavar="FILE", help="TOML cluster config (to find the scheduler)")
+    p.add_argument("--json", metavar="FILE", help="write the summary (and settings) as one JSON object to FILE")
+    p.set_defaults(func=run)
+
+
+def prompt_ids(n: int, salt: int) -> list[int]:
+    k = len(PROMPT_IDS)
+    return [PROMPT_IDS[(salt * 31 + i * 7) % k] for i in range(n)]
+
+
+def cluster_policy(args: argparse.Namespace) -> str | None:
+    """The scheduler's policy (StatusReply.policy), or None with a warning when it cannot be asked."""
+    from cli.ctl import _ask, _Failed  # the same lookup and exchange as `kvferry ctl status`
+    from protocol import StatusRequest
+
+    ns = argparse.Namespace(scheduler=args.scheduler, base_port=args.base_port, config=args.config, timeout=5.0)
+    try:
+        return _ask(ns, StatusRequest(include_requests=False)).policy or None
+    except _Failed as exc:
+        print(f"warning: cannot read the cluster's policy: {exc}", file=sys.stderr)
+        return None
+
+
+class Progress:
+    """A one-line progress bar on stderr, redrawn at most 10 times a second."""
+
+    def __init__(self, total: int, width: int = 30) -> None:
+        self.total, self.width = total, width
+        self.done = self.failed = self.sent = 0
+        self._drawn = 0.0
+
+    def update(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self._drawn < 0.1:
+            return
+        self._drawn = now
+        fill = int(self.width * self.done / max(1, self.total))
+        sys.stderr.write(f"\r[{'#' * fill}{'.' * (self.width - fill)}] {self.done}/{self.total} done, "
+                         f"{self.sent - self.done} in flight, {self.failed} failed")
+        sys.stderr.flush()
+
+    def close(self) -> None:
+        self.update(force=True)
+        sys.stderr.write("\n")
+
+
+async def _http_one(client: Any, model: str, rec: Any, t0: float, timeout: float) -> None:
+    stream = await client.completions.create(
+        model=model, prompt=prompt_ids(rec.input_len, int(rec.request_id)), max_tokens=rec.output_len, stream=True,
+        temperature=0.0, stream_options={"include_usage": True}, timeout=timeout,
+        extra_body={"ignore_eos": True, "priority": rec.priority})
+    usage = None
+    async with contextlib.aclosing(stream):
+        async for chunk in stream:
+            if chunk.choices:
+                _token(rec, time.perf_counter() - t0, 1)
+            if chunk.usage is not None:
+                usage = chunk.usage
+    if usage is not None:
+        rec.output_tokens = usage.completion_tokens
+
+
+async def _sdk_one(client: Any, rec: Any, t0: float, timeout: float) -> None:
+    chunks = client.stream(prompt_token_ids=prompt_ids(rec.input_len, int(rec.request_id)),
+                           max_tokens=rec.output_len, ignore_eos=True, priority=rec.priority, timeout=timeout)
+    async with contextlib.aclosing(chunks):
+        async for c in chunks:
+            if c.token_ids:
+                _token(rec, time.perf_counter() - t0, len(c.token_ids))
+            if c.usage is not None:
+                rec.output_tokens = c.usage.completion_tokens
+
+
+def _token(rec: Any, t: float, n: int) -> None:
+    """A streamed chunk arrived at `t` with `n` tokens (vllm: one ITL per chunk)."""
+    if rec.first_token_s is None:
+        rec.first_token_s = t
+    else:
+        rec.itl.append(t - rec.last_token_s)
+    rec.last_token_s = t
+    rec.output_tokens += n
+
+
+async def replay(trace: Sequence[Any], args: argparse.Namespace, progress: Progress) -> tuple[list[Any], float]:
+    """Send every request at its arrival time; (records, duration from the first send to the last end)."""
+    from workload.metrics import RequestRecord
+
+    if args.url:
+        import openai
+
+        client: Any = openai.AsyncOpenAI(base_url=args.url.rstrip("/") + "/v1", api_key="kvferry", max_retries=0)
+        model = args.model or (await client.models.list()).data[0].id
+        one = lambda rec: _http_one(client, model, rec, t0, args.timeout)  # noqa: E731
+    else:
+        from sdk import AsyncClient
+
+        client = AsyncClient(args.sdk, timeout=args.timeout)
+        one = lambda rec: _sdk_one(client, rec, t0, args.timeout)  # noqa: E731
+
+    async def send(rec: RequestRecord) -> None:
+        progress.sent += 1
+        rec.arrival_s = time.perf_counter() - t0  # the actual send time, as vllm measures
+        try:
+            await one(rec)
+        except Exception as exc:  # noqa: BLE001 - any failure is a failed request with its message
+            rec.error = f"{type(exc).__name__}: {exc}"
+            progress.failed += 1
+        rec.finish_s = rec.last_token_s if rec.error is None and rec.last_token_s is not None else None
+        if rec.error is None and rec.finish_s is None:
+            rec.error = "no token received"
+            progress.failed += 1
+        progress.done += 1
+        progress.update()
+
+    records = [RequestRecord(str(i), r.arrival_s, r.input_len, r.output_len, r.priority) for i, r in enumerate(trace)]
+    tasks = []
+    start = trace[0].arrival_s if trace else 0.0
+    t0 = time.perf_counter()
+    try:
+        for r, rec in zip(trace, records):
+            delay = (r.arrival_s - start) - (time.perf_counter() - t0)
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.create_task(send(rec)))
+        await asyncio.gather(*tasks)
+    finally:
+        await client.close()
+    return records, time.perf_counter() - t0
+
+
+def run(args: argparse.Namespace) -> int:
+    from workload.metrics import SLO, paper_row, summarize
+    from workload.report import format_summary
+    from workload.traces import TraceError
+
+    try:
+        slo = SLO.parse(args.goodput)
+        trace = trace_from_args(args)
+    except (TraceError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    policy = cluster_policy(args)
+    progress = Progress(len(trace))
+    try:
+        records, duration = asyncio.run(replay(trace, args, progress))
+    finally:
+        progress.close()
+    s = summarize(records, duration, slo)
+    target = args.url or args.sdk
+    print(format_summary(s, f"served by {target} (policy {policy or 'unknown'}): {trace_label(args)}"))
+    errors = [r.error for r in records if r.error]
+    if errors:
+        print(f"{len(errors)} failed; first error: {errors[0]}")
+    if args.json:
+        out = {"kind": "serve", "target": target, "via": "http" if args.url else "sdk", "policy": policy,
+               "trace": args.trace_file or args.trace, "rate": args.rate, "cv": args.cv, "requests": len(trace),
+               "seed": args.seed, "high_priority_fraction": args.high_priority_fraction, **paper_row(s),
+               "summary": s}
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=2)
+    return 0 if s["completed"] else 1
