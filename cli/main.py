@@ -21,6 +21,7 @@ COMMANDS = (
     "cli.worker",
     "cli.generate",
     "cli.bench",
+    "cli.config",
 )
 
 

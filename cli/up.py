@@ -35,6 +35,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="with --scaling: workers at start and at least (default: --workers, else 1)")
     p.add_argument("--max-workers", type=int, default=None, metavar="B", help="with --scaling: at most (default 4)")
     p.add_argument("--num-blocks", type=int, default=None, help="KV blocks per worker (default: from memory)")
+    p.add_argument("--metrics-port", type=int, default=None, metavar="P",
+                   help="Prometheus /metrics: scheduler on P, worker i on P+1+i (default: [scheduler] / [worker] "
+                        "metrics_port from the config, else free ports; 0: off); the frontend's is on --http-port")
     p.add_argument("--config", default=None, help="TOML config file")
     p.add_argument("--ready-timeout", type=float, default=300.0)
     p.set_defaults(func=run)
@@ -63,6 +66,7 @@ def cluster_from_args(args: argparse.Namespace):  # noqa: ANN201 - LocalCluster,
     if cfg.worker.engine == "sim" and args.model is None:
         cfg.worker.model = "llama7b-a10"
     sc = cfg.scheduler
+    _metrics_ports(cfg, args.metrics_port)
     if sc.scaling:  # from the flag or the config file
         if args.max_workers is None and sc.scale_max_instances <= max(1, sc.scale_min_instances - 1):
             # Unset (the config default, 1) or below the minimum: 4, or the minimum when above.
@@ -75,6 +79,25 @@ def cluster_from_args(args: argparse.Namespace):  # noqa: ANN201 - LocalCluster,
         raise ValueError("--workers must be at least 1")
     return LocalCluster(ClusterSpec(cfg, num_workers=workers, config_path=args.config,
                                     ready_timeout_s=args.ready_timeout))
+
+
+def _metrics_ports(cfg, flag: int | None) -> None:  # noqa: ANN001 - KvferryConfig, imported lazily
+    """Every service serves /metrics under `kvferry up`: the scheduler on P, worker i on P+1+i
+    (worker.metrics_port = P+1: each worker adds its index). P: the flag, else free ports for the
+    settings the config leaves at 0."""
+    from services.launcher import free_port_block
+
+    if flag is not None:
+        if flag < 0 or flag > 65535 - 1 - max(4, cfg.scheduler.scale_max_instances):
+            raise ValueError(f"--metrics-port {flag} out of range")
+        cfg.scheduler.metrics_port = flag
+        cfg.worker.metrics_port = flag + 1 if flag else 0
+        return
+    if cfg.scheduler.metrics_port and cfg.worker.metrics_port:
+        return
+    first = free_port_block(2 + max(64, cfg.scheduler.scale_max_instances))  # room for a scaling pool
+    cfg.scheduler.metrics_port = cfg.scheduler.metrics_port or first
+    cfg.worker.metrics_port = cfg.worker.metrics_port or first + 1
 
 
 def run(args: argparse.Namespace) -> int:
@@ -99,6 +122,15 @@ def run(args: argparse.Namespace) -> int:
     print(f"  OpenAI API : {cluster.http_url}/v1", flush=True)
     print(f"  SDK        : {cluster.sdk_endpoint}", flush=True)
     print(f"  scheduler  : {cluster.scheduler_endpoint}   (kvferry ctl status)", flush=True)
+    urls = cluster.metrics_urls()
+    workers = [u for name, u in urls.items() if name.startswith("worker-")]
+    print(f"  metrics    : frontend {urls['frontend']}", flush=True)
+    if "scheduler" in urls:
+        print(f"               scheduler {urls['scheduler']}", flush=True)
+    if workers:
+        ports = sorted(int(u.rsplit(":", 1)[1].split("/")[0]) for u in workers)
+        print(f"               workers http://{cluster.spec.config.cluster.http_host}:{ports[0]}..{ports[-1]}/metrics "
+              f"(worker i: {cluster.spec.config.worker.metrics_port} + i)", flush=True)
     status = 0
     try:
         while not stop.wait(0.5):

@@ -30,6 +30,7 @@ class SchedulerConfig:
     `policy_config`); `policy` picks one of the named policies of policy.config."""
 
     scheduler_id: str = "scheduler-0"
+    metrics_port: int = 0  # Prometheus /metrics and /health over HTTP on [cluster] http_host; 0: off
     policy: str = "kvferry"  # rr | load (no migration, INFaaS++) | kvferry (everything) | kvferry-nopri
     heartbeat_interval_ms: int = 500
     heartbeat_timeout_ms: int = 2000  # a worker silent this long is removed from dispatch
@@ -95,7 +96,7 @@ class WorkerConfig:
     seed: int = 0
     threads: int = 0  # torch intra-op threads; 0: torch's default
     frontend_timeout_s: float = 10.0  # a frontend that heartbeated, then fell silent this long: abort its requests
-    metrics_port: int = 0  # Prometheus /metrics over HTTP on [cluster] http_host; 0: off (`kvferry up`: + index)
+    metrics_port: int = 0  # Prometheus /metrics and /health on [cluster] http_host, port metrics_port + index; 0: off
     # Live migration (DESIGN §5).
     migration_path: str = "auto"  # auto (shm on one host, else frames) | shm | frames
     max_migrations_out: int = 2  # concurrent migrations with this worker as source

@@ -55,6 +55,16 @@ def free_ports(workers: int) -> tuple[int, int]:
     raise RuntimeError("no free port range")
 
 
+def free_port_block(n: int) -> int:
+    """The first of `n` consecutive ports free on 127.0.0.1 (metrics endpoints: the scheduler's and
+    one per worker index)."""
+    for _ in range(200):
+        first = random.randrange(50000, 60000 - n)
+        if all(_port_free(first + k) for k in range(n)):
+            return first
+    raise RuntimeError("no free port range")
+
+
 class LaunchError(RuntimeError):
     """A service did not become ready, or exited early."""
 
@@ -151,6 +161,19 @@ class LocalCluster:
     def scheduler_endpoint(self) -> str:
         return self.spec.config.cluster.scheduler()
 
+    def metrics_urls(self) -> dict[str, str]:
+        """Prometheus endpoints by service name: the frontend's (on its API port), the scheduler's and
+        each running worker's when their `metrics_port` is set (worker i: metrics_port + i)."""
+        cfg = self.spec.config
+        host = f"http://{cfg.cluster.http_host}"
+        urls = {"frontend": f"{self.http_url}/metrics"}
+        if cfg.scheduler.metrics_port:
+            urls["scheduler"] = f"{host}:{cfg.scheduler.metrics_port}/metrics"
+        if cfg.worker.metrics_port:
+            for w in self.workers():
+                urls[w.name] = f"{host}:{cfg.worker.metrics_port + (w.index or 0)}/metrics"
+        return urls
+
     # ---- lifecycle ----------------------------------------------------------------------
 
     def start(self) -> None:
@@ -184,8 +207,6 @@ class LocalCluster:
         threads = self._threads_per_worker()
         if threads and not w.get("threads"):
             w["threads"] = threads
-        if cfg.worker.metrics_port:
-            w["metrics_port"] = cfg.worker.metrics_port + index
         return self._spawn(f"worker-{index}", "worker", {**self._worker_env, **_env_for("worker", w)}, index=index)
 
     def next_worker_index(self) -> int:

@@ -2,6 +2,8 @@
 
 `run(cfg)` blocks until SIGTERM/SIGINT (or `stop` is set). Once bound it calls `on_ready(endpoint)`;
 `kvferry scheduler` prints `READY scheduler <endpoint>` there, which `kvferry up` waits for.
+With `[scheduler] metrics_port` set, Prometheus /metrics and /health are served over HTTP on
+`[cluster] http_host` (services.scheduler.metrics).
 """
 
 from __future__ import annotations
@@ -20,8 +22,10 @@ from protocol.base import Message
 from protocol.sockets import MessageSocket, serve
 from services.config import KvferryConfig
 from services.log import get_logger
+from services.metrics_http import MetricsServer, start_metrics_server
 from services.scheduler.commands import CommandChannels
 from services.scheduler.handlers import SchedulerCore
+from services.scheduler.metrics import SchedulerMetrics, scheduler_health
 
 log = get_logger("kvferry.scheduler")
 
@@ -52,11 +56,20 @@ async def serve_scheduler(cfg: KvferryConfig, on_ready: Callable[[str], None] | 
         await sock.send(msg, peer=peer, timeout_s=1.0)
 
     core.migrator.send = send_later
+    metrics = SchedulerMetrics()
+    handle = metrics.wrap(core.handle, trigger_of=lambda mid: getattr(
+        core.migrator.tracker.in_flight.get(mid), "reason", None))
+    metrics_server: MetricsServer | None = None
     try:
+        if sc.metrics_port:
+            metrics.attach(core, loop)
+            metrics_server = start_metrics_server(cfg.cluster.http_host, sc.metrics_port, metrics.registry,
+                                                  health=lambda: scheduler_health(core, loop))
+
         async def sweeper() -> None:
             while True:
                 await asyncio.sleep(min(SWEEP_INTERVAL_S, sc.heartbeat_timeout_ms / 4000.0))
-                core.sweep()
+                metrics.on_dead(len(core.sweep()))
 
         async def migration_rounds() -> None:
             while True:
@@ -68,13 +81,14 @@ async def serve_scheduler(cfg: KvferryConfig, on_ready: Callable[[str], None] | 
                 await asyncio.sleep(core.scaler.tick_s)
                 core.scale_round()
 
-        tasks.append(loop.create_task(serve(sock, core.handle, first=(DispatchRequest,)), name="scheduler-serve"))
+        tasks.append(loop.create_task(serve(sock, handle, first=(DispatchRequest,)), name="scheduler-serve"))
         tasks.append(loop.create_task(sweeper(), name="scheduler-sweep"))
         tasks.append(loop.create_task(migration_rounds(), name="scheduler-migration"))
         if sc.scaling:
             tasks.append(loop.create_task(scale_rounds(), name="scheduler-scaling"))
         endpoint = cfg.cluster.scheduler()
         log.info("scheduler.ready", endpoint=endpoint, bind=bind, scheduler_id=sc.scheduler_id, policy=sc.policy,
+                 metrics=None if metrics_server is None else f"{cfg.cluster.http_host}:{metrics_server.port}",
                  heartbeat_interval_ms=sc.heartbeat_interval_ms, heartbeat_timeout_ms=sc.heartbeat_timeout_ms,
                  report_interval_ms=sc.report_interval_ms, migration_interval_ms=sc.migration_interval_ms,
                  max_migrations_per_instance=sc.max_migrations_per_instance, migrate=core.policy_cfg.migrate,
@@ -95,6 +109,8 @@ async def serve_scheduler(cfg: KvferryConfig, on_ready: Callable[[str], None] | 
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         await commands.aclose()
+        if metrics_server is not None:
+            metrics_server.close()
         sock.close()
         ctx.destroy(linger=0)
         log.info("scheduler.stopped", workers=len(core.registry))

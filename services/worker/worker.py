@@ -33,6 +33,7 @@ from services.log import get_logger
 from services.worker.control import ControlHandler
 from services.worker.engine_driver import EngineDriver
 from services.worker.engine_factory import EngineInfo, build_engine
+from services.worker.engine_metrics import register_engine_metrics, worker_health
 from services.worker.metrics_http import MetricsServer, start_metrics_server
 from services.worker.migration.service import MigrationService
 from services.worker.scheduler_link import SchedulerLink
@@ -88,9 +89,12 @@ class Worker:
         self.control = MessageSocket.bind(self.ctx, zmq.ROUTER, self.cfg.cluster.bind(self.control_endpoint),
                                           WorkerControlInbound, name=f"{self.worker_id}-control")
         self.migration = MigrationService(self)
-        if self.cfg.worker.metrics_port:
-            self._metrics_server = start_metrics_server(self.cfg.cluster.http_host, self.cfg.worker.metrics_port,
-                                                        self.migration.metrics.registry)
+        if self.cfg.worker.metrics_port:  # worker i serves on metrics_port + i (one scheme for every host)
+            registry = self.migration.metrics.registry
+            register_engine_metrics(registry, self, self.loop)
+            self._metrics_server = start_metrics_server(
+                self.cfg.cluster.http_host, self.cfg.worker.metrics_port + self.index, registry,
+                health=lambda: worker_health(self, self.loop))
         self.driver.start()
         self.migration.start()
         self.handler = ControlHandler(self, self.control)

@@ -1,0 +1,133 @@
+"""The worker's engine gauges, registered on the worker's Prometheus registry (the one the
+migration metrics use, served at the worker's /metrics).
+
+Values are read at scrape time: the scrape (on the metrics HTTP thread) asks the event loop for
+the worker's state and the engine thread for `LLMEngine.stats()`, between two steps, so they are
+as fresh as the scrape and never race with the engine. Prometheus adds the target's `instance`
+label; `kvferry_worker_info` carries the worker id for joins with the scheduler's per-instance
+series (`instance_id`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from services.log import get_logger
+from services.metrics_http import call_on_loop
+
+if TYPE_CHECKING:
+    from engine.engine import EngineStats
+    from services.worker.worker import Worker
+
+log = get_logger(__name__)
+
+SCRAPE_TIMEOUT_S = 5.0  # a step in progress delays the stats read by at most one step
+
+# name -> help; every family this collector yields (tests and docs list them from here)
+ENGINE_METRICS = {
+    "kvferry_worker_info": "Constant 1, labelled with the worker's id, engine and model",
+    "kvferry_worker_capacity_blocks": "KV cache blocks of the engine",
+    "kvferry_worker_free_blocks": "Free KV cache blocks",
+    "kvferry_worker_used_blocks": "KV cache blocks held by requests or migration reservations",
+    "kvferry_worker_block_size_tokens": "Tokens per KV cache block",
+    "kvferry_worker_running_requests": "Requests in the running batch",
+    "kvferry_worker_waiting_requests": "Requests queued for admission",
+    "kvferry_worker_head_of_line_blocks": "Blocks the first waiting request needs (0 when none waits)",
+    "kvferry_worker_preemptions_total": "Requests preempted (recomputed later) since the worker started",
+    "kvferry_worker_migrations_in_flight": "Migrations in progress, by role (out: source, in: destination)",
+    "kvferry_worker_draining": "1 while the worker is draining (takes no new requests)",
+    "kvferry_worker_registered": "1 while the worker is registered with the scheduler",
+}
+
+
+class EngineCollector(Collector):
+    """Yields the ENGINE_METRICS families for one worker; nothing when the state cannot be read
+    (the worker is stopping), so a scrape never fails."""
+
+    def __init__(self, worker: "Worker", loop: asyncio.AbstractEventLoop) -> None:
+        self.worker = worker
+        self.loop = loop
+
+    def describe(self) -> Iterator[Metric]:
+        return iter(())  # no description: collect() is only called at scrape time
+
+    def _read(self) -> tuple["EngineStats", dict[str, float]] | None:
+        w = self.worker
+        if w.stopping or _on_loop(self.loop):  # on the loop itself the engine read would deadlock
+            return None
+        fut = asyncio.run_coroutine_threadsafe(w.driver.call(lambda e: e.stats(), timeout_s=SCRAPE_TIMEOUT_S),
+                                               self.loop)
+        stats = fut.result(SCRAPE_TIMEOUT_S + 1.0)
+
+        def state() -> dict[str, float]:
+            mig = w.migration
+            return {"draining": float(w.draining), "registered": float(w.link.registered.is_set()),
+                    "out": float(len(mig.source)) if mig else 0.0, "in": float(len(mig.destination)) if mig else 0.0}
+
+        return stats, call_on_loop(self.loop, state, SCRAPE_TIMEOUT_S)
+
+    def collect(self) -> Iterator[Metric]:
+        try:
+            read = self._read()
+        except Exception as exc:  # noqa: BLE001 - the loop or the engine is gone: no engine series
+            log.debug("metrics.engine_unreadable", error=f"{type(exc).__name__}: {exc}")
+            read = None
+        if read is None:
+            return
+        stats, state = read
+        w, h = self.worker, ENGINE_METRICS
+        info = GaugeMetricFamily("kvferry_worker_info", h["kvferry_worker_info"],
+                                 labels=["worker_id", "engine", "model"])
+        info.add_metric([w.worker_id, w.info.kind, w.info.model], 1.0)
+        yield info
+        for name, value in (
+            ("kvferry_worker_capacity_blocks", stats.num_blocks),
+            ("kvferry_worker_free_blocks", stats.num_free_blocks),
+            ("kvferry_worker_used_blocks", stats.num_blocks - stats.num_free_blocks),
+            ("kvferry_worker_block_size_tokens", stats.block_size),
+            ("kvferry_worker_running_requests", stats.num_running),
+            ("kvferry_worker_waiting_requests", stats.num_waiting),
+            ("kvferry_worker_head_of_line_blocks", stats.head_of_line_blocks),
+            ("kvferry_worker_draining", state["draining"]),
+            ("kvferry_worker_registered", state["registered"]),
+        ):
+            yield GaugeMetricFamily(name, h[name], value=float(value))
+        # The family name drops `_total`; prometheus_client adds it to the sample.
+        yield CounterMetricFamily("kvferry_worker_preemptions", h["kvferry_worker_preemptions_total"],
+                                  value=float(stats.num_preemptions))
+        mig = GaugeMetricFamily("kvferry_worker_migrations_in_flight", h["kvferry_worker_migrations_in_flight"],
+                                labels=["role"])
+        mig.add_metric(["out"], state["out"])
+        mig.add_metric(["in"], state["in"])
+        yield mig
+
+
+def _on_loop(loop: asyncio.AbstractEventLoop) -> bool:
+    try:
+        return asyncio.get_running_loop() is loop
+    except RuntimeError:
+        return False
+
+
+def register_engine_metrics(registry: CollectorRegistry, worker: "Worker",
+                            loop: asyncio.AbstractEventLoop) -> EngineCollector:
+    """Add the engine gauges of `worker` to `registry` (the worker's migration-metrics registry)."""
+    collector = EngineCollector(worker, loop)
+    registry.register(collector)
+    return collector
+
+
+def worker_health(worker: "Worker", loop: asyncio.AbstractEventLoop) -> tuple[bool, dict[str, object]]:
+    """/health of a worker: ok while its event loop answers and it is not stopping. Registration
+    with the scheduler is reported, not required (the scheduler may start later)."""
+    def state() -> tuple[bool, dict[str, object]]:
+        return not worker.stopping, {"worker_id": worker.worker_id, "registered": worker.link.registered.is_set(),
+                                     "draining": worker.draining, "requests": len(worker.routes)}
+
+    return call_on_loop(loop, state, 2.0)
