@@ -15,7 +15,6 @@ Deterministic: no randomness besides the trace's; ties broken by insertion order
 
 from __future__ import annotations
 
-import dataclasses
 import heapq
 import itertools
 import math
@@ -23,13 +22,13 @@ import time
 from array import array
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from engine.engine import LLMEngine
 from engine.errors import InvalidRequestError
 from engine.request import SamplingParams
-from policy import DispatchState, PolicyConfig, dispatch, plan_migrations, scaling_decision
+from policy import DispatchState, InstanceLoad, PolicyConfig, dispatch, plan_migrations, scaling_decision
 from policy.freeness import freeness
 from policy.migration import migration_sources
 from simulator.config import SimConfig
@@ -246,28 +245,25 @@ class ClusterSim:
         sources = migration_sources(snaps, self.policy)
         if not sources:
             return
-        # Request lists only for the sources that can get a destination this round (the others
-        # would find none), read from the source now: the live source picks its request itself.
         cfg = self.policy
-        limit = cfg.max_migrations_per_instance
-        in_n: dict[str, int] = {}
-        for _src, dst in self.migrator.pairs():
-            in_n[dst] = in_n.get(dst, 0) + 1
-        balance_slots = sum(limit - in_n.get(s.instance_id, 0) for s in snaps
-                            if not s.draining and s.num_waiting == 0 and not s.full
-                            and freeness(s, cfg=cfg) > cfg.migrate_in_above)
-        drains = sum(1 for s in sources if s.draining)
-        if balance_slots <= 0 and not drains:
-            return
-        picked = {s.instance_id for s in sources[:drains + max(0, balance_slots)]}
-        snaps = [self.by_id[s.instance_id].snapshot(full=True) if s.instance_id in picked else s for s in snaps]
-        plans = plan_migrations(snaps, self.migrator.pairs(), max_per_instance=limit,
+        if not any(s.draining for s in sources) and not any(self._may_receive(s) for s in snaps):
+            return  # no destination for a load-balancing move: skip reading the sources' requests
+        # Every number as last reported; a source's request list read from it now (the live source
+        # picks its request itself), which costs too much to build at every report.
+        ids = {s.instance_id for s in sources}
+        snaps = [replace(s, requests=self.by_id[s.instance_id].request_loads()) if s.instance_id in ids else s
+                 for s in snaps]
+        plans = plan_migrations(snaps, self.migrator.pairs(), max_per_instance=cfg.max_migrations_per_instance,
                                 busy_requests=self.migrator.in_flight, cfg=cfg)
         for p in plans:
-            src = self.by_id[p.src]
-            if p.src not in picked and p.request_id is not None:
-                p = dataclasses.replace(p, request_id=None)  # named from a partial list: let the source pick
-            self.migrator.start(p, src, self.by_id[p.dst], now)
+            self.migrator.start(p, self.by_id[p.src], self.by_id[p.dst], now)
+
+    def _may_receive(self, s: InstanceLoad) -> bool:
+        """Could `s` be a load-balancing destination (policy.migration's filter, before room and
+        in-flight limits)? False for all instances means the round can plan nothing but drains."""
+        cfg = self.policy
+        return (not s.draining and s.num_waiting == 0 and not s.full
+                and freeness(s, cfg=cfg) > cfg.migrate_in_above)
 
     def _sample(self, _: Any, now: float) -> None:
         if self.done >= len(self.trace):

@@ -69,9 +69,7 @@ class SimInstance:
         b = e.blocks
         head = s.waiting[0] if s.waiting else None
         if full:
-            reqs = tuple(RequestLoad(r.request_id, r.priority, b.num_owned(r.request_id), r.num_tokens,
-                                     r.status is RequestStatus.RUNNING and r.request_id not in e.detached)
-                         for r in e.requests.values())
+            reqs = self.request_loads()
         elif self.high:
             reqs = tuple(RequestLoad(rid, r.priority, b.num_owned(rid), r.num_tokens,
                                      r.status is RequestStatus.RUNNING and rid not in e.detached)
@@ -80,6 +78,14 @@ class SimInstance:
             reqs = ()
         return InstanceLoad(self.id, b.num_blocks, b.num_free, len(s.running), len(s.waiting),
                             -(-head.num_tokens // b.block_size) if head else 0, reqs, draining=self.draining)
+
+    def request_loads(self) -> tuple[RequestLoad, ...]:
+        """Every request here as the policy sees it (detached ones count as not running)."""
+        e = self.engine
+        b = e.blocks
+        return tuple(RequestLoad(r.request_id, r.priority, b.num_owned(r.request_id), r.num_tokens,
+                                 r.status is RequestStatus.RUNNING and r.request_id not in e.detached)
+                     for r in e.requests.values())
 
     def take_report(self, now: float) -> InstanceLoad:
         self.report = self.snapshot()
