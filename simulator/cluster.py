@@ -8,8 +8,8 @@ step starts right then if the instance has work.
 
 Like the live scheduler, dispatch sees each instance's last load report (sent after a step, at most
 every `report_interval_s`, or when the instance goes idle) plus the requests dispatched to it since
-(policy.DispatchState). Migration rounds plan from the same reports with policy.plan_migrations; a
-source's request list is read when it is picked (the live source picks its request itself).
+(policy.DispatchState). Migration rounds plan from the same reports with policy.plan_migrations,
+the sources' request lists read at the round (the live source picks its request itself).
 Deterministic: no randomness besides the trace's; ties broken by insertion order and ids.
 """
 
@@ -73,7 +73,7 @@ class ClusterSim:
         self.by_id: dict[str, SimInstance] = {}
         self.records: dict[str, RequestRecord] = {}
         self.arrival_key: dict[str, float] = {}  # the engine's arrival_time of each request (restored after a move)
-        self.preempted_at: dict[str, float] = {}
+        self.preempted_at: dict[str, float] = {}  # when a preempted request's token was due (loss runs from there)
         self.pending: deque[str] = deque()  # arrived while no instance could take them
         self.dstate = DispatchState()
         self.migrator = Migrator(self, self.cfg)
