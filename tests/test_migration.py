@@ -419,16 +419,13 @@ async def test_hostile_migration_messages_are_refused_and_the_worker_keeps_servi
 
 
 async def test_worker_metrics_endpoint_counts_migrations(make_cluster):
-    import socket
-
     import httpx
 
-    ports = []
-    for _ in range(2):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            ports.append(s.getsockname()[1])
-    c = await make_cluster(2, per_worker={0: {"metrics_port": ports[0]}, 1: {"metrics_port": ports[1]}})
+    from services.launcher import free_port_block
+
+    base = free_port_block(2)  # worker i serves /metrics at metrics_port + i
+    ports = [base, base + 1]
+    c = await make_cluster(2, overrides={"metrics_port": base})
     await twins(c, "counted", 200)
     await c.frontend.until(lambda: c.frontend.count("counted") >= 2)
     assert (await c.migrate_and_wait(0, 1, "counted")).outcome == "committed"

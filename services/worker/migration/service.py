@@ -62,6 +62,12 @@ class MigrationService:
         self._tasks: list[asyncio.Task[None]] = []
 
     def start(self) -> None:
+        if self.source.pool is not None and self.w.cfg.worker.migration_path in ("auto", "shm"):
+            # Create (and page-touch) the shm staging buffer now, not inside a migration's pause.
+            try:
+                self.source.pool.give_back(self.source.pool.take("shm"))
+            except OSError as exc:  # no /dev/shm here: migrations use frames
+                log.warning("migration.shm_unavailable", error=str(exc))
         # Commits first: a waiting commit is a request out of every batch.
         self._tasks = [
             asyncio.create_task(serve(self.sock, self.destination, first=(MigrateCommit, MigrateAbort)),
