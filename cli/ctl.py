@@ -10,7 +10,8 @@
                                                  it reports no requests
     kvferry ctl undrain ID                       dispatch to it again (stops the drain migrations)
 
-The scheduler is found at --scheduler ENDPOINT, else from --base-port / --config / KVFERRY_*.
+The scheduler is found at --scheduler ENDPOINT, else from --base-port / --config / KVFERRY_*. With
+CurveZMQ on, ctl connects with the `client` keypair of --curve-keys DIR (or [cluster] curve_keys_dir).
 Exit status: 0 done; 1 the scheduler or the worker refused (unknown instance or request, busy,
 incompatible instances, ...), or --wait ran out; 2 no answer or bad usage (`error: ...` on stderr).
 """
@@ -39,6 +40,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         q.add_argument("--scheduler", metavar="ENDPOINT", help="the scheduler's endpoint, e.g. tcp://127.0.0.1:17100")
         q.add_argument("--base-port", type=int, metavar="P", help="cluster base port (the scheduler is at P)")
         q.add_argument("--config", metavar="FILE", help="TOML config file ([cluster] section)")
+        q.add_argument("--curve-keys", metavar="DIR", help="CurveZMQ key directory (its client keypair; default: "
+                       "[cluster] curve_keys_dir from --config / KVFERRY_CLUSTER_CURVE_KEYS_DIR)")
         q.add_argument("--timeout", type=float, default=timeout_s, metavar="S",
                        help=f"seconds to wait for the scheduler's answer (default: {timeout_s:g})")
 
@@ -87,6 +90,25 @@ def _endpoint(args: argparse.Namespace) -> str:
     return cfg.cluster.scheduler()
 
 
+def _curve(args: argparse.Namespace) -> Any:
+    """ctl's Curve keys (the `client` keypair), or None when Curve is off."""
+    from protocol.security import KeyFileError, load_keys
+    from services.config import ConfigFileError, load_config
+
+    directory = getattr(args, "curve_keys", None)
+    if directory is None:
+        try:
+            directory = load_config(args.config).cluster.curve_keys_dir
+        except ConfigFileError as exc:
+            raise _Failed(str(exc), 2) from exc
+    if not directory:
+        return None
+    try:
+        return load_keys(directory, "client")
+    except KeyFileError as exc:
+        raise _Failed(str(exc), 2) from exc
+
+
 def _ask(args: argparse.Namespace, msg: Any) -> Any:
     """Send `msg` to the scheduler and return its reply (bounded by --timeout)."""
     async def one(ask: Callable[[Any], Awaitable[Any]]) -> Any:
@@ -105,16 +127,18 @@ def _session(args: argparse.Namespace, body: Callable[[Callable[[Any], Awaitable
 
     from protocol import SchedulerReplies
     from protocol.errors import RemoteError, RequestTimeout
+    from protocol.security import use_curve
     from protocol.sockets import MessageSocket, request
 
     if not args.timeout > 0:
         raise _Failed("--timeout must be positive", 2)
     endpoint = _endpoint(args)
+    keys = _curve(args)
 
     async def exchange() -> Any:
-        ctx = zmq.asyncio.Context()
+        ctx = use_curve(zmq.asyncio.Context(), keys)
         try:
-            sock = MessageSocket.connect(ctx, zmq.DEALER, endpoint, SchedulerReplies)
+            sock = MessageSocket.connect(ctx, zmq.DEALER, endpoint, SchedulerReplies, server_role="scheduler")
             try:
                 return await body(lambda msg: request(sock, msg, timeout_s=args.timeout))
             finally:

@@ -22,6 +22,7 @@ COMMANDS = (
     "cli.generate",
     "cli.bench",
     "cli.config",
+    "cli.keys",
 )
 
 

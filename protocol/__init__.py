@@ -13,6 +13,7 @@ Modules (import the names from here):
 - sockets: asyncio ZeroMQ wrappers (MessageSocket, Requester, request, serve).
 - addresses: ClusterAddresses, the one config every endpoint derives from.
 - client: the SDK <-> frontend messages (GenerateRequest, GenerateChunk, CancelGenerate).
+- security: CurveZMQ keys (`kvferry keys generate`) and `secure()`, which every socket factory calls.
 """
 
 from protocol.addresses import ClusterAddresses

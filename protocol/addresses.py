@@ -1,6 +1,7 @@
 """Every ZeroMQ endpoint of a cluster, derived from one config object.
 
-Defaults: TCP on 127.0.0.1 (nothing listens beyond loopback unless `bind_host` is configured).
+Defaults: TCP on 127.0.0.1 (nothing listens beyond loopback unless `bind_host` is configured);
+`curve_keys_dir` turns on CurveZMQ encryption and authentication (protocol.security).
 Port layout from `base_port` (P):
 
     P                      scheduler (ROUTER)
@@ -37,6 +38,8 @@ class ClusterAddresses:
     ipc_dir: str = "/tmp/kvferry"
     http_host: str = "127.0.0.1"
     http_port: int = 8000
+    # CurveZMQ on every socket when set: the directory of `kvferry keys generate` (protocol.security).
+    curve_keys_dir: str = ""
     overrides: dict[str, str] = field(default_factory=dict, hash=False)
 
     def __post_init__(self) -> None:

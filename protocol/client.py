@@ -8,7 +8,8 @@ A GenerateRequest's `msg_id` correlates everything: every GenerateChunk of its a
 `reply_to = msg_id`; the last chunk has `finish_reason` and `usage` set. Without `stream` the
 answer is a single, final chunk holding all text and tokens. ErrorReply codes: invalid (bad
 request, prompt too long), overloaded (retry later), unavailable (no worker), expired (deadline
-passed), internal.
+passed), unauthorized (the frontend has an API key and `api_key` is missing or wrong), internal.
+`api_key` is an optional field added without a version bump: older peers ignore or omit it.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ MAX_PROMPT_CHARS = 16 << 20
 MAX_STOP_STRINGS = 16
 MAX_STOP_CHARS = 1024
 MAX_CHAT_MESSAGES = 4096
+MAX_API_KEY_CHARS = 1024
 
 PromptText = Annotated[str, Meta(max_length=MAX_PROMPT_CHARS)]
 StopString = Annotated[str, Meta(min_length=1, max_length=MAX_STOP_CHARS)]
@@ -62,6 +64,7 @@ class GenerateRequest(RequestMessage, kw_only=True, frozen=True):
     stop: Annotated[list[StopString], Meta(max_length=MAX_STOP_STRINGS)] = []
     priority: Priority = 0
     stream: bool = True
+    api_key: Annotated[str, Meta(max_length=MAX_API_KEY_CHARS)] | None = None  # [frontend] api_key, if set
 
     def __post_init__(self) -> None:
         given = sum(x is not None for x in (self.prompt, self.prompt_token_ids, self.messages))

@@ -24,6 +24,7 @@ class ErrorCode:
     OVERLOADED = "overloaded"  # queue full; retry later or elsewhere
     UNAVAILABLE = "unavailable"  # e.g. no live worker to dispatch to
     REFUSED = "refused"  # understood but not allowed now (draining, duplicate id, ...)
+    UNAUTHORIZED = "unauthorized"  # missing or wrong API key (the SDK endpoint with [frontend] api_key)
     INTERNAL = "internal"  # a bug on the answering side
 
 

@@ -135,7 +135,7 @@ def example_messages() -> list[Message]:
                     retiring=["worker-2"], serving=2, average_freeness=7.5, instance_seconds=1234.5),
         # SDK <-> frontend
         GenerateRequest(messages=[ChatMessage(role="user", content="Hi")], sampling=SAMPLING, stop=["\n\n"],
-                        priority=1, stream=True, deadline_ms=dl),
+                        priority=1, stream=True, deadline_ms=dl, api_key="sk-example"),
         GenerateChunk(reply_to="m-1", request_id="sdk-1", text="Hello", token_ids=[9, 8], first_index=0,
                       finish_reason="stop", usage=Usage(prompt_tokens=3, completion_tokens=2, total_tokens=5)),
         CancelGenerate(target="m-1"),

@@ -39,6 +39,7 @@ from protocol.codec import Allowed, decode, encode
 from protocol.common import ErrorCode, ErrorReply, error_reply
 from protocol.errors import MalformedMessage, MessageTooLarge, ProtocolError, RemoteError, RequestTimeout
 from protocol.fields import DEFAULT_MAX_MESSAGE_BYTES, MAX_TENSORS
+from protocol.security import secure
 
 log = logging.getLogger("kvferry.protocol")
 
@@ -125,15 +126,18 @@ class MessageSocket:
              bind: str | None = None, connect: str | Sequence[str] | None = None,
              identity: bytes | None = None, hwm: int | None = None,
              max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, max_frame_bytes: int | None = None,
-             zero_copy: bool = False, name: str = "") -> "MessageSocket":
+             zero_copy: bool = False, name: str = "", server_role: str | None = None) -> "MessageSocket":
         """Create, configure (see `configure_socket`), and bind and/or connect a socket.
-        `identity` sets a DEALER's routing id (e.g. the worker id, so a ROUTER can address it)."""
+        `identity` sets a DEALER's routing id (e.g. the worker id, so a ROUTER can address it).
+        With Curve on (keys on `ctx`, protocol.security) a binding socket is a Curve server and a
+        connecting one a client of a `server_role` server ("scheduler", "frontend", "worker")."""
         sock = ctx.socket(socket_type)
         try:
             receives = socket_type not in (zmq.PUSH, zmq.PUB)
             max_frame = max_frame_bytes or max_bytes
             configure_socket(sock, max_msg_bytes=max(max_bytes, max_frame) if receives else None,
                              identity=identity, hwm=hwm)
+            secure(sock, server=bind is not None, server_role=server_role)
             if bind is not None:
                 sock.bind(bind)
             for ep in [connect] if isinstance(connect, str) else (connect or []):

@@ -16,8 +16,10 @@ from sdk.client import (
     Overloaded,
     Result,
     SdkError,
+    Unauthorized,
     Unavailable,
+    curve_keys_from_dir,
 )
 
 __all__ = ["AsyncClient", "Chunk", "Client", "GenerateTimeout", "InvalidRequest", "Overloaded", "Result", "SdkError",
-           "Unavailable"]
+           "Unauthorized", "Unavailable", "curve_keys_from_dir"]

@@ -4,6 +4,11 @@ One DEALER per client; a reader task routes each GenerateChunk / ErrorReply by `
 call waiting for it, so many generations can run at once over one client. Leaving a `stream`
 early (break, close, cancellation, timeout) sends CancelGenerate, which aborts the request on
 the worker that runs it.
+
+Security: `api_key` (the frontend's [frontend] api_key) travels in every GenerateRequest; with
+CurveZMQ on the cluster, pass the frontends' public key and a client keypair the frontends accept
+(`**curve_keys_from_dir("keys/")` reads `frontend.key` and `client.key_secret` from a
+`kvferry keys generate` directory).
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from protocol.client import CancelGenerate, ChatMessage, ClientInbound, Generate
 from protocol.common import ErrorCode, ErrorReply
 from protocol.errors import ProtocolError
 from protocol.payloads import SamplingParams
+from protocol.security import CurveKeys, read_keypair, read_public_key, use_curve
 from protocol.sockets import MessageSocket
 
 
@@ -46,6 +52,10 @@ class Unavailable(SdkError):
     """No worker can take the request (HTTP 503)."""
 
 
+class Unauthorized(SdkError):
+    """The frontend requires an API key and this client's is missing or wrong (HTTP 401)."""
+
+
 class GenerateTimeout(SdkError, TimeoutError):
     """No (complete) answer within the timeout; the request was cancelled."""
 
@@ -54,7 +64,28 @@ class GenerateTimeout(SdkError, TimeoutError):
 
 
 _ERRORS = {ErrorCode.INVALID: InvalidRequest, ErrorCode.OVERLOADED: Overloaded,
-           ErrorCode.UNAVAILABLE: Unavailable, ErrorCode.REFUSED: Unavailable}
+           ErrorCode.UNAVAILABLE: Unavailable, ErrorCode.REFUSED: Unavailable, ErrorCode.UNAUTHORIZED: Unauthorized}
+
+Key = bytes | str  # a Z85 CurveZMQ key (40 characters)
+
+
+def curve_keys_from_dir(directory: str, name: str = "client") -> dict[str, Any]:
+    """`server_key` and `client_keypair` for AsyncClient/Client from a `kvferry keys generate`
+    directory: the frontends' public key (`frontend.key`) and the keypair `NAME.key_secret`."""
+    return {"server_key": read_public_key(directory, "frontend"), "client_keypair": read_keypair(directory, name)}
+
+
+def _curve(server_key: Key | None, client_keypair: tuple[Key, Key] | None) -> CurveKeys | None:
+    if server_key is None and client_keypair is None:
+        return None
+    if server_key is None or client_keypair is None:
+        raise ValueError("CurveZMQ needs both server_key (the frontend's public key) and client_keypair")
+
+    def b(k: Key) -> bytes:
+        return k.encode("ascii") if isinstance(k, str) else bytes(k)
+
+    public, secret = client_keypair
+    return CurveKeys(public=b(public), secret=b(secret), server_keys={"frontend": b(server_key)})
 
 
 def _error(reply: ErrorReply) -> SdkError:
@@ -90,7 +121,7 @@ class Result:
 def _request(prompt: str | None, prompt_token_ids: Sequence[int] | None, messages: Sequence[dict] | None,
              max_tokens: int, temperature: float, top_p: float, top_k: int, seed: int | None,
              stop: str | Sequence[str] | None, priority: int, ignore_eos: bool, stream: bool,
-             timeout: float) -> GenerateRequest:
+             timeout: float, api_key: str | None) -> GenerateRequest:
     if sum(x is not None for x in (prompt, prompt_token_ids, messages)) != 1:
         raise ValueError("give exactly one of prompt=, prompt_token_ids=, messages=")
     msgs = None if messages is None else [ChatMessage(role=m["role"], content=m["content"]) for m in messages]
@@ -99,18 +130,23 @@ def _request(prompt: str | None, prompt_token_ids: Sequence[int] | None, message
                               ignore_eos=ignore_eos)
     return GenerateRequest(prompt=prompt, prompt_token_ids=None if prompt_token_ids is None else list(prompt_token_ids),
                            messages=msgs, sampling=sampling, stop=stops, priority=priority, stream=stream,
-                           deadline_ms=deadline_in(timeout))
+                           deadline_ms=deadline_in(timeout), api_key=api_key)
 
 
 class AsyncClient:
     """asyncio client of one frontend's SDK endpoint (e.g. tcp://127.0.0.1:17101).
 
-    `timeout` (seconds) bounds each whole generation unless a call passes its own.
+    `timeout` (seconds) bounds each whole generation unless a call passes its own. `api_key`: the
+    frontend's API key, if it has one. `server_key` + `client_keypair` (Z85): CurveZMQ, for a
+    cluster with `curve_keys_dir` set (see `curve_keys_from_dir`).
     """
 
-    def __init__(self, endpoint: str, timeout: float = 600.0) -> None:
+    def __init__(self, endpoint: str, timeout: float = 600.0, *, api_key: str | None = None,
+                 server_key: Key | None = None, client_keypair: tuple[Key, Key] | None = None) -> None:
         self.endpoint = endpoint
         self.timeout = timeout
+        self.api_key = api_key
+        self._curve = _curve(server_key, client_keypair)
         self._ctx: zmq.asyncio.Context | None = None
         self._sock: MessageSocket | None = None
         self._reader: asyncio.Task | None = None
@@ -124,8 +160,9 @@ class AsyncClient:
 
     def _ensure(self) -> MessageSocket:
         if self._sock is None:
-            self._ctx = zmq.asyncio.Context()
-            self._sock = MessageSocket.connect(self._ctx, zmq.DEALER, self.endpoint, ClientInbound, name="sdk-client")
+            self._ctx = use_curve(zmq.asyncio.Context(), self._curve)
+            self._sock = MessageSocket.connect(self._ctx, zmq.DEALER, self.endpoint, ClientInbound, name="sdk-client",
+                                               server_role="frontend")
             self._reader = asyncio.get_running_loop().create_task(self._read())
         return self._sock
 
@@ -200,7 +237,7 @@ class AsyncClient:
         once on `break` (otherwise it is closed when garbage collected, or by `client.close()`)."""
         t = self.timeout if timeout is None else timeout
         req = _request(prompt, prompt_token_ids, messages, max_tokens, temperature, top_p, top_k, seed, stop,
-                       priority, ignore_eos, True, t)
+                       priority, ignore_eos, True, t, self.api_key)
         chunks = self._chunks(req, t)
         try:
             async for c in chunks:
@@ -213,10 +250,11 @@ class AsyncClient:
                        temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
                        stop: str | Sequence[str] | None = None, priority: int = 0, ignore_eos: bool = False,
                        timeout: float | None = None) -> Result:
-        """The whole answer at once. Raises GenerateTimeout, InvalidRequest, Overloaded, Unavailable."""
+        """The whole answer at once. Raises GenerateTimeout, InvalidRequest, Overloaded, Unavailable,
+        Unauthorized."""
         t = self.timeout if timeout is None else timeout
         req = _request(prompt, prompt_token_ids, messages, max_tokens, temperature, top_p, top_k, seed, stop,
-                       priority, ignore_eos, False, t)
+                       priority, ignore_eos, False, t, self.api_key)
         chunks = self._chunks(req, t)
         try:
             async for c in chunks:
@@ -230,11 +268,12 @@ class AsyncClient:
 class Client:
     """Synchronous client: an AsyncClient on an event loop in a background thread."""
 
-    def __init__(self, endpoint: str, timeout: float = 600.0) -> None:
+    def __init__(self, endpoint: str, timeout: float = 600.0, **security: Any) -> None:
+        """`security`: AsyncClient's api_key, server_key, client_keypair."""
+        self._async = AsyncClient(endpoint, timeout, **security)  # first: bad arguments leave no thread behind
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="kvferry-sdk", daemon=True)
         self._thread.start()
-        self._async = AsyncClient(endpoint, timeout)
 
     def _run(self, coro: Any) -> Any:
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result()

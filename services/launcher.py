@@ -180,6 +180,16 @@ class LocalCluster:
         cfg = self.spec.config
         base_env = dict(os.environ)
         base_env.update(_env_for("cluster", cfg.cluster.__dict__))
+        if cfg.cluster.curve_keys_dir:  # children run in the repository root: an absolute path, checked now
+            from protocol.security import ROLES, KeyFileError, load_keys
+
+            keys_dir = str(Path(cfg.cluster.curve_keys_dir).resolve())
+            try:
+                for role in ROLES:
+                    load_keys(keys_dir, role)
+            except KeyFileError as exc:
+                raise LaunchError(str(exc)) from None
+            base_env["KVFERRY_CLUSTER_CURVE_KEYS_DIR"] = keys_dir
         base_env.update(self.spec.extra_env)
         self._worker_env = base_env
         try:

@@ -22,6 +22,7 @@ import zmq
 from protocol import ErrorReply, ScaleAdvice, ScaleQuery, SchedulerReplies
 from protocol.codec import decode, encode
 from protocol.errors import ProtocolError
+from protocol.security import curve_keys, secure, use_curve
 
 if TYPE_CHECKING:
     from services.launcher import Child, LocalCluster
@@ -86,9 +87,10 @@ class PoolManager:
     # ---- the loop --------------------------------------------------------------------------------
 
     def _run(self) -> None:
-        ctx = zmq.Context()
+        ctx = use_curve(zmq.Context(), curve_keys(self.cluster.spec.config.cluster, "client"))
         sock = ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
+        secure(sock, server=False, server_role="scheduler")
         sock.connect(self.cluster.scheduler_endpoint)
         try:
             while not self._stop.wait(self.poll_s):

@@ -24,7 +24,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from services.config import FrontendConfig
 from services.frontend.generation import Delta, GenerateParams, GenerationError, Generator
 from services.frontend.metrics import FrontendMetrics
-from services.frontend.params import ApiError, ParsedRequest, RequestParser, bad
+from services.frontend.params import ApiError, ParsedRequest, RequestParser, api_key_matches, bad
 from services.frontend.router import RouteError, Router, new_request_id
 from services.log import get_logger
 
@@ -83,7 +83,7 @@ def create_app(ctx: ApiContext) -> FastAPI:
             return
         header = request.headers.get("authorization", "")
         scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or token.strip() != key:
+        if scheme.lower() != "bearer" or not api_key_matches(token.strip(), key):
             raise ApiError(401, "invalid or missing API key (Authorization: Bearer ...)", code="invalid_api_key")
 
     async def read_json(request: Request) -> Any:
@@ -100,6 +100,8 @@ def create_app(ctx: ApiContext) -> FastAPI:
             return json.loads(data)
         except (ValueError, UnicodeDecodeError) as exc:
             raise bad(f"the request body is not valid JSON: {exc}", None, "invalid_json") from None
+        except RecursionError:  # e.g. "[[[[..." within the body limit: refuse, do not crash the handler
+            raise bad("the request body is nested too deeply", None, "invalid_json") from None
 
     async def parse(request: Request, chat: bool) -> ParsedRequest:
         auth(request)

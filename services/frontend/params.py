@@ -7,6 +7,8 @@ first), `ignore_eos` (bool), `top_k` (int).
 
 from __future__ import annotations
 
+import hmac
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,6 +35,12 @@ class ApiError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
+def api_key_matches(given: str | None, expected: str) -> bool:
+    """Whether `given` is the configured API key (constant time: no timing hint of how much matched)."""
+    return given is not None and hmac.compare_digest(given.encode("utf-8", "surrogatepass"),
+                                                     expected.encode("utf-8", "surrogatepass"))
+
+
 def bad(message: str, param: str | None = None, code: str | None = None) -> ApiError:
     return ApiError(400, message, param, code or "invalid_value")
 
@@ -57,6 +65,15 @@ def _is_num(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
+def _text(s: str, param: str) -> str:
+    """`s` if it is valid Unicode: JSON can carry lone surrogates (\\ud800) that no tokenizer takes."""
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        raise bad(f"'{param}' is not valid Unicode (a lone surrogate)", param, "invalid_value") from None
+    return s
+
+
 def _opt(body: dict, name: str, kind: str, lo: float | None = None, hi: float | None = None,
          lo_open: bool = False) -> Any:
     v = body.get(name)
@@ -66,6 +83,8 @@ def _opt(body: dict, name: str, kind: str, lo: float | None = None, hi: float | 
         raise bad(f"'{name}' must be an integer", name, "invalid_type")
     if kind == "num" and not _is_num(v):
         raise bad(f"'{name}' must be a number", name, "invalid_type")
+    if kind == "num" and not math.isfinite(v):  # Python's JSON reads NaN/Infinity; NaN passes every range check
+        raise bad(f"'{name}' must be a finite number", name)
     if kind == "bool" and not isinstance(v, bool):
         raise bad(f"'{name}' must be a boolean", name, "invalid_type")
     if lo is not None and (v <= lo if lo_open else v < lo):
@@ -93,8 +112,10 @@ class RequestParser:
         model = body.get("model")
         if model is not None and not isinstance(model, str):
             raise bad("'model' must be a string", "model", "invalid_type")
+        if model is not None:
+            _text(model, "model")  # echoed in the error below: must encode as UTF-8
         if model is not None and model not in self.model_names:
-            raise ApiError(400, f"the model '{model}' does not exist; this server serves "
+            raise ApiError(400, f"the model '{model[:256]}' does not exist; this server serves "
                                 f"'{sorted(self.model_names)[0]}'", "model", "model_not_found")
         n = _opt(body, "n", "int")
         if n is not None and n != 1:
@@ -143,7 +164,7 @@ class RequestParser:
             raise bad("'stop' must be a string or a list of strings", "stop", "invalid_type")
         if len(stops) > MAX_STOP:
             raise bad(f"at most {MAX_STOP} stop strings", "stop")
-        stops = [s for s in stops if s]
+        stops = [_text(s, "stop") for s in stops if s]
         if any(len(s) > 1024 for s in stops):
             raise bad("stop strings are limited to 1024 characters", "stop")
 
@@ -177,7 +198,7 @@ class RequestParser:
         if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
             prompt = prompt[0]  # a batch of one
         if isinstance(prompt, str):
-            ids = self.tokenizer.encode(prompt)
+            ids = self.tokenizer.encode(_text(prompt, "prompt"))
         elif isinstance(prompt, list) and prompt and all(_is_int(t) for t in prompt):
             vocab = self.tokenizer.vocab_size
             if any(t < 0 or t >= vocab for t in prompt):
@@ -221,7 +242,8 @@ class RequestParser:
                 content = ""
             elif not isinstance(content, str):
                 raise bad(f"messages[{i}].content must be a string", f"messages[{i}].content", "invalid_type")
-            norm.append({"role": m["role"], "content": content})
+            norm.append({"role": _text(m["role"], f"messages[{i}].role"),
+                         "content": _text(content, f"messages[{i}].content")})
         return self.encode_chat(norm)
 
     def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:

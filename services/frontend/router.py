@@ -110,7 +110,7 @@ class Router:
         self.tokens_sock = MessageSocket.bind(self.ctx, zmq.PULL, self.cfg.cluster.bind(self.reply_address),
                                               FrontendTokenInbound, name="frontend-tokens")
         sched_sock = MessageSocket.connect(self.ctx, zmq.DEALER, self.cfg.cluster.scheduler(), SchedulerReplies,
-                                           name="frontend-scheduler")
+                                           name="frontend-scheduler", server_role="scheduler")
         self.sched = Requester(sched_sock).start()
         loop = asyncio.get_running_loop()
         self._tasks = [loop.create_task(self._read_tokens(), name="frontend-tokens"),
@@ -182,7 +182,7 @@ class Router:
         r = self._workers.get(address)
         if r is None:
             sock = MessageSocket.connect(self.ctx, zmq.DEALER, address, (Ack, *_error_types()),
-                                         name=f"frontend-worker-{address}")
+                                         name=f"frontend-worker-{address}", server_role="worker")
             r = self._workers[address] = Requester(sock).start()
         return r
 

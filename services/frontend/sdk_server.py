@@ -16,10 +16,11 @@ from protocol.base import remaining_s
 from protocol.client import CancelGenerate, FrontendSdkInbound, GenerateChunk, GenerateRequest, Usage
 from protocol.common import ErrorCode, ErrorReply, Ping, Pong
 from protocol.errors import ProtocolError
+from protocol.fields import DEFAULT_MAX_MESSAGE_BYTES
 from protocol.sockets import MessageSocket, Received, serve
 from services.config import FrontendConfig
 from services.frontend.generation import GenerateParams, GenerationError, Generator
-from services.frontend.params import ApiError, RequestParser
+from services.frontend.params import ApiError, RequestParser, api_key_matches
 from services.frontend.router import RouteError, new_request_id
 from services.log import get_logger
 
@@ -38,8 +39,11 @@ class SdkServer:
         self.parser = parser
         self.generator = generator
         self.frontend_id = frontend_id
+        # max_body_bytes bounds an SDK message as it bounds an HTTP body (ErrorReply too_large);
+        # ZeroMQ itself drops a peer past the protocol's frame limit.
         self.sock = MessageSocket.bind(ctx or zmq.asyncio.Context.instance(), zmq.ROUTER, endpoint,
-                                       FrontendSdkInbound, name="frontend-sdk")
+                                       FrontendSdkInbound, name="frontend-sdk", max_bytes=cfg.max_body_bytes,
+                                       max_frame_bytes=max(cfg.max_body_bytes, DEFAULT_MAX_MESSAGE_BYTES))
         self._jobs: dict[tuple[bytes, str], asyncio.Task] = {}
         self._rids: dict[tuple[bytes, str], str] = {}  # the request id of each job
         self._serve: asyncio.Task | None = None
@@ -71,6 +75,10 @@ class SdkServer:
                 task.cancel()  # not started on a worker yet
             return None
         if isinstance(msg, GenerateRequest):
+            if self.cfg.api_key and not api_key_matches(msg.api_key, self.cfg.api_key):
+                log.warning("sdk.unauthorized", peer=rec.peer.hex())
+                return ErrorReply(reply_to=msg.msg_id, code=ErrorCode.UNAUTHORIZED,
+                                  message="invalid or missing API key (GenerateRequest.api_key)")
             key = (rec.peer, msg.msg_id)
             if key in self._jobs:
                 return ErrorReply(reply_to=msg.msg_id, code=ErrorCode.REFUSED, message="duplicate msg_id")

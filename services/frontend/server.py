@@ -15,6 +15,7 @@ import socket
 import uvicorn
 import zmq.asyncio
 
+from protocol.security import curve_keys, use_curve
 from services.config import KvferryConfig
 from services.frontend.generation import Generator
 from services.frontend.http_api import ApiContext, create_app
@@ -49,7 +50,7 @@ class Frontend:
         self.tokenizer = tokenizer
         self.model_name = fcfg.served_model_name or model_name or fcfg.model
         aliases = tuple(n for n in (fcfg.model, model_name) if n)
-        self.ctx = zmq.asyncio.Context()
+        self.ctx = use_curve(zmq.asyncio.Context(), curve_keys(cfg.cluster, "frontend"))  # Curve when configured
         self.metrics = FrontendMetrics()
         self.router = Router(cfg, self.ctx, on_dispatch=self.metrics.dispatch.observe)
         self.generator = Generator(self.router, tokenizer, self.metrics)

@@ -22,6 +22,7 @@ import zmq.asyncio
 from protocol import Ack, Drain, ErrorReply, Ping, Pong
 from protocol.base import Message, RequestMessage
 from protocol.errors import ProtocolError
+from protocol.security import secure
 from protocol.sockets import MessageSocket, Requester, configure_socket
 from services.log import get_logger
 
@@ -64,6 +65,7 @@ class CommandChannels:
         raw = self.ctx.socket(zmq.DEALER)
         try:
             configure_socket(raw, identity=f"{self.scheduler_id}".encode(), hwm=64)
+            secure(raw, server=False, server_role="worker")
             raw.setsockopt(zmq.IMMEDIATE, 1)
             raw.connect(endpoint)
         except BaseException:

@@ -19,6 +19,7 @@ import zmq.asyncio
 from protocol import DispatchRequest
 from protocol import SchedulerInbound
 from protocol.base import Message
+from protocol.security import curve_keys, use_curve
 from protocol.sockets import MessageSocket, serve
 from services.config import KvferryConfig
 from services.log import get_logger
@@ -42,7 +43,7 @@ async def serve_scheduler(cfg: KvferryConfig, on_ready: Callable[[str], None] | 
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(sig, stop.set)
     sc = cfg.scheduler
-    ctx = zmq.asyncio.Context()
+    ctx = use_curve(zmq.asyncio.Context(), curve_keys(cfg.cluster, "scheduler"))  # Curve when configured
     commands = CommandChannels(ctx, sc.scheduler_id, sc.heartbeat_interval_ms / 1000.0)
     core = SchedulerCore(sc, commands)
     commands.on_pong = core.on_pong

@@ -120,7 +120,8 @@ class SchedulerLink:
 
     def _open(self) -> None:
         sock = MessageSocket.connect(self.ctx, zmq.DEALER, self.endpoint, WorkerSchedulerReplies,
-                                     identity=self.worker_id.encode(), hwm=DEALER_HWM, name="scheduler-link")
+                                     identity=self.worker_id.encode(), hwm=DEALER_HWM, name="scheduler-link",
+                                     server_role="scheduler")
         # Queue nothing for a scheduler that is not connected: a restarted scheduler must not get
         # a burst of stale reports before the new registration.
         sock.raw.setsockopt(zmq.IMMEDIATE, 1)

@@ -20,6 +20,7 @@ from engine.request import FinishReason, RequestOutput
 from protocol.codec import encode
 from protocol.errors import ProtocolError
 from protocol.fields import MAX_BATCHES_PER_MESSAGE
+from protocol.security import CurveKeys, secure, use_curve
 from protocol.base import Message
 from protocol.to_frontend import RequestMoved, TokenBatch, TokenBatches
 from services.log import get_logger
@@ -75,11 +76,12 @@ class RouteTable:
 class TokenStreamer:
     """Sends each step's tokens to the requests' frontends (see the module docstring)."""
 
-    def __init__(self, worker_id: str, routes: RouteTable, ctx: zmq.Context | None = None) -> None:
+    def __init__(self, worker_id: str, routes: RouteTable, ctx: zmq.Context | None = None,
+                 curve: CurveKeys | None = None) -> None:
         self.worker_id = worker_id
         self.routes = routes
         # A plain (not asyncio) context: PUSH sends use NOBLOCK and return at once.
-        self._ctx = ctx or zmq.Context()
+        self._ctx = use_curve(ctx or zmq.Context(), curve)
         self._own_ctx = ctx is None
         self._sockets: dict[str, zmq.Socket] = {}
         self._last_used: dict[str, float] = {}
@@ -155,6 +157,7 @@ class TokenStreamer:
             sock = self._ctx.socket(zmq.PUSH)
             sock.setsockopt(zmq.LINGER, 0)
             sock.setsockopt(zmq.SNDHWM, PUSH_SNDHWM)
+            secure(sock, server=False, server_role="frontend")
             sock.connect(address)
             self._sockets[address] = sock
             log.info("worker.frontend_connected", address=address)

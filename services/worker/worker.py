@@ -25,6 +25,7 @@ from engine.request import RequestOutput
 from protocol.base import now_ms
 from protocol.fields import MAX_REQUESTS_PER_INSTANCE
 from protocol.payloads import RequestLoadEntry, WorkerEndpoints
+from protocol.security import curve_keys, use_curve
 from protocol.sockets import MessageSocket, serve
 from protocol.to_scheduler import LoadReport, RegisterWorker
 from protocol.to_worker import WorkerControlInbound
@@ -61,8 +62,9 @@ class Worker:
         self.draining = False
         self.stopping = False
         self.routes = RouteTable()
-        self.streamer = TokenStreamer(self.worker_id, self.routes)
-        self.ctx = zmq.asyncio.Context()
+        curve = curve_keys(cfg.cluster, "worker")  # None: Curve off
+        self.streamer = TokenStreamer(self.worker_id, self.routes, curve=curve)
+        self.ctx = use_curve(zmq.asyncio.Context(), curve)
         self.loop = asyncio.get_running_loop()
         self.driver = EngineDriver(engine, self.loop, self._on_outputs, self._on_step_error)
         self.link = SchedulerLink(

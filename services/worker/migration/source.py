@@ -124,7 +124,7 @@ class PeerChannels:
         if peer is None:
             sock = MessageSocket.connect(
                 self.ctx, zmq.DEALER, endpoint, WorkerMigrationReplies, name=f"migrate->{endpoint}",
-                identity=f"{self.identity}-{uuid.uuid4().hex[:8]}".encode(), hwm=1000)
+                identity=f"{self.identity}-{uuid.uuid4().hex[:8]}".encode(), hwm=1000, server_role="worker")
             peer = (sock, Requester(sock, self.on_message).start())
             self._peers[endpoint] = peer
         return peer[1]
