@@ -143,7 +143,9 @@ class Scheduler:
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             req = self.waiting[0]
             n = min(req.num_tokens - req.num_computed_tokens, budget)
-            if not self.blocks.can_grow(req.request_id, req.num_computed_tokens + n, keep_watermark=True):
+            # Admit only when the whole prompt fits, not just its first chunk: a chunked prefill
+            # admitted without room for the rest gets preempted and restarted over and over.
+            if not self.blocks.can_grow(req.request_id, req.num_tokens, keep_watermark=True):
                 break  # head of line blocked: later requests wait behind it (FCFS within a priority)
             self.waiting.pop(0)
             self.blocks.grow(req.request_id, req.num_computed_tokens + n)

@@ -296,3 +296,17 @@ def test_stats_snapshot_describes_the_load():
     assert (loads["run"].status, loads["run"].num_tokens, loads["run"].num_blocks, loads["run"].priority) == \
         ("running", 11, 3, 1)
     assert (loads["wait"].status, loads["wait"].num_blocks) == ("waiting", 0)
+
+
+def test_a_long_prompt_waits_until_all_of_it_fits_instead_of_thrashing(drain):
+    # 20 blocks of 16 tokens: a decoding request holds 10 of them; a 200-token prompt (13 blocks)
+    # could start its first 64-token chunk (4 blocks) but not finish: it must wait, not be admitted
+    # and preempted over and over.
+    engine = make(num_blocks=20, max_num_batched_tokens=64)
+    engine.add_request("holder", prompt(150), SamplingParams(max_tokens=60, ignore_eos=True))
+    engine.step()
+    engine.add_request("long", prompt(200, start=3), SamplingParams(max_tokens=4, ignore_eos=True))
+    drain(engine)
+    assert engine.requests == {}
+    assert engine.scheduler.num_preemptions <= 1
+    assert_idle_and_clean(engine)
