@@ -24,7 +24,7 @@ demo: install
 	$(BIN)/kvferry demo
 
 test: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15
 
 bench: install
 	$(BIN)/kvferry bench engine --model smollm2 --json bench-engine.json
