@@ -13,6 +13,7 @@ KINDS = (
     "cli.bench_simulate",
     "cli.bench_paper",
     "cli.bench_serve",
+    "cli.bench_chaos",
 )
 
 

@@ -95,7 +95,8 @@ class WorkerConfig:
     max_waiting: int = 256  # queued requests beyond this are refused (overloaded)
     seed: int = 0
     threads: int = 0  # torch intra-op threads; 0: torch's default
-    frontend_timeout_s: float = 10.0  # a frontend that heartbeated, then fell silent this long: abort its requests
+    frontend_timeout_s: float = 5.0  # a frontend that heartbeated, then fell silent this long: abort its requests
+    stop_deadline_s: float = 20.0  # SIGTERM drains (migrates requests away) at most this long, then stops
     metrics_port: int = 0  # Prometheus /metrics and /health on [cluster] http_host, port metrics_port + index; 0: off
     # Live migration (DESIGN §5).
     migration_path: str = "auto"  # auto (shm on one host, else frames) | shm | frames
@@ -122,6 +123,11 @@ class FrontendConfig:
     max_inflight: int = 1024
     request_timeout_s: float = 600.0
     dispatch_timeout_s: float = 1.0
+    # Failures (DESIGN §6): a worker that answers no Ping for worker_timeout_s (or that the scheduler
+    # declares dead) loses its requests; each is resumed elsewhere at most max_resumes times.
+    worker_timeout_s: float = 3.0
+    max_resumes: int = 3
+    max_queued_bytes: int = 256 << 20  # token ids held for requests in flight (8 B per prompt + max token); beyond: 429
     max_prompt_tokens: int = 32768
     max_tokens_limit: int = 8192
     max_body_bytes: int = 4 << 20

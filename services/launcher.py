@@ -19,6 +19,7 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -81,6 +82,8 @@ class Child:
     retired: bool = False  # stopped by scale-in: its exit is no failure
     ready: threading.Event = field(default_factory=threading.Event)  # READY seen, or stdout closed
     early_lines: list[str] = field(default_factory=list)  # stdout up to READY
+    service: str = ""  # what `respawn` starts again: the `kvferry` subcommand and its environment
+    env: dict[str, str] = field(default_factory=dict, repr=False)
 
     @property
     def is_worker(self) -> bool:
@@ -131,6 +134,10 @@ class LocalCluster:
         self._lock = threading.Lock()  # children: the pool manager adds workers from its thread
         self._worker_env: dict[str, str] = {}
         self.pool = None  # services.pool.PoolManager when scaling
+        # Every child is forked from this one long-lived thread: PR_SET_PDEATHSIG fires when the
+        # forking *thread* exits, so a child started from a short-lived thread (asyncio.to_thread,
+        # the pool manager's) would be killed with it.
+        self._spawner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvferry-spawner")
 
     @property
     def scaling(self) -> bool:
@@ -249,9 +256,10 @@ class LocalCluster:
         cmd = [sys.executable, "-m", "cli.main", service]
         if self.spec.config_path:
             cmd += ["--config", str(self.spec.config_path)]
-        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True,
-                                bufsize=1, preexec_fn=_die_with_parent, cwd=str(Path(__file__).resolve().parents[1]))
-        child = Child(name, proc, index=index)
+        proc = self._spawner.submit(
+            subprocess.Popen, cmd, env=env, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True, bufsize=1,
+            preexec_fn=_die_with_parent, cwd=str(Path(__file__).resolve().parents[1])).result()
+        child = Child(name, proc, index=index, service=service, env=env)
         with self._lock:
             self.children.append(child)
         self._read_stdout(child)
@@ -306,9 +314,31 @@ class LocalCluster:
             children = list(self.children)
         return next((c for c in children if not c.retired and c.proc.poll() is not None), None)
 
+    def kill(self, name: str, sig: int = signal.SIGKILL) -> Child:
+        """Send `sig` to the running child `name` (default SIGKILL: a crash; SIGTERM: a worker's
+        graceful stop) and count its exit as no failure. Returns the child."""
+        with self._lock:
+            child = next(c for c in reversed(self.children) if c.name == name and not c.retired)
+            child.retired = True
+        if child.proc.poll() is None:
+            child.proc.send_signal(sig)
+        return child
+
+    def respawn(self, name: str, timeout_s: float | None = None) -> Child:
+        """Start service `name` again with the settings it was first started with (after `kill`),
+        and wait until it prints READY."""
+        with self._lock:
+            old = next(c for c in reversed(self.children) if c.name == name)
+        if old.proc.poll() is None:
+            raise LaunchError(f"{name} is still running (pid {old.proc.pid})")
+        child = self._spawn(name, old.service, old.env, index=old.index)
+        self._wait_ready(child, time.monotonic() + (timeout_s or self.spec.ready_timeout_s))
+        return child
+
     def stop(self, timeout_s: float = 10.0) -> None:
-        """Stop the pool manager, then SIGTERM every child (frontend first, scheduler last), then
-        SIGKILL what is left."""
+        """Stop the pool manager, then every child (frontend first, scheduler last): SIGTERM, but
+        SIGINT for workers (stop now: with the whole cluster going there is nowhere to drain to);
+        then SIGKILL what is left."""
         if self._stopping:
             return
         self._stopping = True
@@ -319,7 +349,7 @@ class LocalCluster:
             children = sorted(self.children, key=lambda c: rank.get(c.name, 1))  # stable: workers in order
         for child in children:
             if child.proc.poll() is None:
-                child.proc.send_signal(signal.SIGTERM)
+                child.proc.send_signal(signal.SIGINT if child.is_worker else signal.SIGTERM)
         deadline = time.monotonic() + timeout_s
         for child in children:
             try:
@@ -327,6 +357,7 @@ class LocalCluster:
             except subprocess.TimeoutExpired:
                 child.proc.kill()
                 child.proc.wait(5)
+        self._spawner.shutdown(wait=False)
 
     def __enter__(self) -> "LocalCluster":
         self.start()

@@ -27,6 +27,8 @@ from protocol import (
     DispatchRequest,
     ErrorReply,
     InstanceStatus,
+    Ping,
+    Pong,
     SchedulerInbound,
     StatusReply,
     StatusRequest,
@@ -124,6 +126,8 @@ class FakeCluster:
         if isinstance(m, AbortRequest):
             self.aborted.append(m.request_id)
             return Ack(reply_to=m.msg_id)
+        if isinstance(m, Ping):  # the frontend's liveness probe
+            return Pong.to(m, sender_id="worker-0")
         return None
 
     async def stream(self, m: AddRequest, slow: bool) -> None:
@@ -447,6 +451,30 @@ def test_request_stream_orders_buffers_and_drops_duplicates():
     events = [s.queue.get_nowait() for _ in range(s.queue.qsize())]
     assert [t for e in events for t in e.token_ids] == [10, 11, 12, 13, 14]
     assert events[-1].finish_reason == "stop" and s.finished and s.duplicates == 3
+
+
+def test_request_stream_hands_an_owner_failure_to_on_lost_and_ignores_dead_workers():
+    """A final "error"/"abort" batch from the owner goes to on_lost (the router resumes the request
+    there); once resumed elsewhere, the old owner's batches are ignored and the stream goes on."""
+    from services.frontend.streams import RequestStream
+
+    lost: list[str] = []
+    s = RequestStream("r", "w0", "tcp://x:1", prompt_ids=[1, 2], on_lost=lambda st, why: lost.append(why) or True)
+
+    def b(i, ids, fin=None, w="w0", err=None):
+        return TokenBatch(request_id="r", first_index=i, token_ids=ids, finish_reason=fin, worker_id=w, error=err)
+
+    s.accept(b(0, [10, 11]))
+    s.accept(b(2, [12], "error", err="worker w0 stopped"))
+    assert lost == ["worker w0 stopped"] and not s.finished and s.output == [10, 11, 12]
+    s.dead.add("w0")
+    s.restart_at("w1", "tcp://x:2")
+    s.accept(b(3, [99, 98], "length"))  # late, from the dead owner: ignored
+    s.accept(b(3, [13], w="w1"))
+    s.accept(b(4, [14], "length", w="w1"))
+    events = [s.queue.get_nowait() for _ in range(s.queue.qsize())]
+    assert [t for e in events for t in e.token_ids] == [10, 11, 12, 13, 14]
+    assert events[-1].finish_reason == "length" and s.finished
 
 
 async def test_abort_goes_to_new_owner_after_move(frontend, cluster):

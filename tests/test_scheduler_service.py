@@ -388,7 +388,8 @@ def test_no_worker_is_unavailable(sched, ctx):
     w.register()
     w.send(report("full", 1, free=0, running=4, max_running=4))
     assert wait_for(lambda: status(fe).instances[0].num_running == 4, 2.0)
-    assert dispatch(fe, "still").code == "unavailable"  # full
+    assert dispatch(fe, "still").code == "overloaded"  # alive but full: the frontend answers 429
+    assert dispatch(fe, "elsewhere", exclude_workers=["full"]).code == "unavailable"  # no other worker: 503
     w.send(Deregister(worker_id="full", reason="test"))
     assert wait_for(lambda: status(fe).instances == [], 2.0)
 

@@ -445,18 +445,60 @@ async def test_drain_and_shutdown_commands(cluster):
     await cluster.scheduler.wait_for(lambda m: type(m).__name__ == "Deregister")
 
 
-async def test_sigterm_stops_cleanly(cluster):
+async def test_sigint_stops_at_once(cluster):
     w = await cluster.start_worker(*SIM)
     assert isinstance(await cluster.call(cluster.add("running", max_tokens=500)), Ack)
     await cluster.frontend.until(lambda: len(cluster.frontend.tokens.get("running", [])) >= 1)
     t0 = time.monotonic()
-    w.proc.send_signal(signal.SIGTERM)
+    w.proc.send_signal(signal.SIGINT)
     assert await w.wait_exit(WAIT_S) == 0, w.logs()
     assert time.monotonic() - t0 < 5.0
     fin = await cluster.frontend.finished("running")
-    assert fin.finish_reason == "error"
+    assert fin.finish_reason == "error"  # the frontend resumes it elsewhere
     await cluster.scheduler.wait_for(lambda m: type(m).__name__ == "Deregister")
     assert "worker.stopped" in w.logs()
+
+
+async def test_sigterm_drains_then_stops_at_the_deadline(cluster):
+    """SIGTERM: the worker reports draining (the scheduler would migrate its requests away; this
+    fake one does not), refuses new requests, and stops at `stop_deadline_s`; what is left ends
+    with an error batch."""
+    w = await cluster.start_worker(*SIM, env={"KVFERRY_WORKER_STOP_DEADLINE_S": "1.5"})
+    assert isinstance(await cluster.call(cluster.add("running", max_tokens=100_000)), Ack)
+    await cluster.frontend.until(lambda: len(cluster.frontend.tokens.get("running", [])) >= 1)
+    start = len(cluster.scheduler.messages)
+    t0 = time.monotonic()
+    w.proc.send_signal(signal.SIGTERM)
+    await cluster.scheduler.wait_for(lambda m: isinstance(m, LoadReport) and m.draining, start=start)
+    refused = await cluster.call(cluster.add("late"))
+    assert isinstance(refused, ErrorReply) and refused.code == ErrorCode.REFUSED and "draining" in refused.message
+    assert await w.wait_exit(WAIT_S) == 0, w.logs()
+    took = time.monotonic() - t0
+    assert 1.4 < took < 6.0, took
+    fin = await cluster.frontend.finished("running")
+    assert fin.finish_reason == "error" and "SIGTERM" in (fin.error or "")
+    await cluster.scheduler.wait_for(lambda m: type(m).__name__ == "Deregister")
+
+
+async def test_sigterm_on_an_idle_worker_and_a_second_signal_stop_at_once(cluster):
+    w = await cluster.start_worker(*SIM)  # default deadline: 20 s
+    t0 = time.monotonic()
+    w.proc.send_signal(signal.SIGTERM)  # nothing to drain
+    assert await w.wait_exit(WAIT_S) == 0, w.logs()
+    assert time.monotonic() - t0 < 5.0
+    cluster.workers.clear()
+    w.kill()
+    w = await cluster.start_worker(*SIM)
+    assert isinstance(await cluster.call(cluster.add("busy", max_tokens=100_000)), Ack)
+    await cluster.frontend.until(lambda: len(cluster.frontend.tokens.get("busy", [])) >= 1)
+    w.proc.send_signal(signal.SIGTERM)
+    await asyncio.sleep(0.5)
+    assert w.proc.poll() is None  # draining
+    t0 = time.monotonic()
+    w.proc.send_signal(signal.SIGTERM)  # a second signal cuts the drain short
+    assert await w.wait_exit(WAIT_S) == 0, w.logs()
+    assert time.monotonic() - t0 < 5.0
+    assert (await cluster.frontend.finished("busy")).finish_reason == "error"
 
 
 async def test_torch_tiny_greedy_matches_in_process_engine(cluster):

@@ -5,6 +5,12 @@ the token ids it came from, and on the last one the finish reason ("stop" or "le
 It starts the request through the Router, applies the deadline to every wait, stops the request
 on the worker when a stop string matches, and aborts it when the consumer goes away (the
 iterator is closed or its task cancelled). Metrics are recorded here.
+
+Overload: each generation in flight reserves TOKEN_ID_BYTES per prompt token and per max token
+(the ids the frontend holds for it: its prompt, the output it keeps for resumption, the events
+queued for a slow client); a request that would take the reservations past
+`frontend.max_queued_bytes` is refused with RouteError(overloaded) → HTTP 429 / SDK Overloaded,
+so the frontend's memory stays bounded whatever the clients send or fail to read.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
+from protocol.common import ErrorCode
 from protocol.payloads import SamplingParams
 from services.frontend.detokenizer import IncrementalDetokenizer, StopMatcher
 from services.frontend.metrics import FrontendMetrics
@@ -22,6 +29,8 @@ from services.frontend.streams import StreamEvent
 from services.log import get_logger
 
 log = get_logger("kvferry.frontend.generation")
+
+TOKEN_ID_BYTES = 8  # reserved per prompt token and per max token of a generation in flight
 
 
 @dataclass
@@ -98,13 +107,22 @@ class Generator:
         self.tokenizer = tokenizer
         self.metrics = metrics
         self.active = 0  # generations in flight
+        self.reserved_bytes = 0  # their reservations (see the module docstring)
 
     async def run(self, p: GenerateParams) -> AsyncIterator[Delta]:
         """Start the request (raises RouteError before the first delta when it cannot start)."""
+        cost = TOKEN_ID_BYTES * (len(p.prompt_ids) + p.sampling.max_tokens)
+        limit = self.router.fcfg.max_queued_bytes
+        if self.active and self.reserved_bytes + cost > limit:  # alone, any valid request may run
+            self.metrics.requests.labels(outcome="rejected").inc()
+            raise RouteError(ErrorCode.OVERLOADED, f"the requests in flight hold {self.reserved_bytes} bytes; this "
+                                                   f"one needs {cost} more (limit {limit}); retry later")
         start = time.monotonic()
         deadline = start + p.timeout_s
         self.metrics.in_flight.inc()
         self.active += 1
+        self.reserved_bytes += cost
+        self.metrics.queued_bytes.set(self.reserved_bytes)
         outcome = "cancelled"
         try:
             try:
@@ -179,6 +197,8 @@ class Generator:
         finally:
             self.metrics.in_flight.dec()
             self.active -= 1
+            self.reserved_bytes -= cost
+            self.metrics.queued_bytes.set(self.reserved_bytes)
             self.metrics.requests.labels(outcome=outcome).inc()
             if outcome in ("stop", "length"):
                 self.metrics.e2e.observe(time.monotonic() - start)

@@ -28,6 +28,10 @@ class FrontendMetrics:
                                 "error, rejected, unavailable, invalid)", ["outcome"], registry=r)
         self.generated_tokens = Counter("kvferry_generated_tokens", "Tokens streamed to clients", registry=r)
         self.in_flight = Gauge("kvferry_requests_in_flight", "Requests being generated", registry=r)
+        self.queued_bytes = Gauge("kvferry_queued_bytes", "Bytes reserved by the requests in flight "
+                                  "(bounded by frontend.max_queued_bytes)", registry=r)
+        self.resumes = Counter("kvferry_request_resumes", "Requests taken from a failed worker: resumed on "
+                               "another one, or failed with an error", ["outcome"], registry=r)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -52,7 +52,8 @@ class Frontend:
         aliases = tuple(n for n in (fcfg.model, model_name) if n)
         self.ctx = use_curve(zmq.asyncio.Context(), curve_keys(cfg.cluster, "frontend"))  # Curve when configured
         self.metrics = FrontendMetrics()
-        self.router = Router(cfg, self.ctx, on_dispatch=self.metrics.dispatch.observe)
+        self.router = Router(cfg, self.ctx, on_dispatch=self.metrics.dispatch.observe,
+                             on_resume=lambda outcome: self.metrics.resumes.labels(outcome=outcome).inc())
         self.generator = Generator(self.router, tokenizer, self.metrics)
         self.parser = RequestParser(fcfg, tokenizer, self.model_name, aliases, max_context)
         self.app = create_app(ApiContext(fcfg, self.model_name, self.parser, self.generator, self.router, self.metrics))

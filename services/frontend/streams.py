@@ -5,14 +5,22 @@ appends only at the index it expects: it drops tokens it already has (duplicates
 around a migration), buffers batches that arrive ahead of a gap, and releases them once the gap
 closes. The consumer reads `StreamEvent`s (new tokens in order, then one final event) from an
 asyncio queue.
+
+For resumption after a worker failure (services.frontend.router) the stream also keeps what the
+request was started with (prompt, sampling, priority) and every token delivered so far: a resumed
+request is prompt + delivered tokens, continuing at `next_index`. Batches from workers in `dead`
+(the request was taken away from them) are ignored, and a final "error"/"abort" batch from the
+current owner goes to `on_lost` (which may resume the request instead of ending the stream).
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from protocol.payloads import SamplingParams
 from protocol.to_frontend import TokenBatch
 
 MAX_BUFFERED_BATCHES = 4096
@@ -42,10 +50,22 @@ class RequestStream:
     ahead: dict[int, TokenBatch] = field(default_factory=dict)
     created: float = field(default_factory=time.monotonic)
     duplicates: int = 0
+    # ---- resumption (worker failures) ----
+    prompt_ids: list[int] = field(default_factory=list)
+    sampling: SamplingParams | None = None
+    priority: int = 0
+    deadline: float = float("inf")  # monotonic: the request's own deadline (bounds resumptions too)
+    output: list[int] = field(default_factory=list)  # every token delivered, in order
+    dead: set[str] = field(default_factory=set)  # workers it was taken away from: their batches are ignored
+    resumes: int = 0
+    resuming: bool = False
+    progressed: float = field(default_factory=time.monotonic)  # the last in-order token (or start)
+    # A final "error"/"abort" batch from the current owner: return True to keep the stream open (resumed).
+    on_lost: Callable[["RequestStream", str], bool] | None = None
 
     def accept(self, batch: TokenBatch) -> None:
         """Take one batch from the wire; queue whatever becomes deliverable in order."""
-        if self.finished:
+        if self.finished or batch.worker_id in self.dead:
             return
         if batch.first_index > self.next_index:
             old = self.ahead.get(batch.first_index)
@@ -59,7 +79,9 @@ class RequestStream:
             if not ready:
                 break
             for i in sorted(ready):
-                self._apply(self.ahead.pop(i))
+                b = self.ahead.pop(i, None)  # on_lost may have cleared the buffer meanwhile
+                if b is not None and b.worker_id not in self.dead:
+                    self._apply(b)
 
     def _apply(self, batch: TokenBatch) -> None:
         if self.finished:
@@ -69,7 +91,10 @@ class RequestStream:
         if skip > 0:
             self.duplicates += min(skip, len(batch.token_ids))
         self.next_index += len(new)
-        if batch.finish_reason == "abort" and batch.worker_id != self.worker_id:
+        if new:
+            self.output.extend(new)
+            self.progressed = time.monotonic()
+        if batch.finish_reason in ("abort", "error") and batch.worker_id != self.worker_id:
             # A former owner letting go after a migration: its tokens count, its finish does not.
             batch = TokenBatch(request_id=batch.request_id, first_index=batch.first_index,
                                token_ids=batch.token_ids, worker_id=batch.worker_id)
@@ -81,11 +106,30 @@ class RequestStream:
                 if new:
                     self.queue.put_nowait(StreamEvent(new))
                 return
+            if (batch.finish_reason in ("error", "abort") and self.on_lost is not None
+                    and self.on_lost(self, batch.error or f"request {batch.finish_reason}ed on {batch.worker_id}")):
+                if new:  # the owner failed it (stopping, lost frontend, step error): it goes on elsewhere
+                    self.queue.put_nowait(StreamEvent(new))
+                return
             self.finished = True
             self.ahead.clear()
             self.queue.put_nowait(StreamEvent(new, batch.finish_reason, batch.error))
         elif new:
             self.queue.put_nowait(StreamEvent(new))
+
+    def restart_at(self, worker_id: str, worker_address: str) -> None:
+        """The request goes on at `worker_id` from `next_index`: forget batches buffered past a gap
+        (they came from the old owner)."""
+        self.worker_id, self.worker_address = worker_id, worker_address
+        self.ahead.clear()
+        self.progressed = time.monotonic()
+
+    def end(self, finish_reason: str) -> None:
+        """End the stream normally with no new tokens (e.g. a lost request that had delivered all
+        its max_tokens already)."""
+        if not self.finished:
+            self.finished = True
+            self.queue.put_nowait(StreamEvent([], finish_reason))
 
     def fail(self, reason: str, message: str) -> None:
         """End the stream locally (worker lost, deadline, ...)."""

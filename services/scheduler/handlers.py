@@ -10,8 +10,9 @@ Conventions other services follow:
   declared dead after `heartbeat_timeout_ms` of silence) is answered with
   `ErrorReply(code="not_found", reply_to=None, message="unknown worker <id>: register again")`;
   the worker then sends RegisterWorker again (registering is idempotent).
-- Dispatch answers `ErrorReply(code="unavailable")` when no live, non-draining, non-full worker
-  can take the request.
+- Dispatch answers `ErrorReply(code="overloaded")` when every live, non-draining worker is full
+  (its running + waiting requests at its max_running: the frontend says 429), and
+  `ErrorReply(code="unavailable")` when there is no live, non-draining worker (503).
 - MigrateRequestTo is answered later, from a background task, once the source worker has accepted
   (Ack) or refused (ErrorReply) the MigrateCommand; invalid requests at once (services.scheduler.migrator).
 - ScaleQuery (from a pool manager) is answered by ScaleAdvice (services.scheduler.scaler).
@@ -224,8 +225,16 @@ class SchedulerCore:
         msg: DispatchRequest = rec.msg
         record = self.choose(msg)
         if record is None:
-            log.info("request.unavailable", request_id=msg.request_id, frontend_id=msg.frontend_id,
-                     workers=len(self.registry), alive=self.registry.num_alive)
+            excluded = set(msg.exclude_workers)
+            serving = [s for s in self.registry.snapshots()
+                       if s.alive and not s.draining and s.instance_id not in excluded]
+            full = bool(serving) and all(s.full for s in serving)
+            log.info("request.overloaded" if full else "request.unavailable", request_id=msg.request_id,
+                     frontend_id=msg.frontend_id, workers=len(self.registry), alive=self.registry.num_alive)
+            if full:
+                return ErrorReply(reply_to=msg.msg_id, code=ErrorCode.OVERLOADED,
+                                  message=f"every instance is full ({len(serving)} serving; their waiting queues "
+                                          "are at max_waiting); retry later")
             return ErrorReply(reply_to=msg.msg_id, code=ErrorCode.UNAVAILABLE,
                               message=f"no worker can take the request ({len(self.registry)} registered, "
                                       f"{self.registry.num_alive} alive; draining or full ones excluded)")

@@ -70,7 +70,7 @@ class SchedulerMetrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         r = self.registry = registry or CollectorRegistry()
         self.dispatches = Counter("kvferry_scheduler_dispatches", "Dispatch requests by outcome (dispatched, "
-                                  "unavailable, error)", ["outcome"], registry=r)
+                                  "unavailable, overloaded, error)", ["outcome"], registry=r)
         self.decision = Histogram("kvferry_scheduler_dispatch_decision_seconds", "Time the scheduler took to "
                                   "answer a dispatch request (in process, without the network)",
                                   buckets=DECISION_BUCKETS, registry=r)
@@ -101,8 +101,8 @@ class SchedulerMetrics:
                 self.decision.observe(time.perf_counter() - t0)
                 if isinstance(reply, DispatchReply):
                     outcome = "dispatched"
-                elif isinstance(reply, ErrorReply) and reply.code == ErrorCode.UNAVAILABLE:
-                    outcome = "unavailable"
+                elif isinstance(reply, ErrorReply) and reply.code in (ErrorCode.UNAVAILABLE, ErrorCode.OVERLOADED):
+                    outcome = reply.code  # unavailable: no live instance; overloaded: every one is full
                 else:
                     outcome = "error"
                 self.dispatches.labels(outcome=outcome).inc()

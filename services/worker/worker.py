@@ -5,6 +5,11 @@ the worker registered with the scheduler, prints `READY worker <id> <control end
 serves (and has registered, or tried for a moment), and returns after a stop: SIGTERM/SIGINT, a
 Shutdown command, or `Worker.request_stop`. Stopping ends every unfinished request's stream with an
 error batch (so frontends can resume it elsewhere), deregisters, and stops the engine thread.
+
+SIGTERM is a graceful stop: the worker drains first (refuses new requests and reports draining,
+so the scheduler's migration rounds move its running requests to other instances) and stops
+once it holds no request or after `worker.stop_deadline_s`. SIGINT, or a second signal during
+the drain, stops at once.
 """
 
 from __future__ import annotations
@@ -43,8 +48,7 @@ from services.worker.streams import RouteTable, TokenStreamer
 log = get_logger(__name__)
 
 READY_WAIT_FOR_REGISTER_S = 2.0  # READY is printed after registering, or after this long without
-DRAIN_TIMEOUT_S = 60.0  # Shutdown(drain_first): how long to let running requests finish
-FRONTEND_TIMEOUT_S = 10.0  # a frontend that heartbeated and then stayed silent this long is gone
+FRONTEND_TIMEOUT_S = 5.0  # a frontend that heartbeated and then stayed silent this long is gone
 
 
 class Worker:
@@ -83,6 +87,7 @@ class Worker:
         self._stop = asyncio.Event()
         self._stop_reason = ""
         self._drain_first = False
+        self._drain_cut = asyncio.Event()  # a second stop request ends the drain at once
 
     # ---- lifecycle -------------------------------------------------------------------------------
 
@@ -118,13 +123,17 @@ class Worker:
                 print(f"READY worker {self.worker_id} {self.control_endpoint}", flush=True)
             await self._stop.wait()
             if self._drain_first:
-                await self._drain(DRAIN_TIMEOUT_S)
+                await self._drain(self.cfg.worker.stop_deadline_s)
         finally:
             await self.stop(self._stop_reason or "stopped")
 
     def request_stop(self, drain_first: bool = False, reason: str = "") -> None:
-        """Ask `run` to return (safe from signal handlers and control messages)."""
+        """Ask `run` to return (safe from signal handlers and control messages). With `drain_first`,
+        after migrating the requests away (at most `stop_deadline_s`); asked again, at once."""
         if self._stop.is_set():
+            if not drain_first and not self._drain_cut.is_set():
+                log.info("worker.drain_cut", worker_id=self.worker_id, reason=reason, requests=len(self.routes))
+                self._drain_cut.set()
             return
         self._stop_reason = reason
         self._drain_first = drain_first
@@ -140,9 +149,15 @@ class Worker:
         self.link.mark_dirty()
 
     async def _drain(self, timeout_s: float) -> None:
-        deadline = time.monotonic() + timeout_s
-        while len(self.routes) and time.monotonic() < deadline:
+        """Wait until the scheduler has moved every request away (or they finished), `timeout_s` at
+        most; what is left then ends with an error batch in `stop` (its frontend resumes it)."""
+        t0 = time.monotonic()
+        deadline = t0 + timeout_s
+        log.info("worker.drain_started", worker_id=self.worker_id, requests=len(self.routes), deadline_s=timeout_s)
+        while len(self.routes) and time.monotonic() < deadline and not self._drain_cut.is_set():
             await asyncio.sleep(0.05)
+        log.info("worker.drain_ended", worker_id=self.worker_id, requests_left=len(self.routes),
+                 seconds=round(time.monotonic() - t0, 3))
 
     async def stop(self, reason: str = "stopped") -> None:
         """Stop serving: fail unfinished requests, deregister, stop the engine, close sockets."""
@@ -228,8 +243,10 @@ async def run_worker(cfg: KvferryConfig) -> None:
     loop = asyncio.get_running_loop()
     engine, info = await loop.run_in_executor(None, build_engine, cfg.worker)
     worker = Worker(cfg, engine, info)
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, worker.request_stop, False, signal.Signals(sig).name)
+    # SIGTERM (systemd, docker, scale-in): drain, then stop; SIGINT (Ctrl-C) or a second signal: stop now.
+    loop.add_signal_handler(signal.SIGTERM, lambda: worker.request_stop(
+        drain_first=not worker._stop.is_set(), reason="SIGTERM"))
+    loop.add_signal_handler(signal.SIGINT, worker.request_stop, False, "SIGINT")
     try:
         await worker.run()
     finally:
