@@ -53,6 +53,23 @@ def _build_flags() -> tuple[str, list[str]]:
     return "kvferry_paged_decode_generic", cflags
 
 
+STALE_LOCK_S = 300.0  # a build takes ~30 s; a lock this old was left by a process killed mid-build
+
+
+def _clear_stale_build_lock(name: str) -> None:
+    """torch's extension builder waits forever on its `lock` file; a process killed while building
+    leaves it behind and every later process would hang. Remove it once it is clearly stale."""
+    try:
+        from torch.utils.cpp_extension import _get_build_directory
+
+        lock = os.path.join(_get_build_directory(name, verbose=False), "lock")
+        if os.path.exists(lock) and time.time() - os.path.getmtime(lock) > STALE_LOCK_S:
+            os.remove(lock)
+            log.warning("removed a stale build lock %s (left by a process killed while building)", lock)
+    except Exception:  # noqa: BLE001 - best effort; the build itself reports real problems
+        pass
+
+
 def _load():
     global _module, _failed, build_seconds
     with _lock:
@@ -63,6 +80,7 @@ def _load():
             from torch.utils.cpp_extension import load
 
             name, cflags = _build_flags()
+            _clear_stale_build_lock(name)
             _module = load(name=name, sources=[str(_SOURCE)], extra_cflags=cflags,
                            extra_ldflags=["-fopenmp"], verbose=False)
             build_seconds = time.perf_counter() - t0
