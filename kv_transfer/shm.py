@@ -84,6 +84,29 @@ def _slot_view(u8: torch.Tensor, offset: int, cache: torch.Tensor, n: int) -> to
     return u8[offset:offset + nbytes].view(cache.dtype).view(block_shape(cache, n))
 
 
+def sweep_stale_buffers(shm_dir: str = SHM_DIR) -> list[str]:
+    """Unlink staging buffers whose creating process is gone (killed before it could unlink them:
+    `kill -9` skips finalizers). Names carry the creator's pid; a live pid keeps its files."""
+    removed: list[str] = []
+    try:
+        names = os.listdir(shm_dir)
+    except OSError:
+        return removed
+    for name in names:
+        parts = name[len(PREFIX):].split("-", 1) if name.startswith(PREFIX) else []
+        if len(parts) != 2 or not parts[0].isdigit():
+            continue
+        pid = int(parts[0])
+        if pid == os.getpid() or os.path.exists(f"/proc/{pid}"):
+            continue
+        try:
+            os.unlink(os.path.join(shm_dir, name))
+            removed.append(name)
+        except OSError:
+            pass
+    return removed
+
+
 class ShmSender(KVSender):
     """Source side: owns the staging buffer. `shm_name` is what the destination attaches to."""
 

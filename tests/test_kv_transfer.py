@@ -152,3 +152,17 @@ def test_choose_path_and_split() -> None:
     assert split_chunks([1, 2, 3], [4, 5, 6], 2) == [([1, 2], [4, 5]), ([3], [6])]
     with pytest.raises(ValueError):
         split_chunks([1], [2, 3], 2)
+
+
+def test_sweep_removes_buffers_of_dead_creators_only(tmp_path):
+    import os
+
+    from kv_transfer.shm import PREFIX, sweep_stale_buffers
+
+    dead = tmp_path / f"{PREFIX}999999999-abc"  # no such pid
+    mine = tmp_path / f"{PREFIX}{os.getpid()}-def"
+    other = tmp_path / "unrelated-file"
+    for f in (dead, mine, other):
+        f.write_bytes(b"x")
+    assert sweep_stale_buffers(str(tmp_path)) == [dead.name]
+    assert not dead.exists() and mine.exists() and other.exists()

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 import zmq
 
+from kv_transfer.shm import sweep_stale_buffers
 from protocol.sockets import MessageSocket, Received, serve
 from protocol.to_worker import MigrateAbort, MigrateCommit, WorkerMigrationInbound
 from services.log import get_logger
@@ -62,6 +63,9 @@ class MigrationService:
         self._tasks: list[asyncio.Task[None]] = []
 
     def start(self) -> None:
+        stale = sweep_stale_buffers()
+        if stale:
+            log.info("migration.stale_shm_removed", buffers=len(stale))
         if self.source.pool is not None and self.w.cfg.worker.migration_path in ("auto", "shm"):
             # Create (and page-touch) the shm staging buffer now, not inside a migration's pause.
             try:
