@@ -35,9 +35,7 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
-import glob
 import json
-import os
 import random
 import signal
 import sys
@@ -242,10 +240,9 @@ def start_cluster(args: argparse.Namespace, worker: dict[str, Any], workers: int
 def cleanup(c: Any) -> None:
     """Stop the cluster; unlink the shared-memory buffers of workers killed with -9."""
     c.stop()
-    for child in c.children:
-        for path in glob.glob(f"/dev/shm/kvferry-kv-{child.proc.pid}-*"):
-            with contextlib.suppress(OSError):
-                os.unlink(path)
+    from kv_transfer.shm import sweep_stale_buffers  # torch: only when a bench runs
+
+    sweep_stale_buffers()  # a worker killed with -9 cannot unlink its shared-memory staging buffers
 
 
 async def scheduler_status(c: Any, timeout: float = 3.0) -> Any:

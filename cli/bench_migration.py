@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import ctypes
 import json
 import math
 import os
@@ -55,7 +54,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cli.bench_engine import CPUWatch
 from cli.common import int_list, positive_int
+from services.launcher import _die_with_parent
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_LENGTHS = [256, 512, 1024, 2048, 4096, 8192]
@@ -383,41 +384,23 @@ def _proc_cpu_s(pid: int) -> float:
         return 0.0
 
 
-class OthersCPU:
-    """Cores other processes kept busy during a stretch: all busy time in /proc/stat minus this
-    process's and the workers' (the two cores here are often shared; a disturbed round says so)."""
+class OthersCPU(CPUWatch):
+    """Cores other processes kept busy during a stretch (bench_engine's CPUWatch), counting the
+    workers as ours by pid: they are live children, which os.times() does not include."""
 
     def __init__(self, pids: list[int]) -> None:
         self.pids = pids
-        self.t0, self.busy0, self.own0 = time.perf_counter(), self._busy(), self._own()
+        super().__init__()
 
     def _own(self) -> float:
         t = os.times()
         return t.user + t.system + sum(_proc_cpu_s(p) for p in self.pids)
 
-    @staticmethod
-    def _busy() -> float | None:
-        try:
-            fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-        except (OSError, ValueError):
-            return None
-        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
-        return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
-
     def cores(self) -> float | None:
-        busy = self._busy()
-        if busy is None or self.busy0 is None:
-            return None
-        wall = time.perf_counter() - self.t0
-        return max(0.0, (busy - self.busy0) - (self._own() - self.own0)) / max(wall, 1e-9)
+        return self.others_cores()
 
 
 # ---- worker processes ---------------------------------------------------------------------------
-
-def _die_with_parent() -> None:  # in the child between fork and exec: no orphaned workers
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
 
 class WorkerProcess:
     """One `kvferry worker` child: stdout and stderr to files in `log_dir`."""

@@ -22,9 +22,10 @@ import random
 import shutil
 import tempfile
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 from cli.common import positive_int
 
@@ -46,6 +47,8 @@ def register(kinds: argparse._SubParsersAction) -> None:
 def make_cache(num_blocks: int, dtype: torch.dtype, seed: int | None,
                block: tuple[int, ...] = SMOLLM2_BLOCK) -> torch.Tensor:
     """A [L, 2, num_blocks, bs, h, d] cache: random (from `seed`) or zeros (seed None; touched)."""
+    import torch
+
     shape = (block[0], block[1], num_blocks, *block[2:])
     if seed is None:
         return torch.zeros(shape, dtype=dtype)
@@ -68,11 +71,13 @@ def source_proc(path: str, ctrl_addr: str, data_addr: str, num_blocks: int, dtyp
                 seed: int | None, transfers: list[tuple[list[int], list[int]]], reps: int,
                 opts: dict[str, Any], results: Any) -> None:
     """Spawned source: bind, wait for the destination, run every transfer `reps` times; put seconds lists."""
+    import torch
     import zmq
 
     from kv_transfer.base import ChunkHeader
     from kv_transfer.shm import ShmSender
     from kv_transfer.zmq_frames import FramesSender
+
     torch.set_num_threads(1)
     cache = make_cache(num_blocks, dtype, seed)
     ctx = zmq.Context()
@@ -140,11 +145,13 @@ def dest_proc(path: str, ctrl_addr: str, data_addr: str, num_blocks: int, dtype:
     """Spawned destination: write every chunk into its own cache; with `verify`, after each
     transfer's last chunk, check the blocks against the source's (regenerated from its seed)."""
     import msgspec
+    import torch
     import zmq
 
     from kv_transfer.base import ChunkHeader
     from kv_transfer.shm import ShmReceiver
     from kv_transfer.zmq_frames import FramesReceiver
+
     torch.set_num_threads(1)
     cache = make_cache(num_blocks, dtype, None)
     expected = make_cache(num_blocks, dtype, src_seed) if verify else None
@@ -239,6 +246,8 @@ def run_pair(path: str, num_blocks: int, dtype: torch.dtype, transfers: list[tup
 
 
 def memcpy_gbps(nbytes: int, reps: int) -> float:
+    import torch
+
     a = torch.ones(nbytes, dtype=torch.uint8)
     b = torch.zeros(nbytes, dtype=torch.uint8)
     b.copy_(a)
@@ -251,6 +260,8 @@ def memcpy_gbps(nbytes: int, reps: int) -> float:
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
+
     sizes = [s for s in args.sizes.split(",") if s]
     paths = [p for p in args.paths.split(",") if p]
     for s in sizes:

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import glob
-import os
 import signal
 import time
 
@@ -21,6 +19,7 @@ import pytest
 import zmq
 import zmq.asyncio
 
+from kv_transfer.shm import sweep_stale_buffers
 from protocol import SchedulerReplies, StatusReply, StatusRequest
 from protocol.sockets import MessageSocket, request
 from sdk import AsyncClient, SdkError
@@ -52,10 +51,7 @@ def start_cluster(workers: int, worker: dict, frontend: dict | None = None, sche
 
 def stop_cluster(c: LocalCluster) -> None:
     c.stop()
-    for child in c.children:  # a worker killed with -9 cannot unlink its shared-memory staging buffers
-        for path in glob.glob(f"/dev/shm/kvferry-kv-{child.proc.pid}-*"):
-            with contextlib.suppress(OSError):
-                os.unlink(path)
+    sweep_stale_buffers()  # a worker killed with -9 cannot unlink its shared-memory staging buffers
 
 
 async def status(c: LocalCluster, timeout: float = 5.0) -> StatusReply:
