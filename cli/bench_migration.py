@@ -1,6 +1,7 @@
 """`kvferry bench migration`: downtime of live migration vs recompute vs blocking copy, by context.
 
-Two real worker processes (`kvferry worker --engine torch`) run on this machine, each with
+Two real worker processes (`kvferry worker --engine torch`, or `--engine vllm`: vLLM's engine,
+migrating through kvferry's KV connector, block size 32) run on this machine, each with
 max(1, cores // 2) torch threads. The bench plays the scheduler (a ROUTER at the scheduler
 endpoint: registers the workers, answers pings, records MigrationResult and load reports) and the
 frontend (a PULL at the reply address, where every token batch is timestamped on arrival with
@@ -92,6 +93,8 @@ def register(kinds: argparse._SubParsersAction) -> None:
                    help=f"context lengths (default: {','.join(map(str, DEFAULT_LENGTHS))})")
     p.add_argument("--json", metavar="FILE", help="write {'records': [...], ...} to FILE")
     p.add_argument("--plot", metavar="FILE.png", help="plot downtime vs context (log-log) to FILE.png")
+    p.add_argument("--engine", choices=("torch", "vllm"), default="torch",
+                   help="the workers' engine (default: torch; vllm needs `make install-vllm`)")
     p.add_argument("--path", choices=("auto", "shm", "frames"), default="auto",
                    help="KV data path between the workers (default: auto, shm on one host)")
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32", "float16"),
@@ -412,8 +415,10 @@ class WorkerProcess:
         self.out_path = log_dir / f"{self.worker_id}.out"
         self.log_path = log_dir / f"{self.worker_id}.log"
         env = {**os.environ, "KVFERRY_LOG_LEVEL": "INFO", "KVFERRY_WORKER_MIGRATION_PATH": args.path}
+        if args.engine == "vllm":
+            env["KVFERRY_WORKER_BLOCK_SIZE"] = "32"  # vLLM's CPU attention: multiples of 32
         cmd = [sys.executable, "-m", "cli.main", "worker", "--index", str(index), "--base-port", str(base_port),
-               "--scheduler", scheduler, "--engine", "torch", "--model", args.model, "--dtype", args.dtype,
+               "--scheduler", scheduler, "--engine", args.engine, "--model", args.model, "--dtype", args.dtype,
                "--threads", str(threads)]
         with open(self.out_path, "wb") as out, open(self.log_path, "wb") as err:
             self.proc = subprocess.Popen(cmd, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=out, stderr=err, env=env,
@@ -801,8 +806,8 @@ def run(args: argparse.Namespace) -> int:
     load_before = os.getloadavg()
     meta["code"] = _code_version()
     ok = False
-    print(f"bench migration: model {args.model}, lengths {','.join(map(str, args.lengths))}, path {args.path}",
-          flush=True)
+    print(f"bench migration: engine {args.engine}, model {args.model}, lengths {','.join(map(str, args.lengths))}, "
+          f"path {args.path}", flush=True)
     from protocol.errors import ProtocolError
 
     try:
@@ -834,7 +839,7 @@ def run(args: argparse.Namespace) -> int:
         print("all measured targets met")
     out = {
         "records": records,
-        "model": args.model, "dtype": args.dtype, "path": args.path,
+        "engine": args.engine, "model": args.model, "dtype": args.dtype, "path": args.path,
         "machine": {"cpus": os.cpu_count(), "machine": platform.machine(), "processor": platform.processor(),
                     "python": platform.python_version(), "load_average_before": load_before[0],
                     "load_average_after": os.getloadavg()[0]},
@@ -848,5 +853,6 @@ def run(args: argparse.Namespace) -> int:
             json.dump(out, f, indent=2)
     if args.plot:
         Path(args.plot).parent.mkdir(parents=True, exist_ok=True)
-        write_plot(records, args.plot, f"migration downtime, {args.model} on {os.cpu_count()} CPU cores")
+        write_plot(records, args.plot, f"migration downtime, {args.model} ({args.engine} engine) on "
+                                       f"{os.cpu_count()} CPU cores")
     return 0

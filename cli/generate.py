@@ -1,4 +1,4 @@
-"""`kvferry generate`: run one prompt through an in-process LLMEngine and stream the text."""
+"""`kvferry generate`: run one prompt through an in-process engine (kvferry's or vLLM's) and stream the text."""
 
 from __future__ import annotations
 
@@ -26,6 +26,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens; 0: off (default)")
     p.add_argument("--seed", type=int, default=None, help="sampling seed (default: random)")
     p.add_argument("--ignore-eos", action="store_true", help="keep generating past the end-of-sequence token")
+    p.add_argument("--engine", choices=("torch", "vllm"), default="torch",
+                   help="torch: kvferry's engine (default); vllm: vLLM's (`make install-vllm`), block size 32")
     p.add_argument("--kv-cache-mb", type=positive_int, default=256, help="KV cache size in MiB (default: 256)")
     p.add_argument("--json", action="store_true",
                    help='print one JSON object {"token_ids", "text", "finish_reason"} and nothing else')
@@ -91,7 +93,12 @@ def run(args: argparse.Namespace) -> int:
     from engine.errors import EngineError
     from engine.request import SamplingParams
 
-    engine = build_engine(args.model, args.dtype, args.device, kv_cache_bytes=args.kv_cache_mb << 20)
+    if args.engine == "vllm":
+        from engine.vllm_backend.engine import VllmEngine, VllmEngineConfig
+
+        engine = VllmEngine(VllmEngineConfig(model=args.model, dtype=args.dtype, kv_cache_bytes=args.kv_cache_mb << 20))
+    else:
+        engine = build_engine(args.model, args.dtype, args.device, kv_cache_bytes=args.kv_cache_mb << 20)
     tokenizer = engine.tokenizer
     ids = prompt_ids(args, tokenizer)
     sampling = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,

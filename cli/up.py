@@ -20,7 +20,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description="Start the scheduler, N workers and a frontend as separate processes, wait "
                                    "until all serve, print the endpoints; Ctrl-C / SIGTERM stops them all.")
     p.add_argument("--workers", type=int, default=None, help="number of workers (default 2)")
-    p.add_argument("--engine", choices=["torch", "sim"], default=None)
+    p.add_argument("--engine", choices=["torch", "vllm", "sim"], default=None,
+                   help="workers' engine (default: torch; vllm needs `make install-vllm`)")
     p.add_argument("--model", default=None, help="tiny | smollm2 | model folder | .gguf (sim: latency profile)")
     p.add_argument("--device", default=None, help="cpu, cuda (worker i on cuda:i) or cuda:K")
     p.add_argument("--dtype", default=None, choices=["bfloat16", "float32", "float16"])

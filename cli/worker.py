@@ -12,14 +12,14 @@ from cli.common import MODEL_HELP, positive_int
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "worker", help="run one worker (an engine instance) of a kvferry cluster",
-        description="Run one worker: an engine (torch or sim) that takes requests from frontends, streams tokens "
+        description="Run one worker: an engine (torch, vllm or sim) that takes requests from frontends, streams tokens "
                     "back, and registers with the scheduler. Settings come from --config (TOML), then KVFERRY_* "
                     "environment variables, then these flags. Prints `READY worker <id> <control endpoint>` "
                     "once it serves; SIGTERM/SIGINT stop it cleanly.")
     p.add_argument("--config", help="TOML config file ([cluster], [scheduler], [worker] sections)")
     p.add_argument("--index", type=int, help="worker index: picks its endpoints from [cluster] (default: 0)")
     p.add_argument("--worker-id", help="worker id (default: worker-<index>)")
-    p.add_argument("--engine", choices=("torch", "sim"), help="engine kind (default: torch)")
+    p.add_argument("--engine", choices=("torch", "vllm", "sim"), help="engine kind (default: torch; vllm needs `make install-vllm`)")
     p.add_argument("--model", help=f"{MODEL_HELP}; sim: a latency profile (llama7b-a10, smollm2-cpu)")
     p.add_argument("--device", help="torch device (default: cpu)")
     p.add_argument("--dtype", choices=("bfloat16", "float32", "float16"), help="default: bfloat16")

@@ -22,6 +22,7 @@ from engine.scheduler import Scheduler
 from engine.sim.executor import SimExecutor
 from engine.sim.latency import LatencyModel
 from engine.tokenizer import Tokenizer
+from engine.validation import check_new_request
 from engine.weights.loader import build_model, resolve
 
 
@@ -111,31 +112,16 @@ class LLMEngine:
                     priority: int = 0) -> Request:
         """Queue a request; raises InvalidRequestError naming what is wrong with it."""
         sampling = sampling or SamplingParams()
-        sampling.validate()
-        if not isinstance(request_id, str) or not request_id:
-            raise InvalidRequestError(f"request id must be a non-empty string, got {request_id!r}")
-        if not isinstance(priority, int) or isinstance(priority, bool):
-            raise InvalidRequestError(f"priority must be an integer, got {priority!r}")
-        if request_id in self.requests:
-            raise InvalidRequestError(f"request id {request_id!r} is already in use")
-        self._validate_prompt(prompt_token_ids)
+        check_new_request(request_id, prompt_token_ids, sampling, priority, self.requests, self.max_model_len,
+                          self.vocab_size)
+        if not self.scheduler.fits_pool(len(prompt_token_ids) + 1):
+            raise InvalidRequestError(f"the prompt has {len(prompt_token_ids)} tokens, more than this instance's "
+                                      "KV cache holds")
         req = Request(request_id, list(prompt_token_ids), len(prompt_token_ids), sampling, priority=priority,
                       generator=make_generator(sampling, self.device))
         self.requests[request_id] = req
         self.scheduler.add_waiting(req)
         return req
-
-    def _validate_prompt(self, ids: list[int]) -> None:
-        if not ids:
-            raise InvalidRequestError("the prompt is empty")
-        if len(ids) >= self.max_model_len:
-            raise InvalidRequestError(
-                f"the prompt has {len(ids)} tokens; this model's context is {self.max_model_len} "
-                f"(at most {self.max_model_len - 1} prompt tokens)")
-        if any(type(t) is not int or not 0 <= t < self.vocab_size for t in ids):
-            raise InvalidRequestError(f"prompt token ids must be integers in [0, {self.vocab_size})")
-        if not self.scheduler.fits_pool(len(ids) + 1):
-            raise InvalidRequestError(f"the prompt has {len(ids)} tokens, more than this instance's KV cache holds")
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
         req = self.requests.pop(request_id, None)

@@ -127,8 +127,9 @@ class MigrateReserve(RequestMessage, kw_only=True, frozen=True):
     """Source → destination: reserve `num_blocks` more blocks for the migration (additive per stage).
 
     Stage 0 opens the migration on the destination: it checks the KV layout (`block_size`,
-    `kv_bytes_per_block`, `kv_dtype`) and picks the data path from where the source's cache is
-    (`src_host`, `src_device`; `path` forces one)."""
+    `kv_bytes_per_block`, `kv_dtype`, and `kv_layout`: the engine's byte order of a block, empty
+    for kvferry's engine) and picks the data path from where the source's cache is (`src_host`,
+    `src_device`; `path` forces one)."""
 
     migration_id: Id
     request_id: Id
@@ -138,6 +139,7 @@ class MigrateReserve(RequestMessage, kw_only=True, frozen=True):
     block_size: PositiveCount
     kv_bytes_per_block: Count = 0
     kv_dtype: Name = ""
+    kv_layout: Name = ""
     src_host: Name = ""
     src_device: Name = "cpu"
     path: TransferPath | None = None

@@ -83,7 +83,7 @@ class SchedulerConfig:
 class WorkerConfig:
     index: int = 0  # picks the worker's endpoints from [cluster]
     worker_id: str = ""  # default: worker-<index>
-    engine: str = "torch"  # torch | sim
+    engine: str = "torch"  # torch | vllm | sim
     model: str = "tiny"  # tiny | smollm2 | a model folder | a .gguf file (sim: a latency profile name)
     device: str = "cpu"
     dtype: str = "bfloat16"

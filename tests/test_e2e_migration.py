@@ -79,20 +79,38 @@ async def locate(c: LocalCluster, client_rid: str) -> tuple[str, str] | None:
     return None
 
 
+async def openai_stream(client: openai.AsyncOpenAI, prompt: str, max_tokens: int, temperature: float,
+                        seed: int | None, ids: asyncio.Queue, model: str = MODEL) -> str:
+    """A streamed completion's text (ignore_eos); its id goes to `ids` with the first chunk."""
+    s = await client.completions.create(model=model, prompt=prompt, max_tokens=max_tokens, temperature=temperature,
+                                        seed=seed, stream=True, extra_body={"ignore_eos": True})
+    text, sent = [], False
+    async for chunk in s:
+        if not sent:
+            await ids.put(chunk.id)
+            sent = True
+        text.append(chunk.choices[0].text if chunk.choices else "")
+    return "".join(text)
+
+
+async def ctl_migrate(c: LocalCluster, worker_rid: str, dst: str, wait_s: float = 20.0) -> None:
+    """`kvferry ctl migrate --wait`, asked again while the scheduler's view lags behind a move."""
+    for _ in range(10):
+        out = await asyncio.to_thread(ctl, c, "migrate", worker_rid, "--to", dst, "--wait", str(wait_s))
+        # The scheduler locates requests from load reports: right after a move, or while a
+        # loaded worker is in a long step, they can lag a little. Ask again then.
+        if out.returncode == 0 or not any(w in out.stderr for w in ("not_found", "already migrating")):
+            break
+        await asyncio.sleep(0.3)
+    assert out.returncode == 0, out.stdout + out.stderr  # --wait: it is listed on dst now
+
+
 async def test_ctl_migrate_moves_openai_streams_without_a_seam(cluster):
     client = openai.AsyncOpenAI(base_url=f"{cluster.http_url}/v1", api_key="x", timeout=300)
     prompts = {"greedy": ("The river", 0.0, None), "seeded": ("A lighthouse", 1.0, 77)}
 
-    async def stream(prompt: str, temperature: float, seed: int | None, ids: asyncio.Queue) -> str:
-        s = await client.completions.create(model=MODEL, prompt=prompt, max_tokens=LONG, temperature=temperature,
-                                            seed=seed, stream=True, extra_body={"ignore_eos": True})
-        text, sent = [], False
-        async for chunk in s:
-            if not sent:
-                await ids.put(chunk.id)
-                sent = True
-            text.append(chunk.choices[0].text if chunk.choices else "")
-        return "".join(text)
+    def stream(prompt: str, temperature: float, seed: int | None, ids: asyncio.Queue):  # noqa: ANN202
+        return openai_stream(client, prompt, LONG, temperature, seed, ids)
 
     ids: asyncio.Queue = asyncio.Queue()
     tasks = {name: asyncio.ensure_future(stream(*p, ids)) for name, p in prompts.items()}
@@ -106,14 +124,7 @@ async def test_ctl_migrate_moves_openai_streams_without_a_seam(cluster):
         worker_rid, src = found
         for _ in range(2):  # there and on again: each request is migrated twice
             dst = next(w for w in ("worker-0", "worker-1", "worker-2") if w != src)
-            for _ in range(10):
-                out = await asyncio.to_thread(ctl, cluster, "migrate", worker_rid, "--to", dst, "--wait", "20")
-                # The scheduler locates requests from load reports: right after a move, or while a
-                # loaded worker is in a long step, they can lag a little. Ask again then.
-                if out.returncode == 0 or not any(w in out.stderr for w in ("not_found", "already migrating")):
-                    break
-                await asyncio.sleep(0.3)
-            assert out.returncode == 0, out.stdout + out.stderr  # --wait: it is listed on dst now
+            await ctl_migrate(cluster, worker_rid, dst)
             assert (await locate(cluster, rid)) == (worker_rid, dst)
             src = dst
             moved += 1

@@ -285,6 +285,22 @@ async def test_source_dying_mid_migration_frees_the_reservation_after_the_timeou
         sock.close()
 
 
+async def test_a_different_kv_block_layout_is_refused(make_cluster):
+    """A vLLM worker's blocks (same size here) must not land in kvferry's cache, nor the reverse."""
+    c = await make_cluster(2)
+    dst = c.workers[1]
+    sock = MessageSocket.connect(c.ctx, zmq.DEALER, dst.migration_endpoint, WorkerMigrationReplies, name="vllm-src")
+    try:
+        reply = await request(sock, MigrateReserve(
+            migration_id="other", request_id="other-req", src_worker_id="worker-9", stage=0, num_blocks=2,
+            block_size=16, kv_bytes_per_block=dst.info.kv_bytes_per_block, kv_dtype="float32",
+            kv_layout="vllm:2x32x64", src_host="elsewhere"), 5.0, raise_errors=False)
+        assert isinstance(reply, ReserveReply) and not reply.ok and reply.reason.startswith("layout"), reply
+        assert await c.used_blocks(1) == 0
+    finally:
+        sock.close()
+
+
 async def test_frontend_abort_during_migration(make_cluster):
     c = await make_cluster(2)
     gate, entered = hold(c.workers[1].migration.destination, "_blocks")

@@ -1,4 +1,4 @@
-"""Builds the worker's engine from its config (torch model or sim latency profile)."""
+"""Builds the worker's engine from its config (torch model, vLLM, or sim latency profile)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,9 @@ from services.log import get_logger
 log = get_logger(__name__)
 
 DEFAULT_SIM_PROFILE = "llama7b-a10"
+# Byte order of a KV block in kvferry's engine (layers, K/V, positions, kv heads, head dim); a
+# MigrateReserve without a layout comes from a worker of this kind.
+TORCH_KV_LAYOUT = "kvferry:L2BSHD"
 # Model names that stand for a sim profile (a sim worker configured like a torch one still starts).
 _SIM_ALIASES = {"smollm2": "smollm2-cpu"}
 
@@ -20,11 +23,12 @@ _SIM_ALIASES = {"smollm2": "smollm2-cpu"}
 class EngineInfo:
     """What the worker announces about its engine when it registers."""
 
-    kind: str  # torch | sim
+    kind: str  # torch | vllm | sim
     model: str
     total_blocks: int
     block_size: int
     kv_bytes_per_block: int
+    kv_layout: str = ""  # byte order of a block; migrations need equal layouts at both ends
 
 
 def sim_profile_name(model: str) -> str:
@@ -43,9 +47,9 @@ def engine_config(wc: WorkerConfig) -> EngineConfig:
                         dtype=wc.dtype, seed=wc.seed)
 
 
-def build_engine(wc: WorkerConfig) -> tuple[LLMEngine, EngineInfo]:
+def build_engine(wc: WorkerConfig) -> tuple[LLMEngine, EngineInfo]:  # LLMEngine or its vLLM twin
     """The engine `wc` describes, and what to announce about it. Engine errors propagate."""
-    if wc.threads > 0:
+    if wc.threads > 0 and wc.engine != "vllm":
         import torch
 
         torch.set_num_threads(wc.threads)
@@ -64,8 +68,23 @@ def build_engine(wc: WorkerConfig) -> tuple[LLMEngine, EngineInfo]:
         engine = LLMEngine.from_model(wc.model, engine_config(wc))
         assert engine.model_config is not None
         kv_bytes = KVCache.bytes_per_block(engine.model_config, wc.block_size, engine.config.torch_dtype)
+        layout = TORCH_KV_LAYOUT
+    elif wc.engine == "vllm":
+        from engine.vllm_backend.engine import VllmEngine, VllmEngineConfig
+        from kv_transfer.base import block_bytes
+
+        block_size = wc.block_size
+        if block_size % 32:  # vLLM's CPU attention needs multiples of 32 (the torch default is 16)
+            block_size = -(-block_size // 32) * 32
+            log.warning("worker.vllm_block_size", configured=wc.block_size, used=block_size)
+        engine = VllmEngine(VllmEngineConfig(  # type: ignore[assignment]
+            model=wc.model, dtype=wc.dtype, block_size=block_size, num_blocks=wc.num_blocks,
+            kv_cache_bytes=wc.kv_cache_bytes, max_num_seqs=wc.max_num_seqs,
+            max_num_batched_tokens=wc.max_num_batched_tokens, seed=wc.seed, threads=wc.threads))
+        kv_bytes, layout = block_bytes(engine.kv_tensor), engine.kv_layout
     else:
-        raise ValueError(f"unknown engine {wc.engine!r} (torch or sim)")
+        raise ValueError(f"unknown engine {wc.engine!r} (torch, vllm or sim)")
     stats = engine.stats()
     return engine, EngineInfo(kind=wc.engine, model=wc.model, total_blocks=stats.num_blocks,
-                              block_size=stats.block_size, kv_bytes_per_block=kv_bytes)
+                              block_size=stats.block_size, kv_bytes_per_block=kv_bytes,
+                              kv_layout=layout if wc.engine != "sim" else TORCH_KV_LAYOUT)

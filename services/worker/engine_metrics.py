@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -44,6 +44,13 @@ ENGINE_METRICS = {
     "kvferry_worker_draining": "1 while the worker is draining (takes no new requests)",
     "kvferry_worker_registered": "1 while the worker is registered with the scheduler",
 }
+# Only vLLM workers have these: how migrated requests' KV entered vLLM (the kvferry KV connector).
+VLLM_METRICS = {
+    "kvferry_worker_vllm_continuations_total": "Migrated (or reattached) requests that started in vLLM",
+    "kvferry_worker_vllm_kv_loaded_tokens_total": "Their tokens whose KV the connector loaded",
+    "kvferry_worker_vllm_kv_recomputed_tokens_total": "Their tokens computed before the move and again here",
+    "kvferry_worker_vllm_kv_recomputed_tokens_max": "Most tokens one of them recomputed (at most a block)",
+}
 
 
 class EngineCollector(Collector):
@@ -57,20 +64,24 @@ class EngineCollector(Collector):
     def describe(self) -> Iterator[Metric]:
         return iter(())  # no description: collect() is only called at scrape time
 
-    def _read(self) -> tuple["EngineStats", dict[str, float]] | None:
+    def _read(self) -> tuple["EngineStats", dict[str, float], dict[str, int] | None] | None:
         w = self.worker
         if w.stopping or _on_loop(self.loop):  # on the loop itself the engine read would deadlock
             return None
-        fut = asyncio.run_coroutine_threadsafe(w.driver.call(lambda e: e.stats(), timeout_s=SCRAPE_TIMEOUT_S),
-                                               self.loop)
-        stats = fut.result(SCRAPE_TIMEOUT_S + 1.0)
+
+        def read(e: Any) -> tuple["EngineStats", dict[str, int] | None]:
+            counters = getattr(e, "kv_load_counters", None)
+            return e.stats(), counters() if counters else None
+
+        fut = asyncio.run_coroutine_threadsafe(w.driver.call(read, timeout_s=SCRAPE_TIMEOUT_S), self.loop)
+        stats, kv_load = fut.result(SCRAPE_TIMEOUT_S + 1.0)
 
         def state() -> dict[str, float]:
             mig = w.migration
             return {"draining": float(w.draining), "registered": float(w.link.registered.is_set()),
                     "out": float(len(mig.source)) if mig else 0.0, "in": float(len(mig.destination)) if mig else 0.0}
 
-        return stats, call_on_loop(self.loop, state, SCRAPE_TIMEOUT_S)
+        return stats, call_on_loop(self.loop, state, SCRAPE_TIMEOUT_S), kv_load
 
     def collect(self) -> Iterator[Metric]:
         try:
@@ -80,7 +91,7 @@ class EngineCollector(Collector):
             read = None
         if read is None:
             return
-        stats, state = read
+        stats, state, kv_load = read
         w, h = self.worker, ENGINE_METRICS
         info = GaugeMetricFamily("kvferry_worker_info", h["kvferry_worker_info"],
                                  labels=["worker_id", "engine", "model"])
@@ -106,6 +117,15 @@ class EngineCollector(Collector):
         mig.add_metric(["out"], state["out"])
         mig.add_metric(["in"], state["in"])
         yield mig
+        if kv_load is not None:
+            v = VLLM_METRICS
+            for key, name in (("continuations", "kvferry_worker_vllm_continuations_total"),
+                              ("loaded_tokens", "kvferry_worker_vllm_kv_loaded_tokens_total"),
+                              ("recomputed_tokens", "kvferry_worker_vllm_kv_recomputed_tokens_total")):
+                yield CounterMetricFamily(name.removesuffix("_total"), v[name], value=float(kv_load[key]))
+            yield GaugeMetricFamily("kvferry_worker_vllm_kv_recomputed_tokens_max",
+                                    v["kvferry_worker_vllm_kv_recomputed_tokens_max"],
+                                    value=float(kv_load["max_recomputed_tokens"]))
 
 
 def _on_loop(loop: asyncio.AbstractEventLoop) -> bool:

@@ -35,6 +35,7 @@ from protocol.to_worker import (
     ReserveReply,
 )
 from services.log import get_logger
+from services.worker.engine_factory import TORCH_KV_LAYOUT
 from services.worker.migration.copy_threads import CopyThreads
 from services.worker.migration.kv_io import ReceiverCache
 from services.worker.migration.metrics import MigrationMetrics
@@ -153,6 +154,8 @@ class MigrationDestination:
         if msg.block_size != w.info.block_size or msg.kv_bytes_per_block != w.info.kv_bytes_per_block:
             return (f"layout: block_size {msg.block_size} / {msg.kv_bytes_per_block} bytes per block, here "
                     f"{w.info.block_size} / {w.info.kv_bytes_per_block}")
+        if (msg.kv_layout or TORCH_KV_LAYOUT) != w.info.kv_layout:
+            return f"layout: KV block layout {msg.kv_layout or TORCH_KV_LAYOUT!r}, here {w.info.kv_layout!r}"
         if kv is not None and msg.kv_dtype != str(kv.dtype).removeprefix("torch."):
             return f"layout: KV dtype {msg.kv_dtype!r}, here {kv.dtype}"
         return None

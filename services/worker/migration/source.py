@@ -425,7 +425,8 @@ class MigrationSource:
         msg = MigrateReserve(
             migration_id=m.migration_id, request_id=m.request_id, src_worker_id=w.worker_id, stage=stage,
             num_blocks=n, block_size=w.info.block_size, kv_bytes_per_block=w.info.kv_bytes_per_block,
-            kv_dtype="" if kv is None else str(kv.dtype).removeprefix("torch."), src_host=self.host,
+            kv_dtype="" if kv is None else str(kv.dtype).removeprefix("torch."), kv_layout=w.info.kv_layout,
+            src_host=self.host,
             src_device="cpu" if kv is None else kv.device.type, path=forced)  # type: ignore[arg-type]
         reply = await self._rpc(m, requester.request(msg, self.cfg.migration_timeout_s, raise_errors=False))
         if isinstance(reply, ErrorReply):

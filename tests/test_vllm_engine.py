@@ -1,0 +1,210 @@
+"""vLLM as a kvferry engine, in process: `VllmEngine` on the tiny model's HF folder (float32).
+
+One vLLM engine per process (its KV-transfer group is process-global), so one module fixture
+serves every test here. Oracles: kvferry's own torch engine on the same HF folder (greedy tokens
+must be identical) and the same request run unmigrated. Migrations here go through the whole
+destination path inside one engine: detach (blocks held by the connector), read the blocks,
+release, reserve, write, commit (the connector loads them); the two-process version is
+tests/test_e2e_vllm.py.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("vllm")
+
+from engine.config import EngineConfig  # noqa: E402
+from engine.engine import LLMEngine  # noqa: E402
+from engine.errors import InvalidRequestError, MigrationError, OutOfBlocksError  # noqa: E402
+from engine.request import FinishReason, SamplingParams  # noqa: E402
+from engine.vllm_backend.engine import VllmEngine, VllmEngineConfig, resolve_model_folder  # noqa: E402
+
+pytestmark = pytest.mark.vllm
+
+BS = 32
+PROMPTS = [[(i * 7) % 200 + 1 for i in range(75)], [(i * 13) % 250 + 2 for i in range(5)],
+           [(i * 3) % 100 + 20 for i in range(130)]]
+
+
+@pytest.fixture(scope="module")
+def engine() -> VllmEngine:
+    e = VllmEngine(VllmEngineConfig(model="tiny", dtype="float32", block_size=BS, kv_cache_bytes=1 << 30,
+                                    max_model_len=2048, max_num_seqs=16))
+    yield e
+    assert e.stats().num_free_blocks == e.num_blocks, "a test leaked KV blocks"
+    e.shutdown()
+
+
+def drain(e: VllmEngine, interrupt=None, at_step: int = 10) -> dict[str, list[int]]:
+    """Step until every request finishes; tokens per request, indices checked. `interrupt(e)`
+    runs once after `at_step` steps (a dict {step: fn} runs each fn after its step)."""
+    plan = interrupt if isinstance(interrupt, dict) else ({at_step: interrupt} if interrupt else {})
+    got: dict[str, list[int]] = {}
+    steps = 0
+    while e.has_unfinished_requests() or e.requests:
+        for o in e.step():
+            toks = got.setdefault(o.request_id, [])
+            assert o.first_index == len(toks), f"{o.request_id}: index {o.first_index}, have {len(toks)}"
+            toks += o.new_token_ids
+        steps += 1
+        e.check_integrity()
+        if steps in plan:
+            plan[steps](e)
+            e.check_integrity()
+        assert steps < 2000
+    return got
+
+
+def run(e: VllmEngine, prompts: list[list[int]], sampling: SamplingParams, prefix: str, interrupt=None) -> list:
+    for i, p in enumerate(prompts):
+        e.add_request(f"{prefix}{i}", p, sampling)
+    got = drain(e, interrupt)
+    return [got[f"{prefix}{i}"] for i in range(len(prompts))]
+
+
+def move_within(e: VllmEngine, rid: str, key: str, corrupt: bool = False) -> dict:
+    """The migration destination path inside one engine; returns the state that moved."""
+    state = e.detach_request(rid)
+    n = -(-state["num_computed_tokens"] // BS)
+    data = e.read_blocks(e.block_table(rid)[:n])
+    assert e.release(rid) >= n
+    ids = e.reserve(key, n)
+    e.write_blocks(ids, data.fill_(0.5) if corrupt else data)
+    e.commit_request(state, key)
+    return state
+
+
+GREEDY = SamplingParams(max_tokens=40, ignore_eos=True)
+
+
+def test_greedy_tokens_equal_kvferry_engine_on_the_same_hf_folder(engine):
+    folder = resolve_model_folder("tiny")
+    torch_engine = LLMEngine.from_model(str(folder), EngineConfig(dtype="float32", num_blocks=256))
+    want = [r.output_token_ids for r in torch_engine.generate(PROMPTS, GREEDY)]
+    assert run(engine, PROMPTS, GREEDY, "eq") == want
+
+
+def test_request_moved_through_the_connector_continues_identically(engine):
+    want = run(engine, PROMPTS[:1], GREEDY, "ref")
+    moved = {}
+
+    def move(e):
+        moved.update(move_within(e, "mv0", "mig:a"))
+
+    got = run(engine, PROMPTS[:1], GREEDY, "mv", move)
+    assert got == want
+    computed = moved["num_computed_tokens"]
+    assert computed > BS
+    totals = engine.kv_load_counters()
+    assert totals["loaded_tokens"] >= computed  # all of it, the partial last block too
+    assert totals["max_recomputed_tokens"] == 0  # vLLM computed only the newest token
+    assert not engine.reservations and not engine.connector.plans
+
+
+def test_wrong_kv_changes_the_output(engine):
+    """The loaded KV is what the continuation attends to (it is not recomputed)."""
+    want = run(engine, PROMPTS[:1], GREEDY, "ref")
+    got = run(engine, PROMPTS[:1], GREEDY, "bad", lambda e: move_within(e, "bad0", "mig:b", corrupt=True))
+    assert got != want
+
+
+def test_reattach_after_detach_continues_identically(engine):
+    want = run(engine, PROMPTS, GREEDY, "ref")
+
+    def detach(e):
+        e.detach_request("ra1")
+        assert e.migration_view("ra1") is None
+
+    # The others go on for three steps while it is out.
+    assert run(engine, PROMPTS, GREEDY, "ra", {10: detach, 13: lambda e: e.reattach_request("ra1")}) == want
+
+
+def test_seeded_sampling_continues_identically_after_a_move(engine):
+    seeded = SamplingParams(max_tokens=30, temperature=1.0, seed=7)
+    want = run(engine, PROMPTS[:1], seeded, "sref")
+    got = run(engine, PROMPTS[:1], seeded, "smv", lambda e: move_within(e, "smv0", "mig:s"))
+    assert got == want
+
+
+def test_eos_stops_like_the_kvferry_engine(engine):
+    folder = resolve_model_folder("tiny")
+    torch_engine = LLMEngine.from_model(str(folder), EngineConfig(dtype="float32", num_blocks=256))
+    sp = SamplingParams(max_tokens=200)
+    ref = torch_engine.generate(PROMPTS[:1], sp)[0]
+    engine.add_request("eos", PROMPTS[0], sp)
+    toks, reason = [], None
+    while engine.requests:
+        for o in engine.step():
+            toks += o.new_token_ids
+            reason = o.finish_reason if o.finished else reason
+    assert toks == ref.output_token_ids
+    assert reason == ref.finish_reason
+
+
+def test_load_report_counts_blocks_and_queues(engine):
+    total = engine.num_blocks
+    engine.add_request("ld0", PROMPTS[2], GREEDY)
+    engine.add_request("ld1", PROMPTS[0], GREEDY)
+    s = engine.stats(per_request=True)
+    assert (s.num_running, s.num_waiting) == (0, 2) and s.head_of_line_blocks == -(-len(PROMPTS[2]) // BS)
+    engine.step()
+    s = engine.stats(per_request=True)
+    assert s.num_running == 2 and s.num_waiting == 0
+    by_id = {r.request_id: r for r in s.requests}
+    assert by_id["ld0"].num_blocks == -(-(len(PROMPTS[2]) + 1) // BS) and by_id["ld0"].status == "running"
+    assert s.num_free_blocks == total - sum(r.num_blocks for r in s.requests)
+    out = engine.abort_request("ld0")
+    assert out.finished and out.finish_reason is FinishReason.ABORT
+    engine.abort_request("ld1")
+    engine.step()
+    assert engine.stats().num_free_blocks == total and not engine.requests
+
+
+def test_bad_requests_and_states_are_refused_and_leak_nothing(engine):
+    total = engine.num_blocks
+    for prompt in ([], [engine.vocab_size], [-1], ["x"], [1] * 5000):
+        with pytest.raises(InvalidRequestError):
+            engine.add_request("bad", prompt, GREEDY)
+    engine.add_request("dup", [1, 2, 3], GREEDY)
+    with pytest.raises(InvalidRequestError):
+        engine.add_request("dup", [1, 2, 3], GREEDY)
+    with pytest.raises(MigrationError):
+        engine.detach_request("nobody")
+    with pytest.raises(OutOfBlocksError):
+        engine.reserve("huge", total)
+    ids = engine.reserve("r", 3)
+    assert len(ids) == 3 and engine.stats().num_free_blocks == total - 3
+    good = {"version": 1, "request_id": "st", "token_ids": [1, 2, 3, 4], "num_prompt_tokens": 3,
+            "num_computed_tokens": 3, "sampling": GREEDY.to_dict(), "priority": 0, "num_preemptions": 0,
+            "age_s": 0.0, "generator_state": None}
+    for bad in ({**good, "version": 9}, {**good, "token_ids": [engine.vocab_size]}, {**good, "num_computed_tokens": 9},
+                {k: v for k, v in good.items() if k != "sampling"}, {**good, "request_id": "dup"}):
+        with pytest.raises(MigrationError):
+            engine.commit_request(bad, "r")
+    assert engine.release("r") == 3
+    engine.abort_request("dup")
+    engine.step()
+    assert engine.stats().num_free_blocks == total and not engine.requests
+
+
+@pytest.mark.slow
+def test_smollm2_greedy_tokens_equal_kvferry_engine(tmp_path):
+    """SmolLM2-135M-Instruct (the GGUF exported to an HF folder): vLLM in a subprocess
+    (`kvferry generate --engine vllm`) and kvferry's engine here, float32, identical tokens."""
+    folder = resolve_model_folder("smollm2")
+    question = "Name three rivers in Europe and say which one is the longest."
+    out = subprocess.run([sys.executable, "-m", "cli.main", "generate", "--engine", "vllm", "--model", str(folder),
+                          "--dtype", "float32", "--chat", question, "--max-tokens", "48", "--json"],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    got = json.loads(out.stdout)
+    ours = LLMEngine.from_model(str(folder), EngineConfig(dtype="float32", num_blocks=64))
+    ids = ours.tokenizer.encode_chat([{"role": "user", "content": question}])
+    want = ours.generate([ids], SamplingParams(max_tokens=48))[0]
+    assert got["token_ids"] == want.output_token_ids
+    assert got["text"].strip()
