@@ -134,9 +134,12 @@ class VllmEngine:
         self._set_threads(self._threads)
         self._threads_in: set[int] = {threading.get_ident()}
 
-        from vllm.config import KVTransferConfig
-        from vllm.engine.arg_utils import EngineArgs
-        from vllm.v1.engine.llm_engine import LLMEngine as VllmLLMEngine
+        try:
+            from vllm.config import KVTransferConfig
+            from vllm.engine.arg_utils import EngineArgs
+            from vllm.v1.engine.llm_engine import LLMEngine as VllmLLMEngine
+        except ImportError as exc:
+            raise ConfigError(f"vLLM is not installed here ({exc}): `make install-vllm` installs its CPU build") from exc
 
         from engine.vllm_backend.connector import state_for
 
@@ -241,6 +244,7 @@ class VllmEngine:
         self.requests.pop(rec.request_id, None)
         self._by_internal.pop(rec.internal_id, None)
         self.connector.generator_states.pop(rec.internal_id, None)
+        self.connector.local_hits.pop(rec.internal_id, None)
         if rec.load_key is not None:  # its load never ran: free what it would have loaded from
             self._settle_load(rec.load_key)
             rec.load_key = None
