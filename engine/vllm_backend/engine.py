@@ -74,6 +74,7 @@ class VllmRequest:
     arrival_time: float = field(default_factory=time.monotonic)
     status: RequestStatus = RequestStatus.WAITING
     num_preemptions: int = 0  # before this vLLM request (a migrated one keeps its count)
+    preemptions_seen: int = 0  # of this vLLM request, counted into the engine's total
     load_key: str | None = None  # a load plan not yet executed
     loaded_tokens: int = 0  # tokens whose KV the connector loaded instead of computing
     held_tokens: int = 0  # detached: tokens whose KV its held blocks keep
@@ -175,7 +176,7 @@ class VllmEngine:
         self._by_internal: dict[str, VllmRequest] = {}
         self._held: dict[str, list[int]] = {}  # detached request id → its held block ids
         self._held_requests: dict[str, str] = {}  # load key → vLLM id of the detached request it reads
-        self.num_preemptions = 0
+        self.num_preemptions = 0  # preemptions seen since start (vLLM recomputes a preempted request)
         # Continuations (migrated in, or reattached) that started: KV tokens loaded vs computed again.
         self.migrated_in = self.loaded_tokens_total = self.recomputed_tokens_total = self.max_recomputed_tokens = 0
         self.connector.runner_requests = getattr(self._runner, "requests", {})
@@ -222,6 +223,7 @@ class VllmEngine:
             raise InvalidRequestError(f"vLLM refused the request: {exc}") from exc
         rec.load_key = load_key
         rec.status = RequestStatus.WAITING
+        rec.preemptions_seen = 0  # a new vLLM request counts from 0
         if rec.generator_state is not None and rec.sampling.seed is not None:
             # vLLM keeps a generator only for seeded requests; the continuation samples on from
             # the source's state (set by the connector before its first forward pass).
@@ -287,6 +289,10 @@ class VllmEngine:
             v = self.scheduler.requests.get(rec.internal_id)
             if v is None:
                 continue
+            seen = int(getattr(v, "num_preemptions", 0))
+            if seen > rec.preemptions_seen:  # vLLM preempted it (recompute) since the last step
+                self.num_preemptions += seen - rec.preemptions_seen
+                rec.preemptions_seen = seen
             running = v.status.name == "RUNNING"
             if running and rec.recomputed_tokens is None and rec.migrated_computed:
                 rec.recomputed_tokens = rec.migrated_computed - rec.loaded_tokens
@@ -295,8 +301,6 @@ class VllmEngine:
                 self.recomputed_tokens_total += rec.recomputed_tokens
                 self.max_recomputed_tokens = max(self.max_recomputed_tokens, rec.recomputed_tokens)
             rec.status = RequestStatus.RUNNING if running else RequestStatus.WAITING
-        self.num_preemptions = max(self.num_preemptions, sum(
-            getattr(r, "num_preemptions", 0) for r in self.scheduler.requests.values()))
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished_requests() or bool(self.scheduler.finished_req_ids)
