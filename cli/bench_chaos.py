@@ -237,28 +237,11 @@ def start_cluster(args: argparse.Namespace, worker: dict[str, Any], workers: int
     return c
 
 
-def cleanup(c: Any) -> None:
-    """Stop the cluster; unlink the shared-memory buffers of workers killed with -9."""
-    c.stop()
-    from kv_transfer.shm import sweep_stale_buffers  # torch: only when a bench runs
-
-    sweep_stale_buffers()  # a worker killed with -9 cannot unlink its shared-memory staging buffers
-
-
 async def scheduler_status(c: Any, timeout: float = 3.0) -> Any:
-    import zmq
-    import zmq.asyncio
-
     from protocol import SchedulerReplies, StatusRequest
-    from protocol.sockets import MessageSocket, request
+    from protocol.sockets import request_once
 
-    ctx = zmq.asyncio.Context()
-    sock = MessageSocket.connect(ctx, zmq.DEALER, c.scheduler_endpoint, SchedulerReplies)
-    try:
-        return await request(sock, StatusRequest(), timeout)
-    finally:
-        sock.close()
-        ctx.destroy(linger=0)
+    return await request_once(c.scheduler_endpoint, StatusRequest(), SchedulerReplies, timeout)
 
 
 async def leaked_blocks(c: Any, wait_s: float = 30.0) -> tuple[int, dict[str, int]]:
@@ -421,7 +404,7 @@ def sim_run(args: argparse.Namespace) -> dict[str, Any]:
             out["p99_impact"] = round(s["e2e_p99_s"] / base["e2e_p99_s"], 2)
             out["ttft_p99_impact"] = round(s["ttft_p99_s"] / base["ttft_p99_s"], 2) if base.get("ttft_p99_s") else None
     finally:
-        cleanup(c)
+        c.stop()  # also unlinks the staging buffers of workers it killed
     return out
 
 
@@ -469,7 +452,7 @@ def torch_run(args: argparse.Namespace) -> dict[str, Any]:
                  leaked_blocks=asyncio.run(leaked_blocks(c))[0])
         return s
     finally:
-        cleanup(c)
+        c.stop()  # also unlinks the staging buffers of workers it killed
 
 
 def _progress(msg: str) -> None:

@@ -74,7 +74,6 @@ def source_proc(path: str, ctrl_addr: str, data_addr: str, num_blocks: int, dtyp
     import torch
     import zmq
 
-    from kv_transfer.base import ChunkHeader
     from kv_transfer.shm import ShmSender
     from kv_transfer.zmq_frames import FramesSender
 

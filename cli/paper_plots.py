@@ -64,11 +64,7 @@ def latency_vs_rate(rows: Sequence[dict[str, Any]], out_dir: str) -> str:
     axes[0][0].legend()
     fig.suptitle(f"{trace}, {arrival_name(cv)}: latency vs request rate "
                  f"(simulated, {rows[0]['instances']} x LLaMA-7B/A10)")
-    fig.tight_layout()
-    path = os.path.join(out_dir, f"latency_{trace}_{'poisson' if cv == 1.0 else f'gamma{cv:g}'}.png")
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, out_dir, f"latency_{trace}_{'poisson' if cv == 1.0 else f'gamma{cv:g}'}.png")
 
 
 def cdfs(rows: Sequence[dict[str, Any]], out_dir: str) -> str:
@@ -92,8 +88,13 @@ def cdfs(rows: Sequence[dict[str, Any]], out_dir: str) -> str:
             ax.grid(alpha=0.3)
     axes[0][0].legend()
     fig.suptitle(f"{trace}: latency CDFs at the highest rate")
+    return _save(plt, fig, out_dir, f"cdf_{trace}.png")
+
+
+def _save(plt: Any, fig: Any, out_dir: str, name: str) -> str:
+    """Lay out, write to out_dir/name and close the figure; returns the path."""
     fig.tight_layout()
-    path = os.path.join(out_dir, f"cdf_{trace}.png")
+    path = os.path.join(out_dir, name)
     fig.savefig(path, dpi=90)
     plt.close(fig)
     return path
@@ -121,11 +122,7 @@ def priorities(rows: Sequence[dict[str, Any]], out_dir: str) -> str:
     axes[0].legend(fontsize=8)
     r0 = rows[0]
     fig.suptitle(f"priorities: {r0['trace']} at {r0['rate']:g} req/s, {100 * r0['high_priority_fraction']:g} % high priority")
-    fig.tight_layout()
-    path = os.path.join(out_dir, "priority.png")
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, out_dir, "priority.png")
 
 
 def scaling(rows: Sequence[dict[str, Any]], out_dir: str) -> str:
@@ -146,8 +143,4 @@ def scaling(rows: Sequence[dict[str, Any]], out_dir: str) -> str:
     ax.legend()
     r0 = rows[0]
     ax.set_title(f"auto-scaling: {r0['trace']} at {r0['rate']:g} req/s (labels: scale-up/down freeness)")
-    fig.tight_layout()
-    path = os.path.join(out_dir, "scaling.png")
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, out_dir, "scaling.png")

@@ -322,6 +322,19 @@ async def request(sock: "MessageSocket | Requester", msg: RequestMessage, timeou
     return _result(reply, raise_errors)
 
 
+async def request_once(endpoint: str, msg: RequestMessage, replies: Allowed, timeout_s: float, *,
+                       raise_errors: bool = True) -> Any:
+    """`request` over a DEALER opened to `endpoint` for this one message, then closed (tools,
+    benchmarks and tests asking a service one question)."""
+    ctx = zmq.asyncio.Context()
+    sock = MessageSocket.connect(ctx, zmq.DEALER, endpoint, replies)
+    try:
+        return await request(sock, msg, timeout_s, raise_errors=raise_errors)
+    finally:
+        sock.close()
+        ctx.destroy(linger=0)
+
+
 class Requester:
     """Concurrent request/reply over one DEALER socket.
 

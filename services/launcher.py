@@ -338,7 +338,7 @@ class LocalCluster:
     def stop(self, timeout_s: float = 10.0) -> None:
         """Stop the pool manager, then every child (frontend first, scheduler last): SIGTERM, but
         SIGINT for workers (stop now: with the whole cluster going there is nowhere to drain to);
-        then SIGKILL what is left."""
+        then SIGKILL what is left, and unlink the staging buffers of workers killed with -9."""
         if self._stopping:
             return
         self._stopping = True
@@ -358,6 +358,12 @@ class LocalCluster:
                 child.proc.kill()
                 child.proc.wait(5)
         self._spawner.shutdown(wait=False)
+        with self._lock:
+            killed = any(c.is_worker and c.proc.returncode == -signal.SIGKILL for c in self.children)
+        if killed:  # a worker killed with -9 could not unlink its shared-memory staging buffer
+            from kv_transfer.shm import sweep_stale_buffers  # imports torch: only on this path
+
+            sweep_stale_buffers()
 
     def __enter__(self) -> "LocalCluster":
         self.start()

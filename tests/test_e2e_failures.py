@@ -16,12 +16,9 @@ import time
 import httpx
 import openai
 import pytest
-import zmq
-import zmq.asyncio
 
-from kv_transfer.shm import sweep_stale_buffers
 from protocol import SchedulerReplies, StatusReply, StatusRequest
-from protocol.sockets import MessageSocket, request
+from protocol.sockets import request_once
 from sdk import AsyncClient, SdkError
 from services.config import load_config
 from services.launcher import ClusterSpec, LocalCluster, free_ports
@@ -49,20 +46,9 @@ def start_cluster(workers: int, worker: dict, frontend: dict | None = None, sche
     return c
 
 
-def stop_cluster(c: LocalCluster) -> None:
-    c.stop()
-    sweep_stale_buffers()  # a worker killed with -9 cannot unlink its shared-memory staging buffers
-
-
 async def status(c: LocalCluster, timeout: float = 5.0) -> StatusReply:
     """The scheduler's StatusReply (asked directly: faster than `kvferry ctl status`)."""
-    ctx = zmq.asyncio.Context()
-    sock = MessageSocket.connect(ctx, zmq.DEALER, c.scheduler_endpoint, SchedulerReplies)
-    try:
-        return await request(sock, StatusRequest(), timeout)
-    finally:
-        sock.close()
-        ctx.destroy(linger=0)
+    return await request_once(c.scheduler_endpoint, StatusRequest(), SchedulerReplies, timeout)
 
 
 async def wait_status(c: LocalCluster, pred, timeout: float, what: str) -> StatusReply:  # noqa: ANN001
@@ -122,7 +108,7 @@ def tiny():
     try:
         yield c
     finally:
-        stop_cluster(c)
+        c.stop()
 
 
 async def heal(c: LocalCluster, name: str) -> None:
@@ -281,7 +267,7 @@ async def test_no_worker_left_ends_with_a_clear_error_and_resumptions_are_limite
         assert r.status_code == 503 and r.headers.get("retry-after") == "1"
         assert r.json()["error"]["code"] == "unavailable"
     finally:
-        stop_cluster(c)
+        c.stop()
 
 
 async def test_overload_answers_429_and_memory_stays_bounded():
@@ -316,4 +302,4 @@ async def test_overload_answers_429_and_memory_stays_bounded():
             assert (await big).status_code == 200
         await wait_status(c, survivors_idle, 10, "blocks back to zero")
     finally:
-        stop_cluster(c)
+        c.stop()

@@ -60,19 +60,10 @@ def reference(prompt: str, max_tokens: int, temperature: float = 0.0, seed: int 
 
 async def locate(c: LocalCluster, client_rid: str) -> tuple[str, str] | None:
     """(the id workers know the request by, its worker), asked of the scheduler directly."""
-    import zmq
-    import zmq.asyncio
-
     from protocol import SchedulerReplies, StatusRequest
-    from protocol.sockets import MessageSocket, request
+    from protocol.sockets import request_once
 
-    ctx = zmq.asyncio.Context()
-    sock = MessageSocket.connect(ctx, zmq.DEALER, c.scheduler_endpoint, SchedulerReplies)
-    try:
-        reply = await request(sock, StatusRequest(), 5.0)
-    finally:
-        sock.close()
-        ctx.destroy(linger=0)
+    reply = await request_once(c.scheduler_endpoint, StatusRequest(), SchedulerReplies, 5.0)
     for r in reply.requests:
         if r.request_id in client_rid or client_rid in r.request_id:
             return r.request_id, r.worker_id
@@ -138,13 +129,16 @@ async def test_ctl_migrate_moves_openai_streams_without_a_seam(cluster):
     wait_idle(cluster)
 
 
-async def test_drain_moves_every_sdk_stream_off_a_worker(cluster):
-    prompts = [("Once upon a time", 0.0, None), ("In the beginning", 0.9, 5), ("Dear diary", 0.0, None)]
+async def drain_busiest_worker(cluster: LocalCluster, prompts: list[tuple[str, float, int | None]],
+                               max_tokens: int) -> tuple[str, dict, list[list[int]]]:
+    """Stream `prompts` through the SDK, `ctl drain --wait` the worker holding most of them (it
+    must be left with none), wait for every stream, undrain. Returns the drained worker, the
+    status right after the drain and each stream's tokens."""
     async with AsyncClient(cluster.sdk_endpoint, timeout=300) as sdk:
         async def run(prompt: str, temperature: float, seed: int | None) -> list[int]:
             toks: list[int] = []
-            async with contextlib.aclosing(sdk.stream(prompt, max_tokens=DRAIN_LONG, temperature=temperature, seed=seed,
-                                                      ignore_eos=True)) as chunks:
+            async with contextlib.aclosing(sdk.stream(prompt, max_tokens=max_tokens, temperature=temperature,
+                                                      seed=seed, ignore_eos=True)) as chunks:
                 async for ch in chunks:
                     toks.extend(ch.token_ids)
             return toks
@@ -164,9 +158,15 @@ async def test_drain_moves_every_sdk_stream_off_a_worker(cluster):
         assert out.returncode == 0, out.stdout + out.stderr
         st = await asyncio.to_thread(ctl_status, cluster)
         assert not [r for r in st["requests"] if r["worker_id"] == victim]
-        assert next(i for i in st["instances"] if i["worker_id"] == victim)["draining"]
         got = [await asyncio.wait_for(t, 300) for t in tasks]
     assert ctl(cluster, "undrain", victim).returncode == 0
+    return victim, st, got
+
+
+async def test_drain_moves_every_sdk_stream_off_a_worker(cluster):
+    prompts = [("Once upon a time", 0.0, None), ("In the beginning", 0.9, 5), ("Dear diary", 0.0, None)]
+    victim, drained, got = await drain_busiest_worker(cluster, prompts, DRAIN_LONG)
+    assert next(i for i in drained["instances"] if i["worker_id"] == victim)["draining"]
     refs = await asyncio.gather(*(asyncio.to_thread(reference, p, DRAIN_LONG, t, s) for p, t, s in prompts))
     for (prompt, _, _), toks, ref in zip(prompts, got, refs):
         assert toks == ref["token_ids"], f"{prompt!r}: drained stream differs from an unmigrated run"

@@ -8,9 +8,7 @@ vLLM recomputed none of it; every worker's blocks return to zero."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import re
-import time
 import urllib.request
 
 import openai
@@ -18,11 +16,16 @@ import pytest
 
 pytest.importorskip("vllm")
 
-from sdk import AsyncClient  # noqa: E402
 from services.config import load_config  # noqa: E402
 from services.launcher import ClusterSpec, LocalCluster, free_port_block, free_ports  # noqa: E402
-from tests.test_e2e_cluster import ctl_status, wait_idle  # noqa: E402
-from tests.test_e2e_migration import ctl, ctl_migrate, locate, openai_stream, reference  # noqa: E402
+from tests.test_e2e_cluster import wait_idle  # noqa: E402
+from tests.test_e2e_migration import (  # noqa: E402
+    ctl_migrate,
+    drain_busiest_worker,
+    locate,
+    openai_stream,
+    reference,
+)
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
@@ -104,32 +107,7 @@ async def test_ctl_migrate_moves_openai_streams_between_vllm_workers(cluster):
 async def test_drain_moves_sdk_streams_off_a_vllm_worker(cluster):
     prompts = [("Once upon a time", 0.0, None), ("Dear diary", 0.0, None), ("In the beginning", 0.0, None)]
     n = 1200
-    async with AsyncClient(cluster.sdk_endpoint, timeout=300) as sdk:
-        async def run(prompt: str, temperature: float, seed: int | None) -> list[int]:
-            toks: list[int] = []
-            async with contextlib.aclosing(sdk.stream(prompt, max_tokens=n, temperature=temperature, seed=seed,
-                                                      ignore_eos=True)) as chunks:
-                async for ch in chunks:
-                    toks.extend(ch.token_ids)
-            return toks
-
-        tasks = [asyncio.ensure_future(run(*p)) for p in prompts]
-        deadline = time.monotonic() + 60
-        while True:
-            st = await asyncio.to_thread(ctl_status, cluster)
-            if len(st["requests"]) >= len(prompts) or time.monotonic() > deadline:
-                break
-            await asyncio.sleep(0.1)
-        counts: dict[str, int] = {}
-        for r in st["requests"]:
-            counts[r["worker_id"]] = counts.get(r["worker_id"], 0) + 1
-        victim = max(counts, key=counts.__getitem__)
-        out = await asyncio.to_thread(ctl, cluster, "drain", victim, "--wait", "60", timeout=90)
-        assert out.returncode == 0, out.stdout + out.stderr
-        st = await asyncio.to_thread(ctl_status, cluster)
-        assert not [r for r in st["requests"] if r["worker_id"] == victim]
-        got = [await asyncio.wait_for(t, 300) for t in tasks]
-    assert ctl(cluster, "undrain", victim).returncode == 0
+    _, _, got = await drain_busiest_worker(cluster, prompts, n)
     refs = await asyncio.gather(*(asyncio.to_thread(reference, p, n, t, s) for p, t, s in prompts))
     for (prompt, _, _), toks, ref in zip(prompts, got, refs):
         assert toks == ref["token_ids"], f"{prompt!r}: drained stream differs from kvferry's engine"

@@ -29,6 +29,7 @@ from services.frontend.http_api import ApiContext, create_app
 from services.frontend.metrics import FrontendMetrics
 from services.frontend.params import ApiError, ParsedRequest, RequestParser
 from services.frontend.sdk_server import SdkServer
+from tests.test_protocol_fuzz import mutations
 from tests.test_frontend_http import TOK
 
 PER_TYPE = settings(max_examples=int(os.environ.get("KVFERRY_FUZZ_TYPE_EXAMPLES", "40")), deadline=None,
@@ -72,28 +73,6 @@ def test_arbitrary_bytes(tag, junk, header):
     """Random bytes, alone or after a valid `[version, tag,` header (so the type's own body decoder runs)."""
     prefix = b"\x93" + msgpack.packb(PROTOCOL_VERSION) + msgpack.packb(tag) if header else b""
     check(prefix + junk, protocol.MESSAGE_TYPES[tag])
-
-
-@st.composite
-def mutations(draw, data: bytes) -> bytes:
-    buf = bytearray(data)
-    for _ in range(draw(st.integers(1, 4))):
-        op = draw(st.sampled_from(["flip", "byte", "insert", "delete", "truncate", "dup"]))
-        pos = draw(st.integers(0, max(0, len(buf) - 1)))
-        if op == "flip" and buf:
-            buf[pos] ^= 1 << draw(st.integers(0, 7))
-        elif op == "byte" and buf:
-            buf[pos] = draw(st.sampled_from([0x00, 0x7F, 0x80, 0x90, 0xA0, 0xC0, 0xC1, 0xC2, 0xC3, 0xC4, 0xCA,
-                                             0xCB, 0xCF, 0xD3, 0xD9, 0xDC, 0xDD, 0xDE, 0xDF, 0xFF]))
-        elif op == "insert":
-            buf[pos:pos] = draw(st.binary(min_size=1, max_size=6))
-        elif op == "delete":
-            del buf[pos:pos + draw(st.integers(1, 6))]
-        elif op == "truncate":
-            del buf[pos:]
-        elif op == "dup":
-            buf[pos:pos] = buf[pos:pos + draw(st.integers(1, 16))]
-    return bytes(buf)
 
 
 @pytest.mark.parametrize("tag", TAGS)

@@ -48,27 +48,38 @@ def test_arbitrary_bytes(data, allowed):
 
 
 @st.composite
-def mutated_encodings(draw):
-    data = bytearray(draw(st.sampled_from(ENCODED)))
-    for _ in range(draw(st.integers(1, 6))):
-        op = draw(st.sampled_from(["flip", "set", "insert", "delete", "truncate", "splice"]))
-        pos = draw(st.integers(0, max(0, len(data) - 1)))
-        if op == "flip" and data:
-            data[pos] ^= 1 << draw(st.integers(0, 7))
-        elif op == "set" and data:
-            data[pos] = draw(st.sampled_from([0x00, 0x7F, 0x80, 0xC0, 0xC1, 0xC2, 0xC3, 0xCF, 0xD3, 0xDC,
-                                              0xDD, 0xDE, 0xDF, 0xFF, draw(st.integers(0, 255))]))
+def mutations(draw, data: bytes) -> bytes:
+    """`data` with 1-4 random edits: bit flips, msgpack type bytes, inserts, deletes, truncation,
+    repeats (shared with test_fuzz_properties)."""
+    buf = bytearray(data)
+    for _ in range(draw(st.integers(1, 4))):
+        op = draw(st.sampled_from(["flip", "byte", "insert", "delete", "truncate", "dup"]))
+        pos = draw(st.integers(0, max(0, len(buf) - 1)))
+        if op == "flip" and buf:
+            buf[pos] ^= 1 << draw(st.integers(0, 7))
+        elif op == "byte" and buf:
+            buf[pos] = draw(st.sampled_from([0x00, 0x7F, 0x80, 0x90, 0xA0, 0xC0, 0xC1, 0xC2, 0xC3, 0xC4, 0xCA,
+                                             0xCB, 0xCF, 0xD3, 0xD9, 0xDC, 0xDD, 0xDE, 0xDF, 0xFF]))
         elif op == "insert":
-            data[pos:pos] = draw(st.binary(min_size=1, max_size=8))
+            buf[pos:pos] = draw(st.binary(min_size=1, max_size=6))
         elif op == "delete":
-            del data[pos:pos + draw(st.integers(1, 8))]
+            del buf[pos:pos + draw(st.integers(1, 6))]
         elif op == "truncate":
-            del data[pos:]
-        elif op == "splice":
-            other = draw(st.sampled_from(ENCODED))
-            start = draw(st.integers(0, len(other)))
-            data[pos:] = other[start:]
-    return bytes(data)
+            del buf[pos:]
+        elif op == "dup":
+            buf[pos:pos] = buf[pos:pos + draw(st.integers(1, 16))]
+    return bytes(buf)
+
+
+@st.composite
+def mutated_encodings(draw):
+    """A valid encoding, edited; sometimes with another encoding's tail spliced in."""
+    data = draw(mutations(draw(st.sampled_from(ENCODED))))
+    if draw(st.booleans()):
+        other = draw(st.sampled_from(ENCODED))
+        pos, start = draw(st.integers(0, len(data))), draw(st.integers(0, len(other)))
+        data = data[:pos] + other[start:]
+    return data
 
 
 @FUZZ

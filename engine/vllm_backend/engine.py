@@ -114,8 +114,6 @@ def _eos_ids(folder: Path) -> tuple[int, ...]:
 class VllmEngine:
     """One vLLM engine instance with kvferry's engine interface (see the module docstring)."""
 
-    kind = "vllm"
-
     def __init__(self, config: VllmEngineConfig) -> None:
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine core steps in this thread
         os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")  # workers share the machine's cores
@@ -157,7 +155,6 @@ class VllmEngine:
                           num_gpu_blocks_override=(config.num_blocks + 1) if config.num_blocks else None)
         self.config = config
         self.model_name = config.model
-        self.model_folder = folder
         self.max_model_len = max_len
         self.vocab_size = int(hf["vocab_size"])
         self.eos_token_ids = _eos_ids(folder)
@@ -165,7 +162,7 @@ class VllmEngine:
         core = self._llm.engine_core.engine_core
         self.scheduler = core.scheduler  # vLLM's; `.waiting` is read for the worker's queue limit
         self._pool = self.scheduler.kv_cache_manager.block_pool
-        self._runner = core.model_executor.driver_worker.worker.model_runner
+        runner = core.model_executor.driver_worker.worker.model_runner
         self.block_size = config.block_size
         if self.connector.kv is None:
             raise ConfigError("vLLM did not register its KV cache with the kvferry connector "
@@ -179,7 +176,7 @@ class VllmEngine:
         self.num_preemptions = 0  # preemptions seen since start (vLLM recomputes a preempted request)
         # Continuations (migrated in, or reattached) that started: KV tokens loaded vs computed again.
         self.migrated_in = self.loaded_tokens_total = self.recomputed_tokens_total = self.max_recomputed_tokens = 0
-        self.connector.runner_requests = getattr(self._runner, "requests", {})
+        self.connector.runner_requests = getattr(runner, "requests", {})  # per-request sampler state
 
     @functools.cached_property
     def tokenizer(self) -> Any:
@@ -313,7 +310,7 @@ class VllmEngine:
 
     def stats(self, per_request: bool = False) -> EngineStats:
         s = self.scheduler
-        head = next(iter(s.waiting), None) if len(s.waiting) else None
+        head = next(iter(s.waiting), None)
         st = EngineStats(num_blocks=self.num_blocks, num_free_blocks=self._pool.get_num_free_blocks(),
                          block_size=self.block_size, num_running=len(s.running), num_waiting=len(s.waiting),
                          num_preemptions=self.num_preemptions,
@@ -376,10 +373,6 @@ class VllmEngine:
                              rec.num_preemptions + int(getattr(v, "num_preemptions", 0)), rec.priority,
                              tuple(self._block_table(rec)) if computed else ())
 
-    def num_complete_blocks(self, request_id: str) -> int:
-        rec, v = self._live(request_id)
-        return int(v.num_computed_tokens) // self.block_size
-
     def block_table(self, request_id: str) -> list[int]:
         rec = self.requests.get(request_id)
         if rec is None:
@@ -394,10 +387,6 @@ class VllmEngine:
         idx = torch.tensor(block_ids, dtype=torch.long)
         self.kv_tensor.index_copy_(2, idx, blocks.to(self.kv_tensor.dtype))
 
-    def export_request(self, request_id: str) -> dict:
-        rec, v = self._live(request_id)
-        return self._state(rec, int(v.num_computed_tokens))
-
     def _state(self, rec: VllmRequest, computed: int) -> dict:
         return {"version": STATE_VERSION, "request_id": rec.request_id, "token_ids": list(rec.token_ids),
                 "num_prompt_tokens": rec.num_prompt_tokens, "num_computed_tokens": computed,
@@ -405,7 +394,7 @@ class VllmEngine:
                 "age_s": time.monotonic() - rec.arrival_time, "generator_state": self._generator_state(rec)}
 
     def _generator_state(self, rec: VllmRequest) -> bytes | None:
-        cached = getattr(self._runner, "requests", {}).get(rec.internal_id)
+        cached = self.connector.runner_requests.get(rec.internal_id)
         gen = getattr(cached, "generator", None)
         return bytes(gen.get_state().numpy().tobytes()) if gen is not None else None
 
@@ -415,15 +404,14 @@ class VllmEngine:
         if rec.load_key is not None:
             raise MigrationError(f"{request_id!r} has not started here yet")
         computed = int(v.num_computed_tokens)
-        state = self._state(rec, computed)
         held = self._block_table(rec)
-        rec.num_preemptions += int(getattr(v, "num_preemptions", 0))
+        rec.num_preemptions += int(getattr(v, "num_preemptions", 0))  # the state carries them on
+        state = self._state(rec, computed)
         self.connector.holds.add(rec.internal_id)
         self._llm.abort_request([request_id])
         self._held[request_id] = held
         self.detached.add(request_id)
         rec.status = RequestStatus.WAITING
-        rec.token_ids = list(state["token_ids"])
         rec.generator_state = state["generator_state"]
         rec.held_tokens = computed  # what its held blocks cover (for a reattach)
         return state
@@ -441,12 +429,6 @@ class VllmEngine:
         self.detached.discard(request_id)
         self._by_internal.pop(old, None)
         self._submit(rec, key)
-
-    def remove_request(self, request_id: str, keep_blocks: bool = False) -> dict:
-        state = self.detach_request(request_id)
-        if not keep_blocks:
-            self.release(request_id)
-        return state
 
     # ---- migration: destination -------------------------------------------------------------------
 
@@ -537,17 +519,6 @@ class VllmEngine:
             self._pool.free_blocks(self.reservations.pop(key))
         elif key in self._held_requests:
             self._free_held(self._held_requests.pop(key))
-
-    def migration_counters(self, request_id: str) -> dict[str, int | None]:
-        """A continuation's KV tokens computed before it came here, how many the connector loaded
-        and how many vLLM computed again, and vLLM's count of the request's computed tokens."""
-        rec = self.requests.get(request_id)
-        if rec is None:
-            raise MigrationError(f"no live request {request_id!r}")
-        v = self.scheduler.requests.get(rec.internal_id)
-        return {"migrated_tokens": rec.migrated_computed, "loaded_tokens": rec.loaded_tokens,
-                "recomputed_tokens": rec.recomputed_tokens,
-                "vllm_num_computed_tokens": None if v is None else int(v.num_computed_tokens)}
 
     def kv_load_counters(self) -> dict[str, int]:
         """Totals over continuations that started here (for the worker's /metrics)."""

@@ -28,7 +28,7 @@ class EngineInfo:
     total_blocks: int
     block_size: int
     kv_bytes_per_block: int
-    kv_layout: str = ""  # byte order of a block; migrations need equal layouts at both ends
+    kv_layout: str = TORCH_KV_LAYOUT  # byte order of a block; migrations need equal layouts at both ends
 
 
 def sim_profile_name(model: str) -> str:
@@ -62,6 +62,7 @@ def build_engine(wc: WorkerConfig) -> tuple[LLMEngine, EngineInfo]:  # LLMEngine
         latency = PROFILES[name]
         engine = LLMEngine.sim(latency, engine_config(wc), clock="real")
         kv_bytes = latency.kv_bytes_per_token * wc.block_size
+        layout = TORCH_KV_LAYOUT  # no KV data moves: only the bookkeeping, like the torch engine's
     elif wc.engine == "torch":
         from engine.kv_cache import KVCache
 
@@ -87,4 +88,4 @@ def build_engine(wc: WorkerConfig) -> tuple[LLMEngine, EngineInfo]:  # LLMEngine
     stats = engine.stats()
     return engine, EngineInfo(kind=wc.engine, model=wc.model, total_blocks=stats.num_blocks,
                               block_size=stats.block_size, kv_bytes_per_block=kv_bytes,
-                              kv_layout=layout if wc.engine != "sim" else TORCH_KV_LAYOUT)
+                              kv_layout=layout)
