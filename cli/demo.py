@@ -29,18 +29,23 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def demo_cluster(args: argparse.Namespace):  # noqa: ANN201 - LocalCluster, imported lazily
+    """The (not yet started) cluster `kvferry up` would start for the demo's settings."""
+    from cli.main import build_parser  # `kvferry up`'s own flags and defaults: they cannot drift apart
+    from cli.up import cluster_from_args
+
+    return cluster_from_args(build_parser().parse_args([
+        "up", "--workers", str(args.workers), "--engine", "torch", "--model", args.model, "--device", "cpu",
+        "--http-port", str(args.http_port), "--base-port", str(args.base_port)]))
+
+
 def run(args: argparse.Namespace) -> int:
     try:
         import openai
     except ImportError:
         print("error: the demo needs the openai package (pip install openai)", file=sys.stderr)
         return 2
-    from cli.up import cluster_from_args
-
-    up_args = argparse.Namespace(config=None, workers=args.workers, engine="torch", model=args.model, device="cpu",
-                                 dtype=None, http_port=args.http_port, base_port=args.base_port, policy=None,
-                                 num_blocks=None, ready_timeout=300.0)
-    cluster = cluster_from_args(up_args)
+    cluster = demo_cluster(args)
     cluster.spec.extra_env["KVFERRY_LOG_LEVEL"] = "WARNING"  # keep the demo's output readable
     print(f"starting {args.workers} workers serving {args.model} on the CPU ...", flush=True)
     t0 = time.monotonic()

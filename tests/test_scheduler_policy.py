@@ -106,6 +106,19 @@ def test_scheduler_config_maps_onto_the_named_policies():
         load_config(env={}, overrides={"scheduler": {"migrate_in_above": "x"}})
 
 
+def test_demo_starts_what_kvferry_up_would(monkeypatch):
+    from cli.demo import demo_cluster
+    from cli.main import build_parser
+
+    for k in [k for k in __import__("os").environ if k.startswith("KVFERRY_")]:
+        monkeypatch.delenv(k)
+    c = demo_cluster(build_parser().parse_args(["demo"]))
+    cfg = c.spec.config
+    assert (c.spec.num_workers, cfg.worker.engine, cfg.worker.model, cfg.worker.device) == (2, "torch", "smollm2", "cpu")
+    assert (cfg.cluster.http_port, cfg.cluster.base_port, cfg.scheduler.policy, c.scaling) == (8000, 17100, "kvferry",
+                                                                                             False)
+
+
 def test_up_and_scheduler_flags(monkeypatch):
     from cli.main import build_parser
     from cli.up import cluster_from_args
