@@ -211,6 +211,16 @@ def _fmt_freeness(f: float) -> str:
     return f"{f:.1f}"
 
 
+def _fmt_ago(now_ms: int, then_ms: int) -> str:
+    """`12.3s ago`, `4m05s ago`, `2h07m ago`: how long ago a wall-clock time was."""
+    s = max(0.0, (now_ms - then_ms) / 1000)
+    if s < 60:
+        return f"{s:.1f}s ago"
+    if s < 3600:
+        return f"{int(s // 60)}m{int(s % 60):02d}s ago"
+    return f"{int(s // 3600)}h{int(s % 3600 // 60):02d}m ago"
+
+
 def _table(rows: list[list[str]], header: list[str]) -> str:
     widths = [max(len(str(c)) for c in col) for col in zip(header, *rows)]
     lines = ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header, *rows]]
@@ -223,9 +233,11 @@ def format_status(reply: Any, now_ms: int | None = None) -> str:
     rows = []
     for i in reply.instances:
         age = f"{(now_ms - i.last_report_ms) / 1000:.1f}s ago" if i.last_report_ms else "never"
+        registered = _fmt_ago(now_ms, i.registered_ms) if i.registered_ms else "-"
         rows.append([i.worker_id, "yes" if i.alive else "NO", "yes" if i.draining else "no", i.engine,
                      f"{i.used_blocks}/{i.total_blocks}", str(i.free_blocks), str(i.num_running),
-                     str(i.num_waiting), _fmt_freeness(i.freeness), age, i.endpoints.control])
+                     str(i.num_waiting), _fmt_freeness(i.freeness), age, registered, str(i.pid or "-"),
+                     i.endpoints.control])
     out = [f"scheduler {reply.scheduler_id}  policy {reply.policy}  instances {len(reply.instances)}  "
            f"alive {sum(i.alive for i in reply.instances)}  requests {len(reply.requests)}  "
            f"instance-seconds {getattr(reply, 'instance_seconds', 0.0):.1f}"]
@@ -239,7 +251,7 @@ def format_status(reply: Any, now_ms: int | None = None) -> str:
     out.append("")
     if rows:
         out.append(_table(rows, ["INSTANCE", "ALIVE", "DRAINING", "ENGINE", "USED/TOTAL", "FREE", "RUNNING",
-                                 "WAITING", "FREENESS", "LAST REPORT", "CONTROL"]))
+                                 "WAITING", "FREENESS", "LAST REPORT", "REGISTERED", "PID", "CONTROL"]))
     else:
         out.append("no instances registered")
     if reply.requests:

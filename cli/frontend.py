@@ -31,6 +31,7 @@ def run(args: argparse.Namespace) -> int:
 
     import uvloop
 
+    from services import sd_notify
     from services.config import ConfigFileError, load_config
     from services.log import configure_logging
 
@@ -60,9 +61,11 @@ def run(args: argparse.Namespace) -> int:
             loop.add_signal_handler(sig, stop.set)
         await fe.start()
         print(f"READY frontend {fe.http_url} {fe.sdk_endpoint}", flush=True)
+        notifier = sd_notify.start(f"serving {fe.http_url}")  # READY=1 and watchdog pings for systemd / kvferry up
         try:
             await stop.wait()
         finally:
+            notifier.stopping()
             await fe.stop()
         return 0
 

@@ -45,6 +45,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    import faulthandler
+
+    # A crash or a watchdog's SIGABRT (systemd, `kvferry up`) prints every thread's stack to stderr.
+    faulthandler.enable()
     from engine.errors import EngineError  # after parsing: `--help` does not import torch
 
     try:

@@ -54,8 +54,11 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
-    def ready(endpoint: str) -> None:
+    def ready(endpoint: str) -> None:  # called on the scheduler's event loop
+        from services import sd_notify
+
         print(f"READY scheduler {endpoint}", flush=True)
+        sd_notify.start(f"scheduling on {endpoint}")  # READY=1 and watchdog pings for systemd / kvferry up
 
     try:
         return run_scheduler(cfg, on_ready=ready)

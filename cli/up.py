@@ -1,5 +1,9 @@
 """`kvferry up`: a local cluster (scheduler, N workers, frontend) as separate processes.
 
+A process that exits without being asked is restarted (services.supervisor: backoff, start limit,
+watchdog; `[supervisor]` settings), each restart a line on the console; the cluster stops, with
+exit status 1, only when it cannot serve any more (no scheduler, frontend or worker left).
+
 With `--scaling`, the worker pool grows and shrinks between `--min-workers` and `--max-workers`
 as the scheduler advises (services.pool); scale events and, at exit, the instance-seconds used
 are printed on stdout.
@@ -18,7 +22,9 @@ from policy.config import POLICY_NAMES
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("up", help="start a local cluster: scheduler, workers and a frontend",
                        description="Start the scheduler, N workers and a frontend as separate processes, wait "
-                                   "until all serve, print the endpoints; Ctrl-C / SIGTERM stops them all.")
+                                   "until all serve, print the endpoints; a process that exits without being asked is restarted "
+                                   "(backoff, start limit, watchdog: [supervisor] in the config); Ctrl-C / SIGTERM "
+                                   "stops them all.")
     p.add_argument("--workers", type=int, default=None, help="number of workers (default 2)")
     p.add_argument("--engine", choices=["torch", "vllm", "sim"], default=None,
                    help="workers' engine (default: torch; vllm needs `make install-vllm`)")
@@ -103,6 +109,12 @@ def _metrics_ports(cfg, flag: int | None) -> None:  # noqa: ANN001 - KvferryConf
 
 def run(args: argparse.Namespace) -> int:
     from services.launcher import LaunchError
+    from services.log import configure_logging
+
+    import logging
+
+    configure_logging("up")  # the supervisor's structured lines (restarts, give-ups), on stderr
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per readiness probe
 
     try:
         cluster = cluster_from_args(args)
@@ -135,10 +147,16 @@ def run(args: argparse.Namespace) -> int:
     status = 0
     try:
         while not stop.wait(0.5):
-            dead = cluster.first_exited()
-            if dead is not None:
-                print(f"error: {dead.name} exited with status {dead.proc.returncode}; stopping the cluster",
-                      file=sys.stderr, flush=True)
+            sup = cluster.supervisor
+            if sup is None:  # no supervision ([supervisor] restart = false, watchdog_s = 0): any exit ends it
+                dead = cluster.first_exited()
+                if dead is not None:
+                    print(f"error: {dead.name} exited with status {dead.proc.returncode}; stopping the cluster",
+                          file=sys.stderr, flush=True)
+                    status = 1
+                    break
+            elif sup.fatal is not None:  # the supervisor said why on the console already
+                print("stopping the cluster", file=sys.stderr, flush=True)
                 status = 1
                 break
     finally:

@@ -83,10 +83,17 @@ class _LogLimiter:
 
 
 def configure_socket(sock: zmq.Socket, *, max_msg_bytes: int | None = DEFAULT_MAX_MESSAGE_BYTES,
-                     identity: bytes | None = None, hwm: int | None = None) -> None:
+                     identity: bytes | None = None, hwm: int | None = None,
+                     heartbeat_ms: tuple[int, int] | None = None) -> None:
     """Options every kvferry socket gets: LINGER 0, MAXMSGSIZE (per frame) when receiving, and
-    ROUTER_HANDOVER so a restarted peer reusing its identity takes over its old connection."""
+    ROUTER_HANDOVER so a restarted peer reusing its identity takes over its old connection.
+    `heartbeat_ms` (interval, timeout): ZMTP heartbeats, so a peer that stops answering (frozen,
+    or the network cut) drops the connection (a monitor sees EVENT_DISCONNECTED) instead of
+    leaving it open forever."""
     sock.setsockopt(zmq.LINGER, 0)
+    if heartbeat_ms is not None:
+        sock.setsockopt(zmq.HEARTBEAT_IVL, heartbeat_ms[0])
+        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, heartbeat_ms[1])
     if max_msg_bytes is not None:
         sock.setsockopt(zmq.MAXMSGSIZE, max_msg_bytes)
     if identity is not None:
@@ -126,7 +133,8 @@ class MessageSocket:
              bind: str | None = None, connect: str | Sequence[str] | None = None,
              identity: bytes | None = None, hwm: int | None = None,
              max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, max_frame_bytes: int | None = None,
-             zero_copy: bool = False, name: str = "", server_role: str | None = None) -> "MessageSocket":
+             zero_copy: bool = False, name: str = "", server_role: str | None = None,
+             heartbeat_ms: tuple[int, int] | None = None) -> "MessageSocket":
         """Create, configure (see `configure_socket`), and bind and/or connect a socket.
         `identity` sets a DEALER's routing id (e.g. the worker id, so a ROUTER can address it).
         With Curve on (keys on `ctx`, protocol.security) a binding socket is a Curve server and a
@@ -136,7 +144,7 @@ class MessageSocket:
             receives = socket_type not in (zmq.PUSH, zmq.PUB)
             max_frame = max_frame_bytes or max_bytes
             configure_socket(sock, max_msg_bytes=max(max_bytes, max_frame) if receives else None,
-                             identity=identity, hwm=hwm)
+                             identity=identity, hwm=hwm, heartbeat_ms=heartbeat_ms)
             secure(sock, server=bind is not None, server_role=server_role)
             if bind is not None:
                 sock.bind(bind)

@@ -95,6 +95,8 @@ class InstanceStatus(msgspec.Struct, kw_only=True, frozen=True):
     alive: bool = True
     draining: bool = False
     last_report_ms: EpochMs = 0
+    registered_ms: EpochMs = 0  # when it (last) registered: a restarted worker registers anew
+    pid: Count = 0  # its process id, as it registered
 
     @property
     def used_blocks(self) -> int:

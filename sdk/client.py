@@ -5,6 +5,11 @@ call waiting for it, so many generations can run at once over one client. Leavin
 early (break, close, cancellation, timeout) sends CancelGenerate, which aborts the request on
 the worker that runs it.
 
+A lost frontend (its process died, or it stopped answering ZMTP heartbeats for
+HEARTBEAT_TIMEOUT_MS) ends every generation in flight with `Unavailable` at once instead of at its
+timeout: the frontend that held them is gone, and a restarted one does not know them. New calls
+reconnect by themselves (same endpoint).
+
 Security: `api_key` (the frontend's [frontend] api_key) travels in every GenerateRequest; with
 CurveZMQ on the cluster, pass the frontends' public key and a client keypair the frontends accept
 (`**curve_keys_from_dir("keys/")` reads `frontend.key` and `client.key_secret` from a
@@ -67,6 +72,16 @@ _ERRORS = {ErrorCode.INVALID: InvalidRequest, ErrorCode.OVERLOADED: Overloaded,
            ErrorCode.UNAVAILABLE: Unavailable, ErrorCode.REFUSED: Unavailable, ErrorCode.UNAUTHORIZED: Unauthorized}
 
 Key = bytes | str  # a Z85 CurveZMQ key (40 characters)
+
+HEARTBEAT_IVL_MS = 1000
+HEARTBEAT_TIMEOUT_MS = 5000  # a frontend that answers no heartbeat this long counts as lost
+
+
+@dataclass(frozen=True)
+class _Lost:
+    """Put in every waiting queue when the connection to the frontend drops."""
+
+    message: str
 
 
 def curve_keys_from_dir(directory: str, name: str = "client") -> dict[str, Any]:
@@ -150,6 +165,7 @@ class AsyncClient:
         self._ctx: zmq.asyncio.Context | None = None
         self._sock: MessageSocket | None = None
         self._reader: asyncio.Task | None = None
+        self._watcher: asyncio.Task | None = None
         self._queues: dict[str, asyncio.Queue] = {}
 
     async def __aenter__(self) -> "AsyncClient":
@@ -162,9 +178,29 @@ class AsyncClient:
         if self._sock is None:
             self._ctx = use_curve(zmq.asyncio.Context(), self._curve)
             self._sock = MessageSocket.connect(self._ctx, zmq.DEALER, self.endpoint, ClientInbound, name="sdk-client",
-                                               server_role="frontend")
-            self._reader = asyncio.get_running_loop().create_task(self._read())
+                                               server_role="frontend",
+                                               heartbeat_ms=(HEARTBEAT_IVL_MS, HEARTBEAT_TIMEOUT_MS))
+            monitor = self._sock.raw.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+            loop = asyncio.get_running_loop()
+            self._reader = loop.create_task(self._read())
+            self._watcher = loop.create_task(self._watch(monitor))
         return self._sock
+
+    async def _watch(self, monitor: zmq.asyncio.Socket) -> None:
+        """Fail the generations in flight when the connection to the frontend drops."""
+        from zmq.utils.monitor import parse_monitor_message
+
+        try:
+            while True:
+                event = parse_monitor_message(await monitor.recv_multipart())
+                if event["event"] != zmq.EVENT_DISCONNECTED:
+                    continue
+                lost = _Lost(f"lost the connection to the frontend {self.endpoint} (it stopped or stopped "
+                             "answering); the request's state there is gone")
+                for q in list(self._queues.values()):
+                    q.put_nowait(lost)
+        finally:
+            monitor.close(linger=0)
 
     async def _read(self) -> None:
         assert self._sock is not None
@@ -185,11 +221,15 @@ class AsyncClient:
                 with contextlib.suppress(Exception):
                     await self._sock.send(CancelGenerate(target=msg_id), timeout_s=0.5)
                     linger = 500  # let the cancels leave before the socket closes
-        if self._reader is not None:
-            self._reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._reader
-            self._reader = None
+        for task in (self._reader, self._watcher):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        self._reader = self._watcher = None
+        if self._sock is not None:
+            with contextlib.suppress(zmq.ZMQError):
+                self._sock.raw.disable_monitor()
         if self._sock is not None:
             self._sock.raw.close(linger=linger)
             self._sock = None
@@ -217,6 +257,8 @@ class AsyncClient:
                 if isinstance(msg, ErrorReply):
                     done = True
                     raise _error(msg)
+                if isinstance(msg, _Lost):  # the cancel below still goes out: a frontend back after a blip frees it
+                    raise Unavailable(ErrorCode.UNAVAILABLE, msg.message)
                 yield msg
                 if msg.finish_reason is not None:
                     done = True

@@ -1,6 +1,7 @@
 """One configuration for every service: a TOML file, then environment overrides, then flags.
 
-TOML sections: [cluster] (protocol.ClusterAddresses fields), [scheduler], [worker], [frontend].
+TOML sections: [cluster] (protocol.ClusterAddresses fields), [scheduler], [worker], [frontend],
+[supervisor] (`kvferry up` only).
 Environment: KVFERRY_<SECTION>_<FIELD>, e.g. KVFERRY_CLUSTER_BASE_PORT=18000,
 KVFERRY_WORKER_MODEL=smollm2. Values from the environment are parsed as TOML scalars where they
 parse (numbers, booleans), else taken as strings.
@@ -98,6 +99,10 @@ class WorkerConfig:
     frontend_timeout_s: float = 5.0  # a frontend that heartbeated, then fell silent this long: abort its requests
     stop_deadline_s: float = 20.0  # SIGTERM drains (migrates requests away) at most this long, then stops
     metrics_port: int = 0  # Prometheus /metrics and /health on [cluster] http_host, port metrics_port + index; 0: off
+    # An engine step (or engine command) running this long means the engine thread is stuck: /health
+    # turns 503 and the service manager's watchdog pings stop, so systemd / `kvferry up` restart the
+    # worker. Longer than the longest legitimate step (a max_num_batched_tokens prefill). 0: off.
+    watchdog_s: float = 60.0
     # Live migration (DESIGN §5).
     migration_path: str = "auto"  # auto (shm on one host, else frames) | shm | frames
     max_migrations_out: int = 2  # concurrent migrations with this worker as source
@@ -139,18 +144,46 @@ class FrontendConfig:
 
 
 @dataclass
+class SupervisorConfig:
+    """How `kvferry up` supervises its processes (systemd's Restart=on-failure for a local cluster):
+    a child that exits without being asked is restarted after `restart_delay_s`, doubling per
+    consecutive failure up to `restart_delay_max_s` (reset once it has served `restart_delay_max_s`);
+    one that starts more than `start_limit_burst` times within `start_limit_interval_s` is given up.
+    (The interval is longer than systemd's 10 s default because the delays grow: 0.5+1+2+4+8 s.)
+    `watchdog_s`: a child that sends no watchdog ping (services.sd_notify) for this long is killed
+    (SIGABRT: Python dumps its threads' stacks, then SIGKILL) and restarted; 0: no watchdog."""
+
+    restart: bool = True
+    restart_delay_s: float = 0.5
+    restart_delay_max_s: float = 10.0
+    start_limit_burst: int = 5
+    start_limit_interval_s: float = 60.0
+    watchdog_s: float = 10.0
+    kill_timeout_s: float = 5.0  # after SIGABRT (watchdog) or SIGTERM (stop), then SIGKILL
+
+    def validate(self) -> None:
+        if self.restart_delay_s < 0 or self.restart_delay_max_s < self.restart_delay_s:
+            raise ValueError("need 0 <= restart_delay_s <= restart_delay_max_s")
+        if self.start_limit_burst < 1 or self.start_limit_interval_s <= 0:
+            raise ValueError("start_limit_burst must be at least 1 and start_limit_interval_s positive")
+        if self.watchdog_s < 0 or self.kill_timeout_s <= 0:
+            raise ValueError("watchdog_s must be >= 0 and kill_timeout_s positive")
+
+
+@dataclass
 class KvferryConfig:
     cluster: ClusterAddresses = field(default_factory=ClusterAddresses)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     worker: WorkerConfig = field(default_factory=WorkerConfig)
     frontend: FrontendConfig = field(default_factory=FrontendConfig)
+    supervisor: SupervisorConfig = field(default_factory=SupervisorConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 
 _SECTIONS = {"cluster": ClusterAddresses, "scheduler": SchedulerConfig, "worker": WorkerConfig,
-             "frontend": FrontendConfig}
+             "frontend": FrontendConfig, "supervisor": SupervisorConfig}
 
 
 def _coerce(section: str, name: str, value: Any, typ: Any) -> Any:

@@ -2,10 +2,11 @@
 
 Each child is `python -m cli.main <service>`, configured through KVFERRY_* environment variables
 (so the same settings path as compose and systemd), and prints one `READY ...` line on stdout
-when it serves. Children die with the launcher (PR_SET_PDEATHSIG) and are stopped together:
-on stop(), on a signal, or when any one of them exits first -- except a worker stopped by
+when it serves. Children die with the launcher (PR_SET_PDEATHSIG) and are stopped together on
+stop(). A child that exits without being asked is restarted by a supervisor (services.supervisor:
+backoff, start limit, watchdog; `[supervisor]` settings); one stopped on purpose (`kill`, or
 scale-in: with `[scheduler] scaling` on, a pool manager (services.pool) starts and stops workers
-as the scheduler advises, between `scale_min_instances` and `scale_max_instances`.
+as the scheduler advises, between `scale_min_instances` and `scale_max_instances`) is not.
 """
 
 from __future__ import annotations
@@ -19,11 +20,13 @@ import subprocess
 import sys
 import threading
 import time
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from services.config import KvferryConfig
+from services.supervisor import Supervisor
 
 _PR_SET_PDEATHSIG = 1
 
@@ -70,7 +73,7 @@ class LaunchError(RuntimeError):
     """A service did not become ready, or exited early."""
 
 
-@dataclass
+@dataclass(eq=False)
 class Child:
     """One service process."""
 
@@ -84,6 +87,7 @@ class Child:
     early_lines: list[str] = field(default_factory=list)  # stdout up to READY
     service: str = ""  # what `respawn` starts again: the `kvferry` subcommand and its environment
     env: dict[str, str] = field(default_factory=dict, repr=False)
+    started_at: float = field(default_factory=time.monotonic)
 
     @property
     def is_worker(self) -> bool:
@@ -134,6 +138,10 @@ class LocalCluster:
         self._lock = threading.Lock()  # children: the pool manager adds workers from its thread
         self._worker_env: dict[str, str] = {}
         self.pool = None  # services.pool.PoolManager when scaling
+        # Restarts failed children (off with [supervisor] restart = false and watchdog_s = 0).
+        sup = spec.config.supervisor
+        self.supervisor: Supervisor | None = Supervisor(self, sup) if sup.restart or sup.watchdog_s > 0 else None
+        self.exits: deque[Child] = deque(maxlen=100)  # children replaced by a restart, latest last
         # Every child is forked from this one long-lived thread: PR_SET_PDEATHSIG fires when the
         # forking *thread* exits, so a child started from a short-lived thread (asyncio.to_thread,
         # the pool manager's) would be killed with it.
@@ -150,9 +158,40 @@ class LocalCluster:
         return max(self.spec.num_workers, self.spec.config.scheduler.scale_max_instances)
 
     def workers(self) -> list[Child]:
-        """Worker processes not retired (running, or exited on their own)."""
+        """Worker processes not retired nor given up (running, starting, or exited and restarting)."""
+        sup = self.supervisor
         with self._lock:
-            return [c for c in self.children if c.is_worker and not c.retired]
+            return [c for c in self.children if c.is_worker and not c.retired
+                    and not (sup is not None and sup.gave_up(c.name))]
+
+    def supervised(self) -> list[Child]:
+        """The children the supervisor watches: every one not stopped on purpose."""
+        with self._lock:
+            return [c for c in self.children if not c.retired]
+
+    def current(self, name: str) -> Child | None:
+        """The latest process of service `name`."""
+        with self._lock:
+            return next((c for c in reversed(self.children) if c.name == name), None)
+
+    def restarting(self, child: Child) -> bool:
+        """`child` exited and the supervisor will start it again (counts as running for the pool)."""
+        return self.supervisor is not None and not child.retired and self.supervisor.restarting(child.name)
+
+    def cannot_serve(self) -> str:
+        """Why the cluster can no longer serve ("" while it can): its scheduler or its frontend was
+        given up, or every worker that was not stopped on purpose was."""
+        sup = self.supervisor
+        if sup is None:
+            return ""
+        for name in ("scheduler", "frontend"):
+            if sup.gave_up(name):
+                return f"{name} was given up"
+        with self._lock:
+            workers = [c for c in self.children if c.is_worker and not c.retired]
+        if workers and all(sup.gave_up(c.name) for c in workers):
+            return "no worker left"
+        return ""
 
     # ---- endpoints ----------------------------------------------------------------------
 
@@ -204,9 +243,11 @@ class LocalCluster:
             for i in range(self.spec.num_workers):
                 self.start_worker(i)
             self._spawn("frontend", "frontend", {**base_env, **_env_for("frontend", cfg.frontend.__dict__)})
+            if self.supervisor is not None:
+                self.supervisor.start()
             deadline = time.monotonic() + self.spec.ready_timeout_s
-            for child in list(self.children):
-                self._wait_ready(child, deadline)
+            for name in [c.name for c in self.children]:
+                self._wait_slot_ready(name, deadline)
             self._wait_healthy(deadline)
             if self.scaling:
                 from services.pool import PoolManager
@@ -229,7 +270,8 @@ class LocalCluster:
     def next_worker_index(self) -> int:
         """The lowest index no running worker process uses (a retired one may still hold its ports)."""
         with self._lock:
-            used = {c.index for c in self.children if c.is_worker and c.proc.poll() is None}
+            children = list(self.children)
+        used = {c.index for c in children if c.is_worker and (c.proc.poll() is None or self.restarting(c))}
         return next(i for i in range(len(used) + 1) if i not in used)
 
     def retire_worker(self, name: str) -> Child | None:
@@ -239,6 +281,8 @@ class LocalCluster:
             if child is None:
                 return None
             child.retired = True
+        if self.supervisor is not None:
+            self.supervisor.release(child)
         if child.proc.poll() is None:
             child.proc.send_signal(signal.SIGTERM)
         return child
@@ -252,18 +296,33 @@ class LocalCluster:
             return 0
         return max(1, (os.cpu_count() or 1) // max(1, self.max_workers))
 
-    def _spawn(self, name: str, service: str, env: dict[str, str], index: int | None = None) -> Child:
+    def _spawn(self, name: str, service: str, env: dict[str, str], index: int | None = None,
+               replaces: Child | None = None) -> Child:
         cmd = [sys.executable, "-m", "cli.main", service]
         if self.spec.config_path:
             cmd += ["--config", str(self.spec.config_path)]
+        notify_env, watch = self.supervisor.notify_env(name) if self.supervisor is not None else ({}, None)
         proc = self._spawner.submit(
-            subprocess.Popen, cmd, env=env, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True, bufsize=1,
-            preexec_fn=_die_with_parent, cwd=str(Path(__file__).resolve().parents[1])).result()
+            subprocess.Popen, cmd, env={**env, **notify_env}, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL,
+            text=True, bufsize=1, preexec_fn=_die_with_parent, cwd=str(Path(__file__).resolve().parents[1])).result()
         child = Child(name, proc, index=index, service=service, env=env)
         with self._lock:
-            self.children.append(child)
+            if replaces is not None and replaces in self.children:
+                self.children[self.children.index(replaces)] = child
+                self.exits.append(replaces)
+            else:
+                self.children.append(child)
+        if self.supervisor is not None:
+            self.supervisor.attach(child, watch)
         self._read_stdout(child)
         return child
+
+    def restart_child(self, old: Child) -> Child:
+        """Start `old`'s service again in its place (same name, index, ports, environment); for the
+        supervisor. Does not wait for READY."""
+        if self.supervisor is not None:
+            self.supervisor.release(old)
+        return self._spawn(old.name, old.service, old.env, index=old.index, replaces=old)
 
     @staticmethod
     def _read_stdout(child: Child) -> None:
@@ -284,6 +343,28 @@ class LocalCluster:
 
         threading.Thread(target=read, name=f"stdout-{child.name}", daemon=True).start()
 
+    def _wait_slot_ready(self, name: str, deadline: float) -> None:
+        """Wait until service `name` serves: its latest process printed READY. Under a supervisor a
+        process that exits first is restarted (waited for again); a worker given up is skipped."""
+        sup = self.supervisor
+        if sup is None or not sup.policy.restart:
+            child = self.current(name)
+            assert child is not None
+            self._wait_ready(child, deadline)
+            return
+        while True:
+            if sup.fatal is not None:
+                raise LaunchError(sup.fatal)
+            if sup.gave_up(name):
+                if name in ("scheduler", "frontend"):
+                    raise LaunchError(f"{name} was given up")
+                return
+            child = self.current(name)
+            if child is not None and child.ready.wait(0.1) and child.ready_line:
+                return
+            if time.monotonic() > deadline:
+                raise LaunchError(f"{name} did not become ready within {self.spec.ready_timeout_s:.0f} s")
+
     def _wait_ready(self, child: Child, deadline: float) -> None:
         if not child.ready.wait(max(0.0, deadline - time.monotonic())):
             raise LaunchError(f"{child.name} did not become ready within {self.spec.ready_timeout_s:.0f} s")
@@ -301,17 +382,22 @@ class LocalCluster:
                     return
             except httpx.HTTPError:
                 pass
-            dead = self.first_exited()
-            if dead is not None:
-                raise LaunchError(f"{dead.name} exited with status {dead.proc.returncode}")
+            if self.supervisor is not None and self.supervisor.policy.restart:
+                if self.supervisor.fatal is not None:
+                    raise LaunchError(self.supervisor.fatal)
+            else:
+                dead = self.first_exited()
+                if dead is not None:
+                    raise LaunchError(f"{dead.name} exited with status {dead.proc.returncode}")
             if time.monotonic() > deadline:
                 raise LaunchError(f"{url} did not answer 200 within {self.spec.ready_timeout_s:.0f} s")
             time.sleep(0.1)
 
     def first_exited(self) -> Child | None:
-        """A child that exited on its own (a retired worker's exit does not count), or None."""
+        """A child that exited on its own (a retired worker's exit does not count; one the supervisor
+        restarted does), or None."""
         with self._lock:
-            children = list(self.children)
+            children = list(self.exits) + list(self.children)
         return next((c for c in children if not c.retired and c.proc.poll() is not None), None)
 
     def kill(self, name: str, sig: int = signal.SIGKILL) -> Child:
@@ -320,6 +406,8 @@ class LocalCluster:
         with self._lock:
             child = next(c for c in reversed(self.children) if c.name == name and not c.retired)
             child.retired = True
+        if self.supervisor is not None:
+            self.supervisor.release(child)
         if child.proc.poll() is None:
             child.proc.send_signal(sig)
         return child
@@ -344,6 +432,8 @@ class LocalCluster:
         self._stopping = True
         if self.pool is not None:
             self.pool.stop()
+        if self.supervisor is not None:
+            self.supervisor.stop()  # first: nothing stopped below is restarted
         with self._lock:
             rank = {"frontend": 0, "scheduler": 2}
             children = sorted(self.children, key=lambda c: rank.get(c.name, 1))  # stable: workers in order

@@ -30,7 +30,7 @@ def test_file_then_environment_then_set(tmp_path):
                     "KVFERRY_SCHEDULER_MIGRATE_OUT_BELOW": "5"})
     assert out.returncode == 0, out.stderr
     data = tomllib.loads(out.stdout)
-    assert set(data) == {"cluster", "scheduler", "worker", "frontend"}
+    assert set(data) == {"cluster", "scheduler", "worker", "frontend", "supervisor"}
     assert data["cluster"]["base_port"] == 18000  # file
     assert data["worker"]["model"] == "smollm2" and data["scheduler"]["policy"] == "load"  # file
     assert data["worker"]["max_num_seqs"] == 16  # environment over file

@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -28,10 +29,11 @@ def alive(pid: int) -> bool:
         return f.read().split()[2] != "Z"
 
 
-def start_up(http: int, base: int) -> tuple[subprocess.Popen[str], list[int]]:
+def start_up(http: int, base: int, env: dict[str, str] | None = None) -> tuple[subprocess.Popen[str], list[int]]:
     proc = subprocess.Popen([sys.executable, "-m", "cli.main", "up", "--engine", "sim", "--model", "instant",
                              "--workers", "2", "--http-port", str(http), "--base-port", str(base)],
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                            env={**os.environ, **(env or {})})
     deadline = time.monotonic() + 90
     lines = []
     while time.monotonic() < deadline:
@@ -66,15 +68,48 @@ def test_sigterm_stops_every_service():
         proc.kill()
 
 
-def test_a_child_dying_first_stops_the_cluster():
+def test_without_restarts_a_child_dying_first_stops_the_cluster():
     http, base = free_ports(2)
-    proc, kids = start_up(http, base)
+    proc, kids = start_up(http, base, env={"KVFERRY_SUPERVISOR_RESTART": "false", "KVFERRY_SUPERVISOR_WATCHDOG_S": "0"})
     try:
         os.kill(kids[1], signal.SIGKILL)  # a worker dies
         assert proc.wait(20) == 1
         wait_gone(kids)
     finally:
         proc.kill()
+
+
+def test_a_scheduler_given_up_stops_the_cluster_with_an_error():
+    """A killed scheduler is restarted; once its start limit is hit it is given up, and with no
+    scheduler the cluster cannot serve: `kvferry up` says so and exits 1, every child gone."""
+    http, base = free_ports(2)
+    proc, kids = start_up(http, base, env={"KVFERRY_SUPERVISOR_START_LIMIT_BURST": "1"})
+    try:
+        scheduler = kids[0]
+        os.kill(scheduler, signal.SIGKILL)
+        assert "scheduler exited with status -9 (SIGKILL); restarted (attempt 1" in read_until(proc, "restarted")
+        (again,) = [p for p in children_of(proc.pid) if p not in kids]
+        os.kill(again, signal.SIGKILL)
+        assert "giving up on it" in read_until(proc, "giving up")
+        assert "cannot serve any more: scheduler was given up" in read_until(proc, "cannot serve")
+        assert proc.wait(30) == 1
+        wait_gone(kids + [again])
+    finally:
+        proc.kill()
+
+
+def read_until(proc: subprocess.Popen[str], needle: str, timeout_s: float = 30.0) -> str:
+    """The next line of `proc`'s stdout that contains `needle` (a line that never comes: the
+    timeout kills `proc`, which ends the read)."""
+    timer = threading.Timer(timeout_s, proc.kill)
+    timer.start()
+    try:
+        for line in proc.stdout:  # type: ignore[union-attr]
+            if needle in line:
+                return line
+    finally:
+        timer.cancel()
+    raise AssertionError(f"no line with {needle!r}")
 
 
 @pytest.mark.parametrize("args", [["--workers", "0"]])

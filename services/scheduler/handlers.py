@@ -259,7 +259,7 @@ class SchedulerCore:
                 model=info.model, total_blocks=snap.total_blocks, free_blocks=snap.free_blocks,
                 block_size=info.block_size, num_running=snap.num_running, num_waiting=snap.num_waiting,
                 freeness=freeness(snap, cfg=self.policy_cfg), alive=r.alive, draining=snap.draining,
-                last_report_ms=r.last_report_ms))
+                last_report_ms=r.last_report_ms, registered_ms=r.registered_ms, pid=info.pid))
             if include_requests and r.alive and r.report is not None:
                 requests.extend(RequestLocation(request_id=e.request_id, worker_id=info.worker_id,
                                                 priority=e.priority, num_tokens=e.num_tokens, running=e.running)

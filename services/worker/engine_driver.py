@@ -5,15 +5,23 @@ are queued from the asyncio loop and run between two steps, in order; step outpu
 back to the loop with `call_soon_threadsafe`.
 
 A step that raises fails the requests it was running (aborted in the engine, reported as outputs
-with finish_reason "error"), so a failing request cannot make every later step fail too.
+with finish_reason "error"), so a failing request cannot make every later step fail too. A step
+or command that never returns (a deadlock, a hung device call) cannot be interrupted from Python:
+`busy_s()` tells how long the current one has run, so the worker's watchdog can report the
+process unhealthy and have it restarted (services.sd_notify).
+
+Test hook: with KVFERRY_TEST_ENGINE_HANG_FILE set, the first engine step that finds that file
+removes it and then blocks forever (exactly one hang across processes: the removal is atomic).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextvars
+import os
 import queue
 import threading
+import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -43,6 +51,13 @@ class EngineDriver:
         self._commands: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="engine-step", daemon=True)
         self.steps = 0
+        self._busy_since: float | None = None  # monotonic start of the step or command running now
+        self._hang_file = os.environ.get("KVFERRY_TEST_ENGINE_HANG_FILE", "")
+
+    def busy_s(self, now: float | None = None) -> float:
+        """Seconds the engine thread has spent in its current step or command (0 when between)."""
+        since = self._busy_since
+        return 0.0 if since is None else max(0.0, (time.monotonic() if now is None else now) - since)
 
     def start(self) -> None:
         self._thread.start()
@@ -67,25 +82,39 @@ class EngineDriver:
             while item is not None:
                 if item is _STOP:
                     return
+                self._busy_since = time.monotonic()
                 self._apply(*item)
+                self._busy_since = None
                 try:
                     item = self._commands.get_nowait()
                 except queue.Empty:
                     item = None
             if not self.engine.has_unfinished_requests():
                 continue
+            self._busy_since = time.monotonic()
             try:
+                if self._hang_file:
+                    self._test_hang()
                 outputs = self.engine.step()
             except Exception as exc:  # noqa: BLE001 - the batch's requests fail, the driver keeps going
+                self._busy_since = None
                 failed = self._fail_running(exc)
                 if self._on_step_error is not None:
                     self._loop.call_soon_threadsafe(self._on_step_error, exc, context=self._context)
                 if failed:
                     self._loop.call_soon_threadsafe(self._on_outputs, failed, context=self._context)
                 continue
+            self._busy_since = None
             self.steps += 1
             if outputs:
                 self._loop.call_soon_threadsafe(self._on_outputs, outputs, context=self._context)
+
+    def _test_hang(self) -> None:
+        try:
+            os.remove(self._hang_file)
+        except OSError:
+            return  # no file (or another process took it): step as usual
+        threading.Event().wait()  # a stuck step: only the watchdog gets this process out
 
     def _fail_running(self, exc: BaseException) -> list[RequestOutput]:
         """Abort every running request (the batch that failed) and return their error outputs."""

@@ -144,10 +144,15 @@ def register_engine_metrics(registry: CollectorRegistry, worker: "Worker",
 
 
 def worker_health(worker: "Worker", loop: asyncio.AbstractEventLoop) -> tuple[bool, dict[str, object]]:
-    """/health of a worker: ok while its event loop answers and it is not stopping. Registration
-    with the scheduler is reported, not required (the scheduler may start later)."""
+    """/health of a worker: ok while its event loop answers, it is not stopping and its engine thread
+    is not stuck (Worker.health). Registration with the scheduler is reported, not required (the
+    scheduler may start later)."""
     def state() -> tuple[bool, dict[str, object]]:
-        return not worker.stopping, {"worker_id": worker.worker_id, "registered": worker.link.registered.is_set(),
-                                     "draining": worker.draining, "requests": len(worker.routes)}
+        ok, why = worker.health()
+        details: dict[str, object] = {"worker_id": worker.worker_id, "registered": worker.link.registered.is_set(),
+                                      "draining": worker.draining, "requests": len(worker.routes)}
+        if not ok:
+            details["reason"] = why
+        return ok, details
 
     return call_on_loop(loop, state, 2.0)

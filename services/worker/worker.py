@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import faulthandler
 import os
 import signal
 import socket
 import sys
+import threading
 import time
 
 import zmq
@@ -34,6 +36,7 @@ from protocol.security import curve_keys, use_curve
 from protocol.sockets import MessageSocket, serve
 from protocol.to_scheduler import LoadReport, RegisterWorker
 from protocol.to_worker import WorkerControlInbound
+from services import sd_notify
 from services.config import KvferryConfig
 from services.log import get_logger
 from services.worker.control import ControlHandler
@@ -83,6 +86,7 @@ class Worker:
         self.handler: ControlHandler | None = None
         self._serve_task: asyncio.Task[None] | None = None
         self._watchdog_task: asyncio.Task[None] | None = None
+        self.notifier: sd_notify.Notifier | None = None
         self.frontend_timeout_s = cfg.worker.frontend_timeout_s or FRONTEND_TIMEOUT_S
         self._stop = asyncio.Event()
         self._stop_reason = ""
@@ -121,11 +125,28 @@ class Worker:
                      total_blocks=self.info.total_blocks, block_size=self.info.block_size)
             if ready_line:
                 print(f"READY worker {self.worker_id} {self.control_endpoint}", flush=True)
+            self.notifier = sd_notify.start(f"serving {self.info.model} as {self.worker_id}", self.health)
             await self._stop.wait()
             if self._drain_first:
                 await self._drain(self.cfg.worker.stop_deadline_s)
         finally:
             await self.stop(self._stop_reason or "stopped")
+
+    def engine_stuck(self) -> str:
+        """Why the engine thread counts as stuck ("" while it is not): its current step or command
+        has run longer than `[worker] watchdog_s`. Python cannot interrupt it; only a restart helps."""
+        limit = self.cfg.worker.watchdog_s
+        busy = self.driver.busy_s()
+        if limit > 0 and busy > limit:
+            return f"engine step running for {busy:.0f} s (watchdog_s {limit:g})"
+        return ""
+
+    def health(self) -> tuple[bool, str]:
+        """(ok, why not): what /health and the service manager's watchdog pings go by."""
+        if self.stopping:
+            return False, "stopping"
+        stuck = self.engine_stuck()
+        return not stuck, stuck
 
     def request_stop(self, drain_first: bool = False, reason: str = "") -> None:
         """Ask `run` to return (safe from signal handlers and control messages). With `drain_first`,
@@ -164,6 +185,8 @@ class Worker:
         if self.stopping:
             return
         self.stopping = True
+        if self.notifier is not None:
+            self.notifier.stopping()
         log.info("worker.stopping", worker_id=self.worker_id, reason=reason, requests=len(self.routes))
         for task in (self._serve_task, self._watchdog_task):
             if task is not None:
@@ -243,6 +266,10 @@ async def run_worker(cfg: KvferryConfig) -> None:
     loop = asyncio.get_running_loop()
     engine, info = await loop.run_in_executor(None, build_engine, cfg.worker)
     worker = Worker(cfg, engine, info)
+    if cfg.worker.watchdog_s > 0 and sd_notify.Notifier().watchdog_s is None:
+        # No service manager watches this process (docker, a bare `kvferry worker`): leave by itself.
+        threading.Thread(target=_exit_when_stuck, args=(worker, 2 * cfg.worker.watchdog_s),
+                         name="stall-guard", daemon=True).start()
     # SIGTERM (systemd, docker, scale-in): drain, then stop; SIGINT (Ctrl-C) or a second signal: stop now.
     loop.add_signal_handler(signal.SIGTERM, lambda: worker.request_stop(
         drain_first=not worker._stop.is_set(), reason="SIGTERM"))
@@ -253,3 +280,20 @@ async def run_worker(cfg: KvferryConfig) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
         sys.stdout.flush()
+
+
+EXIT_STUCK = 70  # EX_SOFTWARE: the exit status of a worker that left because its engine was stuck
+
+
+def _exit_when_stuck(worker: Worker, limit_s: float) -> None:
+    """On a plain thread (it works while the event loop is stuck too): once the engine thread has
+    been stuck for `limit_s` (reported unhealthy on /health from `watchdog_s` on), dump every
+    thread's stack and exit, so a restart policy (docker's, systemd's Restart=) starts a fresh one."""
+    while not worker.stopping:
+        time.sleep(1.0)
+        busy = worker.driver.busy_s()
+        if busy > limit_s:
+            log.error("worker.engine_stuck_exit", worker_id=worker.worker_id, busy_s=round(busy, 1),
+                      exit_status=EXIT_STUCK)
+            faulthandler.dump_traceback(all_threads=True)
+            os._exit(EXIT_STUCK)
