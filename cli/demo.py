@@ -47,6 +47,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     cluster = demo_cluster(args)
     cluster.spec.extra_env["KVFERRY_LOG_LEVEL"] = "WARNING"  # keep the demo's output readable
+    cluster.spec.on_progress = lambda line: print(f"  {line}", flush=True)
     print(f"starting {args.workers} workers serving {args.model} on the CPU ...", flush=True)
     t0 = time.monotonic()
     cluster.start()

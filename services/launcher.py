@@ -24,6 +24,7 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from services.config import KvferryConfig
 from services.supervisor import Supervisor
@@ -103,6 +104,11 @@ class ClusterSpec:
     config_path: str | None = None
     ready_timeout_s: float = 180.0
     extra_env: dict[str, str] = field(default_factory=dict)
+    # Called every PROGRESS_EVERY_S while the start waits, with what it waits for (`kvferry up`: print).
+    on_progress: Callable[[str], None] | None = None
+
+
+PROGRESS_EVERY_S = 5.0
 
 
 def _env_for(section: str, values: dict[str, object]) -> dict[str, str]:
@@ -246,8 +252,7 @@ class LocalCluster:
             if self.supervisor is not None:
                 self.supervisor.start()
             deadline = time.monotonic() + self.spec.ready_timeout_s
-            for name in [c.name for c in self.children]:
-                self._wait_slot_ready(name, deadline)
+            self._wait_slots_ready([c.name for c in self.children], deadline)
             self._wait_healthy(deadline)
             if self.scaling:
                 from services.pool import PoolManager
@@ -343,27 +348,45 @@ class LocalCluster:
 
         threading.Thread(target=read, name=f"stdout-{child.name}", daemon=True).start()
 
-    def _wait_slot_ready(self, name: str, deadline: float) -> None:
-        """Wait until service `name` serves: its latest process printed READY. Under a supervisor a
-        process that exits first is restarted (waited for again); a worker given up is skipped."""
+    def _wait_slots_ready(self, names: list[str], deadline: float) -> None:
+        """Wait until every service of `names` serves (its latest process printed READY); every
+        PROGRESS_EVERY_S tell `on_progress` what is still awaited and what it says it is doing."""
+        t0 = last = time.monotonic()
+        pending = list(names)
+        while True:
+            pending = [n for n in pending if not self._slot_ready(n)]
+            now = time.monotonic()
+            if not pending:
+                return
+            if now > deadline:
+                raise LaunchError(f"{', '.join(pending)} did not become ready within {self.spec.ready_timeout_s:.0f} s")
+            if self.spec.on_progress is not None and now - last >= PROGRESS_EVERY_S:
+                last = now
+                waiting = []
+                for n in pending:
+                    child = self.current(n)
+                    doing = self.supervisor.status_of(child) if self.supervisor is not None and child else ""
+                    waiting.append(f"{n} ({doing})" if doing else n)
+                self.spec.on_progress(f"waiting for {', '.join(waiting)}: {now - t0:.0f} s")
+            time.sleep(0.1)
+
+    def _slot_ready(self, name: str) -> bool:
+        """Service `name` serves. Under a supervisor a process that exits first is restarted (and
+        waited for again) and a worker given up counts as done; without one, an early exit raises."""
+        child = self.current(name)
+        assert child is not None
         sup = self.supervisor
         if sup is None or not sup.policy.restart:
-            child = self.current(name)
-            assert child is not None
-            self._wait_ready(child, deadline)
-            return
-        while True:
-            if sup.fatal is not None:
-                raise LaunchError(sup.fatal)
-            if sup.gave_up(name):
-                if name in ("scheduler", "frontend"):
-                    raise LaunchError(f"{name} was given up")
-                return
-            child = self.current(name)
-            if child is not None and child.ready.wait(0.1) and child.ready_line:
-                return
-            if time.monotonic() > deadline:
-                raise LaunchError(f"{name} did not become ready within {self.spec.ready_timeout_s:.0f} s")
+            if child.ready.is_set() and not child.ready_line:
+                raise LaunchError(f"{name} exited with status {child.proc.wait()} before it was ready")
+            return child.ready.is_set()
+        if sup.fatal is not None:
+            raise LaunchError(sup.fatal)
+        if sup.gave_up(name):
+            if name in ("scheduler", "frontend"):
+                raise LaunchError(f"{name} was given up")
+            return True
+        return child.ready.is_set() and bool(child.ready_line)
 
     def _wait_ready(self, child: Child, deadline: float) -> None:
         if not child.ready.wait(max(0.0, deadline - time.monotonic())):

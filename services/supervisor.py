@@ -141,6 +141,12 @@ class Supervisor:
         if watch is not None:
             self._close(watch)
 
+    def status_of(self, child: "Child") -> str:
+        """What `child` last said it was doing (its STATUS=), "" if nothing."""
+        with self._lock:
+            watch = self._watches.get(child.proc.pid)
+        return watch.status if watch is not None else ""
+
     def slot(self, name: str) -> SlotHistory:
         return self.history.setdefault(name, SlotHistory())
 

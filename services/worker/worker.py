@@ -264,7 +264,11 @@ async def run_worker(cfg: KvferryConfig) -> None:
     log.info("worker.starting", worker_id=cfg.worker.resolved_id, engine=cfg.worker.engine, model=cfg.worker.model,
              device=cfg.worker.device, control=cfg.cluster.worker_control(cfg.worker.index))
     loop = asyncio.get_running_loop()
+    wc = cfg.worker
+    # What a start is doing, for the service manager (`systemctl status`, `kvferry up` while it waits).
+    sd_notify.Notifier().notify(status=f"building the {wc.engine} engine: {wc.model} {wc.dtype} on {wc.device}")
     engine, info = await loop.run_in_executor(None, build_engine, cfg.worker)
+    sd_notify.Notifier().notify(status="binding its sockets and registering with the scheduler")
     worker = Worker(cfg, engine, info)
     if cfg.worker.watchdog_s > 0 and sd_notify.Notifier().watchdog_s is None:
         # No service manager watches this process (docker, a bare `kvferry worker`): leave by itself.
