@@ -106,7 +106,8 @@ class PoolManager:
     def step(self, sock: zmq.Socket) -> ScaleAdvice | None:
         """One poll: reap retired workers, ask, act on the advice."""
         self._reap()
-        running = [c.name for c in self.cluster.workers() if c.proc.poll() is None]
+        # A crashed worker the supervisor is about to restart still counts: no second one for it.
+        running = [c.name for c in self.cluster.workers() if c.proc.poll() is None or self.cluster.restarting(c)]
         advice = self._ask(sock, ScaleQuery(manager_id=self.manager_id, workers=running))
         if advice is None:
             return None
