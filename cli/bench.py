@@ -14,6 +14,7 @@ KINDS = (
     "cli.bench_paper",
     "cli.bench_serve",
     "cli.bench_chaos",
+    "cli.bench_restart",
 )
 
 

@@ -88,6 +88,8 @@ class Up:
                 self._changed.wait(min(left, 0.5))
 
     def stderr(self) -> str:
+        if self._stderr.closed:
+            return getattr(self, "final_stderr", "")
         self._stderr.flush()
         return self.stderr_path.read_text(errors="replace")
 
@@ -115,9 +117,16 @@ class Up:
         else:
             code = self.proc.returncode
         self._stderr.close()
+        self.final_stderr = self.stderr_path.read_text(errors="replace")
         with contextlib.suppress(OSError):
             self.stderr_path.unlink()
         return code
+
+    def explain(self) -> str:
+        """The console and the end of stderr, for an assertion message."""
+        err = getattr(self, "final_stderr", "")
+        return "console:\n" + "\n".join(self.lines) + "\nstderr tail:\n" + "\n".join(
+            ln for ln in err.splitlines()[-60:] if '"event"' not in ln or '"level": "error"' in ln)
 
 
 async def status(up: Up, timeout: float = 2.0) -> StatusReply:
@@ -271,7 +280,7 @@ async def test_kill_9_of_worker_scheduler_and_frontend_under_streaming_load():
         assert up.children().keys() == {"scheduler", "frontend", "worker"} and len(up.children()["worker"]) == 3
     finally:
         code = up.stop()
-    assert code == 0, up.lines  # a clean stop after all that
+    assert code == 0, up.explain()  # a clean stop after all that
 
 
 # ---- a crash-looping worker, and a stuck one ---------------------------------------------------------
@@ -329,4 +338,4 @@ async def test_crash_looping_worker_is_given_up_and_a_stuck_engine_is_restarted(
             assert not any("giving up" in ln for ln in up.lines[mark:])
         finally:
             code = up.stop() if up is not None else None
-    assert code == 0
+    assert up is not None and code == 0, up.explain() if up is not None else ""
