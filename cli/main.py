@@ -47,8 +47,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     import faulthandler
 
-    # A crash or a watchdog's SIGABRT (systemd, `kvferry up`) prints every thread's stack to stderr.
-    faulthandler.enable()
+    # A crash or a watchdog's SIGABRT (systemd, `kvferry up`) prints every thread's stack to stderr
+    # (not where stderr is no file, e.g. captured in process by a test).
+    try:
+        faulthandler.enable()
+    except (AttributeError, ValueError, OSError):  # io.UnsupportedOperation is an OSError and a ValueError
+        pass
     from engine.errors import EngineError  # after parsing: `--help` does not import torch
 
     try:

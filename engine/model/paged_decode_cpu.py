@@ -3,8 +3,10 @@
 `paged_decode(q, kv_cache, block_tables, context_lens, scale)` reads each request's keys and
 values straight from its cache blocks (no gather copy) and returns the attention output [B, H, D].
 The extension is compiled once per machine into torch's extension cache (TORCH_EXTENSIONS_DIR);
-AVX-512 flags are used only when the CPU reports them. If the build or the load fails, or
-KVFERRY_PAGED_KERNEL=0, `available()` is False and callers keep their SDPA path.
+AVX-512 flags are used only when the CPU reports them. `make install` builds it ahead of time
+(`python -m engine.model.paged_decode_cpu`), so a worker start only loads the cached module. If the
+build or the load fails, or KVFERRY_PAGED_KERNEL=0, `available()` is False and callers keep their
+SDPA path.
 """
 
 from __future__ import annotations
@@ -84,7 +86,7 @@ def _load():
             _module = load(name=name, sources=[str(_SOURCE)], extra_cflags=cflags,
                            extra_ldflags=["-fopenmp"], verbose=False)
             build_seconds = time.perf_counter() - t0
-            log.info("paged decode kernel %s ready in %.1f s", name, build_seconds)
+            log.debug("paged decode kernel %s ready in %.1f s", name, build_seconds)  # workers log worker.load
         except Exception as e:  # no compiler, no headers, ...: keep the SDPA path
             _failed = True
             log.warning("paged decode kernel unavailable, using SDPA: %s", str(e).splitlines()[0] if str(e) else e)
@@ -96,7 +98,35 @@ def available() -> bool:
     return enabled() and _load() is not None
 
 
+def build_dir() -> str | None:
+    """Where torch keeps (or will keep) this machine's build of the kernel."""
+    try:
+        from torch.utils.cpp_extension import _get_build_directory
+
+        return _get_build_directory(_build_flags()[0], verbose=False)
+    except Exception:  # noqa: BLE001 - informational only
+        return None
+
+
 def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
                  context_lens: torch.Tensor, scale: float) -> torch.Tensor:
     """q [B, H, D], kv_cache [2, NB, BS, KVH, D], block_tables [B, MB], context_lens [B] -> [B, H, D]."""
     return _load().paged_decode(q, kv_cache, block_tables, context_lens, float(scale))
+
+
+def main() -> int:
+    """Build the kernel now (`make install`); exit 0 either way: workers fall back to SDPA."""
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    if not enabled():
+        print("paged decode kernel disabled (KVFERRY_PAGED_KERNEL=0): workers use the SDPA path")
+        return 0
+    t0 = time.perf_counter()
+    if available():
+        print(f"paged decode kernel {_build_flags()[0]} ready in {time.perf_counter() - t0:.1f} s ({build_dir()})")
+    else:
+        print("paged decode kernel not built (see the warning above): workers use the SDPA path")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

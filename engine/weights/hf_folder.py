@@ -16,6 +16,9 @@ from engine.errors import ConfigError, WeightsError
 from engine.tokenizer import Tokenizer
 
 
+_TORCH_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
+
+
 def _read_json(path: Path) -> dict:
     try:
         return json.loads(path.read_text())
@@ -68,6 +71,22 @@ class HFFolderModel:
                         yield name, st.get_tensor(name)
             except (SafetensorError, OSError) as exc:
                 raise WeightsError(f"{f}: corrupt or unreadable safetensors file ({exc})") from exc
+
+    def stored_dtypes(self) -> set[str]:
+        """The safetensors dtype names of the stored tensors ("F32", "BF16", ...), headers only."""
+        found: set[str] = set()
+        for f in self.files:
+            try:
+                with safe_open(str(f), framework="pt") as st:
+                    found.update(st.get_slice(name).get_dtype() for name in st.keys())
+            except (SafetensorError, OSError) as exc:
+                raise WeightsError(f"{f}: corrupt or unreadable safetensors file ({exc})") from exc
+        return found
+
+    def converts_to(self, dtype: torch.dtype) -> bool:
+        """True when loading in `dtype` casts some tensor (a cast worth caching)."""
+        stored = {_TORCH_DTYPES.get(d) for d in self.stored_dtypes()}
+        return stored != {dtype}
 
     def tokenizer(self) -> Tokenizer | None:
         tok_path = self.path / "tokenizer.json"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 from engine.config import EngineConfig
@@ -47,6 +48,29 @@ def engine_config(wc: WorkerConfig) -> EngineConfig:
                         dtype=wc.dtype, seed=wc.seed)
 
 
+def _build_torch(wc: WorkerConfig) -> LLMEngine:
+    """The torch engine, with one progress line per slow step of a start (kernel, weights, total)."""
+    t0 = time.perf_counter()
+    who = {"worker_id": wc.resolved_id, "model": wc.model}
+    if wc.device.startswith("cpu"):
+        from engine.model import paged_decode_cpu
+
+        # Loaded here rather than inside from_model so that its line comes before the weights wait.
+        ready = paged_decode_cpu.available()
+        log.info("worker.load", step="kernel", ready=ready, seconds=round(time.perf_counter() - t0, 2),
+                 **({} if ready else {"fallback": "sdpa"}), **who)
+    engine = LLMEngine.from_model(wc.model, engine_config(wc))
+    weights = getattr(getattr(engine.executor, "model", None), "weights_load", None)
+    if weights is not None:
+        extra = {"cache": str(weights.cache_path)} if weights.cache_path else {}
+        if weights.note:
+            extra["note"] = weights.note
+        log.info("worker.load", step="weights", source=weights.source, dtype=wc.dtype,
+                 seconds=round(weights.seconds, 2), **extra, **who)
+    log.info("worker.load", step="engine", seconds=round(time.perf_counter() - t0, 2), **who)
+    return engine
+
+
 def build_engine(wc: WorkerConfig) -> tuple[LLMEngine, EngineInfo]:  # LLMEngine or its vLLM twin
     """The engine `wc` describes, and what to announce about it. Engine errors propagate."""
     if wc.threads > 0 and wc.engine != "vllm":
@@ -66,7 +90,7 @@ def build_engine(wc: WorkerConfig) -> tuple[LLMEngine, EngineInfo]:  # LLMEngine
     elif wc.engine == "torch":
         from engine.kv_cache import KVCache
 
-        engine = LLMEngine.from_model(wc.model, engine_config(wc))
+        engine = _build_torch(wc)
         assert engine.model_config is not None
         kv_bytes = KVCache.bytes_per_block(engine.model_config, wc.block_size, engine.config.torch_dtype)
         layout = TORCH_KV_LAYOUT
