@@ -15,8 +15,33 @@ import torch
 
 # The test machine has 2 cores, often shared with other work. With a busy core, torch's default two
 # intra-op threads make every op wait for the slower one (10-20x slower runs); one thread avoids that.
-# KVFERRY_TEST_THREADS overrides.
-torch.set_num_threads(int(os.environ.get("KVFERRY_TEST_THREADS", "1")))
+# KVFERRY_TEST_THREADS overrides. The processes the tests start (`kvferry generate`, bench and
+# transfer children) inherit OMP_NUM_THREADS, which torch reads at import: the same single thread
+# (a 1500-token `kvferry generate` under load: 97 s with two threads, 15 s with one).
+TEST_THREADS = os.environ.get("KVFERRY_TEST_THREADS", "1")
+torch.set_num_threads(int(TEST_THREADS))
+os.environ.setdefault("OMP_NUM_THREADS", TEST_THREADS)
+
+
+# ---- markers ---------------------------------------------------------------------------------------
+# `e2e`: the test starts processes or a local cluster, or runs real engines behind real sockets for
+# seconds. `make test` runs everything (-m "not vllm"); `make test-fast` leaves these out (-m "not vllm
+# and not e2e"). Every test_e2e_*.py and test_bench_*.py module is e2e by its name; the modules below
+# as a whole; other e2e tests carry @pytest.mark.e2e (or a module-level pytestmark).
+E2E_PREFIXES = ("test_e2e_", "test_bench_")
+E2E_MODULES = {"test_up", "test_cli", "test_smollm2", "test_metrics_cluster", "test_migration"}
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "e2e: starts processes or a cluster, or runs engines for seconds "
+                                       "(in make test; left out of make test-fast)")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        module = item.module.__name__.rsplit(".", 1)[-1] if item.module is not None else ""
+        if module.startswith(E2E_PREFIXES) or module in E2E_MODULES:
+            item.add_marker(pytest.mark.e2e)
 
 
 @dataclass
@@ -211,3 +236,52 @@ def hf_llama_259(hf_llama_factory) -> HFLlama:
 def gguf_writer():
     """`write(path, hf, bad_tensor=None, bad_type="Q8_1", skip_keys=())` -> path of a llama GGUF."""
     return write_llama_gguf
+
+
+# ---- the shared 3-worker torch cluster ------------------------------------------------------------
+
+_SHARED: dict[str, Any] = {}  # session clusters that are up, by fixture name
+_LAST_USER: dict[str, str] = {}  # fixture name -> node id of the last test that uses it
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    for item in session.items:
+        if "tiny3_cluster" in getattr(item, "fixturenames", ()):
+            _LAST_USER["tiny3_cluster"] = item.nodeid
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None):  # noqa: ANN201
+    yield
+    # Stop a shared cluster right after its last test (LocalCluster.stop is idempotent: the fixture's
+    # own teardown at the session's end does nothing then), not idle beside the remaining tests.
+    for name, nodeid in _LAST_USER.items():
+        if item.nodeid == nodeid and name in _SHARED:
+            _SHARED.pop(name).stop()
+
+
+@pytest.fixture(scope="session")
+def tiny3_cluster():
+    """Scheduler, 3 torch `tiny` workers, frontend (tests/test_e2e_failures.py: start_tiny3), started
+    once for the modules that use it (test_e2e_failures, test_e2e_migration)."""
+    from tests.test_e2e_failures import start_tiny3
+
+    c = _SHARED["tiny3_cluster"] = start_tiny3()
+    try:
+        yield c
+    finally:
+        _SHARED.pop("tiny3_cluster", None)
+        c.stop()
+
+
+@pytest.fixture
+async def tiny3(tiny3_cluster):
+    """The shared cluster, whole and idle; restored after the test (killed services respawned,
+    drains undone) whatever the test did, so that no test depends on another one's outcome."""
+    from tests.test_e2e_failures import restore
+
+    await restore(tiny3_cluster)
+    try:
+        yield tiny3_cluster
+    finally:
+        await restore(tiny3_cluster)

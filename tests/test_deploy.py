@@ -333,6 +333,7 @@ def _unit_command(root: Path, unit_name: str) -> tuple[list[str], dict[str, str]
 
 
 @pytest.mark.slow
+@pytest.mark.e2e  # every enabled unit's process
 def test_enabled_units_serve_with_their_own_command_lines(installed):
     """The services the README enables, started with the units' ExecStart and environment; the
     installed environment file gets what a CPU-only test host changes (ports, sim engine, cpu)."""

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import subprocess
 import sys
 import time
@@ -16,31 +15,23 @@ import openai
 import pytest
 
 from sdk import AsyncClient
-from services.config import load_config
-from services.launcher import ClusterSpec, LocalCluster, free_ports
+from services.launcher import LocalCluster
 from tests.test_e2e_cluster import ctl_status, wait_idle
+from tests.test_e2e_failures import references
 
 MODEL = "tiny"
-LONG = 5000  # tokens: the tiny model decodes fast, a stream must outlive four ctl round trips
-DRAIN_LONG = 1500
+# tokens: a stream must outlive four `kvferry ctl migrate` round trips (~1 s each: a process start);
+# the tiny model takes a few ms per token, more on a loaded machine, where ctl starts slower too
+LONG = 2500
+DRAIN_LONG = 1500  # outlives the status polls and a `kvferry ctl drain` round trip
 
 
-@pytest.fixture(scope="module")
-def cluster():
-    http, base = free_ports(3)
-    cfg = load_config(env={}, overrides={
-        "cluster": {"http_port": http, "base_port": base},
-        # ctl is the only one to move requests here: no load-balancing migrations (the default kvferry has them)
-        "scheduler": {"policy": "load"},
-        "worker": {"engine": "torch", "model": MODEL, "dtype": "float32", "num_blocks": 1024, "max_num_seqs": 16},
-        "frontend": {"model": MODEL},
-    })
-    c = LocalCluster(ClusterSpec(cfg, num_workers=3, ready_timeout_s=120))
-    c.start()
-    try:
-        yield c
-    finally:
-        c.stop()
+@pytest.fixture
+def cluster(tiny3):
+    """The 3-worker torch cluster shared with test_e2e_failures (conftest.py: `tiny3`), whole and
+    idle, restored after each test. Its policy is "load": ctl is the only one to move requests here
+    (the default kvferry has load-balancing migrations)."""
+    return tiny3
 
 
 def ctl(c: LocalCluster, *args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
@@ -48,22 +39,17 @@ def ctl(c: LocalCluster, *args: str, timeout: float = 60.0) -> subprocess.Comple
                           capture_output=True, text=True, timeout=timeout)
 
 
-def reference(prompt: str, max_tokens: int, temperature: float = 0.0, seed: int | None = None) -> dict:
-    args = [sys.executable, "-m", "cli.main", "generate", "--model", MODEL, "--dtype", "float32", "--prompt", prompt,
-            "--max-tokens", str(max_tokens), "--ignore-eos", "--temperature", str(temperature), "--json"]
-    if seed is not None:
-        args += ["--seed", str(seed)]
-    out = subprocess.run(args, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr
-    return json.loads(out.stdout)
+async def scheduler_status(c: LocalCluster):  # noqa: ANN201 - protocol.StatusReply
+    """The scheduler's StatusReply, asked directly (no `kvferry ctl` process)."""
+    from protocol import SchedulerReplies, StatusRequest
+    from protocol.sockets import request_once
+
+    return await request_once(c.scheduler_endpoint, StatusRequest(), SchedulerReplies, 10.0)
 
 
 async def locate(c: LocalCluster, client_rid: str) -> tuple[str, str] | None:
     """(the id workers know the request by, its worker), asked of the scheduler directly."""
-    from protocol import SchedulerReplies, StatusRequest
-    from protocol.sockets import request_once
-
-    reply = await request_once(c.scheduler_endpoint, StatusRequest(), SchedulerReplies, 5.0)
+    reply = await scheduler_status(c)
     for r in reply.requests:
         if r.request_id in client_rid or client_rid in r.request_id:
             return r.request_id, r.worker_id
@@ -109,19 +95,24 @@ async def test_ctl_migrate_moves_openai_streams_without_a_seam(cluster):
     # Unmigrated twins, started after the ids above were taken: never touched by ctl.
     twins = {name: asyncio.ensure_future(stream(*p, asyncio.Queue())) for name, p in prompts.items()}
     moved = 0
-    for rid in rids:
-        found = await locate(cluster, rid)
-        assert found is not None, f"{rid} is on no worker"
-        worker_rid, src = found
-        for _ in range(2):  # there and on again: each request is migrated twice
-            dst = next(w for w in ("worker-0", "worker-1", "worker-2") if w != src)
-            await ctl_migrate(cluster, worker_rid, dst)
-            assert (await locate(cluster, rid)) == (worker_rid, dst)
-            src = dst
-            moved += 1
-    texts = {name: await asyncio.wait_for(t, 300) for name, t in tasks.items()}
-    refs = {name: await asyncio.wait_for(t, 300) for name, t in twins.items()}
-    await client.close()
+    try:
+        for rid in rids:
+            found = await locate(cluster, rid)
+            assert found is not None, f"{rid} is on no worker"
+            worker_rid, src = found
+            for _ in range(2):  # there and on again: each request is migrated twice
+                dst = next(w for w in ("worker-0", "worker-1", "worker-2") if w != src)
+                await ctl_migrate(cluster, worker_rid, dst)
+                assert (await locate(cluster, rid)) == (worker_rid, dst)
+                src = dst
+                moved += 1
+        texts = {name: await asyncio.wait_for(t, 300) for name, t in tasks.items()}
+        refs = {name: await asyncio.wait_for(t, 300) for name, t in twins.items()}
+    finally:  # no stream outlives the test (the next one counts the cluster's requests)
+        for t in [*tasks.values(), *twins.values()]:
+            t.cancel()
+        await asyncio.gather(*tasks.values(), *twins.values(), return_exceptions=True)
+        await client.close()
     for name in prompts:
         assert texts[name] == refs[name], f"{name}: the migrated stream differs from an unmigrated run"
         assert len(texts[name]) > LONG // 2
@@ -145,29 +136,35 @@ async def drain_busiest_worker(cluster: LocalCluster, prompts: list[tuple[str, f
 
         tasks = [asyncio.ensure_future(run(*p)) for p in prompts]
         deadline = time.monotonic() + 60
-        while True:  # every stream has started on some worker
-            st = await asyncio.to_thread(ctl_status, cluster)
-            if len(st["requests"]) >= len(prompts) or time.monotonic() > deadline:
+        while True:  # every stream has started on some worker (asked directly: no ctl process per poll)
+            st = await scheduler_status(cluster)
+            if len(st.requests) >= len(prompts):
                 break
+            assert time.monotonic() < deadline, f"not every stream started within 60 s: {st.requests}"
+            assert not any(t.done() for t in tasks), "a stream ended before the drain: raise max_tokens"
             await asyncio.sleep(0.1)
         counts: dict[str, int] = {}
-        for r in st["requests"]:
-            counts[r["worker_id"]] = counts.get(r["worker_id"], 0) + 1
+        for r in st.requests:
+            counts[r.worker_id] = counts.get(r.worker_id, 0) + 1
         victim = max(counts, key=counts.__getitem__)
-        out = await asyncio.to_thread(ctl, cluster, "drain", victim, "--wait", "60", timeout=90)
-        assert out.returncode == 0, out.stdout + out.stderr
-        st = await asyncio.to_thread(ctl_status, cluster)
-        assert not [r for r in st["requests"] if r["worker_id"] == victim]
-        got = [await asyncio.wait_for(t, 300) for t in tasks]
-    assert ctl(cluster, "undrain", victim).returncode == 0
+        try:
+            out = await asyncio.to_thread(ctl, cluster, "drain", victim, "--wait", "120", timeout=180)
+            assert out.returncode == 0, out.stdout + out.stderr
+            st = await asyncio.to_thread(ctl_status, cluster)
+            assert not [r for r in st["requests"] if r["worker_id"] == victim]
+            got = [await asyncio.wait_for(t, 300) for t in tasks]
+        finally:  # the module's cluster is whole again for the next test, whatever happened here
+            for t in tasks:
+                t.cancel()
+            assert (await asyncio.to_thread(ctl, cluster, "undrain", victim)).returncode == 0
     return victim, st, got
 
 
 async def test_drain_moves_every_sdk_stream_off_a_worker(cluster):
     prompts = [("Once upon a time", 0.0, None), ("In the beginning", 0.9, 5), ("Dear diary", 0.0, None)]
+    refs = asyncio.ensure_future(asyncio.to_thread(references, prompts, DRAIN_LONG))  # meanwhile, in this process
     victim, drained, got = await drain_busiest_worker(cluster, prompts, DRAIN_LONG)
-    assert next(i for i in drained["instances"] if i["worker_id"] == victim)["draining"]
-    refs = await asyncio.gather(*(asyncio.to_thread(reference, p, DRAIN_LONG, t, s) for p, t, s in prompts))
-    for (prompt, _, _), toks, ref in zip(prompts, got, refs):
-        assert toks == ref["token_ids"], f"{prompt!r}: drained stream differs from an unmigrated run"
+    assert any(i["worker_id"] == victim and i["draining"] for i in drained["instances"])
+    for (prompt, _, _), toks, ref in zip(prompts, got, await refs):
+        assert toks == ref, f"{prompt!r}: drained stream differs from an unmigrated run"
     wait_idle(cluster)

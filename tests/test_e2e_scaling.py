@@ -164,12 +164,16 @@ def test_scaling_grows_under_a_burst_and_shrinks_when_idle():
         # every request completed with the tokens it asked for
         assert len(results) >= 12
         assert all(r == (200, MAX_TOKENS, "length") for r in results), [r for r in results if r[0] != 200][:3]
-        # the timeline: two starts, then (after the burst) two stops
+        # the timeline: two starts (the pool at three), then stops back to one. On a quiet machine that
+        # is all; where the machine is loaded, the 12 clients (in this process) can lag enough for the
+        # freeness to cross the scale-down line mid-burst, and the pool may shrink and grow once more:
+        # what is checked is that it grew to three first, and that every worker it started stopped.
         events = [(t, ln) for t, ln in up.lines if ln.startswith("scale: ")]
         starts = [t for t, ln in events if ln.startswith("scale: started")]
         stops = [t for t, ln in events if ln.startswith("scale: stopped")]
-        assert [ln.split()[2] for _, ln in events if "started" in ln] == ["worker-1", "worker-2"], events
-        assert len(stops) == 2 and min(stops) > max(starts), events
+        assert [ln.split()[2] for _, ln in events if "started" in ln][:2] == ["worker-1", "worker-2"], events
+        assert len(stops) == len(starts) and min(stops) > sorted(starts)[1], events
+        assert events[-1][1].startswith("scale: stopped"), events
         assert max(len(sv) for _, sv, _, _ in samples) == 3
         assert any(per.get("worker-1") for *_, per in samples) and any(per.get("worker-2") for *_, per in samples)
         # instance-seconds only grow, faster with more instances

@@ -387,7 +387,6 @@ async def test_live_fuzz_every_endpoint_keeps_serving(plain_cluster):
     n = int(os.environ.get("KVFERRY_LIVE_FUZZ_MESSAGES", "150"))
     seeds = _seeds(c)
     ctx = zmq.asyncio.Context()
-    started = time.monotonic()
     try:
         routers = [(c.scheduler_endpoint, "scheduler"), (c.sdk_endpoint, "sdk")]
         routers += [(cl.worker_control(i), "control") for i in range(2)]
@@ -412,7 +411,6 @@ async def test_live_fuzz_every_endpoint_keeps_serving(plain_cluster):
 
             await asyncio.gather(*(one(*rng.choice(HTTP_ROUTES), b) for b in http_bodies(rng, n)))
         assert statuses.get(200) and statuses.get(400) and statuses.get(413), statuses
-        assert time.monotonic() - started < 120
 
         # Every socket still answers, then a normal request over HTTP and the SDK.
         for ep, _ in routers:

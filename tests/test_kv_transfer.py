@@ -34,6 +34,7 @@ def transfers(num_blocks: int, n: int, seed: int) -> list[tuple[list[int], list[
     return [(src, dst)]
 
 
+@pytest.mark.e2e  # two spawned processes per case
 @pytest.mark.parametrize("path", ["shm", "frames", "frames-ipc"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_two_processes_bit_identical(path: str, dtype: torch.dtype) -> None:

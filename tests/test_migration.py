@@ -118,7 +118,8 @@ async def test_migrated_requests_continue_with_identical_tokens(make_cluster, pa
 async def test_back_and_forth_across_four_workers(make_cluster):
     c = await make_cluster(4)
     fe = c.frontend
-    await twins(c, "hop", 2000, temperature=0.8, seed=99)
+    # long enough to outlive six hops (each ~6 tokens and a migration: well under a second in all)
+    await twins(c, "hop", 1000, temperature=0.8, seed=99)
     route = [1, 2, 0, 3, 1, 0]
     where = 0
     for dst in route:
@@ -279,7 +280,7 @@ async def test_source_dying_mid_migration_frees_the_reservation_after_the_timeou
         assert reply.path == "frames"  # another host: frames
         assert await c.used_blocks(1) == 10
         # ... and the source goes silent: the sweeper frees the blocks after migration_timeout_s
-        await c.wait_idle(timeout=5.0)
+        await c.wait_idle(timeout=20.0)
         assert dst.migration.metrics.value("kvferry_migrations_aborted_total", role="in", reason="timeout") == 1
     finally:
         sock.close()
@@ -309,7 +310,12 @@ async def test_frontend_abort_during_migration(make_cluster):
     mid, _ = await c.migrate(0, 1, "gone")
     await entered.wait()
     abort = asyncio.ensure_future(c.call(0, AbortRequest(request_id="gone", reason="client left")))
-    await asyncio.sleep(0.2)
+    # the source has taken the abort (it cancels the held migration) before the destination goes on
+    source = c.workers[0].migration.source
+    deadline = asyncio.get_running_loop().time() + 20
+    while getattr(source.by_id.get(mid), "cancel_reason", None) is None and not abort.done():
+        assert asyncio.get_running_loop().time() < deadline, "the abort never reached the source"
+        await asyncio.sleep(0.01)
     gate.set()
     reply = await abort
     assert isinstance(reply, Ack) and reply.ok, reply

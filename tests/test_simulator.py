@@ -3,6 +3,9 @@ leaks, migration moves load, and scaling stops an instance only once it is empty
 
 from __future__ import annotations
 
+import functools
+import time
+
 import pytest
 
 from policy import named_policy
@@ -15,6 +18,14 @@ from workload import traces
 def small(policy="kvferry", n=150, rate=0.6, trace="512-512", seed=0, instances=2, **cfg):
     t = traces.generate(n, rate, 1.0, trace, seed=seed)
     return ClusterSim(t, named_policy(policy), SimConfig(instances=instances, **cfg))
+
+
+@functools.lru_cache(maxsize=None)
+def ran(policy: str = "kvferry"):  # noqa: ANN201 - (ClusterSim, its result)
+    """`small(policy)` run once per session: a run is deterministic (test_deterministic_for_a_seed
+    runs it afresh), so the tests that only read a default run share it; nothing mutates it."""
+    sim = small(policy)
+    return sim, sim.run()
 
 
 def check_clean(sim: ClusterSim) -> None:
@@ -31,7 +42,7 @@ def check_clean(sim: ClusterSim) -> None:
 
 
 def test_deterministic_for_a_seed():
-    a, b = small().run(), small().run()
+    a, b = ran()[1], small().run()
     assert {k: v for k, v in a.summary.items() if k != "wall_s"} == {k: v for k, v in b.summary.items() if k != "wall_s"}
     assert [(r.first_token_s, r.finish_s) for r in a.records] == [(r.first_token_s, r.finish_s) for r in b.records]
     c = small(seed=1).run()
@@ -40,8 +51,7 @@ def test_deterministic_for_a_seed():
 
 @pytest.mark.parametrize("policy", ["rr", "load", "kvferry", "kvferry-nopri"])
 def test_every_request_completes_and_blocks_return(policy):
-    sim = small(policy)
-    res = sim.run()
+    sim, res = ran(policy)
     assert res.summary["completed"] == 150
     check_clean(sim)
     if policy.startswith("kvferry"):
@@ -53,7 +63,7 @@ def test_every_request_completes_and_blocks_return(policy):
 def test_migration_moves_load():
     """On this skewed (power-law) trace, freeness dispatch alone leaves one instance short of
     memory; kvferry's migrations avoid the preemptions and cut the P99 TTFT."""
-    load, ours = small("load").run().summary, small("kvferry").run().summary
+    load, ours = ran("load")[1].summary, ran("kvferry")[1].summary
     assert load["migration"]["committed"] == 0
     assert ours["preemptions"] < load["preemptions"]
     assert ours["preemption_loss"]["mean"] < load["preemption_loss"]["mean"]
@@ -63,7 +73,7 @@ def test_migration_moves_load():
 
 def test_migration_cost_follows_the_transfer_model():
     slow = small(transfer=TransferModel(gb_per_s=1.0, overhead_s=0.005)).run().summary["migration"]
-    fast = small().run().summary["migration"]
+    fast = ran()[1].summary["migration"]
     assert slow["downtime_ms_mean"] > 2 * fast["downtime_ms_mean"]
 
 
@@ -109,9 +119,13 @@ def test_a_request_too_long_for_an_instance_fails_alone():
 def test_sixteen_instances_run_fast():
     """A slice of the performance target (16 x 10,000 in under a minute): 16 x 1,000 here."""
     t = traces.generate(1000, 14.0, 1.0, "256-256", seed=0)
+    cpu0 = time.process_time()
     res = simulate(t, named_policy("kvferry"), SimConfig())
+    cpu_s = time.process_time() - cpu0
     assert res.summary["completed"] == 1000
-    assert res.wall_s < 20  # ~2 s on a quiet 2-core machine
+    # The speed is the feature here. CPU seconds, not wall time: other load on the machine does not
+    # count (~2 s on a 2-core machine; the target, 16 x 10,000 a minute, is ~6 s for this slice).
+    assert cpu_s < 20, cpu_s
 
 
 def test_aborted_migrations_leave_everything_running_once():
@@ -123,6 +137,7 @@ def test_aborted_migrations_leave_everything_running_once():
     check_clean(sim)
 
 
+@pytest.mark.e2e  # `kvferry bench simulate` processes
 def test_bench_simulate_cli_json_and_trace_file(tmp_path):
     import json
     import subprocess

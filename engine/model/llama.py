@@ -43,6 +43,9 @@ def _pack(weight: torch.Tensor) -> torch.Tensor | None:
     return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None)
 
 
+_HALF = (torch.bfloat16, torch.float16)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
@@ -50,7 +53,14 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+        if x.dtype not in _HALF:
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+        # bf16/fp16: round where transformers' LlamaRMSNorm rounds. It normalises in float32, casts
+        # back to x's dtype, *then* scales by the weight in that dtype (two roundings); F.rms_norm
+        # with the weight scales in float32 and rounds once, which moves ~26% of the outputs by an
+        # ulp and, on near-tie prompts, flips greedy tokens. F.rms_norm without a weight upcasts
+        # internally and is bit-identical to transformers' float32 normalise-and-cast.
+        return F.rms_norm(x, self.weight.shape, None, self.eps) * self.weight
 
 
 class Attention(nn.Module):

@@ -58,4 +58,10 @@ class RotaryEmbedding(torch.nn.Module):
 
     def rotate(self, x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
         """Rotate x [T, heads, D] (q and k heads together) in Hugging Face's half-split layout."""
-        return torch.addcmul(x * cos, x.roll(self.half, dims=-1), sin_signed)
+        rolled = x.roll(self.half, dims=-1)
+        if x.dtype not in (torch.bfloat16, torch.float16):
+            return torch.addcmul(x * cos, rolled, sin_signed)
+        # bf16/fp16: round like transformers' `q * cos + rotate_half(q) * sin`: each product is
+        # rounded to x's dtype, then the sum. addcmul computes rolled * sin + x*cos in float32 and
+        # rounds once, which differs by an ulp often enough to flip near-tie greedy tokens.
+        return (x * cos).add_(rolled.mul_(sin_signed))
