@@ -166,6 +166,7 @@ class AsyncClient:
         self._sock: MessageSocket | None = None
         self._reader: asyncio.Task | None = None
         self._watcher: asyncio.Task | None = None
+        self._monitor: zmq.asyncio.Socket | None = None
         self._queues: dict[str, asyncio.Queue] = {}
 
     async def __aenter__(self) -> "AsyncClient":
@@ -180,27 +181,30 @@ class AsyncClient:
             self._sock = MessageSocket.connect(self._ctx, zmq.DEALER, self.endpoint, ClientInbound, name="sdk-client",
                                                server_role="frontend",
                                                heartbeat_ms=(HEARTBEAT_IVL_MS, HEARTBEAT_TIMEOUT_MS))
-            monitor = self._sock.raw.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+            self._monitor = self._sock.raw.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED)
             loop = asyncio.get_running_loop()
             self._reader = loop.create_task(self._read())
-            self._watcher = loop.create_task(self._watch(monitor))
+            self._watcher = loop.create_task(self._watch(self._monitor))
         return self._sock
 
     async def _watch(self, monitor: zmq.asyncio.Socket) -> None:
-        """Fail the generations in flight when the connection to the frontend drops."""
+        """Fail the generations in flight when an established connection to the frontend drops (a
+        refused handshake, e.g. without the Curve keys, is no lost frontend: those calls time out)."""
         from zmq.utils.monitor import parse_monitor_message
 
-        try:
-            while True:
-                event = parse_monitor_message(await monitor.recv_multipart())
-                if event["event"] != zmq.EVENT_DISCONNECTED:
-                    continue
-                lost = _Lost(f"lost the connection to the frontend {self.endpoint} (it stopped or stopped "
-                             "answering); the request's state there is gone")
-                for q in list(self._queues.values()):
-                    q.put_nowait(lost)
-        finally:
-            monitor.close(linger=0)
+        connected = False
+        while True:
+            event = parse_monitor_message(await monitor.recv_multipart())
+            if event["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                connected = True
+                continue
+            if event["event"] != zmq.EVENT_DISCONNECTED or not connected:
+                continue
+            connected = False
+            lost = _Lost(f"lost the connection to the frontend {self.endpoint} (it stopped or stopped "
+                         "answering); the request's state there is gone")
+            for q in list(self._queues.values()):
+                q.put_nowait(lost)
 
     async def _read(self) -> None:
         assert self._sock is not None
@@ -227,9 +231,11 @@ class AsyncClient:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
         self._reader = self._watcher = None
-        if self._sock is not None:
+        if self._monitor is not None:  # here, not in the watcher: a task cancelled before it ran has no finally
             with contextlib.suppress(zmq.ZMQError):
-                self._sock.raw.disable_monitor()
+                self._sock.raw.disable_monitor()  # type: ignore[union-attr]
+            self._monitor.close(linger=0)
+            self._monitor = None
         if self._sock is not None:
             self._sock.raw.close(linger=linger)
             self._sock = None

@@ -195,7 +195,7 @@ async def until_running(up: Up, count: int, timeout: float = 60.0) -> StatusRepl
 
 # ---- kill -9 of every kind of process ---------------------------------------------------------------
 
-LONG = 3000  # tiny tokens: a stream outlives a kill, its detection and the resumption
+LONG = 1500  # tiny tokens: a stream outlives a kill, its detection and the resumption
 
 
 async def test_kill_9_of_worker_scheduler_and_frontend_under_streaming_load():

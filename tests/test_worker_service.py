@@ -89,7 +89,8 @@ class WorkerProc:
              *extra], cwd=ROOT, stdout=subprocess.PIPE, stderr=self._log, env=full_env)
         self.control = f"tcp://127.0.0.1:{base_port + 100}"
 
-    async def ready_line(self, timeout: float = 60.0) -> str:
+    async def ready_line(self, timeout: float = 180.0) -> str:
+        # generous: on a loaded machine a torch worker's first start may build the paged-decode kernel
         loop = asyncio.get_running_loop()
         line = await asyncio.wait_for(loop.run_in_executor(None, self.proc.stdout.readline), timeout)
         return line.decode().strip()

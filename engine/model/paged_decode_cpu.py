@@ -11,6 +11,7 @@ SDPA path.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import threading
@@ -44,6 +45,14 @@ def _cpu_flags() -> set[str]:
 
 
 def _build_flags() -> tuple[str, list[str]]:
+    name, cflags = _isa_flags()
+    # One build folder per checkout and source: torch rebuilds an extension whose sources moved, so
+    # two checkouts sharing one name would rebuild it (~60 s, holding its lock) each time they alternate.
+    tag = hashlib.sha1(str(_SOURCE.resolve()).encode() + _SOURCE.read_bytes()).hexdigest()[:10]
+    return f"{name}_{tag}", cflags
+
+
+def _isa_flags() -> tuple[str, list[str]]:
     flags = _cpu_flags()
     cflags = ["-O3", "-fopenmp"]
     if {"avx512f", "avx512bw", "avx512vl", "avx2", "fma"} <= flags:
