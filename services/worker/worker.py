@@ -266,11 +266,12 @@ async def run_worker(cfg: KvferryConfig) -> None:
     loop = asyncio.get_running_loop()
     wc = cfg.worker
     # What a start is doing, for the service manager (`systemctl status`, `kvferry up` while it waits).
-    sd_notify.Notifier().notify(status=f"building the {wc.engine} engine: {wc.model} {wc.dtype} on {wc.device}")
+    manager = sd_notify.Notifier()
+    manager.notify(status=f"building the {wc.engine} engine: {wc.model} {wc.dtype} on {wc.device}")
     engine, info = await loop.run_in_executor(None, build_engine, cfg.worker)
-    sd_notify.Notifier().notify(status="binding its sockets and registering with the scheduler")
+    manager.notify(status="binding its sockets and registering with the scheduler")
     worker = Worker(cfg, engine, info)
-    if cfg.worker.watchdog_s > 0 and sd_notify.Notifier().watchdog_s is None:
+    if cfg.worker.watchdog_s > 0 and manager.watchdog_s is None:
         # No service manager watches this process (docker, a bare `kvferry worker`): leave by itself.
         threading.Thread(target=_exit_when_stuck, args=(worker, 2 * cfg.worker.watchdog_s),
                          name="stall-guard", daemon=True).start()
