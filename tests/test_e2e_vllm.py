@@ -8,7 +8,10 @@ vLLM recomputed none of it; every worker's blocks return to zero."""
 from __future__ import annotations
 
 import asyncio
+import json
 import re
+import subprocess
+import sys
 import urllib.request
 
 import openai
@@ -24,7 +27,6 @@ from tests.test_e2e_migration import (  # noqa: E402
     drain_busiest_worker,
     locate,
     openai_stream,
-    reference,
 )
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
@@ -33,6 +35,18 @@ MODEL = "tiny"
 BS = 32
 LONG = 3000
 WORKERS = ("worker-0", "worker-1")
+
+
+def reference(prompt: str, max_tokens: int, temperature: float = 0.0, seed: int | None = None) -> dict:
+    """`kvferry generate --json` on kvferry's torch engine (same weights, float32, ignore_eos): the
+    text and tokens an unmigrated run makes."""
+    args = [sys.executable, "-m", "cli.main", "generate", "--model", MODEL, "--dtype", "float32", "--prompt", prompt,
+            "--max-tokens", str(max_tokens), "--ignore-eos", "--temperature", str(temperature), "--json"]
+    if seed is not None:
+        args += ["--seed", str(seed)]
+    out = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)
 
 
 @pytest.fixture(scope="module")
