@@ -6,7 +6,7 @@ from typing import Literal
 
 from protocol.base import Message, ReplyMessage, RequestMessage, now_ms
 from protocol.errors import ProtocolError
-from protocol.fields import EpochMs, Id, Seq, Text
+from protocol.fields import EpochMs, Id, Incarnation, Seq, Text
 
 Role = Literal["worker", "scheduler", "frontend", "client"]
 
@@ -60,6 +60,9 @@ class Heartbeat(Message, kw_only=True, frozen=True):
     role: Role
     seq: Seq = 0
     sent_ms: EpochMs = 0
+    # This start of the sender: a process restarted under the same id (a supervisor's restart)
+    # says so with its first heartbeat, before any silence gives it away.
+    incarnation: Incarnation = ""
 
 
 class Ping(RequestMessage, kw_only=True, frozen=True):

@@ -39,6 +39,8 @@ INT64_MAX = (1 << 63) - 1
 # Printable ASCII without spaces or quotes: ids end up in logs, metrics labels and shell commands.
 Id = Annotated[str, Meta(min_length=1, max_length=MAX_ID_LEN, pattern=r"^[A-Za-z0-9_.:@/+=\-]+$")]
 Text = Annotated[str, Meta(max_length=MAX_TEXT_LEN)]
+# One start of a process (a random hex string); "" where the sender does not say (older senders).
+Incarnation = Annotated[str, Meta(max_length=MAX_ID_LEN, pattern=r"^[A-Za-z0-9_.:@/+=\-]*$")]
 Name = Annotated[str, Meta(max_length=MAX_NAME_LEN)]
 Endpoint = Annotated[
     str, Meta(min_length=7, max_length=MAX_ENDPOINT_LEN, pattern=r"^(tcp|ipc|inproc)://[^\s]+$")

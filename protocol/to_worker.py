@@ -31,6 +31,7 @@ from protocol.fields import (
     Count,
     Endpoint,
     Id,
+    Incarnation,
     Name,
     NonNegInt,
     PositiveCount,
@@ -58,6 +59,7 @@ class AddRequest(RequestMessage, kw_only=True, frozen=True):
     frontend_id: Id
     reply_address: Endpoint
     first_index: Count = 0
+    frontend_incarnation: Incarnation = ""  # Heartbeat.incarnation of the frontend that sent it
 
 
 class AbortRequest(RequestMessage, kw_only=True, frozen=True):
@@ -190,6 +192,7 @@ class MigrateCommit(RequestMessage, kw_only=True, frozen=True):
     frontend_id: Id
     reply_address: Endpoint
     next_index: Count
+    frontend_incarnation: Incarnation = ""
 
 
 class CommitAck(ReplyMessage, kw_only=True, frozen=True):

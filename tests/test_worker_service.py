@@ -636,3 +636,27 @@ async def test_requests_of_a_lost_frontend_are_aborted(cluster):
     assert fin.finish_reason == "abort" and len(cluster.frontend.tokens["orphan"]) < 1000
     await cluster.scheduler.wait_for(lambda m: isinstance(m, LoadReport) and m.free_blocks == m.total_blocks
                                      and not m.requests, start=start)
+
+
+async def test_requests_of_an_earlier_start_of_a_frontend_are_aborted_at_its_restart(cluster):
+    # A supervisor restarts a frontend quicker than the silence timeout: its first heartbeat (a
+    # newer incarnation) must free what the dead start added; nothing else is touched.
+    await cluster.start_worker(*SIM, env={"KVFERRY_WORKER_FRONTEND_TIMEOUT_S": "60"})
+    first, second = "00000000000000a1-x", "00000000000000b2-y"
+    await cluster.client.send(Heartbeat(sender_id="fe-test", role="frontend", seq=1, incarnation=first))
+    for rid, inc in (("of-first", first), ("unsaid", "")):
+        assert isinstance(await cluster.call(cluster.add(rid, max_tokens=1000, frontend_incarnation=inc)), Ack)
+    await cluster.frontend.until(lambda: all(cluster.frontend.tokens.get(r) for r in ("of-first", "unsaid")))
+    await cluster.client.send(Heartbeat(sender_id="fe-test", role="frontend", seq=1, incarnation=second))
+    assert isinstance(await cluster.call(cluster.add("of-second", max_tokens=1000, frontend_incarnation=second)), Ack)
+    fin = await cluster.frontend.finished("of-first")
+    assert fin.finish_reason == "abort" and len(cluster.frontend.tokens["of-first"]) < 1000
+    # a late heartbeat of the earlier start changes nothing: the later start's request goes on
+    await cluster.client.send(Heartbeat(sender_id="fe-test", role="frontend", seq=2, incarnation=first))
+    await cluster.frontend.until(lambda: len(cluster.frontend.tokens.get("of-second", [])) >= 3)
+    start = len(cluster.scheduler.messages)
+    for rid in ("unsaid", "of-second"):  # neither was aborted by the restart: they abort now
+        ack = await cluster.call(AbortRequest(request_id=rid))
+        assert isinstance(ack, Ack) and ack.ok, (rid, ack)
+    await cluster.scheduler.wait_for(lambda m: isinstance(m, LoadReport) and m.free_blocks == m.total_blocks
+                                     and not m.requests, start=start)

@@ -108,6 +108,12 @@ class WorkerHealth:
     pinging: bool = False
 
 
+def new_incarnation() -> str:
+    """This start of the frontend: its start time (hex nanoseconds, fixed width, so later starts
+    sort after earlier ones) and a random suffix. Workers abort the requests of an earlier start."""
+    return f"{time.time_ns():016x}-{uuid.uuid4().hex[:8]}"
+
+
 def new_request_id(prefix: str) -> str:
     """A wire request id such as `cmpl-3f9c...`: the HTTP response id and what `kvferry ctl` shows."""
     return f"{prefix}-{uuid.uuid4().hex[:24]}"
@@ -122,6 +128,7 @@ class Router:
         self.cfg = cfg
         self.fcfg = cfg.frontend
         self.frontend_id = cfg.frontend.resolved_id
+        self.incarnation = new_incarnation()
         self.ctx = ctx or zmq.asyncio.Context.instance()
         self.reply_address = cfg.cluster.frontend_tokens(cfg.frontend.index)
         self.streams: dict[str, RequestStream] = {}
@@ -285,7 +292,8 @@ class Router:
                 raise
             stream.restart_at(worker.worker_id, worker.address)  # aborts go there from now on
             add = AddRequest(request_id=rid, prompt_token_ids=prompt, sampling=sampling, priority=stream.priority,
-                             frontend_id=self.frontend_id, reply_address=self.reply_address, first_index=first_index,
+                             frontend_id=self.frontend_id, frontend_incarnation=self.incarnation,
+                             reply_address=self.reply_address, first_index=first_index,
                              deadline_ms=deadline_in(left))
             try:
                 reply = await self._worker(worker.address).request(add, timeout_s=min(ADD_TIMEOUT_S, left))
@@ -555,7 +563,8 @@ class Router:
         try:
             r = self._worker(address)
             with contextlib.suppress(ProtocolError):
-                await r.send(Heartbeat(sender_id=self.frontend_id, role="frontend", seq=self._hb_seq), timeout_s=0.05)
+                await r.send(Heartbeat(sender_id=self.frontend_id, role="frontend", seq=self._hb_seq,
+                                       incarnation=self.incarnation), timeout_s=0.05)
             reply = await r.request(Ping(sender_id=self.frontend_id), timeout_s=self.fcfg.worker_timeout_s)
             if isinstance(reply, Pong):
                 h.last_pong = time.monotonic()

@@ -54,6 +54,7 @@ class ControlHandler:
         self.sock = sock
         self._tasks: set[asyncio.Task[None]] = set()
         self.frontend_seen: dict[str, float] = {}  # frontend id → monotonic time of its last heartbeat
+        self.frontend_start: dict[str, str] = {}  # frontend id → its latest incarnation heard of
 
     async def __call__(self, rec: Received) -> object | None:
         msg = rec.msg
@@ -64,8 +65,10 @@ class ControlHandler:
                 return refusal
             if msg.frontend_id in self.frontend_seen:
                 self.frontend_seen[msg.frontend_id] = time.monotonic()
+            self._heard_start(msg.frontend_id, msg.frontend_incarnation)
             # Routed at once (not in the task), so a second AddRequest with this id is refused.
-            w.routes.add(Route(msg.request_id, msg.frontend_id, msg.reply_address, index_offset=msg.first_index))
+            w.routes.add(Route(msg.request_id, msg.frontend_id, msg.reply_address, index_offset=msg.first_index,
+                               frontend_incarnation=msg.frontend_incarnation))
             self._spawn(self._add(rec, msg))
             return None
         if isinstance(msg, AbortRequest):
@@ -76,6 +79,7 @@ class ControlHandler:
             return Pong.to(msg, sender_id=w.worker_id)
         if isinstance(msg, Heartbeat):
             self.frontend_seen[msg.sender_id] = time.monotonic()
+            self._heard_start(msg.sender_id, msg.incarnation)
             return None
         if isinstance(msg, Drain):
             w.set_draining(msg.draining)
@@ -206,17 +210,33 @@ class ControlHandler:
             del self.frontend_seen[fid]
             rids = self.worker.routes.by_frontend(fid)
             log.warning("worker.frontend_lost", frontend_id=fid, silent_s=round(now - seen, 1), requests=len(rids))
-            for rid in rids:
-                try:
-                    out = await self.worker.driver.call(lambda e, rid=rid: e.abort_request(rid))
-                except Exception:  # noqa: BLE001
-                    log.exception("request.abort_failed", request_id=rid)
-                    continue
-                if out is not None:
-                    log.info("request.aborted", request_id=rid, reason="frontend lost", tokens=out.first_index)
-                    self.worker.streamer.publish([out])
-            if rids:
-                self.worker.link.mark_dirty()
+            await self._abort_all(rids, "frontend lost")
+
+    def _heard_start(self, frontend_id: str, incarnation: str) -> None:
+        """A frontend restarted under its id (a newer incarnation than the last one heard of): the
+        requests its earlier start added have no reader any more. Abort them now; the silence rule
+        above would miss a restart quicker than its timeout. Incarnations sort by start time."""
+        if not incarnation or incarnation <= self.frontend_start.get(frontend_id, ""):
+            return
+        self.frontend_start[frontend_id] = incarnation
+        rids = self.worker.routes.of_earlier_frontend(frontend_id, incarnation)
+        if rids:
+            log.warning("worker.frontend_restarted", frontend_id=frontend_id, requests=len(rids))
+            self._spawn(self._abort_all(rids, "frontend restarted"))
+
+    async def _abort_all(self, rids: list[str], reason: str) -> None:
+        """Abort `rids` (their final batch goes out with finish_reason "abort"); a failure is logged."""
+        for rid in rids:
+            try:
+                out = await self.worker.driver.call(lambda e, rid=rid: e.abort_request(rid))
+            except Exception:  # noqa: BLE001
+                log.exception("request.abort_failed", request_id=rid)
+                continue
+            if out is not None:
+                log.info("request.aborted", request_id=rid, reason=reason, tokens=out.first_index)
+                self.worker.streamer.publish([out])
+        if rids:
+            self.worker.link.mark_dirty()
 
     async def _forget(self, rid: str) -> None:
         """Make sure a request whose add failed half-way is neither in the engine nor routed."""

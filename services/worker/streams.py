@@ -43,6 +43,7 @@ class Route:
     # A migrated-in request: the RequestMoved (this worker's control endpoint) to send before its
     # first tokens, so the frontend's aborts follow the request.
     announce: str | None = None
+    frontend_incarnation: str = ""  # the start of the frontend that added it ("" unknown)
 
 
 class RouteTable:
@@ -71,6 +72,13 @@ class RouteTable:
 
     def by_frontend(self, frontend_id: str) -> list[str]:
         return [r.request_id for r in self._routes.values() if r.frontend_id == frontend_id]
+
+    def of_earlier_frontend(self, frontend_id: str, incarnation: str) -> list[str]:
+        """Requests added by an earlier start of `frontend_id` than `incarnation` (incarnations sort
+        by start time): nobody reads their tokens any more (the restarted frontend knows nothing of
+        them). Routes of a sender that gave no incarnation ("") are never matched."""
+        return [r.request_id for r in self._routes.values()
+                if r.frontend_id == frontend_id and "" < r.frontend_incarnation < incarnation]
 
 
 class TokenStreamer:

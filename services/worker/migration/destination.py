@@ -223,7 +223,8 @@ class MigrationDestination:
         m.committing = done = asyncio.Event()
         await self._wait_writes(m)
         route = Route(rid, msg.frontend_id, msg.reply_address, index_offset=msg.next_index - num_output,
-                      tokens_sent=num_output, announce=w.control_endpoint)
+                      tokens_sent=num_output, announce=w.control_endpoint,
+                      frontend_incarnation=msg.frontend_incarnation)
         w.routes.add(route)  # before the commit: the first step's tokens must find it
         key = m.key
         try:

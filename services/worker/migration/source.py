@@ -302,6 +302,7 @@ class MigrationSource:
             m.phase = "committing"
             commit = MigrateCommit(migration_id=m.migration_id, state=RequestState.from_engine_dict(state),
                                    frontend_id=route.frontend_id, reply_address=route.reply_address,
+                                   frontend_incarnation=route.frontend_incarnation,
                                    next_index=route.index_offset + route.tokens_sent)
             ack = await self._rpc(m, requester.request(commit, self.cfg.migration_timeout_s, raise_errors=False),
                                   cancellable=False)
