@@ -46,6 +46,18 @@ def block_bytes(cache: torch.Tensor) -> int:
     return cache[:, :, :1].numel() * cache.element_size()
 
 
+def touch_zero(t: torch.Tensor) -> torch.Tensor:
+    """Zero a host buffer, touching each page once (no page faults on the data path later), without
+    a parallel torch op: the calling thread (the worker's event loop, which lives as long as the
+    process) must not become an OpenMP team's master, or every engine step slows down
+    (services.worker.torch_threads). numpy's fill is single-threaded. A device tensor is zeroed
+    by torch."""
+    if t.is_cuda or not t.is_contiguous():
+        return t.zero_()
+    t.view(torch.uint8).numpy().fill(0)
+    return t
+
+
 def block_shape(cache: torch.Tensor, n: int) -> tuple[int, ...]:
     """Shape of `n` gathered blocks: [L, 2, n, block_size, kv_heads, head_dim]."""
     return (*cache.shape[:2], n, *cache.shape[3:])

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from kv_transfer.base import (DEFAULT_CHUNK_BYTES, MiB, ChunkHeader, KVReceiver, KVSender, block_bytes,
-                              block_shape, index_tensor)
+                              block_shape, index_tensor, touch_zero)
 
 SHM_DIR = "/dev/shm"
 PREFIX = "kvferry-kv-"
@@ -124,7 +124,7 @@ class ShmSender(KVSender):
         self.shm_bytes = self.depth * self.slot_bytes
         self.shm_name = f"{PREFIX}{os.getpid()}-{uuid.uuid4().hex[:12]}"
         self._map = _Mapping(os.path.join(SHM_DIR, self.shm_name), self.shm_bytes, create=True)
-        self._map.u8.fill_(0)  # touch every page once: no page faults on the data path
+        touch_zero(self._map.u8)  # touch every page once: no page faults on the data path
         if cache.is_cuda:
             self._map.pin()
         self._free = list(range(self.depth))

@@ -21,7 +21,7 @@ import torch
 import zmq
 
 from kv_transfer.base import (DEFAULT_CHUNK_BYTES, ChunkHeader, KVReceiver, KVSender, block_bytes, block_shape,
-                              index_tensor)
+                              index_tensor, touch_zero)
 
 _enc = msgspec.msgpack.Encoder()
 _dec = msgspec.msgpack.Decoder(ChunkHeader)
@@ -39,7 +39,7 @@ class FramesSender(KVSender):
         self.chunk_blocks = max(1, chunk_bytes // block_bytes(cache))
         self.depth = depth
         # Host staging tensors, touched now (zeros) so the gather never page-faults.
-        self._staging = [torch.zeros(block_shape(cache, self.chunk_blocks), dtype=cache.dtype)
+        self._staging = [touch_zero(torch.empty(block_shape(cache, self.chunk_blocks), dtype=cache.dtype))
                          for _ in range(depth)]
         self._trackers: list[zmq.MessageTracker | None] = [None] * depth
         self._staged: dict[int, tuple[int, memoryview]] = {}  # sock=None: seq -> (slot, data) until acked

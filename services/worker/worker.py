@@ -47,6 +47,7 @@ from services.worker.metrics_http import MetricsServer, start_metrics_server
 from services.worker.migration.service import MigrationService
 from services.worker.scheduler_link import SchedulerLink
 from services.worker.streams import RouteTable, TokenStreamer
+from services.worker.torch_threads import on_fresh_thread
 
 log = get_logger(__name__)
 
@@ -268,7 +269,9 @@ async def run_worker(cfg: KvferryConfig) -> None:
     # What a start is doing, for the service manager (`systemctl status`, `kvferry up` while it waits).
     manager = sd_notify.Notifier()
     manager.notify(status=f"building the {wc.engine} engine: {wc.model} {wc.dtype} on {wc.device}")
-    engine, info = await loop.run_in_executor(None, build_engine, cfg.worker)
+    # On a thread that exits afterwards: a live thread that ran torch ops slows every engine step
+    # (services.worker.torch_threads).
+    engine, info = await on_fresh_thread(build_engine, cfg.worker)
     manager.notify(status="binding its sockets and registering with the scheduler")
     worker = Worker(cfg, engine, info)
     if cfg.worker.watchdog_s > 0 and manager.watchdog_s is None:
