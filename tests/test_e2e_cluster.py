@@ -60,11 +60,13 @@ def wait_idle(c: LocalCluster, timeout_s: float = 60.0) -> dict:
 
 
 @functools.lru_cache(maxsize=None)
-def reference(prompt: str, max_tokens: int) -> dict:
-    """`kvferry generate`'s greedy output (a process start and a model build: asked once per args)."""
+def reference(prompt: str, max_tokens: int, ignore_eos: bool = False) -> dict:
+    """`kvferry generate`'s greedy output on kvferry's torch engine, `--json` (text and token ids; a
+    process start and a model build: asked once per args)."""
     out = subprocess.run([sys.executable, "-m", "cli.main", "generate", "--model", MODEL, "--dtype", "float32",
-                          "--prompt", prompt, "--max-tokens", str(max_tokens), "--json"],
-                         capture_output=True, text=True, timeout=120)
+                          "--prompt", prompt, "--max-tokens", str(max_tokens), "--json",
+                          *(["--ignore-eos"] if ignore_eos else [])],
+                         capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     return json.loads(out.stdout)
 

@@ -8,10 +8,7 @@ vLLM recomputed none of it; every worker's blocks return to zero."""
 from __future__ import annotations
 
 import asyncio
-import json
 import re
-import subprocess
-import sys
 import urllib.request
 
 import openai
@@ -21,7 +18,7 @@ pytest.importorskip("vllm")
 
 from services.config import load_config  # noqa: E402
 from services.launcher import ClusterSpec, LocalCluster, free_port_block, free_ports  # noqa: E402
-from tests.test_e2e_cluster import wait_idle  # noqa: E402
+from tests.test_e2e_cluster import reference, wait_idle  # noqa: E402
 from tests.test_e2e_migration import (  # noqa: E402
     ctl_migrate,
     drain_busiest_worker,
@@ -35,18 +32,6 @@ MODEL = "tiny"
 BS = 32
 LONG = 3000
 WORKERS = ("worker-0", "worker-1")
-
-
-def reference(prompt: str, max_tokens: int, temperature: float = 0.0, seed: int | None = None) -> dict:
-    """`kvferry generate --json` on kvferry's torch engine (same weights, float32, ignore_eos): the
-    text and tokens an unmigrated run makes."""
-    args = [sys.executable, "-m", "cli.main", "generate", "--model", MODEL, "--dtype", "float32", "--prompt", prompt,
-            "--max-tokens", str(max_tokens), "--ignore-eos", "--temperature", str(temperature), "--json"]
-    if seed is not None:
-        args += ["--seed", str(seed)]
-    out = subprocess.run(args, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr
-    return json.loads(out.stdout)
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +89,7 @@ async def test_ctl_migrate_moves_openai_streams_between_vllm_workers(cluster):
     for name in prompts:
         assert texts[name] == twins[name], f"{name}: the migrated stream differs from an unmigrated run"
         assert len(texts[name]) > LONG // 2
-    ref = await asyncio.to_thread(reference, "The river", LONG)  # kvferry's torch engine, same weights
+    ref = await asyncio.to_thread(reference, "The river", LONG, True)  # kvferry's torch engine, same weights
     assert texts["greedy"] == ref["text"]
     after = [worker_metrics(cluster, i) for i in range(2)]
     started = sum(a["kvferry_worker_vllm_continuations_total"] - b["kvferry_worker_vllm_continuations_total"]
@@ -122,7 +107,7 @@ async def test_drain_moves_sdk_streams_off_a_vllm_worker(cluster):
     prompts = [("Once upon a time", 0.0, None), ("Dear diary", 0.0, None), ("In the beginning", 0.0, None)]
     n = 1200
     _, _, got = await drain_busiest_worker(cluster, prompts, n)
-    refs = await asyncio.gather(*(asyncio.to_thread(reference, p, n, t, s) for p, t, s in prompts))
+    refs = await asyncio.gather(*(asyncio.to_thread(reference, p, n, True) for p, _, _ in prompts))  # all greedy
     for (prompt, _, _), toks, ref in zip(prompts, got, refs):
         assert toks == ref["token_ids"], f"{prompt!r}: drained stream differs from kvferry's engine"
     wait_idle(cluster)

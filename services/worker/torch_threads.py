@@ -36,7 +36,7 @@ def _lower_priority(nice: int) -> None:
 
 class FreshThreadExecutor(concurrent.futures.Executor):
     """Runs each submitted call on a new thread that exits afterwards (see the module docstring),
-    at most `max_workers` at a time (more wait their turn, in order); `nice` lowers each thread's
+    at most `max_workers` at a time (the others' threads wait for a slot); `nice` lowers each thread's
     CPU priority (Linux)."""
 
     def __init__(self, max_workers: int, name: str, nice: int | None = None) -> None:
