@@ -15,6 +15,7 @@ KINDS = (
     "cli.bench_serve",
     "cli.bench_chaos",
     "cli.bench_restart",
+    "cli.bench_overhead",
 )
 
 

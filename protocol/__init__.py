@@ -35,6 +35,7 @@ from protocol.client import (
     ClientInbound,
     FrontendSdkInbound,
     GenerateChunk,
+    GenerateChunks,
     GenerateRequest,
     Usage,
 )

@@ -2,7 +2,7 @@
 
 Client → frontend (FrontendSdkInbound): GenerateRequest (→ a stream of GenerateChunk, or one
 ErrorReply), CancelGenerate (one-way), Ping (→ Pong).
-Frontend → client (ClientInbound): GenerateChunk, ErrorReply, Pong.
+Frontend → client (ClientInbound): GenerateChunk, GenerateChunks, ErrorReply, Pong.
 
 A GenerateRequest's `msg_id` correlates everything: every GenerateChunk of its answer carries
 `reply_to = msg_id`; the last chunk has `finish_reason` and `usage` set. Without `stream` the
@@ -10,6 +10,9 @@ answer is a single, final chunk holding all text and tokens. ErrorReply codes: i
 request, prompt too long), overloaded (retry later), unavailable (no worker), expired (deadline
 passed), unauthorized (the frontend has an API key and `api_key` is missing or wrong), internal.
 `api_key` is an optional field added without a version bump: older peers ignore or omit it.
+So is `batch_chunks`: a client that sets it may get the streamed chunks of its requests as
+GenerateChunks (those of one worker step together, one message instead of one per request);
+each chunk in it means what it would alone, in order per request.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ MAX_STOP_STRINGS = 16
 MAX_STOP_CHARS = 1024
 MAX_CHAT_MESSAGES = 4096
 MAX_API_KEY_CHARS = 1024
+MAX_BATCHED_CHUNKS = 1024
 
 PromptText = Annotated[str, Meta(max_length=MAX_PROMPT_CHARS)]
 StopString = Annotated[str, Meta(min_length=1, max_length=MAX_STOP_CHARS)]
@@ -65,6 +69,7 @@ class GenerateRequest(RequestMessage, kw_only=True, frozen=True):
     priority: Priority = 0
     stream: bool = True
     api_key: Annotated[str, Meta(max_length=MAX_API_KEY_CHARS)] | None = None  # [frontend] api_key, if set
+    batch_chunks: bool = False  # this client takes GenerateChunks (see the module docstring)
 
     def __post_init__(self) -> None:
         given = sum(x is not None for x in (self.prompt, self.prompt_token_ids, self.messages))
@@ -84,6 +89,13 @@ class GenerateChunk(ReplyMessage, kw_only=True, frozen=True):
     usage: Usage | None = None
 
 
+class GenerateChunks(Message, kw_only=True, frozen=True):
+    """Streamed chunks of several requests of one client, sent together (only to a client whose
+    GenerateRequest set `batch_chunks`): per worker step, one message per client, not per request."""
+
+    chunks: Annotated[list[GenerateChunk], Meta(min_length=1, max_length=MAX_BATCHED_CHUNKS)]
+
+
 class CancelGenerate(Message, kw_only=True, frozen=True):
     """Stop the generation started by the GenerateRequest whose msg_id is `target` (one-way)."""
 
@@ -93,5 +105,5 @@ class CancelGenerate(Message, kw_only=True, frozen=True):
 FrontendSdkInbound = Union[GenerateRequest, CancelGenerate, Ping]
 """Everything a frontend's SDK ROUTER accepts."""
 
-ClientInbound = Union[GenerateChunk, ErrorReply, Pong]
+ClientInbound = Union[GenerateChunk, GenerateChunks, ErrorReply, Pong]
 """What an SDK client receives on its DEALER."""

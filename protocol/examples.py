@@ -7,7 +7,7 @@ message type without an example here fails the protocol tests.
 from __future__ import annotations
 
 from protocol.base import Message, deadline_in
-from protocol.client import CancelGenerate, ChatMessage, GenerateChunk, GenerateRequest, Usage
+from protocol.client import CancelGenerate, ChatMessage, GenerateChunk, GenerateChunks, GenerateRequest, Usage
 from protocol.common import Ack, ErrorReply, Heartbeat, Ping, Pong
 from protocol.payloads import RequestLoadEntry, RequestState, SamplingParams, TensorSpec, WorkerEndpoints
 from protocol.to_frontend import (
@@ -138,5 +138,8 @@ def example_messages() -> list[Message]:
                         priority=1, stream=True, deadline_ms=dl, api_key="sk-example"),
         GenerateChunk(reply_to="m-1", request_id="sdk-1", text="Hello", token_ids=[9, 8], first_index=0,
                       finish_reason="stop", usage=Usage(prompt_tokens=3, completion_tokens=2, total_tokens=5)),
+        GenerateChunks(chunks=[GenerateChunk(reply_to="m-1", request_id="sdk-1", text=" world", token_ids=[7],
+                                             first_index=2),
+                               GenerateChunk(reply_to="m-2", request_id="sdk-2", text="Hi", token_ids=[5], first_index=0)]),
         CancelGenerate(target="m-1"),
     ]

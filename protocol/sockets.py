@@ -190,12 +190,30 @@ class MessageSocket:
                 raise ValueError("a ROUTER socket needs the peer's routing id to send")
             parts.insert(0, peer)
         sending = self.raw.send_multipart(parts, copy=not frames, track=track)
-        if timeout_s is None:
+        # pyzmq completes a send that ZeroMQ queued at once: only a blocked one needs a deadline
+        # (wait_for costs a timer and a waiter, per message, on the token path).
+        if timeout_s is None or sending.done():
             return await sending
         try:
             return await asyncio.wait_for(sending, timeout_s)
         except asyncio.TimeoutError:
             raise RequestTimeout(f"{self.name}: could not send {type(msg).__name__} within {timeout_s} s") from None
+
+    def send_nowait(self, msg: Message, *, peer: bytes | None = None) -> None:
+        """Queue `msg` now, in call order, without awaiting: for a ROUTER, whose sends never block
+        (ZeroMQ drops messages to a peer past its high-water mark). Encoding errors raise here; a
+        failed send is logged."""
+        if not self.is_router or peer is None:
+            raise ValueError("send_nowait is for ROUTER sockets, with the peer's routing id")
+        sending = self.raw.send_multipart([peer, encode(msg, max_bytes=self.max_bytes)])
+        if not sending.done():
+            sending.add_done_callback(self._log_failed_send)
+        elif sending.exception() is not None:
+            self._log_failed_send(sending)
+
+    def _log_failed_send(self, fut: "asyncio.Future[Any]") -> None:
+        if not fut.cancelled() and (exc := fut.exception()) is not None and self._limiter.allow():
+            log.warning("%s: a send failed: %s: %s", self.name, type(exc).__name__, exc)
 
     async def send_tensors(self, header: Message, tensors: Sequence[Any], *, peer: bytes | None = None,
                            timeout_s: float | None = None, track: bool = False) -> zmq.MessageTracker | None:

@@ -29,7 +29,8 @@ import zmq
 import zmq.asyncio
 
 from protocol.base import deadline_in
-from protocol.client import CancelGenerate, ChatMessage, ClientInbound, GenerateChunk, GenerateRequest, Usage
+from protocol.client import (CancelGenerate, ChatMessage, ClientInbound, GenerateChunk, GenerateChunks, GenerateRequest,
+                             Usage)
 from protocol.common import ErrorCode, ErrorReply
 from protocol.errors import ProtocolError
 from protocol.payloads import SamplingParams
@@ -145,7 +146,7 @@ def _request(prompt: str | None, prompt_token_ids: Sequence[int] | None, message
                               ignore_eos=ignore_eos)
     return GenerateRequest(prompt=prompt, prompt_token_ids=None if prompt_token_ids is None else list(prompt_token_ids),
                            messages=msgs, sampling=sampling, stop=stops, priority=priority, stream=stream,
-                           deadline_ms=deadline_in(timeout), api_key=api_key)
+                           deadline_ms=deadline_in(timeout), api_key=api_key, batch_chunks=True)
 
 
 class AsyncClient:
@@ -213,9 +214,10 @@ class AsyncClient:
                 rec = await self._sock.recv()
             except ProtocolError:
                 continue
-            q = self._queues.get(getattr(rec.msg, "reply_to", None) or "")
-            if q is not None:
-                q.put_nowait(rec.msg)
+            for msg in rec.msg.chunks if isinstance(rec.msg, GenerateChunks) else (rec.msg,):
+                q = self._queues.get(getattr(msg, "reply_to", None) or "")
+                if q is not None:
+                    q.put_nowait(msg)
 
     async def close(self) -> None:
         """Cancel running generations, stop the reader and close the socket."""
@@ -257,7 +259,11 @@ class AsyncClient:
                 try:
                     if left <= 0:
                         raise asyncio.TimeoutError
-                    msg = await asyncio.wait_for(q.get(), left)
+                    if q.empty():
+                        async with asyncio.timeout(left):  # a timer handle, not a Task per chunk
+                            msg = await q.get()
+                    else:
+                        msg = q.get_nowait()
                 except asyncio.TimeoutError:
                     raise GenerateTimeout(f"no complete answer within {timeout:g} s") from None
                 if isinstance(msg, ErrorReply):

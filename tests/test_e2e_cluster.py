@@ -214,3 +214,51 @@ async def test_hostile_frames_on_the_frontend_sockets_are_refused_and_it_keeps_s
     await client.close()
     async with AsyncClient(cluster.sdk_endpoint, timeout=60) as sdk_client:
         assert (await sdk_client.generate(PROMPT, max_tokens=4)).usage.completion_tokens == 4
+
+
+async def test_sdk_chunks_of_a_step_come_batched_only_to_a_client_that_asked(cluster):
+    """Over a raw DEALER: 4 streams with `batch_chunks` get GenerateChunks (several requests' chunks
+    in one message) and lose or reorder nothing; without it, only single GenerateChunk arrive."""
+    import zmq
+    import zmq.asyncio
+
+    from protocol import decode
+    from protocol.client import GenerateChunk, GenerateChunks, GenerateRequest
+    from protocol.codec import encode
+    from protocol.payloads import SamplingParams
+
+    async def run(batch: bool) -> tuple[dict[str, list[int]], set[str], int]:
+        ctx = zmq.asyncio.Context()
+        try:
+            sock = ctx.socket(zmq.DEALER)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.connect(cluster.sdk_endpoint)
+            reqs = [GenerateRequest(prompt=f"{PROMPT} {k}", sampling=SamplingParams(max_tokens=12, ignore_eos=True),
+                                    batch_chunks=batch) for k in range(4)]
+            for r in reqs:
+                await sock.send(encode(r))
+            ids: dict[str, list[int]] = {r.msg_id: [] for r in reqs}
+            kinds: set[str] = set()
+            most = 0
+            done = 0
+            deadline = time.monotonic() + 60
+            while done < len(reqs):
+                assert await sock.poll(max(0, int(1000 * (deadline - time.monotonic())))), "no answer in time"
+                msg = decode(await sock.recv())
+                kinds.add(type(msg).__name__)
+                chunks = msg.chunks if isinstance(msg, GenerateChunks) else [msg]
+                most = max(most, len(chunks))
+                for c in chunks:
+                    assert isinstance(c, GenerateChunk), c
+                    assert c.first_index == len(ids[c.reply_to])  # in order per request
+                    ids[c.reply_to].extend(c.token_ids)
+                    done += c.finish_reason is not None
+            return ids, kinds, most
+        finally:
+            ctx.destroy(linger=0)
+
+    ids, kinds, most = await run(batch=True)
+    assert all(len(v) == 12 for v in ids.values()) and "GenerateChunks" in kinds and most >= 2
+    ids, kinds, most = await run(batch=False)
+    assert all(len(v) == 12 for v in ids.values()) and kinds == {"GenerateChunk"} and most == 1
+    wait_idle(cluster)

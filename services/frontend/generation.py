@@ -82,10 +82,9 @@ async def _next_event(queue: asyncio.Queue[StreamEvent], timeout_s: float) -> St
     """The next event, merged with every event already queued behind it: when the frontend falls
     behind, one SSE event / SDK chunk then carries many tokens instead of paying per token."""
     if queue.empty():
-        try:
-            ev = await asyncio.wait_for(queue.get(), timeout_s)  # a timer task only when we must wait
-        except asyncio.TimeoutError:
-            raise TimeoutError from None
+        # asyncio.timeout: one timer handle, where wait_for would wrap the get in a new Task per token
+        async with asyncio.timeout(timeout_s):
+            ev = await queue.get()
     else:
         ev = queue.get_nowait()
     if ev.finish_reason is not None or queue.empty():

@@ -137,7 +137,8 @@ class Router:
         self.on_dispatch = on_dispatch
         self.on_resume = on_resume  # called with "resumed" or "failed" per lost request
         self.health: dict[str, WorkerHealth] = {}  # by worker address
-        self._unlisted: dict[str, float] = {}  # silent request id → since when no live worker lists it
+        # silent request id → (since when no live worker lists it, its owner's report time then)
+        self._unlisted: dict[str, tuple[float, int]] = {}
         # Aborted requests: expiry time and the owners already told, so late tokens or a move
         # re-send the abort only to an owner that has not had it.
         self._tombstones: dict[str, tuple[float, set[str]]] = {}
@@ -519,17 +520,20 @@ class Router:
         listed = {r.request_id for r in reply.requests}
         # Only an owner that reports (alive, registered with this scheduler) can vouch that it does
         # not hold the request; an unlisted owner is the pings' business.
-        reporting = {i.worker_id for i in reply.instances if i.alive and i.last_report_ms > 0}
+        # And only a report made after we first missed the request counts: a worker stuck in a
+        # long step (or paused) reports nothing, and its last report may predate the request.
+        reporting = {i.worker_id: i.last_report_ms for i in reply.instances if i.alive and i.last_report_ms > 0}
         now = time.monotonic()
-        unlisted: dict[str, float] = {}
+        unlisted: dict[str, tuple[float, int]] = {}
         for s in silent:
             if s.request_id in listed or s.worker_id not in reporting:
                 continue
-            since = self._unlisted.get(s.request_id, now)
-            if now - since >= UNLISTED_S and self.streams.get(s.request_id) is s:
+            since, report_ms = self._unlisted.get(s.request_id, (now, reporting[s.worker_id]))
+            if (now - since >= UNLISTED_S and reporting[s.worker_id] > report_ms
+                    and self.streams.get(s.request_id) is s):
                 self.resume(s, "listed on no live worker")
             else:
-                unlisted[s.request_id] = since
+                unlisted[s.request_id] = (since, report_ms)
         self._unlisted = unlisted
 
     async def _watch_workers(self) -> None:

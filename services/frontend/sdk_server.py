@@ -3,6 +3,10 @@
 Each GenerateRequest runs as its own task keyed by (peer, msg_id); CancelGenerate (or the
 request's deadline) stops it and aborts the request on its worker. Errors before the first chunk
 are one ErrorReply (codes as in protocol.client); errors after it too (the stream then ends).
+
+A client that sets `batch_chunks` gets the streamed chunks of one event-loop turn (those one
+worker step produced) as one GenerateChunks per client: a ZeroMQ send, and a wake-up of its I/O
+thread, per step instead of per request, on both ends.
 """
 
 from __future__ import annotations
@@ -13,7 +17,8 @@ import zmq
 import zmq.asyncio
 
 from protocol.base import remaining_s
-from protocol.client import CancelGenerate, FrontendSdkInbound, GenerateChunk, GenerateRequest, Usage
+from protocol.client import (MAX_BATCHED_CHUNKS, CancelGenerate, FrontendSdkInbound, GenerateChunk, GenerateChunks,
+                             GenerateRequest, Usage)
 from protocol.common import ErrorCode, ErrorReply, Ping, Pong
 from protocol.errors import ProtocolError
 from protocol.fields import DEFAULT_MAX_MESSAGE_BYTES
@@ -46,6 +51,7 @@ class SdkServer:
                                        max_frame_bytes=max(cfg.max_body_bytes, DEFAULT_MAX_MESSAGE_BYTES))
         self._jobs: dict[tuple[bytes, str], asyncio.Task] = {}
         self._rids: dict[tuple[bytes, str], str] = {}  # the request id of each job
+        self._outbox: dict[bytes, list[GenerateChunk]] = {}  # chunks to batch, per peer, until the next turn
         self._serve: asyncio.Task | None = None
 
     def start(self) -> None:
@@ -87,6 +93,26 @@ class SdkServer:
             task.add_done_callback(lambda _t, k=key: (self._jobs.pop(k, None), self._rids.pop(k, None)))
         return None
 
+    def _queue_chunk(self, peer: bytes, chunk: GenerateChunk) -> None:
+        box = self._outbox.get(peer)
+        if box is None:
+            box = self._outbox[peer] = []
+            # call_soon runs after every task this turn woke (all chunks of one TokenBatches)
+            asyncio.get_running_loop().call_soon(self._flush, peer)
+        box.append(chunk)
+
+    def _flush(self, peer: bytes) -> None:
+        """Send the peer's batched chunks now (in order, before whatever is sent next)."""
+        box = self._outbox.pop(peer, None)
+        for i in range(0, len(box or ()), MAX_BATCHED_CHUNKS):
+            part = box[i:i + MAX_BATCHED_CHUNKS]  # type: ignore[index]
+            try:
+                self.sock.send_nowait(part[0] if len(part) == 1 else GenerateChunks(chunks=part), peer=peer)
+            except ProtocolError:  # too large together (long texts): one by one
+                for c in part:
+                    with contextlib.suppress(ProtocolError):
+                        self.sock.send_nowait(c, peer=peer)
+
     def _params(self, msg: GenerateRequest) -> tuple[GenerateParams, int]:
         if msg.messages is not None:
             ids = self.parser.encode_chat([{"role": m.role, "content": m.content} for m in msg.messages])
@@ -113,6 +139,11 @@ class SdkServer:
 
     async def _generate(self, peer: bytes, msg: GenerateRequest) -> None:
         async def send(reply: object) -> None:
+            if msg.batch_chunks and isinstance(reply, GenerateChunk):
+                self._queue_chunk(peer, reply)
+                return
+            if peer in self._outbox:
+                self._flush(peer)  # this request's earlier chunks go first
             with contextlib.suppress(ProtocolError):
                 await self.sock.send(reply, peer=peer, timeout_s=1.0)  # type: ignore[arg-type]
 
