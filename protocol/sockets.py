@@ -195,8 +195,9 @@ class MessageSocket:
         if timeout_s is None or sending.done():
             return await sending
         try:
-            return await asyncio.wait_for(sending, timeout_s)
-        except asyncio.TimeoutError:
+            async with asyncio.timeout(timeout_s):
+                return await sending
+        except TimeoutError:
             raise RequestTimeout(f"{self.name}: could not send {type(msg).__name__} within {timeout_s} s") from None
 
     def send_nowait(self, msg: Message, *, peer: bytes | None = None) -> None:
@@ -341,8 +342,9 @@ async def request(sock: "MessageSocket | Requester", msg: RequestMessage, timeou
             log.debug("%s: dropped %s while waiting for the reply to %s", sock.name, type(rec.msg).__name__, msg.msg_id)
 
     try:
-        reply = await asyncio.wait_for(exchange(), timeout_s)
-    except asyncio.TimeoutError:
+        async with asyncio.timeout(timeout_s):  # not wait_for: in 3.11 it can swallow a cancellation
+            reply = await exchange()
+    except TimeoutError:
         raise RequestTimeout(f"no reply to {type(msg).__name__} {msg.msg_id} within {timeout_s} s",
                              reply_to=msg.msg_id) from None
     return _result(reply, raise_errors)
@@ -415,8 +417,11 @@ class Requester:
                 await self.sock.send(msg, frames=frames)
                 return await fut
 
-            reply = await asyncio.wait_for(exchange(), timeout_s)
-        except asyncio.TimeoutError:
+            # Not wait_for: in 3.11 a cancellation that meets the reply is swallowed, and a loop
+            # that awaits requests (a pinger) then never stops.
+            async with asyncio.timeout(timeout_s):
+                reply = await exchange()
+        except TimeoutError:
             raise RequestTimeout(f"no reply to {type(msg).__name__} {msg.msg_id} within {timeout_s} s",
                                  reply_to=msg.msg_id) from None
         finally:

@@ -517,6 +517,37 @@ async def test_requester_matches_concurrent_replies(ctx):
         server.close()
 
 
+async def test_a_cancelled_request_stays_cancelled_when_its_reply_arrives_at_the_same_moment(ctx):
+    """A loop of requests (the scheduler's pinger) must stop when cancelled, even if the reply
+    lands in the same event-loop turn: Python 3.11's asyncio.wait_for returned the reply instead
+    (the loop went on, and a shutdown waiting for it hung)."""
+    server = MessageSocket.open(ctx, zmq.ROUTER, (Ping,), bind="tcp://127.0.0.1:0")
+    client = MessageSocket.connect(ctx, zmq.DEALER, server.last_endpoint, (Pong, ErrorReply))
+    try:
+        async with Requester(client) as req:
+            rounds = 0
+
+            async def pinger() -> None:
+                nonlocal rounds
+                while True:
+                    await req.request(Ping(sender_id="p"), 10.0)
+                    rounds += 1
+
+            task = asyncio.create_task(pinger())
+            deadline = time.monotonic() + 30
+            while not req._pending:
+                assert time.monotonic() < deadline, "the ping was never sent"
+                await asyncio.sleep(0.01)
+            (fut,) = req._pending.values()
+            fut.set_result(Pong(reply_to="x", sender_id="s"))  # the reply and the cancel, in one turn
+            task.cancel()
+            await asyncio.wait([task], timeout=5.0)
+            assert task.cancelled() and rounds == 0
+    finally:
+        client.close()
+        server.close()
+
+
 async def test_frames_through_message_sockets(ctx):
     server = MessageSocket.open(ctx, zmq.ROUTER, (MigrateBlocks,), bind="tcp://127.0.0.1:0",
                                 max_frame_bytes=1 << 20, zero_copy=True)

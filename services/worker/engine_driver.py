@@ -70,7 +70,8 @@ class EngineDriver:
         """Run `fn(engine)` on the engine thread between steps; its exception propagates here."""
         fut: asyncio.Future[T] = self._loop.create_future()
         self._commands.put((fn, fut))
-        return await asyncio.wait_for(fut, timeout_s)
+        async with asyncio.timeout(timeout_s):  # not wait_for: in 3.11 it can swallow a cancellation
+            return await fut
 
     def _run(self) -> None:
         while True:
