@@ -1,4 +1,4 @@
-"""`kvferry bench chaos`: failures under load (DESIGN §6), on 127.0.0.1 only, bounded in time.
+"""`kvferry bench chaos`: failures under load (design §6), on 127.0.0.1 only, bounded in time.
 
 Starts a scheduler (policy kvferry: load-balancing migrations on), --workers sim workers (latency
 profile --profile, default `instant`: a flat 1 ms step; small KV caches so the policy migrates)

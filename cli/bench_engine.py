@@ -268,7 +268,7 @@ def vllm_available() -> bool:
 def run_vllm(model: str, dtype: str, batches: list[dict], prefill_prompts: list[list[int]], decode_tokens: int,
              max_model_len: int, repeat: int = 1, retry_busy: int = 0, seed: int = 0) -> dict:
     """Run cli/vllm_bench_worker.py in a subprocess; returns its result or {"error": ...}."""
-    from cli.hf_export import cache_dir, hf_folder_for
+    from engine.weights.hf_export import cache_dir, hf_folder_for
 
     folder = hf_folder_for(model, seed=seed)
     job = {"model": str(folder), "dtype": dtype, "max_model_len": max_model_len,

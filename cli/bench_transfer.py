@@ -7,7 +7,7 @@ random destination blocks: `shm` (same-host staging buffer, 64 MiB, 16 MiB chunk
 ipc://). Time = from the first gather to the destination's ack of the last chunk written into
 its cache; best of --reps. The reference is torch copy_ of the same bytes between two warm
 tensors in this process. Blocks are SmolLM2-135M's: 30 layers x 2 (K,V) x 16 tokens x 3 KV heads
-x 64 head dim x 2 bytes (bf16) = 360 KiB per block. cuda_ipc is not built (no GPU here).
+x 64 head dim x 2 bytes (bf16) = 360 KiB per block. A CUDA IPC path is not built yet.
 """
 
 from __future__ import annotations

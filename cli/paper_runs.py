@@ -1,8 +1,8 @@
 """The runs of `kvferry bench paper` (the Llumnix paper's comparisons on the simulator): what each
 run is, and running one into a flat result row.
 
-DESIGN.md lists the paper's setup (16 LLaMA-7B instances on A10s, power-law lengths, Poisson and
-Gamma arrivals) but not its request rates, so the rates here span each trace from light load to
+The paper's setup (docs/design.md §1: 16 LLaMA-7B instances on A10s, power-law lengths, Poisson and
+Gamma arrivals) does not include its request rates, so the rates here span each trace from light load to
 about the memory-bound capacity of 16 `llama7b-a10` instances (the request rate at which the KV
 caches would be full on average: ~17 req/s for 256-256, ~6.7 for 512-512, ~8 for 128-512, ~43
 for 512-128), where the policies differ most. Rates scale with the instance count (`--quick`).

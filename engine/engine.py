@@ -25,6 +25,10 @@ from engine.tokenizer import Tokenizer
 from engine.validation import check_new_request
 from engine.weights.loader import build_model, resolve
 
+# Byte order of a KV block in kvferry's engine (layers, K/V, positions, kv heads, head dim); a
+# MigrateReserve without a layout comes from a worker of this kind.
+TORCH_KV_LAYOUT = "kvferry:L2BSHD"
+
 
 @dataclass
 class RequestLoad:
@@ -131,6 +135,15 @@ class LLMEngine:
         self.scheduler.finish(req, FinishReason.ABORT)
         return RequestOutput(request_id, [], req.num_output_tokens, finished=True, finish_reason=FinishReason.ABORT)
 
+    def num_waiting(self) -> int:
+        return len(self.scheduler.waiting)
+
+    def is_reserved(self, key: str) -> bool:
+        return key in self.reservations
+
+    def is_detached(self, request_id: str) -> bool:
+        return request_id in self.detached
+
     def step(self) -> list[RequestOutput]:
         """Schedule, run one batch, sample; returns the new tokens of each request."""
         sched = self.scheduler.schedule()
@@ -204,6 +217,11 @@ class LLMEngine:
         if req is None:
             raise MigrationError(f"no live request {request_id!r}")
         return req
+
+    @property
+    def kv_layout(self) -> str:
+        """The byte order of a block (layers, k/v, block, slot, head, dim); migrations need equal layouts."""
+        return TORCH_KV_LAYOUT
 
     @property
     def kv_tensor(self) -> torch.Tensor | None:

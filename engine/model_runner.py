@@ -6,6 +6,7 @@ from collections.abc import Callable
 
 import torch
 
+from engine.block_manager import blocks_for
 from engine.config import ModelConfig
 from engine.kv_cache import KVCache
 from engine.model import paged_decode_cpu
@@ -66,7 +67,7 @@ class ModelRunner:
             chunk = PrefillChunk(q_start=q_start, q_len=n, start_pos=start)
             if start > 0:
                 ctx = start + n
-                chunk.block_table = t[: (ctx + bs - 1) // bs].to(self.device)
+                chunk.block_table = t[: blocks_for(ctx, bs)].to(self.device)
                 allowed = torch.arange(ctx)[None, :] <= pos[:, None]  # [n, ctx]: causal within the context
                 chunk.mask = allowed.to(self.device)
             meta.prefills.append(chunk)

@@ -1,1 +1,1 @@
-"""KV-block data paths between workers (shared memory, CUDA IPC, ZeroMQ frames)."""
+"""KV-block data paths between workers (shared memory, ZeroMQ frames)."""

@@ -22,7 +22,7 @@ from typing import Any, Literal
 import msgspec
 import torch
 
-PathName = Literal["frames", "shm", "cuda_ipc"]
+PathName = Literal["frames", "shm"]  # a CUDA IPC path is not built yet
 MiB = 1 << 20
 DEFAULT_CHUNK_BYTES = 16 * MiB
 
@@ -151,10 +151,6 @@ class WorkerPlace:
     device: str = "cpu"  # "cpu" or "cuda"
 
 
-def choose_path(src: WorkerPlace, dst: WorkerPlace, cuda_ipc_available: bool = False) -> PathName:
-    """cuda_ipc for two CUDA caches on one host (when built), shm on one host, frames otherwise."""
-    if src.host == dst.host:
-        if cuda_ipc_available and src.device == "cuda" and dst.device == "cuda":
-            return "cuda_ipc"
-        return "shm"
-    return "frames"
+def choose_path(src: WorkerPlace, dst: WorkerPlace) -> PathName:
+    """shm between workers of one host (CUDA caches too, staged through host memory), frames otherwise."""
+    return "shm" if src.host == dst.host else "frames"

@@ -1,4 +1,4 @@
-"""Policy settings and the named policies every benchmark compares (DESIGN §3).
+"""Policy settings and the named policies every benchmark compares (design §3).
 
 - `rr`: round-robin dispatch, no migration.
 - `load`: dispatch to the freest instance, no migration (the paper's INFaaS++).

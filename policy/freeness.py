@@ -1,4 +1,4 @@
-"""Virtual usage and freeness (DESIGN §3).
+"""Virtual usage and freeness (design §3).
 
 Freeness F = (M - sum(V)) / B: roughly how many more decode steps the batch can take before the
 instance's memory runs out (in blocks per running request). Virtual usage V makes load that is

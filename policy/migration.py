@@ -1,8 +1,8 @@
-"""Migration planning (DESIGN §3): which running requests move where, from load snapshots alone.
+"""Migration planning (design §3): which running requests move where, from load snapshots alone.
 
 Pure code, no I/O and no clock, so the live scheduler and the offline simulator run the same plan.
 
-Sources are the draining instances (DESIGN §3: a draining instance counts as infinitely loaded,
+Sources are the draining instances (design §3: a draining instance counts as infinitely loaded,
 so everything moves off it) and, when the policy migrates (`PolicyConfig.migrate`), instances
 whose freeness is below `migrate_out_below` or whose queue is blocked (queued or preempted
 work): the most loaded first. Each source is paired with the freest live, non-draining,

@@ -1,4 +1,4 @@
-"""Auto-scaling (DESIGN §3): keep the average freeness of the serving instances between two
+"""Auto-scaling (design §3): keep the average freeness of the serving instances between two
 thresholds, with a minimum interval between actions.
 
 Below `scale_up_below`: start an instance (up to `max_instances`). Above `scale_down_above`:

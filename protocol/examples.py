@@ -1,6 +1,6 @@
 """One valid example of every message type.
 
-For tests, docs and fuzzing: mutate these to exercise a live endpoint (DESIGN §6) — a registered
+For tests, docs and fuzzing: mutate these to exercise a live endpoint (design §6) — a registered
 message type without an example here fails the protocol tests.
 """
 

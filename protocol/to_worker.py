@@ -10,7 +10,7 @@ On its migration socket, as destination (WorkerMigrationInbound), from the sourc
 MigrateReserve (→ ReserveReply), MigrateBlocks + tensor frames (→ BlocksAck), MigrateCommit
 (→ CommitAck), MigrateAbort (one-way). The source receives the replies (WorkerMigrationReplies).
 
-A migration, DESIGN §5: reserve (stage 0) → blocks → [reserve more → blocks]* → commit → CommitAck;
+A migration, design §5: reserve (stage 0) → blocks → [reserve more → blocks]* → commit → CommitAck;
 the source frees its blocks only after a positive CommitAck. Either side may send MigrateAbort;
 a destination frees reservations that nobody commits after a timeout.
 """
@@ -89,7 +89,7 @@ class MigrateCommand(RequestMessage, kw_only=True, frozen=True):
     (lowest priority first, then shortest context). Answered by Ack(detail=<request id>) once
     started, or ErrorReply. The outcome follows as MigrationResult to the scheduler.
 
-    `mode`: "live" (multi-stage pre-copy, DESIGN §5); "blocking" (stop, copy every block, resume
+    `mode`: "live" (multi-stage pre-copy, design §5); "blocking" (stop, copy every block, resume
     there); "recompute" (stop, move only the state: the destination prefills the tokens again).
     The last two are the baselines of `kvferry bench migration`."""
 
@@ -122,7 +122,7 @@ class Shutdown(RequestMessage, kw_only=True, frozen=True):
 
 # ---- worker ↔ worker migration -------------------------------------------------------------------
 
-TransferPath = Literal["frames", "shm", "cuda_ipc"]
+TransferPath = Literal["frames", "shm"]
 
 
 class MigrateReserve(RequestMessage, kw_only=True, frozen=True):
@@ -169,7 +169,7 @@ class MigrateBlocks(RequestMessage, kw_only=True, frozen=True):
     tensors: Annotated[list[TensorSpec], Meta(max_length=MAX_TENSORS)] = []
     path: TransferPath = "frames"
     seq: NonNegInt = 0  # chunk number within the migration
-    staging: Name = ""  # shm: the staging buffer's name (kv_transfer.shm); cuda_ipc: the cache handle key
+    staging: Name = ""  # shm: the staging buffer's name (kv_transfer.shm)
     staging_bytes: NonNegInt = 0
     offset: NonNegInt = 0  # shm: where the chunk lies in the staging buffer
     final: bool = False  # part of the last stage (the request is out of every batch): write it first

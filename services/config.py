@@ -40,7 +40,7 @@ class SchedulerConfig:
     max_migrations_per_instance: int = 1  # in flight out of, and into, each instance
     migration_ack_timeout_ms: int = 2000  # a source must accept or refuse a MigrateCommand within this
     migration_timeout_ms: int = 60_000  # an accepted migration with no MigrationResult by then is forgotten
-    # Policy thresholds (DESIGN §3), in freeness units (decode steps the batch can still take).
+    # Policy thresholds (design §3), in freeness units (decode steps the batch can still take).
     migrate_out_below: float = 3.0  # kvferry*: an instance below this is a load-balancing migration source
     migrate_in_above: float = 30.0  # ... and one above this a destination
     headroom_fraction: float = 0.3  # kvferry: blocks an instance keeps free for its high-priority requests
@@ -103,7 +103,7 @@ class WorkerConfig:
     # turns 503 and the service manager's watchdog pings stop, so systemd / `kvferry up` restart the
     # worker. Longer than the longest legitimate step (a max_num_batched_tokens prefill). 0: off.
     watchdog_s: float = 60.0
-    # Live migration (DESIGN §5).
+    # Live migration (design §5).
     migration_path: str = "auto"  # auto (shm on one host, else frames) | shm | frames
     max_migrations_out: int = 2  # concurrent migrations with this worker as source
     max_migrations_in: int = 2  # ... and as destination
@@ -128,7 +128,7 @@ class FrontendConfig:
     max_inflight: int = 1024
     request_timeout_s: float = 600.0
     dispatch_timeout_s: float = 1.0
-    # Failures (DESIGN §6): a worker that answers no Ping for worker_timeout_s (or that the scheduler
+    # Failures (design §6): a worker that answers no Ping for worker_timeout_s (or that the scheduler
     # declares dead) loses its requests; each is resumed elsewhere at most max_resumes times.
     worker_timeout_s: float = 3.0
     max_resumes: int = 3
@@ -137,6 +137,16 @@ class FrontendConfig:
     max_tokens_limit: int = 8192
     max_body_bytes: int = 4 << 20
     api_key: str = ""
+    # The router's timings (services/frontend/router.py).
+    heartbeat_interval_s: float = 0.5  # heartbeat + Ping to every known worker and every worker holding a request
+    status_interval_s: float = 1.0  # the scheduler's instance list, refreshed
+    add_timeout_s: float = 5.0  # a worker's answer to AddRequest
+    max_add_attempts: int = 3  # workers tried per dispatch (each refusal or timeout excludes that worker)
+    abort_timeout_s: float = 2.0  # a worker's answer to AbortRequest
+    tombstone_s: float = 30.0  # an aborted request's late tokens are ignored (and its abort re-sent) this long
+    gap_timeout_s: float = 2.0  # tokens buffered behind a gap this long: the missing batch was dropped; resume
+    silent_s: float = 5.0  # a request with no new token this long is looked up in the scheduler's view ...
+    unlisted_s: float = 1.0  # ... and resumed when no live worker lists it for this long
 
     @property
     def resolved_id(self) -> str:

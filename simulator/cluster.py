@@ -25,6 +25,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
+from engine.block_manager import blocks_for
 from engine.engine import LLMEngine
 from engine.errors import InvalidRequestError
 from engine.request import SamplingParams
@@ -34,7 +35,7 @@ from policy.migration import migration_sources
 from simulator.config import SimConfig
 from simulator.instance import SimInstance
 from simulator.migration import Migrator
-from workload.metrics import FragmentationMeter, RequestRecord, SLO, instance_seconds, summarize
+from workload.metrics import SLO, FragmentationMeter, RequestRecord, instance_seconds, summarize
 from workload.traces import TraceRequest
 
 PROMPT_TOKEN = 7  # the sim executor ignores prompt contents
@@ -211,7 +212,7 @@ class ClusterSim:
         """Send a request to the instance the policy picks; False if there is none."""
         rec = self.records[rid]
         snaps = [i.report for i in self.live]
-        demand = -(-rec.input_len // self.cfg.block_size)
+        demand = blocks_for(rec.input_len, self.cfg.block_size)
         target = dispatch(self.policy, snaps, self.dstate, demand, rec.priority) if snaps else None
         if target is None:
             return False

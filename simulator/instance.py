@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING
 
+from engine.block_manager import blocks_for
 from engine.engine import LLMEngine
 from engine.request import RequestOutput, RequestStatus
 from policy import InstanceLoad, RequestLoad
@@ -59,7 +60,7 @@ class SimInstance:
         if not s.waiting:
             return False
         b = self.engine.blocks
-        return -(-s.waiting[0].num_tokens // b.block_size) > b.num_free - b.watermark_blocks
+        return blocks_for(s.waiting[0].num_tokens, b.block_size) > b.num_free - b.watermark_blocks
 
     def snapshot(self, full: bool = False) -> InstanceLoad:
         """The policy's view of the instance now. Requests are listed only with `full`; otherwise
@@ -77,7 +78,7 @@ class SimInstance:
         else:
             reqs = ()
         return InstanceLoad(self.id, b.num_blocks, b.num_free, len(s.running), len(s.waiting),
-                            -(-head.num_tokens // b.block_size) if head else 0, reqs, draining=self.draining)
+                            blocks_for(head.num_tokens, b.block_size) if head else 0, reqs, draining=self.draining)
 
     def request_loads(self) -> tuple[RequestLoad, ...]:
         """Every request here as the policy sees it (detached ones count as not running)."""

@@ -1,4 +1,4 @@
-"""Live migration in virtual time, with the engine's real migration API (DESIGN §5).
+"""Live migration in virtual time, with the engine's real migration API (design §5).
 
 Stage 0 reserves blocks for the request's KV on the destination and copies its complete blocks
 while the request keeps decoding on the source; each later stage copies the blocks completed
@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from engine.block_manager import blocks_for
 from engine.errors import OutOfBlocksError
 from engine.request import RequestStatus
 from policy import PlannedMigration, migration_victim
@@ -95,7 +96,7 @@ class Migrator:
         self._n += 1
         m = Migration(rid, src, dst, f"mig-{self._n}", plan.reason, now, view.num_preemptions)
         complete = view.num_computed_tokens // self.block_size
-        need = -(-view.num_computed_tokens // self.block_size)
+        need = blocks_for(view.num_computed_tokens, self.block_size)
         self.stats.started += 1
         try:
             dst.engine.reserve(m.key, need)
@@ -142,7 +143,7 @@ class Migrator:
             return
         src, dst = m.src, m.dst
         state = src.engine.detach_request(m.request_id)
-        need = -(-state["num_computed_tokens"] // self.block_size)
+        need = blocks_for(state["num_computed_tokens"], self.block_size)
         if need > m.reserved:
             try:
                 dst.engine.reserve(m.key, need - m.reserved)

@@ -1,4 +1,4 @@
-"""Failures end to end (DESIGN §6): real processes on 127.0.0.1 (services.launcher.LocalCluster),
+"""Failures end to end (design §6): real processes on 127.0.0.1 (services.launcher.LocalCluster),
 killed and restarted while clients stream through the SDK and the openai HTTP API.
 
 Each test asserts what the client received (greedy output identical to an undisturbed run, or a

@@ -202,7 +202,7 @@ def test_scaling_grows_under_a_burst_and_shrinks_when_idle():
 
 def test_priorities_reach_the_engine_and_the_dispatch():
     """kvferry's headroom: a normal request keeps off the instance serving a high-priority one; a second
-    high-priority request goes where no high-priority load is (DESIGN §3)."""
+    high-priority request goes where no high-priority load is (design §3)."""
     up = Up("--workers", "2", workers=2)
 
     def where(rid: str, timeout_s: float = 20.0) -> tuple[str, int]:

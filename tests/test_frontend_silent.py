@@ -11,7 +11,6 @@ import pytest
 from protocol.payloads import WorkerEndpoints
 from protocol.to_frontend import InstanceStatus, RequestLocation, StatusReply
 from services.config import load_config
-from services.frontend import router as router_mod
 from services.frontend.router import Router
 from services.frontend.streams import RequestStream
 
@@ -26,20 +25,20 @@ class FakeScheduler:
     async def request(self, msg: object, timeout_s: float | None = None) -> StatusReply:
         ep = WorkerEndpoints(control="tcp://127.0.0.1:1", migration="tcp://127.0.0.1:2")
         return StatusReply(reply_to="x", scheduler_id="scheduler-0",
-                           instances=[InstanceStatus(worker_id="worker-0", endpoints=ep, last_report_ms=self.report_ms)],
+                           instances=[InstanceStatus(worker_id="worker-0", endpoints=ep,
+                                                     last_report_ms=self.report_ms)],
                            requests=[RequestLocation(request_id=r, worker_id="worker-0") for r in self.listed])
 
 
 @pytest.fixture
 def setup(monkeypatch):
-    monkeypatch.setattr(router_mod, "UNLISTED_S", 0.0)
-    r = Router(load_config(env={}))
+    r = Router(load_config(env={}, overrides={"frontend": {"unlisted_s": 0.0}}))
     sched = FakeScheduler()
     r.sched = sched  # type: ignore[assignment]
     resumed: list[tuple[str, str]] = []
     monkeypatch.setattr(r, "resume", lambda s, why: resumed.append((s.request_id, why)))
     s = RequestStream("req-1", "worker-0", "tcp://127.0.0.1:1")
-    s.progressed = time.monotonic() - router_mod.SILENT_S - 1.0  # silent for longer than SILENT_S
+    s.progressed = time.monotonic() - r.fcfg.silent_s - 1.0  # silent for longer than [frontend] silent_s
     r.streams[s.request_id] = s
     return r, sched, resumed
 

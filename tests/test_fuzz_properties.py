@@ -1,4 +1,4 @@
-"""Property tests of every decoder a peer can reach (DESIGN §6): each registered message type's
+"""Property tests of every decoder a peer can reach (design §6): each registered message type's
 decoder, the OpenAI HTTP request models (parser and the whole app), and the SDK request checks.
 
 Whatever arrives gives a valid message / ParsedRequest, or a typed ProtocolError / an OpenAI 4xx

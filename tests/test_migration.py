@@ -1,4 +1,4 @@
-"""Live migration between workers (DESIGN §5): invariants and every abort path.
+"""Live migration between workers (design §5): invariants and every abort path.
 
 Workers run in this process on real sockets (tests/migration_harness.py). Invariants checked in
 every test: a migrated request produces exactly the tokens of an unmigrated twin (greedy and

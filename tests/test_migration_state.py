@@ -1,6 +1,6 @@
 """Live migration between two engine instances, through the engine's public migration API.
 
-The invariant (DESIGN.md section 5): a migrated request produces exactly the tokens it would have produced
+The invariant (docs/design.md §5): a migrated request produces exactly the tokens it would have produced
 without migration (greedy and seeded sampling), the frontend receives each token once and in order, and
 aborted migrations leave the request where it was and leak no block. Run for the built-in `tiny` model
 and for a random Hugging Face folder.

@@ -82,6 +82,16 @@ def move_within(e: VllmEngine, rid: str, key: str, corrupt: bool = False) -> dic
 GREEDY = SamplingParams(max_tokens=40, ignore_eos=True)
 
 
+def test_vllm_engine_implements_the_engine_contract(engine):
+    from engine.interface import Engine
+    from tests.test_engine_interface import CONTRACT, PROPERTIES
+
+    assert isinstance(engine, Engine)
+    assert [n for n in CONTRACT if not callable(getattr(engine, n, None))] == []
+    assert [n for n in PROPERTIES if not isinstance(getattr(type(engine), n, None), property)] == []
+    assert not hasattr(engine, "scheduler")  # vLLM's scheduler is its own (engine.num_waiting() etc.)
+
+
 def test_greedy_tokens_equal_kvferry_engine_on_the_same_hf_folder(engine):
     folder = resolve_model_folder("tiny")
     torch_engine = LLMEngine.from_model(str(folder), EngineConfig(dtype="float32", num_blocks=256))

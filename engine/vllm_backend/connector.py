@@ -31,6 +31,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorRole,
 )
 
+from engine.block_manager import blocks_for
 from engine.vllm_backend.kv_view import unified_kv_view
 
 if TYPE_CHECKING:
@@ -142,7 +143,7 @@ class KVFerryConnector(KVConnectorBase_V1):
         key, plan = found
         bs = self.state.block_size
         first = local // bs
-        n = -(-(local + num_external_tokens) // bs) - first  # the last block may be partial
+        n = blocks_for(local + num_external_tokens, bs) - first  # the last block may be partial
         dst = list(blocks.get_block_ids()[0][first:first + n])
         src = plan.block_ids[first:first + n]
         if len(dst) != n or len(src) != n:

@@ -35,6 +35,7 @@ from typing import Any
 
 import torch
 
+from engine.block_manager import blocks_for
 from engine.engine import EngineStats, MigrationView, RequestLoad
 from engine.errors import ConfigError, InvalidRequestError, MigrationError, OutOfBlocksError
 from engine.request import FinishReason, RequestOutput, RequestStatus, SamplingParams
@@ -96,7 +97,7 @@ def resolve_model_folder(model: str, seed: int = 0) -> Path:
     p = Path(model).expanduser()
     if p.is_dir() and (p / "config.json").exists():
         return p
-    from cli.hf_export import hf_folder_for  # GGUF / tiny → cached HF folder
+    from engine.weights.hf_export import hf_folder_for  # GGUF / tiny → cached HF folder
 
     return hf_folder_for(model, seed=seed)
 
@@ -160,8 +161,8 @@ class VllmEngine:
         self.eos_token_ids = _eos_ids(folder)
         self._llm = VllmLLMEngine.from_engine_args(args)
         core = self._llm.engine_core.engine_core
-        self.scheduler = core.scheduler  # vLLM's; `.waiting` is read for the worker's queue limit
-        self._pool = self.scheduler.kv_cache_manager.block_pool
+        self._scheduler = core.scheduler  # vLLM's own: the worker asks num_waiting() etc.
+        self._pool = self._scheduler.kv_cache_manager.block_pool
         runner = core.model_executor.driver_worker.worker.model_runner
         self.block_size = config.block_size
         if self.connector.kv is None:
@@ -192,7 +193,7 @@ class VllmEngine:
         sampling = sampling or SamplingParams()
         ids = list(prompt_token_ids)
         check_new_request(request_id, ids, sampling, priority, self.requests, self.max_model_len, self.vocab_size)
-        if -(-(len(ids) + 1) // self.block_size) > self.num_blocks:
+        if blocks_for(len(ids) + 1, self.block_size) > self.num_blocks:
             raise InvalidRequestError(f"the prompt has {len(ids)} tokens, more than this instance's KV cache holds")
         rec = VllmRequest(request_id, "", ids, len(ids), sampling, priority)
         self._submit(rec)
@@ -283,7 +284,7 @@ class VllmEngine:
         for rec in self.requests.values():
             if rec.request_id in self.detached:
                 continue
-            v = self.scheduler.requests.get(rec.internal_id)
+            v = self._scheduler.requests.get(rec.internal_id)
             if v is None:
                 continue
             seen = int(getattr(v, "num_preemptions", 0))
@@ -299,8 +300,17 @@ class VllmEngine:
                 self.max_recomputed_tokens = max(self.max_recomputed_tokens, rec.recomputed_tokens)
             rec.status = RequestStatus.RUNNING if running else RequestStatus.WAITING
 
+    def num_waiting(self) -> int:
+        return len(self._scheduler.waiting)
+
+    def is_reserved(self, key: str) -> bool:
+        return key in self.reservations
+
+    def is_detached(self, request_id: str) -> bool:
+        return request_id in self.detached
+
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished_requests() or bool(self.scheduler.finished_req_ids)
+        return self._scheduler.has_unfinished_requests() or bool(self._scheduler.finished_req_ids)
 
     # ---- load -------------------------------------------------------------------------------
 
@@ -309,12 +319,12 @@ class VllmEngine:
         return self._pool.num_gpu_blocks - 1  # block 0 is vLLM's null block
 
     def stats(self, per_request: bool = False) -> EngineStats:
-        s = self.scheduler
+        s = self._scheduler
         head = next(iter(s.waiting), None)
         st = EngineStats(num_blocks=self.num_blocks, num_free_blocks=self._pool.get_num_free_blocks(),
                          block_size=self.block_size, num_running=len(s.running), num_waiting=len(s.waiting),
                          num_preemptions=self.num_preemptions,
-                         head_of_line_blocks=-(-head.num_tokens // self.block_size) if head is not None else 0)
+                         head_of_line_blocks=blocks_for(head.num_tokens, self.block_size) if head is not None else 0)
         if per_request:
             st.requests = [RequestLoad(r.request_id, r.status.value, r.priority, r.num_tokens,
                                        len(self._block_table(r))) for r in self.requests.values()]
@@ -324,7 +334,7 @@ class VllmEngine:
         """Every live request is known to vLLM, and each block is free or held exactly once: by a
         request (running, waiting or detached), a reservation, or a detached request being reattached."""
         for rec in self.requests.values():
-            if rec.internal_id not in self.scheduler.requests:
+            if rec.internal_id not in self._scheduler.requests:
                 raise AssertionError(f"request {rec.request_id} is not in vLLM's scheduler")
         held = [b for r in self.requests.values() for b in self._block_table(r)]
         held += [b.block_id for blocks in self.reservations.values() for b in blocks]
@@ -351,13 +361,13 @@ class VllmEngine:
     def _block_table(self, rec: VllmRequest) -> list[int]:
         if rec.request_id in self._held:
             return self._held[rec.request_id]
-        if rec.internal_id not in self.scheduler.requests:
+        if rec.internal_id not in self._scheduler.requests:
             return []
-        return list(self.scheduler.kv_cache_manager.get_block_ids(rec.internal_id)[0])
+        return list(self._scheduler.kv_cache_manager.get_block_ids(rec.internal_id)[0])
 
     def _live(self, request_id: str) -> tuple[VllmRequest, Any]:
         rec = self.requests.get(request_id)
-        v = None if rec is None or request_id in self.detached else self.scheduler.requests.get(rec.internal_id)
+        v = None if rec is None or request_id in self.detached else self._scheduler.requests.get(rec.internal_id)
         if rec is None or v is None:
             raise MigrationError(f"no live request {request_id!r}")
         return rec, v
@@ -467,9 +477,9 @@ class VllmEngine:
 
     def _free_held(self, internal_id: str) -> None:
         self.connector.holds.discard(internal_id)
-        req = self.scheduler.requests.get(internal_id)
+        req = self._scheduler.requests.get(internal_id)
         if req is not None and req.is_finished():
-            self.scheduler._free_blocks(req)  # what vLLM does once a delayed free completes
+            self._scheduler._free_blocks(req)  # what vLLM does once a delayed free completes
 
     def commit_request(self, state: dict, reservation: str | None) -> VllmRequest:
         """Admit a migrated request: its KV for `num_computed_tokens` tokens is in the
@@ -497,7 +507,7 @@ class VllmEngine:
         key = None
         if reservation is not None and computed > 0:
             blocks = self.reservations.get(reservation, [])
-            need = -(-computed // self.block_size)
+            need = blocks_for(computed, self.block_size)
             if len(blocks) < need:
                 raise MigrationError(f"reservation holds {len(blocks)} blocks, the request's KV needs {need}")
             self.connector.plans[reservation] = _plan([b.block_id for b in blocks], computed)

@@ -11,16 +11,16 @@ requests are remembered for a while: a RequestMoved or tokens arriving for one r
 to whoever now has it. The frontend heartbeats every known worker so that workers can abort the
 requests of a frontend that died.
 
-Failures (DESIGN §6):
+Failures (design §6):
 - A worker that refuses an AddRequest (draining, stopping, full, internal error) or does not
-  answer it in time is excluded and the request dispatched again (at most MAX_ADD_ATTEMPTS tries).
+  answer it in time is excluded and the request dispatched again (at most [frontend] max_add_attempts tries).
 - A worker is lost when the scheduler's status says it is not alive, or when it answers no Ping
   for `worker_timeout_s` (so this works while the scheduler is away too). Each of its requests
   is resumed on another worker by recompute: prompt + the tokens this frontend already delivered
   as the new prompt, `first_index` = how many, the lost worker excluded; the client's stream goes
   on without a seam. A final "error"/"abort" batch from a request's owner (worker stopping, step
   failure, a frontend wrongly declared lost) resumes it the same way, and so do a gap in a stream
-  that stays open for GAP_TIMEOUT_S (a dropped batch) and a silent request that no live worker
+  that stays open for [frontend] gap_timeout_s (a dropped batch) and a silent request that no live worker
   lists in the scheduler's view. At most `max_resumes` resumptions per request; when no worker
   can take it, the stream ends with an error — never a hang. Greedy output is identical to an
   undisturbed run; seeded sampling goes on from the seed again (the per-request generator state
@@ -65,15 +65,6 @@ from services.log import get_logger
 
 log = get_logger("kvferry.frontend.router")
 
-TOMBSTONE_S = 30.0
-STATUS_INTERVAL_S = 1.0
-HEARTBEAT_INTERVAL_S = 0.5  # heartbeat + Ping to every known worker and every worker holding a request
-ADD_TIMEOUT_S = 5.0
-ABORT_TIMEOUT_S = 2.0
-MAX_ADD_ATTEMPTS = 3  # workers tried per dispatch (each refusal or timeout excludes that worker)
-GAP_TIMEOUT_S = 2.0  # tokens buffered behind a gap this long: the missing batch was dropped
-SILENT_S = 5.0  # a request with no new token this long is looked up in the scheduler's view
-UNLISTED_S = 1.0  # ... and resumed when no live worker listed it for this long
 # A worker's refusal that another worker may not share: try the next one.
 RETRY_CODES = frozenset({ErrorCode.REFUSED, ErrorCode.OVERLOADED, ErrorCode.INTERNAL, ErrorCode.UNAVAILABLE})
 
@@ -278,10 +269,10 @@ class Router:
                      exclude: set[str]) -> None:
         """Dispatch `stream`'s request and AddRequest it to the chosen worker; a worker that refuses
         (RETRY_CODES) or does not answer in time is excluded and the next one tried, up to
-        MAX_ADD_ATTEMPTS. Raises RouteError (the last worker's refusal, or the dispatch's)."""
+        [frontend] max_add_attempts. Raises RouteError (the last worker's refusal, or the dispatch's)."""
         rid = stream.request_id
         error: RouteError | None = None
-        for _ in range(MAX_ADD_ATTEMPTS):
+        for _ in range(self.fcfg.max_add_attempts):
             left = stream.deadline - time.monotonic()
             if left <= 0:
                 raise RouteError(ErrorCode.EXPIRED, "the deadline passed before a worker took the request")
@@ -297,7 +288,7 @@ class Router:
                              reply_address=self.reply_address, first_index=first_index,
                              deadline_ms=deadline_in(left))
             try:
-                reply = await self._worker(worker.address).request(add, timeout_s=min(ADD_TIMEOUT_S, left))
+                reply = await self._worker(worker.address).request(add, timeout_s=min(self.fcfg.add_timeout_s, left))
                 if isinstance(reply, Ack) and not reply.ok:
                     raise RemoteError(ErrorCode.REFUSED, reply.detail or "refused")
             except RemoteError as exc:
@@ -399,7 +390,7 @@ class Router:
         address = worker_address or (stream.worker_address if stream else None)
         if stream is not None:
             stream.fail("abort", reason)
-        self._tombstones[request_id] = (time.monotonic() + TOMBSTONE_S, set())
+        self._tombstones[request_id] = (time.monotonic() + self.fcfg.tombstone_s, set())
         if address:  # "" while its first dispatch is under way: _start aborts it once added
             self._abort_at(request_id, address, reason)
 
@@ -414,7 +405,7 @@ class Router:
         """`quiet`: a precaution (the worker is most likely dead), so no answer is no news."""
         try:
             await self._worker(address).request(AbortRequest(request_id=request_id, reason=reason[:200]),
-                                                timeout_s=ABORT_TIMEOUT_S)
+                                                timeout_s=self.fcfg.abort_timeout_s)
             log.info("request.aborted", request_id=request_id, worker_address=address, reason=reason)
         except (ProtocolError, zmq.ZMQError) as exc:
             (log.debug if quiet else log.warning)("request.abort_failed", request_id=request_id,
@@ -481,7 +472,7 @@ class Router:
             now = time.monotonic()
             for rid in [r for r, (t, _) in self._tombstones.items() if t < now]:
                 del self._tombstones[rid]
-            await asyncio.sleep(STATUS_INTERVAL_S)
+            await asyncio.sleep(self.fcfg.status_interval_s)
 
     def _apply_status(self, reply: StatusReply) -> None:
         """Adopt the scheduler's view: live, non-draining workers; resume the requests of dead ones.
@@ -506,7 +497,7 @@ class Router:
         workers, e.g. a migration's destination died before telling us that it owned it)."""
         assert self.sched is not None
         now = time.monotonic()
-        silent = [s for s in self.streams.values() if not s.resuming and now - s.progressed > SILENT_S]
+        silent = [s for s in self.streams.values() if not s.resuming and now - s.progressed > self.fcfg.silent_s]
         if not silent:
             self._unlisted.clear()
             return
@@ -529,7 +520,7 @@ class Router:
             if s.request_id in listed or s.worker_id not in reporting:
                 continue
             since, report_ms = self._unlisted.get(s.request_id, (now, reporting[s.worker_id]))
-            if (now - since >= UNLISTED_S and reporting[s.worker_id] > report_ms
+            if (now - since >= self.fcfg.unlisted_s and reporting[s.worker_id] > report_ms
                     and self.streams.get(s.request_id) is s):
                 self.resume(s, "listed on no live worker")
             else:
@@ -541,7 +532,7 @@ class Router:
         worker that answers no Ping for `worker_timeout_s` is lost. Also resumes streams stuck
         behind a gap."""
         while True:
-            await asyncio.sleep(HEARTBEAT_INTERVAL_S)
+            await asyncio.sleep(self.fcfg.heartbeat_interval_s)
             self._hb_seq += 1
             now = time.monotonic()
             targets = {w.address: w.worker_id for w in self.known.values()}
@@ -560,7 +551,7 @@ class Router:
                     h.pinging = True
                     self._spawn(self._ping(address, h))
             for s in list(self.streams.values()):
-                if s.ahead and not s.resuming and now - s.progressed > GAP_TIMEOUT_S:
+                if s.ahead and not s.resuming and now - s.progressed > self.fcfg.gap_timeout_s:
                     self.resume(s, f"tokens from index {s.next_index} never arrived")
 
     async def _ping(self, address: str, h: WorkerHealth) -> None:

@@ -1,4 +1,4 @@
-"""The global scheduler (DESIGN §2): worker registry, load reports, heartbeats, dispatch, migration,
+"""The global scheduler (design §2): worker registry, load reports, heartbeats, dispatch, migration,
 scaling, ctl.
 
 Modules, one job each:

@@ -30,6 +30,8 @@ from typing import Any
 
 import zmq
 
+from engine.block_manager import blocks_for
+from policy import DispatchState, dispatch, freeness
 from protocol import (
     Ack,
     Deregister,
@@ -56,8 +58,6 @@ from protocol import (
 )
 from protocol.base import Message
 from protocol.sockets import Received
-
-from policy import DispatchState, dispatch, freeness
 from services.config import SchedulerConfig
 from services.log import get_logger
 from services.scheduler.commands import CommandChannels
@@ -217,7 +217,7 @@ class SchedulerCore:
             excluded = set(msg.exclude_workers)
             snapshots = [s for s in snapshots if s.instance_id not in excluded]
         bs = self.registry.block_size
-        demand = -(-msg.num_prompt_tokens // bs)
+        demand = blocks_for(msg.num_prompt_tokens, bs)
         wid = dispatch(self.policy_cfg, snapshots, self.state, demand, msg.priority)
         return None if wid is None else self.registry.get(wid)
 

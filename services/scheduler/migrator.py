@@ -1,4 +1,4 @@
-"""Live migration, the scheduler's side (DESIGN §5): `ctl migrate`, the periodic migration round
+"""Live migration, the scheduler's side (design §5): `ctl migrate`, the periodic migration round
 (drains always; load balancing with the migrating policies kvferry and kvferry-nopri), results.
 
 The scheduler never moves KV itself: it sends `MigrateCommand` to the source worker's control

@@ -1,4 +1,4 @@
-"""Auto-scaling, the scheduler's side (DESIGN §3): decide, drain, and advise the pool manager.
+"""Auto-scaling, the scheduler's side (design §3): decide, drain, and advise the pool manager.
 
 The scheduler sees the load, so it decides (policy.scaling_decision over its snapshots: keep the
 average freeness between `scale_up_below` and `scale_down_above`, at least `scale_interval_ms`

@@ -122,8 +122,8 @@ class ControlHandler:
         max_waiting = w.cfg.worker.max_waiting
 
         def add(engine) -> None:  # noqa: ANN001 - runs on the engine thread
-            if len(engine.scheduler.waiting) >= max_waiting:
-                raise Overloaded(f"{len(engine.scheduler.waiting)} requests are waiting (limit {max_waiting})")
+            if (waiting := engine.num_waiting()) >= max_waiting:
+                raise Overloaded(f"{waiting} requests are waiting (limit {max_waiting})")
             engine.add_request(rid, prompt, sampling, msg.priority)
 
         reply: object
@@ -202,7 +202,7 @@ class ControlHandler:
 
     async def abort_lost_frontends(self, timeout_s: float) -> None:
         """Abort the requests of frontends that heartbeated before and fell silent for `timeout_s`
-        (DESIGN §6: a frontend that disappears gets its requests aborted, freeing their blocks)."""
+        (design §6: a frontend that disappears gets its requests aborted, freeing their blocks)."""
         now = time.monotonic()
         for fid, seen in list(self.frontend_seen.items()):
             if now - seen <= timeout_s:

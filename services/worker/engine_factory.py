@@ -5,17 +5,16 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
+from engine.block_manager import blocks_for
 from engine.config import EngineConfig
-from engine.engine import LLMEngine
+from engine.engine import TORCH_KV_LAYOUT, LLMEngine  # TORCH_KV_LAYOUT: also the migration code's
+from engine.interface import Engine
 from services.config import WorkerConfig
 from services.log import get_logger
 
 log = get_logger(__name__)
 
 DEFAULT_SIM_PROFILE = "llama7b-a10"
-# Byte order of a KV block in kvferry's engine (layers, K/V, positions, kv heads, head dim); a
-# MigrateReserve without a layout comes from a worker of this kind.
-TORCH_KV_LAYOUT = "kvferry:L2BSHD"
 # Model names that stand for a sim profile (a sim worker configured like a torch one still starts).
 _SIM_ALIASES = {"smollm2": "smollm2-cpu"}
 
@@ -71,7 +70,7 @@ def _build_torch(wc: WorkerConfig) -> LLMEngine:
     return engine
 
 
-def build_engine(wc: WorkerConfig) -> tuple[LLMEngine, EngineInfo]:  # LLMEngine or its vLLM twin
+def build_engine(wc: WorkerConfig) -> tuple[Engine, EngineInfo]:
     """The engine `wc` describes, and what to announce about it. Engine errors propagate."""
     if wc.threads > 0 and wc.engine != "vllm":
         import torch
@@ -100,7 +99,7 @@ def build_engine(wc: WorkerConfig) -> tuple[LLMEngine, EngineInfo]:  # LLMEngine
 
         block_size = wc.block_size
         if block_size % 32:  # vLLM's CPU attention needs multiples of 32 (the torch default is 16)
-            block_size = -(-block_size // 32) * 32
+            block_size = blocks_for(block_size, 32) * 32
             log.warning("worker.vllm_block_size", configured=wc.block_size, used=block_size)
         engine = VllmEngine(VllmEngineConfig(  # type: ignore[assignment]
             model=wc.model, dtype=wc.dtype, block_size=block_size, num_blocks=wc.num_blocks,

@@ -1,2 +1,2 @@
-"""Live migration in the worker (DESIGN §5): the source coordinator, the destination's handler,
+"""Live migration in the worker (design §5): the source coordinator, the destination's handler,
 their KV data paths and metrics."""

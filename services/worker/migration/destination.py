@@ -260,7 +260,7 @@ class MigrationDestination:
         await self._wait_writes(m)
         key = m.key
         try:
-            await self.w.driver.call(lambda e: e.release(key) if key in e.reservations else 0, timeout_s=30.0)
+            await self.w.driver.call(lambda e: e.release(key) if e.is_reserved(key) else 0, timeout_s=30.0)
         except Exception:  # noqa: BLE001
             log.exception("migration.release_failed", migration_id=migration_id)
         label = reason.split(":")[0]

@@ -1,6 +1,6 @@
 """The source role of a live migration: multi-stage pre-copy, then stop-and-copy and commit.
 
-One task per outgoing migration (DESIGN §5):
+One task per outgoing migration (design §5):
 - stage 0 reserves blocks for the request's complete blocks on the destination (which may
   refuse) and copies them while the request keeps decoding here; each next stage copies the
   blocks completed meanwhile;
@@ -313,7 +313,7 @@ class MigrationSource:
             committed = True
             m.downtime_ms = (time.perf_counter() - t_out) * 1000.0
             w.routes.pop(rid)
-            await self._engine(lambda e: e.release(rid) if rid in e.detached else 0)
+            await self._engine(lambda e: e.release(rid) if e.is_detached(rid) else 0)
             m.outcome = "committed"
         except Aborted as exc:
             m.outcome, m.abort_reason = "aborted", exc.reason
@@ -344,7 +344,7 @@ class MigrationSource:
                 await requester.send(MigrateAbort(migration_id=m.migration_id, reason=m.abort_reason), timeout_s=0.5)
         if detached:
             try:
-                back = await self._engine(lambda e: (e.reattach_request(rid), True)[1] if rid in e.detached else False)
+                back = await self._engine(lambda e: (e.reattach_request(rid), True)[1] if e.is_detached(rid) else False)
             except Exception:  # noqa: BLE001
                 log.exception("migration.reattach_failed", migration_id=m.migration_id, request_id=rid)
                 back = False
