@@ -191,7 +191,7 @@ class MessageSocket:
             parts.insert(0, peer)
         sending = self.raw.send_multipart(parts, copy=not frames, track=track)
         # pyzmq completes a send that ZeroMQ queued at once: only a blocked one needs a deadline
-        # (wait_for costs a timer and a waiter, per message, on the token path).
+        # (a timer per message, on the token path, otherwise).
         if timeout_s is None or sending.done():
             return await sending
         try:

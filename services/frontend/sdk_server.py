@@ -103,9 +103,9 @@ class SdkServer:
 
     def _flush(self, peer: bytes) -> None:
         """Send the peer's batched chunks now (in order, before whatever is sent next)."""
-        box = self._outbox.pop(peer, None)
-        for i in range(0, len(box or ()), MAX_BATCHED_CHUNKS):
-            part = box[i:i + MAX_BATCHED_CHUNKS]  # type: ignore[index]
+        box = self._outbox.pop(peer, [])
+        for i in range(0, len(box), MAX_BATCHED_CHUNKS):
+            part = box[i:i + MAX_BATCHED_CHUNKS]
             try:
                 self.sock.send_nowait(part[0] if len(part) == 1 else GenerateChunks(chunks=part), peer=peer)
             except ProtocolError:  # too large together (long texts): one by one
