@@ -32,7 +32,7 @@ from protocol.base import deadline_in
 from protocol.client import (CancelGenerate, ChatMessage, ClientInbound, GenerateChunk, GenerateChunks, GenerateRequest,
                              Usage)
 from protocol.common import ErrorCode, ErrorReply
-from protocol.errors import ProtocolError
+from protocol.errors import ProtocolError, RequestTimeout
 from protocol.payloads import SamplingParams
 from protocol.security import CurveKeys, read_keypair, read_public_key, use_curve
 from protocol.sockets import MessageSocket
@@ -253,7 +253,13 @@ class AsyncClient:
         self._queues[req.msg_id] = q
         done = False
         try:
-            await sock.send(req, timeout_s=timeout)
+            try:
+                await sock.send(req, timeout_s=timeout)
+            except RequestTimeout:
+                done = True  # never sent: nothing to cancel
+                # No frontend took it in time (none connected, or a refused Curve handshake that
+                # tore the pipe down): the same timeout as an answer that never came.
+                raise GenerateTimeout(f"could not send the request within {timeout:g} s") from None
             while True:
                 left = end - loop.time()
                 try:

@@ -510,3 +510,25 @@ async def test_abort_goes_to_new_owner_after_move(frontend, cluster):
             await task
         sock.close()
         push.close()
+
+
+async def test_sdk_send_that_cannot_leave_is_a_generate_timeout(frontend, monkeypatch):
+    """A send that blocks past the deadline (no frontend connected, or a refused Curve handshake
+    that dropped the pipe) is the caller's GenerateTimeout, not the socket layer's error."""
+    from protocol.errors import RequestTimeout
+    from sdk import GenerateTimeout
+
+    async with AsyncClient(frontend.sdk_endpoint) as c:
+        sock = c._ensure()
+        real_send = sock.send
+
+        async def blocked(msg, **kw):
+            if type(msg).__name__ == "GenerateRequest":
+                raise RequestTimeout("sdk-client: could not send GenerateRequest within 0.5 s")
+            return await real_send(msg, **kw)
+
+        monkeypatch.setattr(sock, "send", blocked)
+        with pytest.raises(GenerateTimeout):
+            await c.generate("hi", max_tokens=4, timeout=0.5)
+        monkeypatch.setattr(sock, "send", real_send)
+        assert (await c.generate("hi", max_tokens=64)).text == ANSWER
