@@ -24,6 +24,7 @@ from engine.sim.latency import LatencyModel
 from engine.tokenizer import Tokenizer
 from engine.validation import check_new_request
 from engine.weights.loader import build_model, resolve
+from protocol.payloads import MigratableState
 
 # Byte order of a KV block in kvferry's engine (layers, K/V, positions, kv heads, head dim); a
 # MigrateReserve without a layout comes from a worker of this kind.
@@ -238,8 +239,8 @@ class LLMEngine:
         return MigrationView(req.status.value, req.num_tokens, req.num_computed_tokens, req.num_preemptions,
                              req.priority, tuple(self.blocks.table(request_id)))
 
-    def export_request(self, request_id: str) -> dict:
-        """The request's state as a plain dict (see Request.export_state)."""
+    def export_request(self, request_id: str) -> MigratableState:
+        """The request's migratable state (see Request.export_state)."""
         return self._get(request_id).export_state()
 
     def block_table(self, request_id: str) -> list[int]:
@@ -277,7 +278,7 @@ class LLMEngine:
         self.reservations.discard(key)
         return self.blocks.free(key)
 
-    def commit_request(self, state: dict, reservation: str | None) -> Request:
+    def commit_request(self, state: MigratableState, reservation: str | None) -> Request:
         """Admit a migrated request. Its KV for `num_computed_tokens` tokens must already be in the
         reservation's blocks; it joins the running batch with no prefill (or the queue, if none)."""
         req = Request.from_state(state, self.device)
@@ -300,7 +301,7 @@ class LLMEngine:
             self.scheduler.add_running(req)
         return req
 
-    def detach_request(self, request_id: str) -> dict:
+    def detach_request(self, request_id: str) -> MigratableState:
         """Take a request out of the batch, keeping its blocks; returns its state."""
         req = self._get(request_id)
         self.scheduler.detach(req)
@@ -320,7 +321,7 @@ class LLMEngine:
         else:
             self.scheduler.add_running(req)
 
-    def remove_request(self, request_id: str, keep_blocks: bool = False) -> dict:
+    def remove_request(self, request_id: str, keep_blocks: bool = False) -> MigratableState:
         """Take a request out of this engine; with keep_blocks it stays detached for block reads."""
         state = self.detach_request(request_id)
         if not keep_blocks:

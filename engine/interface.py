@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 
     from engine.engine import EngineStats
     from engine.request import MigrationView, RequestOutput, SamplingParams
+    from protocol.payloads import MigratableState
 
 
 @runtime_checkable
@@ -72,9 +73,9 @@ class Engine(Protocol):
         """`key` holds a reservation (a destination's, not yet committed or released)."""
         ...
 
-    def commit_request(self, state: dict, reservation: str | None) -> Any: ...
+    def commit_request(self, state: MigratableState, reservation: str | None) -> Any: ...
 
-    def detach_request(self, request_id: str) -> dict: ...
+    def detach_request(self, request_id: str) -> MigratableState: ...
 
     def is_detached(self, request_id: str) -> bool:
         """The request is out of the batch with its blocks kept (a migration's last stage)."""

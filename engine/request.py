@@ -11,6 +11,8 @@ from typing import Any
 import torch
 
 from engine.errors import InvalidRequestError, MigrationError
+from protocol.payloads import MigratableState
+from protocol.payloads import SamplingParams as WireSamplingParams
 
 STATE_VERSION = 1
 
@@ -112,41 +114,31 @@ class Request:
 
     # ---- migratable state -------------------------------------------------------------
 
-    def export_state(self) -> dict[str, Any]:
-        """The request as a plain msgpack-able dict (no tensors, no enums)."""
-        return {
-            "version": STATE_VERSION,
-            "request_id": self.request_id,
-            "token_ids": list(self.token_ids),
-            "num_prompt_tokens": self.num_prompt_tokens,
-            "num_computed_tokens": self.num_computed_tokens,
-            "sampling": self.sampling.to_dict(),
-            "priority": self.priority,
-            "num_preemptions": self.num_preemptions,
-            "age_s": time.monotonic() - self.arrival_time,
-            "generator_state": bytes(self.generator.get_state().numpy().tobytes()) if self.generator else None,
-        }
+    def export_state(self) -> MigratableState:
+        """The request's migratable state (no tensors: the generator's state as bytes)."""
+        return export_state(self.request_id, self.token_ids, self.num_prompt_tokens, self.num_computed_tokens,
+                            self.sampling, self.priority, self.num_preemptions, self.arrival_time,
+                            bytes(self.generator.get_state().numpy().tobytes()) if self.generator else None)
 
     @classmethod
-    def from_state(cls, state: dict[str, Any], device: torch.device) -> "Request":
+    def from_state(cls, state: MigratableState, device: torch.device) -> "Request":
         """Rebuild a request exported by `export_state` (possibly by another process)."""
         try:
-            if state.get("version") != STATE_VERSION:
-                raise MigrationError(f"request state version {state.get('version')!r} != {STATE_VERSION}")
-            sampling = SamplingParams.from_dict(state["sampling"])
+            check_version(state)
+            sampling = sampling_of(state)
             gen = None
-            if state["generator_state"] is not None:
+            if state.generator_state is not None:
                 gen = torch.Generator(device=device)
-                gen.set_state(torch.frombuffer(bytearray(state["generator_state"]), dtype=torch.uint8))
+                gen.set_state(torch.frombuffer(bytearray(state.generator_state), dtype=torch.uint8))
             req = cls(
-                request_id=str(state["request_id"]),
-                token_ids=[int(t) for t in state["token_ids"]],
-                num_prompt_tokens=int(state["num_prompt_tokens"]),
+                request_id=state.request_id,
+                token_ids=list(state.token_ids),
+                num_prompt_tokens=state.num_prompt_tokens,
                 sampling=sampling,
-                priority=int(state["priority"]),
-                arrival_time=time.monotonic() - float(state["age_s"]),
-                num_computed_tokens=int(state["num_computed_tokens"]),
-                num_preemptions=int(state["num_preemptions"]),
+                priority=state.priority,
+                arrival_time=time.monotonic() - state.age_s,
+                num_computed_tokens=state.num_computed_tokens,
+                num_preemptions=state.num_preemptions,
                 generator=gen,
             )
         except MigrationError:
@@ -156,6 +148,30 @@ class Request:
         if not 0 <= req.num_computed_tokens < req.num_tokens or req.num_prompt_tokens > req.num_tokens:
             raise MigrationError("request state has inconsistent token counts")
         return req
+
+
+def export_state(request_id: str, token_ids: list[int], num_prompt_tokens: int, num_computed_tokens: int,
+                 sampling: SamplingParams, priority: int, num_preemptions: int, arrival_time: float,
+                 generator_state: bytes | None) -> MigratableState:
+    """One request's MigratableState, from any engine's own request record."""
+    try:
+        return MigratableState(
+            state_version=STATE_VERSION, request_id=request_id, token_ids=list(token_ids),
+            num_prompt_tokens=num_prompt_tokens, num_computed_tokens=num_computed_tokens,
+            sampling=WireSamplingParams.from_engine(sampling), priority=priority, num_preemptions=num_preemptions,
+            age_s=max(0.0, time.monotonic() - arrival_time), generator_state=generator_state)
+    except ValueError as exc:  # the struct's own consistency checks
+        raise MigrationError(f"cannot export {request_id!r}: {exc}") from exc
+
+
+def check_version(state: MigratableState) -> None:
+    if state.state_version != STATE_VERSION:
+        raise MigrationError(f"request state version {state.state_version!r} != {STATE_VERSION}")
+
+
+def sampling_of(state: MigratableState) -> SamplingParams:
+    """The engine's SamplingParams of a migrated request."""
+    return SamplingParams.from_dict(state.sampling.to_dict())
 
 
 def make_generator(sampling: SamplingParams, device: torch.device) -> torch.Generator | None:

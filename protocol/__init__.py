@@ -5,7 +5,7 @@ Modules (import the names from here):
 - fields: size limits, constrained field types, PROTOCOL_VERSION.
 - base: Message / RequestMessage / ReplyMessage, msg ids, epoch-ms deadlines, `expired`.
 - common: ErrorReply, Ack, Heartbeat, Ping, Pong (used by every service).
-- payloads: SamplingParams, RequestState, TensorSpec, WorkerEndpoints, RequestLoadEntry.
+- payloads: SamplingParams, MigratableState, TensorSpec, WorkerEndpoints, RequestLoadEntry.
 - to_scheduler / to_worker / to_frontend: the messages, grouped by who receives them, with a
   Union per receiving socket (SchedulerInbound, WorkerControlInbound, ...) to pass as `allowed`.
 - codec: encode / decode of one envelope frame.
@@ -52,7 +52,7 @@ from protocol.errors import (
     VersionMismatch,
 )
 from protocol.fields import DEFAULT_MAX_FRAME_BYTES, DEFAULT_MAX_MESSAGE_BYTES, PROTOCOL_VERSION
-from protocol.payloads import RequestLoadEntry, RequestState, SamplingParams, TensorSpec, WorkerEndpoints
+from protocol.payloads import MigratableState, RequestLoadEntry, SamplingParams, TensorSpec, WorkerEndpoints
 from protocol.to_frontend import (
     DispatchReply,
     FrontendTokenInbound,

@@ -9,7 +9,7 @@ from __future__ import annotations
 from protocol.base import Message, deadline_in
 from protocol.client import CancelGenerate, ChatMessage, GenerateChunk, GenerateChunks, GenerateRequest, Usage
 from protocol.common import Ack, ErrorReply, Heartbeat, Ping, Pong
-from protocol.payloads import RequestLoadEntry, RequestState, SamplingParams, TensorSpec, WorkerEndpoints
+from protocol.payloads import MigratableState, RequestLoadEntry, SamplingParams, TensorSpec, WorkerEndpoints
 from protocol.to_frontend import (
     DispatchReply,
     InstanceStatus,
@@ -58,9 +58,9 @@ SAMPLING = SamplingParams(max_tokens=64, temperature=0.7, top_p=0.9, top_k=40, s
 def example_messages() -> list[Message]:
     """A fresh list with one instance of each message type (deadlines 60 s from now)."""
     dl = deadline_in(60)
-    state = RequestState(state_version=1, request_id="cmpl-1", token_ids=[1, 2, 3, 4, 5], num_prompt_tokens=3,
-                         num_computed_tokens=4, sampling=SAMPLING, priority=1, num_preemptions=0, age_s=0.25,
-                         generator_state=b"\x00" * 16)
+    state = MigratableState(state_version=1, request_id="cmpl-1", token_ids=[1, 2, 3, 4, 5], num_prompt_tokens=3,
+                            num_computed_tokens=4, sampling=SAMPLING, priority=1, num_preemptions=0, age_s=0.25,
+                            generator_state=b"\x00" * 16)
     return [
         # common
         ErrorReply(reply_to="m-1", code="invalid", message="bad field"),

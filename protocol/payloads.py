@@ -52,11 +52,10 @@ class SamplingParams(msgspec.Struct, kw_only=True, frozen=True, omit_defaults=Tr
                    ignore_eos=params.ignore_eos)
 
 
-class RequestState(msgspec.Struct, kw_only=True, frozen=True, omit_defaults=True):
-    """A request's migratable state: the typed form of engine `Request.export_state()`.
-
-    `to_engine_dict()` gives exactly what `LLMEngine.commit_request` takes, `from_engine_dict`
-    the reverse. Token counts are checked for consistency on decode.
+class MigratableState(msgspec.Struct, kw_only=True, frozen=True, omit_defaults=True):
+    """A request's migratable state: what every engine's `detach_request` returns and
+    `commit_request` takes, and what `MigrateCommit` carries between workers (one schema, no
+    dict forms). Token counts are checked for consistency whenever one is built or decoded.
     """
 
     state_version: Annotated[int, Meta(ge=0, le=1 << 16)]
@@ -77,20 +76,9 @@ class RequestState(msgspec.Struct, kw_only=True, frozen=True, omit_defaults=True
         if self.num_prompt_tokens > len(self.token_ids) or self.num_computed_tokens >= len(self.token_ids):
             raise ValueError("request state has inconsistent token counts")
 
-    def to_engine_dict(self) -> dict[str, Any]:
-        d = msgspec.structs.asdict(self)
-        d["version"] = d.pop("state_version")
-        d["sampling"] = self.sampling.to_dict()
-        return d
-
-    @classmethod
-    def from_engine_dict(cls, d: dict[str, Any]) -> "RequestState":
-        s = d["sampling"]
-        return cls(state_version=d["version"], request_id=d["request_id"], token_ids=list(d["token_ids"]),
-                   num_prompt_tokens=d["num_prompt_tokens"], num_computed_tokens=d["num_computed_tokens"],
-                   sampling=SamplingParams(**{**s, "stop_token_ids": list(s.get("stop_token_ids", ()))}),
-                   priority=d["priority"], num_preemptions=d["num_preemptions"], age_s=max(0.0, d["age_s"]),
-                   generator_state=d["generator_state"])
+    def with_computed(self, num_computed_tokens: int) -> "MigratableState":
+        """The same state with another computed-token count (recompute mode moves 0)."""
+        return msgspec.structs.replace(self, num_computed_tokens=num_computed_tokens)
 
 
 # Fixed allow-list: names of torch dtypes whose every bit pattern is a valid value (no bool).

@@ -39,7 +39,7 @@ from protocol.fields import (
     Text,
     TokenId,
 )
-from protocol.payloads import RequestState, SamplingParams, TensorSpec
+from protocol.payloads import MigratableState, SamplingParams, TensorSpec
 
 # ---- from frontends ------------------------------------------------------------------------------
 
@@ -188,7 +188,7 @@ class MigrateCommit(RequestMessage, kw_only=True, frozen=True):
     and streams from `next_index` (the output index of the next token) to `reply_address`."""
 
     migration_id: Id
-    state: RequestState
+    state: MigratableState
     frontend_id: Id
     reply_address: Endpoint
     next_index: Count

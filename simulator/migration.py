@@ -143,7 +143,7 @@ class Migrator:
             return
         src, dst = m.src, m.dst
         state = src.engine.detach_request(m.request_id)
-        need = blocks_for(state["num_computed_tokens"], self.block_size)
+        need = blocks_for(state.num_computed_tokens, self.block_size)
         if need > m.reserved:
             try:
                 dst.engine.reserve(m.key, need - m.reserved)

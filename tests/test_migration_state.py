@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from msgspec.structs import replace
 
 from engine import EngineConfig, LLMEngine, SamplingParams
 from engine.block_manager import blocks_for
@@ -113,7 +114,7 @@ def migrate(a: LLMEngine, b: LLMEngine, rid: str, streams, precopy_steps: int = 
     state = a.detach_request(rid)
     assert rid in a.detached and a.requests[rid].status is RequestStatus.WAITING
     table = a.block_table(rid)
-    need = blocks_for(state["num_computed_tokens"], a.blocks.block_size)
+    need = blocks_for(state.num_computed_tokens, a.blocks.block_size)
     assert len(table) >= need > sent
     rest = b.reserve(key, need - sent)
     b.write_blocks(rest, a.read_blocks(table[sent:need]))
@@ -159,7 +160,7 @@ def test_migrating_a_waiting_request_is_a_plain_move(ab, model, drain, kind):
     rid = f"w-{kind}"
     a.add_request(rid, p["target"], SAMPLINGS[kind])
     state = a.detach_request(rid)
-    assert state["num_computed_tokens"] == 0 and a.block_table(rid) == []
+    assert state.num_computed_tokens == 0 and a.block_table(rid) == []
     req = b.commit_request(state, None)
     assert req.status is RequestStatus.WAITING
     assert a.release(rid) == 0 and rid not in a.requests
@@ -209,7 +210,7 @@ def test_commit_with_too_few_blocks_fails_and_the_request_resumes_on_the_source(
     rid = start_workload(a, b, p, GREEDY, "short", streams)
     step_until(a, rid, 6, streams)
     state = a.detach_request(rid)
-    need = blocks_for(state["num_computed_tokens"], BLOCK)
+    need = blocks_for(state.num_computed_tokens, BLOCK)
     used_before = b.blocks.num_used
     dst = b.reserve("short-key", need - 1)
     b.write_blocks(dst, a.read_blocks(a.block_table(rid)[: need - 1]))
@@ -311,11 +312,11 @@ def test_commit_refusals_leave_no_trace(ab, model):
     with pytest.raises(MigrationError, match="already here"):
         b.commit_request(state, None)
     with pytest.raises(MigrationError, match="version"):
-        b.commit_request({**state, "request_id": "v", "version": 999}, None)
+        b.commit_request(replace(state, request_id="v", state_version=999), None)
     with pytest.raises(MigrationError, match="does not fit this model"):
-        b.commit_request({**state, "request_id": "oob", "token_ids": [model[1] + 5, 1, 2]}, None)
-    with pytest.raises(MigrationError, match="invalid request state"):
-        b.commit_request({k: v for k, v in state.items() if k != "sampling"}, None)
+        b.commit_request(replace(state, request_id="oob", token_ids=[model[1] + 5, 1, 2]), None)
+    with pytest.raises(MigrationError, match="invalid request state"):  # a generator state torch refuses
+        b.commit_request(replace(state, request_id="g", generator_state=b"\x00"), None)
     assert b.blocks.num_used == used and set(b.requests) == {"dup"}
     b.check_integrity()
     a.release("dup")
@@ -329,7 +330,7 @@ def test_remove_request_without_keeping_blocks(ab, model):
     a.step()
     a.step()
     state = a.remove_request("rm")
-    assert state["request_id"] == "rm" and len(state["token_ids"]) == 13 + 2
+    assert state.request_id == "rm" and len(state.token_ids) == 13 + 2
     assert "rm" not in a.requests and a.blocks.num_used == 0
     with pytest.raises(MigrationError, match="no live request"):
         a.export_request("rm")

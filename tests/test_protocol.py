@@ -32,7 +32,7 @@ from protocol import (
     Pong,
     ProtocolError,
     RemoteError,
-    RequestState,
+    MigratableState,
     RequestTimeout,
     SamplingParams,
     SchedulerInbound,
@@ -127,10 +127,11 @@ def test_request_state_round_trips_an_engine_request():
     gen = torch.Generator().manual_seed(7)
     req = Request(request_id="cmpl-9", token_ids=[3, 4, 5, 6], num_prompt_tokens=3, num_computed_tokens=3,
                   sampling=EngineSampling(max_tokens=8, temperature=0.8, seed=7), priority=2, generator=gen)
-    state = RequestState.from_engine_dict(req.export_state())
+    state = req.export_state()
+    assert isinstance(state, MigratableState)
     got = decode(encode(protocol.MigrateCommit(migration_id="m", state=state, frontend_id="fe",
                                                reply_address="ipc:///tmp/x", next_index=1)))
-    back = Request.from_state(got.state.to_engine_dict(), torch.device("cpu"))
+    back = Request.from_state(got.state, torch.device("cpu"))
     assert back.token_ids == req.token_ids and back.sampling == req.sampling and back.priority == 2
     assert torch.equal(back.generator.get_state(), gen.get_state())
 

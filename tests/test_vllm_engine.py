@@ -15,6 +15,7 @@ import subprocess
 import sys
 
 import pytest
+from msgspec.structs import replace
 
 pytest.importorskip("vllm")
 
@@ -23,6 +24,8 @@ from engine.engine import LLMEngine  # noqa: E402
 from engine.errors import InvalidRequestError, MigrationError, OutOfBlocksError  # noqa: E402
 from engine.request import FinishReason, SamplingParams  # noqa: E402
 from engine.vllm_backend.engine import VllmEngine, VllmEngineConfig, resolve_model_folder  # noqa: E402
+from protocol.payloads import MigratableState  # noqa: E402
+from protocol.payloads import SamplingParams as WireSamplingParams  # noqa: E402
 
 pytestmark = pytest.mark.vllm
 
@@ -67,10 +70,10 @@ def run(e: VllmEngine, prompts: list[list[int]], sampling: SamplingParams, prefi
     return [got[f"{prefix}{i}"] for i in range(len(prompts))]
 
 
-def move_within(e: VllmEngine, rid: str, key: str, corrupt: bool = False) -> dict:
+def move_within(e: VllmEngine, rid: str, key: str, corrupt: bool = False) -> MigratableState:
     """The migration destination path inside one engine; returns the state that moved."""
     state = e.detach_request(rid)
-    n = -(-state["num_computed_tokens"] // BS)
+    n = -(-state.num_computed_tokens // BS)
     data = e.read_blocks(e.block_table(rid)[:n])
     assert e.release(rid) >= n
     ids = e.reserve(key, n)
@@ -101,14 +104,14 @@ def test_greedy_tokens_equal_kvferry_engine_on_the_same_hf_folder(engine):
 
 def test_request_moved_through_the_connector_continues_identically(engine):
     want = run(engine, PROMPTS[:1], GREEDY, "ref")
-    moved = {}
+    moved: list[MigratableState] = []
 
     def move(e):
-        moved.update(move_within(e, "mv0", "mig:a"))
+        moved.append(move_within(e, "mv0", "mig:a"))
 
     got = run(engine, PROMPTS[:1], GREEDY, "mv", move)
     assert got == want
-    computed = moved["num_computed_tokens"]
+    computed = moved[0].num_computed_tokens
     assert computed > BS
     totals = engine.kv_load_counters()
     assert totals["loaded_tokens"] >= computed  # all of it, the partial last block too
@@ -189,11 +192,12 @@ def test_bad_requests_and_states_are_refused_and_leak_nothing(engine):
         engine.reserve("huge", total)
     ids = engine.reserve("r", 3)
     assert len(ids) == 3 and engine.stats().num_free_blocks == total - 3
-    good = {"version": 1, "request_id": "st", "token_ids": [1, 2, 3, 4], "num_prompt_tokens": 3,
-            "num_computed_tokens": 3, "sampling": GREEDY.to_dict(), "priority": 0, "num_preemptions": 0,
-            "age_s": 0.0, "generator_state": None}
-    for bad in ({**good, "version": 9}, {**good, "token_ids": [engine.vocab_size]}, {**good, "num_computed_tokens": 9},
-                {k: v for k, v in good.items() if k != "sampling"}, {**good, "request_id": "dup"}):
+    good = MigratableState(state_version=1, request_id="st", token_ids=[1, 2, 3, 4], num_prompt_tokens=3,
+                           num_computed_tokens=3, sampling=WireSamplingParams.from_engine(GREEDY))
+    with pytest.raises(ValueError, match="inconsistent"):  # a state with impossible counts cannot be built
+        replace(good, num_computed_tokens=9)
+    for bad in (replace(good, state_version=9), replace(good, token_ids=[1, 2, engine.vocab_size, 4]),
+                replace(good, request_id="dup")):
         with pytest.raises(MigrationError):
             engine.commit_request(bad, "r")
     assert engine.release("r") == 3

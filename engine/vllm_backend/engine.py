@@ -38,11 +38,12 @@ import torch
 from engine.block_manager import blocks_for
 from engine.engine import EngineStats, MigrationView, RequestLoad
 from engine.errors import ConfigError, InvalidRequestError, MigrationError, OutOfBlocksError
-from engine.request import FinishReason, RequestOutput, RequestStatus, SamplingParams
+from engine.request import (FinishReason, RequestOutput, RequestStatus, SamplingParams, check_version, export_state,
+                            sampling_of)
 from engine.validation import check_new_request
+from protocol.payloads import MigratableState
 
 GiB = 1 << 30
-STATE_VERSION = 1
 _FINISH = {"stop": FinishReason.STOP, "length": FinishReason.LENGTH, "abort": FinishReason.ABORT}
 
 
@@ -397,18 +398,16 @@ class VllmEngine:
         idx = torch.tensor(block_ids, dtype=torch.long)
         self.kv_tensor.index_copy_(2, idx, blocks.to(self.kv_tensor.dtype))
 
-    def _state(self, rec: VllmRequest, computed: int) -> dict:
-        return {"version": STATE_VERSION, "request_id": rec.request_id, "token_ids": list(rec.token_ids),
-                "num_prompt_tokens": rec.num_prompt_tokens, "num_computed_tokens": computed,
-                "sampling": rec.sampling.to_dict(), "priority": rec.priority, "num_preemptions": rec.num_preemptions,
-                "age_s": time.monotonic() - rec.arrival_time, "generator_state": self._generator_state(rec)}
+    def _state(self, rec: VllmRequest, computed: int) -> MigratableState:
+        return export_state(rec.request_id, rec.token_ids, rec.num_prompt_tokens, computed, rec.sampling,
+                            rec.priority, rec.num_preemptions, rec.arrival_time, self._generator_state(rec))
 
     def _generator_state(self, rec: VllmRequest) -> bytes | None:
         cached = self.connector.runner_requests.get(rec.internal_id)
         gen = getattr(cached, "generator", None)
         return bytes(gen.get_state().numpy().tobytes()) if gen is not None else None
 
-    def detach_request(self, request_id: str) -> dict:
+    def detach_request(self, request_id: str) -> MigratableState:
         """Out of vLLM's batch with its blocks held (the connector delays their free)."""
         rec, v = self._live(request_id)
         if rec.load_key is not None:
@@ -422,7 +421,7 @@ class VllmEngine:
         self._held[request_id] = held
         self.detached.add(request_id)
         rec.status = RequestStatus.WAITING
-        rec.generator_state = state["generator_state"]
+        rec.generator_state = state.generator_state
         rec.held_tokens = computed  # what its held blocks cover (for a reattach)
         return state
 
@@ -481,18 +480,15 @@ class VllmEngine:
         if req is not None and req.is_finished():
             self._scheduler._free_blocks(req)  # what vLLM does once a delayed free completes
 
-    def commit_request(self, state: dict, reservation: str | None) -> VllmRequest:
+    def commit_request(self, state: MigratableState, reservation: str | None) -> VllmRequest:
         """Admit a migrated request: its KV for `num_computed_tokens` tokens is in the
         reservation's blocks; vLLM loads it through the connector and computes the rest."""
         try:
-            if state.get("version") != STATE_VERSION:
-                raise MigrationError(f"request state version {state.get('version')!r} != {STATE_VERSION}")
-            rec = VllmRequest(str(state["request_id"]), "", [int(t) for t in state["token_ids"]],
-                              int(state["num_prompt_tokens"]), SamplingParams.from_dict(state["sampling"]),
-                              int(state["priority"]), time.monotonic() - float(state["age_s"]),
-                              num_preemptions=int(state["num_preemptions"]),
-                              generator_state=state.get("generator_state"))
-            computed = int(state["num_computed_tokens"])
+            check_version(state)
+            rec = VllmRequest(state.request_id, "", list(state.token_ids), state.num_prompt_tokens,
+                              sampling_of(state), state.priority, time.monotonic() - state.age_s,
+                              num_preemptions=state.num_preemptions, generator_state=state.generator_state)
+            computed = state.num_computed_tokens
             rec.migrated_computed = computed
         except MigrationError:
             raise

@@ -209,7 +209,7 @@ class MigrationDestination:
                               message=f"no open migration {msg.migration_id} from this peer")
         refuse = lambda reason: CommitAck(reply_to=msg.msg_id, migration_id=msg.migration_id, ok=False,  # noqa: E731
                                           reason=reason)
-        state = msg.state.to_engine_dict()
+        state = msg.state
         rid = msg.state.request_id
         num_output = len(msg.state.token_ids) - msg.state.num_prompt_tokens
         if rid != m.request_id:

@@ -39,7 +39,7 @@ from engine.engine import LLMEngine, MigrationView
 from kv_transfer.base import KVSender, block_bytes, block_shape
 from protocol.common import ErrorCode, ErrorReply
 from protocol.errors import ProtocolError, RequestTimeout
-from protocol.payloads import RequestState, TensorSpec
+from protocol.payloads import MigratableState, TensorSpec
 from protocol.sockets import MessageSocket, Received, Requester
 from protocol.to_scheduler import MigrationResult
 from protocol.to_worker import (
@@ -268,7 +268,7 @@ class MigrationSource:
             self._check_cancel(m)
             prefix = tuple(copied)
 
-            def detach(e: LLMEngine) -> tuple[dict, MigrationView, float] | str:
+            def detach(e: LLMEngine) -> tuple[MigratableState, MigrationView, float] | str:
                 v = e.migration_view(rid)
                 if v is None:
                     return "finished"
@@ -282,8 +282,8 @@ class MigrationSource:
             state, view, t_out = res
             detached = True
             if m.mode == "recompute":  # only the state moves; the destination prefills again
-                state = {**state, "num_computed_tokens": 0}
-            rest = list(view.block_table[len(copied):blocks_for(state["num_computed_tokens"], bs)])
+                state = state.with_computed(0)
+            rest = list(view.block_table[len(copied):blocks_for(state.num_computed_tokens, bs)])
             # The reservation's blocks stay in order: `spare` follows the pre-copied ones, so the
             # rest maps onto spare first; unused spare blocks become the request's next blocks.
             targets = spare[:len(rest)]
@@ -300,7 +300,7 @@ class MigrationSource:
             if route is None:
                 raise Aborted("aborted", "the request was aborted during the migration")
             m.phase = "committing"
-            commit = MigrateCommit(migration_id=m.migration_id, state=RequestState.from_engine_dict(state),
+            commit = MigrateCommit(migration_id=m.migration_id, state=state,
                                    frontend_id=route.frontend_id, reply_address=route.reply_address,
                                    frontend_incarnation=route.frontend_incarnation,
                                    next_index=route.index_offset + route.tokens_sent)
