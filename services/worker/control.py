@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from engine.errors import InvalidRequestError
@@ -35,7 +36,8 @@ from services.log import get_logger
 from services.worker.streams import Route
 
 if TYPE_CHECKING:
-    from services.worker.worker import Worker
+    from services.worker.context import WorkerContext
+    from services.worker.migration.source import MigrationSource
 
 log = get_logger(__name__)
 
@@ -47,18 +49,27 @@ class Overloaded(Exception):
 
 
 class ControlHandler:
-    """Handles one control message at a time (the `serve` handler); add/abort reply from tasks."""
+    """Handles one control message at a time (the `serve` handler); add/abort reply from tasks.
 
-    def __init__(self, worker: "Worker", sock: MessageSocket) -> None:
-        self.worker = worker
+    Collaborators: the worker's context, the control socket (replies from tasks), the migration
+    source (MigrateCommand, CancelMigration, aborts of a request being moved), and the two
+    lifecycle calls the Worker owns: `set_draining(bool)` and `request_stop(drain_first, reason)`.
+    """
+
+    def __init__(self, ctx: "WorkerContext", sock: MessageSocket, source: "MigrationSource",
+                 set_draining: Callable[[bool], None], request_stop: Callable[..., None]) -> None:
+        self.w = ctx
         self.sock = sock
+        self.source = source
+        self._set_draining = set_draining
+        self._request_stop = request_stop
         self._tasks: set[asyncio.Task[None]] = set()
         self.frontend_seen: dict[str, float] = {}  # frontend id → monotonic time of its last heartbeat
         self.frontend_start: dict[str, str] = {}  # frontend id → its latest incarnation heard of
 
     async def __call__(self, rec: Received) -> object | None:
         msg = rec.msg
-        w = self.worker
+        w = self.w
         if isinstance(msg, AddRequest):
             refusal = self._check_add(msg)
             if refusal is not None:
@@ -82,13 +93,13 @@ class ControlHandler:
             self._heard_start(msg.sender_id, msg.incarnation)
             return None
         if isinstance(msg, Drain):
-            w.set_draining(msg.draining)
+            self._set_draining(msg.draining)
             return Ack(reply_to=msg.msg_id, detail="draining" if msg.draining else "not draining")
         if isinstance(msg, Shutdown):
             log.info("worker.shutdown_requested", worker_id=w.worker_id, drain_first=msg.drain_first,
                      reason=msg.reason)
             await self.sock.send(Ack(reply_to=msg.msg_id, detail="shutting down"), peer=rec.peer, timeout_s=1.0)
-            w.request_stop(drain_first=msg.drain_first, reason=msg.reason or "shutdown command")
+            self._request_stop(drain_first=msg.drain_first, reason=msg.reason or "shutdown command")
             return None
         if isinstance(msg, MigrateCommand):
             return await self._migrate(msg)
@@ -101,7 +112,7 @@ class ControlHandler:
     # ---- add / abort -----------------------------------------------------------------------------
 
     def _check_add(self, msg: AddRequest) -> ErrorReply | None:
-        w = self.worker
+        w = self.w
         why = None
         if w.stopping:
             why = "the worker is stopping"
@@ -115,11 +126,11 @@ class ControlHandler:
         return ErrorReply(reply_to=msg.msg_id, code=ErrorCode.REFUSED, message=why)
 
     async def _add(self, rec: Received, msg: AddRequest) -> None:
-        w = self.worker
+        w = self.w
         rid = msg.request_id
         sampling = EngineSamplingParams.from_dict(msg.sampling.to_dict())
         prompt = list(msg.prompt_token_ids)
-        max_waiting = w.cfg.worker.max_waiting
+        max_waiting = w.cfg.max_waiting
 
         def add(engine) -> None:  # noqa: ANN001 - runs on the engine thread
             if (waiting := engine.num_waiting()) >= max_waiting:
@@ -153,17 +164,15 @@ class ControlHandler:
     async def _migrate(self, msg: MigrateCommand) -> object:
         from services.worker.migration.source import Refused
 
-        assert self.worker.migration is not None
         try:
-            m = await self.worker.migration.source.start(msg)
+            m = await self.source.start(msg)
         except Refused as exc:
             log.info("migration.refused", migration_id=msg.migration_id, request_id=msg.request_id, reason=str(exc))
             return ErrorReply(reply_to=msg.msg_id, code=exc.code, message=str(exc))
         return Ack(reply_to=msg.msg_id, detail=m.request_id)
 
     def _cancel_migration(self, msg: CancelMigration) -> object:
-        assert self.worker.migration is not None
-        m = self.worker.migration.source.cancel(msg.migration_id, "cancelled by the scheduler")
+        m = self.source.cancel(msg.migration_id, "cancelled by the scheduler")
         if m is None:
             return Ack(reply_to=msg.msg_id, ok=False, detail=f"no migration {msg.migration_id} here")
         if m.cancel_reason is None:
@@ -171,9 +180,9 @@ class ControlHandler:
         return Ack(reply_to=msg.msg_id, ok=True, detail="cancelling")
 
     async def _abort(self, rec: Received, msg: AbortRequest) -> None:
-        w = self.worker
+        w = self.w
         rid = msg.request_id
-        m = w.migration.source.cancel(rid, "aborted by the frontend") if w.migration else None
+        m = self.source.cancel(rid, "aborted by the frontend")
         if m is not None:
             try:
                 await asyncio.wait_for(m.done.wait(), CANCEL_WAIT_S)
@@ -208,7 +217,7 @@ class ControlHandler:
             if now - seen <= timeout_s:
                 continue
             del self.frontend_seen[fid]
-            rids = self.worker.routes.by_frontend(fid)
+            rids = self.w.routes.by_frontend(fid)
             log.warning("worker.frontend_lost", frontend_id=fid, silent_s=round(now - seen, 1), requests=len(rids))
             await self._abort_all(rids, "frontend lost")
 
@@ -219,7 +228,7 @@ class ControlHandler:
         if not incarnation or incarnation <= self.frontend_start.get(frontend_id, ""):
             return
         self.frontend_start[frontend_id] = incarnation
-        rids = self.worker.routes.of_earlier_frontend(frontend_id, incarnation)
+        rids = self.w.routes.of_earlier_frontend(frontend_id, incarnation)
         if rids:
             log.warning("worker.frontend_restarted", frontend_id=frontend_id, requests=len(rids))
             self._spawn(self._abort_all(rids, "frontend restarted"))
@@ -228,23 +237,23 @@ class ControlHandler:
         """Abort `rids` (their final batch goes out with finish_reason "abort"); a failure is logged."""
         for rid in rids:
             try:
-                out = await self.worker.driver.call(lambda e, rid=rid: e.abort_request(rid))
+                out = await self.w.driver.call(lambda e, rid=rid: e.abort_request(rid))
             except Exception:  # noqa: BLE001
                 log.exception("request.abort_failed", request_id=rid)
                 continue
             if out is not None:
                 log.info("request.aborted", request_id=rid, reason=reason, tokens=out.first_index)
-                self.worker.streamer.publish([out])
+                self.w.streamer.publish([out])
         if rids:
-            self.worker.link.mark_dirty()
+            self.w.link.mark_dirty()
 
     async def _forget(self, rid: str) -> None:
         """Make sure a request whose add failed half-way is neither in the engine nor routed."""
         try:
-            await self.worker.driver.call(lambda e: e.abort_request(rid), timeout_s=30.0)
+            await self.w.driver.call(lambda e: e.abort_request(rid), timeout_s=30.0)
         except Exception:  # noqa: BLE001
             log.exception("request.forget_failed", request_id=rid)
-        self.worker.routes.pop(rid)
+        self.w.routes.pop(rid)
 
     # ---- helpers ---------------------------------------------------------------------------------
 

@@ -11,7 +11,7 @@ series (`instance_id`).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry
@@ -23,7 +23,8 @@ from services.metrics_http import call_on_loop
 
 if TYPE_CHECKING:
     from engine.engine import EngineStats
-    from services.worker.worker import Worker
+    from services.worker.context import WorkerContext
+    from services.worker.migration.service import MigrationService
 
 log = get_logger(__name__)
 
@@ -57,8 +58,10 @@ class EngineCollector(Collector):
     """Yields the ENGINE_METRICS families for one worker; nothing when the state cannot be read
     (the worker is stopping), so a scrape never fails."""
 
-    def __init__(self, worker: "Worker", loop: asyncio.AbstractEventLoop) -> None:
-        self.worker = worker
+    def __init__(self, ctx: "WorkerContext", migration: "MigrationService | None",
+                 loop: asyncio.AbstractEventLoop) -> None:
+        self.worker = ctx
+        self.migration = migration
         self.loop = loop
 
     def describe(self) -> Iterator[Metric]:
@@ -77,7 +80,7 @@ class EngineCollector(Collector):
         stats, kv_load = fut.result(SCRAPE_TIMEOUT_S + 1.0)
 
         def state() -> dict[str, float]:
-            mig = w.migration
+            mig = self.migration
             return {"draining": float(w.draining), "registered": float(w.link.registered.is_set()),
                     "out": float(len(mig.source)) if mig else 0.0, "in": float(len(mig.destination)) if mig else 0.0}
 
@@ -135,20 +138,23 @@ def _on_loop(loop: asyncio.AbstractEventLoop) -> bool:
         return False
 
 
-def register_engine_metrics(registry: CollectorRegistry, worker: "Worker",
+def register_engine_metrics(registry: CollectorRegistry, ctx: "WorkerContext", migration: "MigrationService | None",
                             loop: asyncio.AbstractEventLoop) -> EngineCollector:
-    """Add the engine gauges of `worker` to `registry` (the worker's migration-metrics registry)."""
-    collector = EngineCollector(worker, loop)
+    """Add the engine gauges of a worker to `registry` (the worker's migration-metrics registry)."""
+    collector = EngineCollector(ctx, migration, loop)
     registry.register(collector)
     return collector
 
 
-def worker_health(worker: "Worker", loop: asyncio.AbstractEventLoop) -> tuple[bool, dict[str, object]]:
-    """/health of a worker: ok while its event loop answers, it is not stopping and its engine thread
-    is not stuck (Worker.health). Registration with the scheduler is reported, not required (the
-    scheduler may start later)."""
+def worker_health(ctx: "WorkerContext", health: Callable[[], tuple[bool, str]],
+                  loop: asyncio.AbstractEventLoop) -> tuple[bool, dict[str, object]]:
+    """/health of a worker: ok while its event loop answers and `health()` (Worker.health: not
+    stopping, the engine thread not stuck) says so. Registration with the scheduler is reported,
+    not required (the scheduler may start later)."""
+    worker = ctx
+
     def state() -> tuple[bool, dict[str, object]]:
-        ok, why = worker.health()
+        ok, why = health()
         details: dict[str, object] = {"worker_id": worker.worker_id, "registered": worker.link.registered.is_set(),
                                       "draining": worker.draining, "requests": len(worker.routes)}
         if not ok:

@@ -39,6 +39,7 @@ from protocol.to_worker import WorkerControlInbound
 from services import sd_notify
 from services.config import KvferryConfig
 from services.log import get_logger
+from services.worker.context import WorkerContext, WorkerState
 from services.worker.control import ControlHandler
 from services.worker.engine_driver import EngineDriver
 from services.worker.engine_factory import EngineInfo, build_engine
@@ -67,8 +68,7 @@ class Worker:
         self.control_endpoint = cfg.cluster.worker_control(self.index)
         self.migration_endpoint = cfg.cluster.worker_migration(self.index)
         self.max_running = cfg.worker.max_num_seqs + cfg.worker.max_waiting
-        self.draining = False
-        self.stopping = False
+        self.state = WorkerState()
         self.routes = RouteTable()
         curve = curve_keys(cfg.cluster, "worker")  # None: Curve off
         self.streamer = TokenStreamer(self.worker_id, self.routes, curve=curve)
@@ -81,6 +81,11 @@ class Worker:
             report_interval_s=cfg.scheduler.report_interval_ms / 1000.0,
             heartbeat_timeout_s=cfg.scheduler.heartbeat_timeout_ms / 1000.0,
         )
+        # What the parts below get instead of this object.
+        self.context = WorkerContext(
+            worker_id=self.worker_id, cfg=cfg.worker, info=info, control_endpoint=self.control_endpoint,
+            kv_tensor=engine.kv_tensor, driver=self.driver, routes=self.routes, streamer=self.streamer,
+            link=self.link, state=self.state)
         self.control: MessageSocket | None = None
         self.migration: MigrationService | None = None
         self._metrics_server: MetricsServer | None = None
@@ -100,16 +105,17 @@ class Worker:
         """Start the engine thread, bind the control socket, start the scheduler link."""
         self.control = MessageSocket.bind(self.ctx, zmq.ROUTER, self.cfg.cluster.bind(self.control_endpoint),
                                           WorkerControlInbound, name=f"{self.worker_id}-control")
-        self.migration = MigrationService(self)
+        self.migration = MigrationService(self.context, self.ctx, self.cfg.cluster.bind(self.migration_endpoint))
         if self.cfg.worker.metrics_port:  # worker i serves on metrics_port + i (one scheme for every host)
             registry = self.migration.metrics.registry
-            register_engine_metrics(registry, self, self.loop)
+            register_engine_metrics(registry, self.context, self.migration, self.loop)
             self._metrics_server = start_metrics_server(
                 self.cfg.cluster.http_host, self.cfg.worker.metrics_port + self.index, registry,
-                health=lambda: worker_health(self, self.loop))
+                health=lambda: worker_health(self.context, self.health, self.loop))
         self.driver.start()
         self.migration.start()
-        self.handler = ControlHandler(self, self.control)
+        self.handler = ControlHandler(self.context, self.control, self.migration.source,
+                                      set_draining=self.set_draining, request_stop=self.request_stop)
         self._serve_task = asyncio.create_task(serve(self.control, self.handler), name="worker-control")
         self._watchdog_task = asyncio.create_task(self._frontend_watchdog(), name="frontend-watchdog")
         self.link.start()
@@ -144,7 +150,7 @@ class Worker:
 
     def health(self) -> tuple[bool, str]:
         """(ok, why not): what /health and the service manager's watchdog pings go by."""
-        if self.stopping:
+        if self.state.stopping:
             return False, "stopping"
         stuck = self.engine_stuck()
         return not stuck, stuck
@@ -164,10 +170,10 @@ class Worker:
         self._stop.set()
 
     def set_draining(self, draining: bool) -> None:
-        if draining != self.draining:
+        if draining != self.state.draining:
             log.info("worker.draining" if draining else "worker.undrained", worker_id=self.worker_id,
                      requests=len(self.routes))
-        self.draining = draining
+        self.state.draining = draining
         self.link.mark_dirty()
 
     async def _drain(self, timeout_s: float) -> None:
@@ -183,9 +189,9 @@ class Worker:
 
     async def stop(self, reason: str = "stopped") -> None:
         """Stop serving: fail unfinished requests, deregister, stop the engine, close sockets."""
-        if self.stopping:
+        if self.state.stopping:
             return
-        self.stopping = True
+        self.state.stopping = True
         if self.notifier is not None:
             self.notifier.stopping()
         log.info("worker.stopping", worker_id=self.worker_id, reason=reason, requests=len(self.routes))
@@ -217,9 +223,9 @@ class Worker:
 
     async def _frontend_watchdog(self) -> None:
         # Not while draining: frontends stop heartbeating a draining worker, yet its requests go on.
-        while not self.stopping:
+        while not self.state.stopping:
             await asyncio.sleep(min(1.0, self.frontend_timeout_s / 4))
-            if self.handler is not None and not self.draining:
+            if self.handler is not None and not self.state.draining:
                 try:
                     await self.handler.abort_lost_frontends(self.frontend_timeout_s)
                 except Exception:  # noqa: BLE001 - the watchdog must survive
@@ -254,7 +260,7 @@ class Worker:
             worker_id=self.worker_id, seq=seq, sent_ms=now_ms(), total_blocks=stats.num_blocks,
             free_blocks=stats.num_free_blocks, num_running=stats.num_running, num_waiting=stats.num_waiting,
             num_preemptions=stats.num_preemptions, head_of_line_blocks=stats.head_of_line_blocks,
-            requests=entries, draining=self.draining, max_running=self.max_running,
+            requests=entries, draining=self.state.draining, max_running=self.max_running,
             num_migrations_in=len(self.migration.destination) if self.migration else 0,
             num_migrations_out=len(self.migration.source) if self.migration else 0,
         )
@@ -297,7 +303,7 @@ def _exit_when_stuck(worker: Worker, limit_s: float) -> None:
     """On a plain thread (it works while the event loop is stuck too): once the engine thread has
     been stuck for `limit_s` (reported unhealthy on /health from `watchdog_s` on), dump every
     thread's stack and exit, so a restart policy (docker's, systemd's Restart=) starts a fresh one."""
-    while not worker.stopping:
+    while not worker.state.stopping:
         time.sleep(1.0)
         busy = worker.driver.busy_s()
         if busy > limit_s:

@@ -42,7 +42,7 @@ from services.worker.migration.metrics import MigrationMetrics
 from services.worker.streams import Route
 
 if TYPE_CHECKING:
-    from services.worker.worker import Worker
+    from services.worker.context import WorkerContext
 
 log = get_logger(__name__)
 
@@ -69,15 +69,15 @@ class Incoming:
 class MigrationDestination:
     """Serves the migration socket (see the module docstring)."""
 
-    def __init__(self, worker: "Worker", sock: MessageSocket, copy_threads: CopyThreads,
+    def __init__(self, ctx: "WorkerContext", sock: MessageSocket, copy_threads: CopyThreads,
                  metrics: MigrationMetrics, host: str) -> None:
-        self.w = worker
-        self.cfg = worker.cfg.worker
+        self.w = ctx
+        self.cfg = ctx.cfg
         self.sock = sock
         self.copy_threads = copy_threads
         self.metrics = metrics
-        self.place = WorkerPlace(host, "cpu" if worker.engine.kv_tensor is None else worker.engine.kv_tensor.device.type)
-        cache = worker.engine.kv_tensor
+        cache = ctx.kv_tensor
+        self.place = WorkerPlace(host, "cpu" if cache is None else cache.device.type)
         self.receivers = ReceiverCache(cache) if cache is not None else None
         self.incoming: dict[str, Incoming] = {}
         self.committed: dict[str, tuple[str, float]] = {}  # migration id → (request id, when)
@@ -144,7 +144,7 @@ class MigrationDestination:
 
     def _check_open(self, msg: MigrateReserve) -> str | None:
         w = self.w
-        kv = w.engine.kv_tensor
+        kv = w.kv_tensor
         if w.stopping or w.draining:
             return "draining"
         if len(self.incoming) >= self.cfg.max_migrations_in:

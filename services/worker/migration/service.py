@@ -1,6 +1,6 @@
 """Wires live migration into a worker: the migration socket, both roles, the copy threads.
 
-`MigrationService(worker)` binds the worker's migration endpoint (the destination role serves
+`MigrationService(ctx, zmq_ctx, bind)` binds the worker's migration endpoint (the destination role serves
 it), opens DEALERs to destinations on demand (the source role), and runs a sweeper that aborts
 incoming migrations whose source fell silent.
 """
@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import zmq
+import zmq.asyncio
 
 from kv_transfer.shm import sweep_stale_buffers
 from protocol.sockets import MessageSocket, Received, serve
@@ -26,7 +27,7 @@ from services.worker.migration.metrics import MigrationMetrics
 from services.worker.migration.source import MigrationSource, PeerChannels
 
 if TYPE_CHECKING:
-    from services.worker.worker import Worker
+    from services.worker.context import WorkerContext
 
 log = get_logger(__name__)
 
@@ -45,28 +46,29 @@ def host_identity() -> str:
 class MigrationService:
     """Both migration roles of one worker (see the module docstring)."""
 
-    def __init__(self, worker: "Worker") -> None:
-        self.w = worker
-        cfg = worker.cfg.worker
+    def __init__(self, ctx: "WorkerContext", zmq_ctx: zmq.asyncio.Context, bind: str) -> None:
+        """`bind`: the address the migration socket binds (the worker's migration endpoint)."""
+        self.w = ctx
+        cfg = ctx.cfg
         self.metrics = MigrationMetrics()
         self.host = host_identity()
         self.copy_threads = CopyThreads(cfg.migration_precopy_nice)
-        self.sock = MessageSocket.bind(worker.ctx, zmq.ROUTER, worker.cfg.cluster.bind(worker.migration_endpoint),
-                                       WorkerMigrationInbound, max_frame_bytes=MAX_FRAME_BYTES, zero_copy=True,
-                                       name=f"{worker.worker_id}-migration")
-        cache = worker.engine.kv_tensor
+        self.sock = MessageSocket.bind(zmq_ctx, zmq.ROUTER, bind, WorkerMigrationInbound,
+                                       max_frame_bytes=MAX_FRAME_BYTES, zero_copy=True,
+                                       name=f"{ctx.worker_id}-migration")
+        cache = ctx.kv_tensor
         pool = None if cache is None else SenderPool(cache, cfg.migration_chunk_bytes, cfg.migration_shm_bytes,
                                                      max_idle=max(1, cfg.max_migrations_out))
-        self.peers = PeerChannels(worker.ctx, worker.worker_id, self._from_destination)
-        self.source = MigrationSource(worker, self.peers, pool, self.copy_threads, self.metrics, self.host)
-        self.destination = MigrationDestination(worker, self.sock, self.copy_threads, self.metrics, self.host)
+        self.peers = PeerChannels(zmq_ctx, ctx.worker_id, self._from_destination)
+        self.source = MigrationSource(ctx, self.peers, pool, self.copy_threads, self.metrics, self.host)
+        self.destination = MigrationDestination(ctx, self.sock, self.copy_threads, self.metrics, self.host)
         self._tasks: list[asyncio.Task[None]] = []
 
     def start(self) -> None:
         stale = sweep_stale_buffers()
         if stale:
             log.info("migration.stale_shm_removed", buffers=len(stale))
-        if self.source.pool is not None and self.w.cfg.worker.migration_path in ("auto", "shm"):
+        if self.source.pool is not None and self.w.cfg.migration_path in ("auto", "shm"):
             # Create (and page-touch) the shm staging buffer now, not inside a migration's pause.
             try:
                 self.source.pool.give_back(self.source.pool.take("shm"))

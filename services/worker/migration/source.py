@@ -59,7 +59,7 @@ from services.worker.migration.kv_io import SenderPool
 from services.worker.migration.metrics import MigrationMetrics
 
 if TYPE_CHECKING:
-    from services.worker.worker import Worker
+    from services.worker.context import WorkerContext
 
 log = get_logger(__name__)
 
@@ -139,10 +139,10 @@ class PeerChannels:
 class MigrationSource:
     """Starts, runs and cancels this worker's outgoing migrations (at most `max_migrations_out`)."""
 
-    def __init__(self, worker: "Worker", peers: PeerChannels, pool: SenderPool | None,
+    def __init__(self, ctx: "WorkerContext", peers: PeerChannels, pool: SenderPool | None,
                  copy_threads: CopyThreads, metrics: MigrationMetrics, host: str) -> None:
-        self.w = worker
-        self.cfg = worker.cfg.worker
+        self.w = ctx
+        self.cfg = ctx.cfg
         self.peers = peers
         self.pool = pool
         self.copy_threads = copy_threads
@@ -421,7 +421,7 @@ class MigrationSource:
 
     async def _reserve(self, m: Outgoing, requester: Requester, stage: int, n: int) -> ReserveReply:
         w = self.w
-        kv = w.engine.kv_tensor
+        kv = w.kv_tensor
         forced = self.cfg.migration_path if self.cfg.migration_path != "auto" else None
         msg = MigrateReserve(
             migration_id=m.migration_id, request_id=m.request_id, src_worker_id=w.worker_id, stage=stage,
@@ -445,7 +445,7 @@ class MigrationSource:
         m.blocks += len(src)
         if not src or sender is None:  # sim engine: no KV data to move
             return
-        cache = self.w.engine.kv_tensor
+        cache = self.w.kv_tensor
         assert cache is not None
         loop = asyncio.get_running_loop()
         pending: collections.deque[tuple[int, asyncio.Future[Any]]] = collections.deque()
