@@ -26,6 +26,8 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from services.scheduler.client import AskFailed, ask, session
+
 WAIT_POLL_S = 0.1  # --wait polls the scheduler's status this often
 
 
@@ -72,93 +74,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         d.set_defaults(func=run_drain, draining=name == "drain")
 
 
-class _Failed(Exception):
-    def __init__(self, message: str, status: int) -> None:
-        super().__init__(message)
-        self.status = status
-
-
-def _endpoint(args: argparse.Namespace) -> str:
-    if args.scheduler:
-        return args.scheduler
-    from services.config import ConfigFileError, load_config
-
-    try:
-        cfg = load_config(args.config, overrides={"cluster": {"base_port": args.base_port}})
-    except ConfigFileError as exc:
-        raise _Failed(str(exc), 2) from exc
-    return cfg.cluster.scheduler()
-
-
-def _curve(args: argparse.Namespace) -> Any:
-    """ctl's Curve keys (the `client` keypair), or None when Curve is off."""
-    from protocol.security import KeyFileError, load_keys
-    from services.config import ConfigFileError, load_config
-
-    directory = getattr(args, "curve_keys", None)
-    if directory is None:
-        try:
-            directory = load_config(args.config).cluster.curve_keys_dir
-        except ConfigFileError as exc:
-            raise _Failed(str(exc), 2) from exc
-    if not directory:
-        return None
-    try:
-        return load_keys(directory, "client")
-    except KeyFileError as exc:
-        raise _Failed(str(exc), 2) from exc
-
-
-def _ask(args: argparse.Namespace, msg: Any) -> Any:
-    """Send `msg` to the scheduler and return its reply (bounded by --timeout)."""
-    async def one(ask: Callable[[Any], Awaitable[Any]]) -> Any:
-        return await ask(msg)
-
-    return _session(args, one)
-
-
-def _session(args: argparse.Namespace, body: Callable[[Callable[[Any], Awaitable[Any]]], Awaitable[Any]]) -> Any:
-    """Run `body(ask)` over one connection to the scheduler; `ask(msg)` returns the reply to `msg`
-    (each bounded by --timeout). Failures become _Failed with the exit status to use."""
-    import asyncio
-
-    import zmq
-    import zmq.asyncio
-
-    from protocol import SchedulerReplies
-    from protocol.errors import RemoteError, RequestTimeout
-    from protocol.security import use_curve
-    from protocol.sockets import MessageSocket, request
-
-    if not args.timeout > 0:
-        raise _Failed("--timeout must be positive", 2)
-    endpoint = _endpoint(args)
-    keys = _curve(args)
-
-    async def exchange() -> Any:
-        ctx = use_curve(zmq.asyncio.Context(), keys)
-        try:
-            sock = MessageSocket.connect(ctx, zmq.DEALER, endpoint, SchedulerReplies, server_role="scheduler")
-            try:
-                return await body(lambda msg: request(sock, msg, timeout_s=args.timeout))
-            finally:
-                sock.close()
-        finally:
-            ctx.destroy(linger=0)
-
-    try:
-        return asyncio.run(exchange())
-    except RequestTimeout:
-        raise _Failed(f"the scheduler at {endpoint} did not answer within {args.timeout:g} s", 2) from None
-    except RemoteError as exc:
-        raise _Failed(f"the scheduler refused: {exc}", 1) from None
-    except zmq.ZMQError as exc:
-        raise _Failed(f"cannot reach the scheduler at {endpoint}: {exc}", 2) from None
-
-
 async def _wait_until(ask: Callable[[Any], Awaitable[Any]], include_requests: bool, wait_s: float,
                       done: Callable[[Any], str | None], what: str) -> str:
-    """Poll StatusRequest until `done(reply)` returns a message (returned), or raise _Failed(1)
+    """Poll StatusRequest until `done(reply)` returns a message (returned), or raise AskFailed(1)
     after `wait_s` seconds; the message then says `what` was not reached."""
     import asyncio
 
@@ -172,11 +90,11 @@ async def _wait_until(ask: Callable[[Any], Awaitable[Any]], include_requests: bo
             return message
         left = deadline - time.monotonic()
         if left <= 0:
-            raise _Failed(f"{what} within {wait_s:g} s", 1)
+            raise AskFailed(f"{what} within {wait_s:g} s", 1)
         await asyncio.sleep(min(WAIT_POLL_S, left))
 
 
-def _fail(exc: _Failed) -> int:
+def _fail(exc: AskFailed) -> int:
     print(f"error: {exc}", file=sys.stderr)
     return exc.status
 
@@ -266,8 +184,8 @@ def run_status(args: argparse.Namespace) -> int:
     from protocol import StatusRequest
 
     try:
-        reply = _ask(args, StatusRequest())
-    except _Failed as exc:
+        reply = ask(args, StatusRequest())
+    except AskFailed as exc:
         return _fail(exc)
     if args.json:
         print(json.dumps(status_to_json(reply), indent=2))
@@ -311,7 +229,7 @@ def run_drain(args: argparse.Namespace) -> int:
         if inst is None:
             return f"{args.instance}: left the cluster"
         if not inst.alive:
-            raise _Failed(f"{args.instance} died with {inst.num_running + inst.num_waiting} requests on it", 1)
+            raise AskFailed(f"{args.instance} died with {inst.num_running + inst.num_waiting} requests on it", 1)
         if inst.num_running == 0 and inst.num_waiting == 0:
             return f"{args.instance}: drained (no requests)"
         return None
@@ -323,8 +241,8 @@ def run_drain(args: argparse.Namespace) -> int:
             print(await _wait_until(ask, False, wait_s, drained, f"{args.instance} still had requests"))
 
     try:
-        _session(args, body)
-    except _Failed as exc:
+        session(args, body)
+    except AskFailed as exc:
         return _fail(exc)
     return 0
 
@@ -350,14 +268,14 @@ def run_migrate(args: argparse.Namespace) -> int:
         if args.wait is not None:
             try:
                 print(await _wait_until(ask, True, args.wait, arrived, f"{args.request} did not reach {args.instance}"))
-            except _Failed as exc:
+            except AskFailed as exc:
                 if exc.status == 1:
                     where = ", ".join(last_seen) if last_seen else "no instance (finished or aborted?)"
-                    raise _Failed(f"{exc}; it is listed on {where}", 1) from None
+                    raise AskFailed(f"{exc}; it is listed on {where}", 1) from None
                 raise
 
     try:
-        _session(args, body)
-    except _Failed as exc:
+        session(args, body)
+    except AskFailed as exc:
         return _fail(exc)
     return 0

@@ -1,4 +1,5 @@
-"""Trace options shared by `bench simulate` and `bench serve`: a generated trace or a JSONL file."""
+"""Trace flags shared by `bench simulate` and `bench serve`: a generated trace or a JSONL file
+(bench.trace.TraceOptions, bench.trace.build_trace)."""
 
 from __future__ import annotations
 
@@ -26,25 +27,3 @@ def add_trace_args(p: argparse.ArgumentParser, requests: int) -> None:
     p.add_argument("--goodput", nargs="+", metavar="KEY:MS", default=[],
                    help="SLOs for goodput, as vllm bench serve: ttft:MS tpot:MS e2el:MS")
 
-
-def trace_from_args(args: argparse.Namespace) -> list:
-    """The trace the options describe (workload.traces.TraceError on bad input)."""
-    from workload import traces
-
-    if args.trace_file:
-        trace = traces.load_jsonl(args.trace_file)[: args.requests]
-    elif args.rate is None:
-        raise traces.TraceError("give --rate (or --trace-file)")
-    else:
-        trace = traces.generate(args.requests, args.rate, args.cv, args.trace, args.high_priority_fraction, args.seed)
-    if args.save_trace:
-        traces.save_jsonl(trace, args.save_trace)
-    return trace
-
-
-def trace_label(args: argparse.Namespace) -> str:
-    if args.trace_file:
-        return f"file {args.trace_file}"
-    arrivals = "Poisson" if args.cv == 1.0 else f"Gamma CV {args.cv:g}"
-    hp = f", {100 * args.high_priority_fraction:g} % high priority" if args.high_priority_fraction else ""
-    return f"{args.trace} at {args.rate:g} req/s ({arrivals}{hp}), {args.requests} requests, seed {args.seed}"

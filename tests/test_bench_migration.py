@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from cli.bench_migration import (
+from bench.migration import (
     REQUIRED_KEYS,
     BenchError,
     OthersCPU,

@@ -95,7 +95,7 @@ def test_incremental_detokenizer_holds_back_partial_characters():
 
 
 def test_fit_latency_recovers_parameters():
-    from cli.bench_engine import Step, fit_latency
+    from bench.engine import Step, fit_latency
 
     true = {"base_ms": 12.0, "per_seq_ms": 0.8, "per_prefill_token_ms": 0.3, "per_context_token_ms": 0.002}
     steps = []
@@ -107,3 +107,20 @@ def test_fit_latency_recovers_parameters():
     for k, v in true.items():
         assert fit["params"][k] == pytest.approx(v, rel=1e-6)
     assert fit["max_rel_error"] < 1e-9
+
+
+def test_only_cli_imports_cli():
+    """cli/ is the command line only: no package imports it (tests may, for CLI behaviour)."""
+    import ast
+
+    root = Path(__file__).resolve().parents[1]
+    offenders = []
+    for path in sorted(root.glob("*/**/*.py")):
+        rel = path.relative_to(root)
+        if rel.parts[0] in ("cli", "tests") or rel.parts[0].startswith("."):
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module] if isinstance(node, ast.ImportFrom) and node.module and not node.level else [])
+            offenders += [f"{rel}:{node.lineno}: {n}" for n in names if n == "cli" or n.startswith("cli.")]
+    assert not offenders, "\n".join(offenders)

@@ -10,7 +10,7 @@ import pytest
 import torch
 import zmq
 
-from cli.bench_transfer import make_cache, run_pair
+from bench.transfer import make_cache, run_pair
 from kv_transfer.base import WorkerPlace, choose_path, split_chunks
 from kv_transfer.shm import PREFIX, ShmReceiver, ShmSender
 from kv_transfer.zmq_frames import FramesReceiver, FramesSender

@@ -218,7 +218,7 @@ async def test_sdk_message_limit_is_max_body_bytes(fake_cluster):
 
 # ---- nothing pickled, loopback by default --------------------------------------------------------
 
-WIRE_PACKAGES = ("protocol", "services", "sdk", "kv_transfer", "cli")
+WIRE_PACKAGES = ("protocol", "services", "sdk", "kv_transfer", "cli", "bench")
 PICKLE_MODULES = {"pickle", "cPickle", "_pickle", "marshal", "shelve", "dill", "cloudpickle", "joblib", "copyreg"}
 PICKLE_CALLS = {"send_pyobj", "recv_pyobj", "send_serialized", "recv_serialized", "loads", "load"}
 
@@ -230,7 +230,7 @@ def _python_files():
 
 def test_nothing_pickled_on_any_wire():
     """No pickle-family module is imported and no pickling socket/loader call is made by any code
-    that touches a socket, a shm ring or a message (protocol, services, sdk, kv_transfer, cli)."""
+    that touches a socket, a shm ring or a message (protocol, services, sdk, kv_transfer, cli, bench)."""
     offenders = []
     for path in _python_files():
         tree = ast.parse(path.read_text(), str(path))

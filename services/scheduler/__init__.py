@@ -11,6 +11,8 @@ Modules, one job each:
 - `scaler`: auto-scaling decisions (policy.scaling_decision), scale-in drains, ScaleQuery → ScaleAdvice.
 - `handlers`: one method per inbound message type; dispatch (with the request's priority) and status.
 - `main`: the process: ROUTER socket, timers, signals, the READY line.
+- `process`: its flags and entry point (`kvferry scheduler`, `python -m services.scheduler`).
+- `client`: asking the running scheduler from outside (`kvferry ctl`, `kvferry bench serve`).
 
 Soft state only: after a restart everything is rebuilt from the workers' next messages (an unknown
 worker's LoadReport or Heartbeat is answered ErrorReply(not_found), and the worker registers again).

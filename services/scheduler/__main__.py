@@ -2,6 +2,6 @@
 
 import sys
 
-from cli.scheduler import main
+from services.scheduler.process import main
 
 sys.exit(main())

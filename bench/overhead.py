@@ -20,7 +20,6 @@ table printed.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import concurrent.futures
 import contextlib
@@ -30,25 +29,25 @@ import random
 import statistics
 import sys
 import time
+from dataclasses import dataclass
 from typing import Any
 
-from cli.common import add_model_args, int_list, positive_int
 
+@dataclass
+class Options:
+    """`kvferry bench overhead`'s settings (the flags, same names; their defaults are the CLI's)."""
 
-def register(kinds: argparse._SubParsersAction) -> None:
-    p = kinds.add_parser("overhead", help="the same batch in process and through a live 1-worker cluster",
-                         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_model_args(p, default_model="smollm2")
-    p.add_argument("--batch-sizes", type=int_list, default=[1, 16, 64], help="batch sizes (default: 1,16,64)")
-    p.add_argument("--prompt-len", type=positive_int, default=128, help="prompt tokens (default: 128)")
-    p.add_argument("--output-len", type=positive_int, default=64, help="output tokens (default: 64)")
-    p.add_argument("--pairs", type=positive_int, default=3, help="paired rounds per batch size (default: 3)")
-    p.add_argument("--threads", type=positive_int, default=None,
-                   help="torch threads, both sides (default: every core, as `kvferry up --workers 1`)")
-    p.add_argument("--timeout", type=float, default=300.0, help="seconds any one phase may take (default: 300)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random prompts (default: 0)")
-    p.add_argument("--json", metavar="FILE", help="write the results as one JSON object to FILE")
-    p.set_defaults(func=run)
+    model: str
+    dtype: str
+    device: str
+    batch_sizes: list[int]
+    prompt_len: int
+    output_len: int
+    pairs: int
+    threads: int | None
+    timeout: float
+    seed: int
+    json: str | None
 
 
 def prompts(rng: random.Random, n: int, length: int, vocab: int) -> list[list[int]]:
@@ -147,7 +146,7 @@ async def served(endpoint: str, batch: list[list[int]], output_len: int, timeout
     return summarize(sent, list(times), len(batch[0]))
 
 
-def start_cluster(args: argparse.Namespace, threads: int):  # noqa: ANN201 - LocalCluster, imported lazily
+def start_cluster(opts: Options, threads: int):  # noqa: ANN201 - LocalCluster, imported lazily
     from services.config import load_config
     from services.launcher import ClusterSpec, LocalCluster, free_port_block, free_ports
 
@@ -155,11 +154,11 @@ def start_cluster(args: argparse.Namespace, threads: int):  # noqa: ANN201 - Loc
     cfg = load_config(env={}, overrides={
         "cluster": {"http_port": http, "base_port": base},
         "scheduler": {"metrics_port": free_port_block(1)},
-        "worker": {"engine": "torch", "model": args.model, "dtype": args.dtype, "device": args.device,
-                   "threads": threads, "max_num_seqs": max(64, max(args.batch_sizes))},
-        "frontend": {"model": args.model, "max_inflight": 4096},
+        "worker": {"engine": "torch", "model": opts.model, "dtype": opts.dtype, "device": opts.device,
+                   "threads": threads, "max_num_seqs": max(64, max(opts.batch_sizes))},
+        "frontend": {"model": opts.model, "max_inflight": 4096},
     })
-    c = LocalCluster(ClusterSpec(cfg, num_workers=1, ready_timeout_s=args.timeout,
+    c = LocalCluster(ClusterSpec(cfg, num_workers=1, ready_timeout_s=opts.timeout,
                                  extra_env={"KVFERRY_LOG_LEVEL": "WARNING"}))
     c.start()
     return c, cfg
@@ -167,9 +166,9 @@ def start_cluster(args: argparse.Namespace, threads: int):  # noqa: ANN201 - Loc
 
 # ---- the run ---------------------------------------------------------------------------------------
 
-def run(args: argparse.Namespace) -> int:
-    threads = args.threads or (os.cpu_count() or 1)
-    cluster, cfg = start_cluster(args, threads)
+def run(opts: Options) -> int:
+    threads = opts.threads or (os.cpu_count() or 1)
+    cluster, cfg = start_cluster(opts, threads)
     rows: list[dict[str, Any]] = []
     try:
         import torch
@@ -181,23 +180,23 @@ def run(args: argparse.Namespace) -> int:
         frontend, scheduler = cluster.current("frontend"), cluster.current("scheduler")
         assert worker is not None and frontend is not None and scheduler is not None
         wpid, fpid, spid = worker.proc.pid, frontend.proc.pid, scheduler.proc.pid
-        rng = random.Random(args.seed)
+        rng = random.Random(opts.seed)
         try:
             # warm both sides once (first-call allocations, the kernel's first run)
-            warm = prompts(rng, 2, args.prompt_len, vocab)
+            warm = prompts(rng, 2, opts.prompt_len, vocab)
             local.run(warm, 4, "warm")
-            asyncio.run(served(cluster.sdk_endpoint, warm, 4, args.timeout))
-            for b in args.batch_sizes:
-                for pair in range(args.pairs):
-                    batch = prompts(rng, b, args.prompt_len, vocab)
+            asyncio.run(served(cluster.sdk_endpoint, warm, 4, opts.timeout))
+            for b in opts.batch_sizes:
+                for pair in range(opts.pairs):
+                    batch = prompts(rng, b, opts.prompt_len, vocab)
                     with Steal() as steal_ours:
-                        ours = local.run(batch, args.output_len, f"b{b}-{pair}")
+                        ours = local.run(batch, opts.output_len, f"b{b}-{pair}")
                     cpu0 = (_cpu_s(wpid, wpid), _cpu_s(fpid), _cpu_s(spid))
                     with Steal() as steal_srv:
-                        srv = asyncio.run(served(cluster.sdk_endpoint, batch, args.output_len, args.timeout))
+                        srv = asyncio.run(served(cluster.sdk_endpoint, batch, opts.output_len, opts.timeout))
                     cpu1 = (_cpu_s(wpid, wpid), _cpu_s(fpid), _cpu_s(spid))
                     ours["steal"], srv["steal"] = steal_ours.share, steal_srv.share
-                    tokens = b * args.output_len
+                    tokens = b * opts.output_len
                     rows.append({"batch": b, "pair": pair, "in_process": ours, "served": srv,
                                  "tpot_ratio": srv["tpot_ms"] / ours["tpot_ms"],
                                  "prefill_ratio": ours["prefill_tok_s"] / srv["prefill_tok_s"],
@@ -211,12 +210,12 @@ def run(args: argparse.Namespace) -> int:
             local.close()
     finally:
         cluster.stop()
-    result = {"model": args.model, "dtype": args.dtype, "threads": threads, "cpus": os.cpu_count(),
-              "prompt_len": args.prompt_len, "output_len": args.output_len, "pairs": args.pairs,
+    result = {"model": opts.model, "dtype": opts.dtype, "threads": threads, "cpus": os.cpu_count(),
+              "prompt_len": opts.prompt_len, "output_len": opts.output_len, "pairs": opts.pairs,
               "summary": summary(rows), "rows": rows}
     print(table(result))
-    if args.json:
-        with open(args.json, "w") as f:
+    if opts.json:
+        with open(opts.json, "w") as f:
             json.dump(result, f, indent=1)
     return 0
 

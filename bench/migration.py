@@ -34,7 +34,6 @@ performance targets are reported, not failed.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import json
@@ -55,8 +54,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cli.bench_engine import CPUWatch
-from cli.common import int_list, positive_int
+from bench.engine import CPUWatch
 from services.launcher import _die_with_parent
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -85,37 +83,25 @@ class BenchError(RuntimeError):
     """A correctness problem (lost or repeated token, migration not committed, leaked blocks)."""
 
 
-def register(kinds: argparse._SubParsersAction) -> None:
-    p = kinds.add_parser("migration", help="downtime of live migration vs recompute vs blocking copy, by context",
-                         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="smollm2", help="tiny, smollm2, a HF folder or .gguf (default: smollm2)")
-    p.add_argument("--lengths", type=int_list, default=DEFAULT_LENGTHS,
-                   help=f"context lengths (default: {','.join(map(str, DEFAULT_LENGTHS))})")
-    p.add_argument("--json", metavar="FILE", help="write {'records': [...], ...} to FILE")
-    p.add_argument("--plot", metavar="FILE.png", help="plot downtime vs context (log-log) to FILE.png")
-    p.add_argument("--engine", choices=("torch", "vllm"), default="torch",
-                   help="the workers' engine (default: torch; vllm needs `make install-vllm`)")
-    p.add_argument("--path", choices=("auto", "shm", "frames"), default="auto",
-                   help="KV data path between the workers (default: auto, shm on one host)")
-    p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32", "float16"),
-                   help="weights, activations and KV cache dtype (default: bfloat16)")
-    p.add_argument("--threads", type=positive_int, default=None,
-                   help="torch threads per worker (default: max(1, cores // 2))")
-    p.add_argument("--migrations", type=positive_int, default=3,
-                   help="live and blocking migrations per length (directions alternate; downtimes are their "
-                        "medians; one recompute either way; default: 3)")
-    p.add_argument("--retry-busy", type=int, default=0, metavar="N",
-                   help=f"measure a length again, up to N times, while other processes used more than {BUSY_CORES} "
-                        "cores during it, and keep the least disturbed round (for shared machines; default: 0)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random prompts (default: 0)")
-    p.add_argument("--timeout", type=float, default=300.0,
-                   help="seconds any one phase (start, prefill, migration, abort) may take (default: 300)")
-    p.add_argument("--no-warmup", action="store_true",
-                   help="measure from the first migration on (default: one unrecorded round at the shortest length "
-                        "first, which pays the one-off staging buffer set-up)")
-    p.add_argument("--log-dir", help="keep the workers' logs in this folder (default: a temp folder, "
-                                     "shown on failure and removed)")
-    p.set_defaults(func=run)
+@dataclass
+class Options:
+    """`kvferry bench migration`'s settings (the flags, same names; their defaults are the CLI's)."""
+
+    model: str
+    lengths: list[int]
+    json: str | None
+    plot: str | None
+    engine: str  # torch | vllm
+    path: str  # auto | shm | frames
+    dtype: str
+    threads: int | None
+    migrations: int
+    retry_busy: int
+    seed: int
+    timeout: float
+    no_warmup: bool
+    log_dir: str | None
+    base_port: int = 0  # the cluster's, chosen by the run
 
 
 # ---- pure computations (unit-tested) --------------------------------------------------------------
@@ -388,7 +374,7 @@ def _proc_cpu_s(pid: int) -> float:
 
 
 class OthersCPU(CPUWatch):
-    """Cores other processes kept busy during a stretch (bench_engine's CPUWatch), counting the
+    """Cores other processes kept busy during a stretch (bench.engine's CPUWatch), counting the
     workers as ours by pid: they are live children, which os.times() does not include."""
 
     def __init__(self, pids: list[int]) -> None:
@@ -408,17 +394,17 @@ class OthersCPU(CPUWatch):
 class WorkerProcess:
     """One `kvferry worker` child: stdout and stderr to files in `log_dir`."""
 
-    def __init__(self, index: int, base_port: int, scheduler: str, args: argparse.Namespace, threads: int,
+    def __init__(self, index: int, base_port: int, scheduler: str, opts: Options, threads: int,
                  log_dir: Path) -> None:
         self.index = index
         self.worker_id = f"worker-{index}"
         self.out_path = log_dir / f"{self.worker_id}.out"
         self.log_path = log_dir / f"{self.worker_id}.log"
-        env = {**os.environ, "KVFERRY_LOG_LEVEL": "INFO", "KVFERRY_WORKER_MIGRATION_PATH": args.path}
-        if args.engine == "vllm":
+        env = {**os.environ, "KVFERRY_LOG_LEVEL": "INFO", "KVFERRY_WORKER_MIGRATION_PATH": opts.path}
+        if opts.engine == "vllm":
             env["KVFERRY_WORKER_BLOCK_SIZE"] = "32"  # vLLM's CPU attention: multiples of 32
         cmd = [sys.executable, "-m", "cli.main", "worker", "--index", str(index), "--base-port", str(base_port),
-               "--scheduler", scheduler, "--engine", args.engine, "--model", args.model, "--dtype", args.dtype,
+               "--scheduler", scheduler, "--engine", opts.engine, "--model", opts.model, "--dtype", opts.dtype,
                "--threads", str(threads)]
         with open(self.out_path, "wb") as out, open(self.log_path, "wb") as err:
             self.proc = subprocess.Popen(cmd, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=out, stderr=err, env=env,
@@ -459,7 +445,7 @@ class WorkerProcess:
 class Context:
     """What one run shares across lengths."""
 
-    args: argparse.Namespace
+    opts: Options
     sched: SchedulerStub
     sink: TokenSink
     controls: list[Any]  # a Requester per worker's control socket
@@ -495,7 +481,7 @@ async def _abort(ctx: Context, worker: int, rid: str) -> None:
 async def _migrate(ctx: Context, mode: str, src: int, dst: int, rid: str, mid: str) -> None:
     from protocol import ClusterAddresses, MigrateCommand
 
-    addrs = ClusterAddresses(base_port=ctx.args.base_port)
+    addrs = ClusterAddresses(base_port=ctx.opts.base_port)
     msg = MigrateCommand(migration_id=mid, request_id=rid, dst_worker_id=f"worker-{dst}",
                          dst_endpoint=addrs.worker_migration(dst), reason="bench", mode=mode)  # type: ignore[arg-type]
     ack = await ctx.controls[src].request(msg, 30.0)
@@ -520,9 +506,9 @@ async def measure_length(ctx: Context, length: int) -> dict[str, Any]:
     """One context length: R's migrations (migration_plan), then abort everything and check that
     no KV block leaked. Downtimes are medians over each mode's migrations; the decode-step figures
     pool the background requests' gaps over every live migration, by role (source, destination)."""
-    timeout = ctx.args.timeout
+    timeout = ctx.opts.timeout
     sink, sched = ctx.sink, ctx.sched
-    plan = migration_plan(ctx.args.migrations)
+    plan = migration_plan(ctx.opts.migrations)
     tag = uuid.uuid4().hex[:6]
     rid = f"R-{length}-{tag}"
     bg_ids = [f"bg-{i}-{length}-{tag}" for i in range(2)]  # one per worker; source or destination by turns
@@ -644,7 +630,7 @@ async def measure_length(ctx: Context, length: int) -> dict[str, Any]:
     return record
 
 
-async def _run_async(args: argparse.Namespace, log_dir: Path, workers: list[WorkerProcess],
+async def _run_async(opts: Options, log_dir: Path, workers: list[WorkerProcess],
                      meta: dict[str, Any]) -> list[dict[str, Any]]:
     import zmq.asyncio
 
@@ -652,8 +638,8 @@ async def _run_async(args: argparse.Namespace, log_dir: Path, workers: list[Work
     from protocol.sockets import MessageSocket, Requester
     from services.launcher import free_ports
 
-    _, args.base_port = free_ports(2)
-    addrs = ClusterAddresses(base_port=args.base_port)
+    _, opts.base_port = free_ports(2)
+    addrs = ClusterAddresses(base_port=opts.base_port)
     zctx = zmq.asyncio.Context()
     sched = SchedulerStub(zctx, addrs.scheduler_bind())
     sink = TokenSink(zctx, addrs.frontend_tokens(0))
@@ -661,13 +647,13 @@ async def _run_async(args: argparse.Namespace, log_dir: Path, workers: list[Work
     socks: list[Any] = []
     requesters: list[Any] = []
     try:
-        threads = args.threads or max(1, (os.cpu_count() or 2) // 2)
+        threads = opts.threads or max(1, (os.cpu_count() or 2) // 2)
         meta["threads_per_worker"] = threads
         t0 = time.perf_counter()
         for i in range(2):
-            workers.append(WorkerProcess(i, args.base_port, addrs.scheduler(), args, threads, log_dir))
-        max_context, vocab = await asyncio.get_running_loop().run_in_executor(None, _model_facts, args.model)
-        await asyncio.gather(*(w.ready(max(args.timeout, 180.0)) for w in workers))
+            workers.append(WorkerProcess(i, opts.base_port, addrs.scheduler(), opts, threads, log_dir))
+        max_context, vocab = await asyncio.get_running_loop().run_in_executor(None, _model_facts, opts.model)
+        await asyncio.gather(*(w.ready(max(opts.timeout, 180.0)) for w in workers))
         await sched.until(lambda: all(w.worker_id in sched.workers for w in workers), 30.0,
                           "both workers to register")
         meta["startup_s"] = round(time.perf_counter() - t0, 1)
@@ -680,20 +666,20 @@ async def _run_async(args: argparse.Namespace, log_dir: Path, workers: list[Work
                                       name=f"bench->worker-{i}")
             socks.append(s)
             requesters.append(Requester(s).start())
-        ctx = Context(args, sched, sink, requesters, workers, max_context, vocab, random.Random(args.seed))
-        if not args.no_warmup:
+        ctx = Context(opts, sched, sink, requesters, workers, max_context, vocab, random.Random(opts.seed))
+        if not opts.no_warmup:
             # The first migration out of each worker creates its shm staging buffer (and the first
             # one in maps it): a one-off cost that is not the steady state, so a round is thrown away.
             t = time.perf_counter()
-            await measure_length(ctx, min(args.lengths))
+            await measure_length(ctx, min(opts.lengths))
             meta["warmup_s"] = round(time.perf_counter() - t, 1)
-            print(f"  warm-up round at {min(args.lengths)} tokens done ({meta['warmup_s']:.0f} s; not recorded)",
+            print(f"  warm-up round at {min(opts.lengths)} tokens done ({meta['warmup_s']:.0f} s; not recorded)",
                   flush=True)
         records = []
         pids = [w.proc.pid for w in workers]
-        for length in args.lengths:
+        for length in opts.lengths:
             best: dict[str, Any] | None = None
-            for attempt in range(1, args.retry_busy + 2):
+            for attempt in range(1, opts.retry_busy + 2):
                 t, watch = time.perf_counter(), OthersCPU(pids)
                 rec = await measure_length(ctx, length)
                 rec.update(seconds=round(time.perf_counter() - t, 1), others_cpu_cores=watch.cores(),
@@ -794,11 +780,11 @@ def write_plot(records: list[dict[str, Any]], path: str, title: str) -> None:
     plt.close(fig)
 
 
-def run(args: argparse.Namespace) -> int:
-    if any(n < 2 for n in args.lengths):
+def run(opts: Options) -> int:
+    if any(n < 2 for n in opts.lengths):
         raise SystemExit("error: every length must be at least 2 tokens")
-    own_dir = args.log_dir is None
-    log_dir = Path(tempfile.mkdtemp(prefix="kvferry-bm-")) if own_dir else Path(args.log_dir)
+    own_dir = opts.log_dir is None
+    log_dir = Path(tempfile.mkdtemp(prefix="kvferry-bm-")) if own_dir else Path(opts.log_dir)
     log_dir.mkdir(parents=True, exist_ok=True)
     workers: list[WorkerProcess] = []
     meta: dict[str, Any] = {}
@@ -806,12 +792,12 @@ def run(args: argparse.Namespace) -> int:
     load_before = os.getloadavg()
     meta["code"] = _code_version()
     ok = False
-    print(f"bench migration: engine {args.engine}, model {args.model}, lengths {','.join(map(str, args.lengths))}, "
-          f"path {args.path}", flush=True)
+    print(f"bench migration: engine {opts.engine}, model {opts.model}, lengths {','.join(map(str, opts.lengths))}, "
+          f"path {opts.path}", flush=True)
     from protocol.errors import ProtocolError
 
     try:
-        records = asyncio.run(_run_async(args, log_dir, workers, meta))
+        records = asyncio.run(_run_async(opts, log_dir, workers, meta))
         ok = True
     except (BenchError, ProtocolError) as exc:  # a wrong stream, a refused or unanswered command
         print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
@@ -839,7 +825,7 @@ def run(args: argparse.Namespace) -> int:
         print("all measured targets met")
     out = {
         "records": records,
-        "engine": args.engine, "model": args.model, "dtype": args.dtype, "path": args.path,
+        "engine": opts.engine, "model": opts.model, "dtype": opts.dtype, "path": opts.path,
         "machine": {"cpus": os.cpu_count(), "machine": platform.machine(), "processor": platform.processor(),
                     "python": platform.python_version(), "load_average_before": load_before[0],
                     "load_average_after": os.getloadavg()[0]},
@@ -847,12 +833,12 @@ def run(args: argparse.Namespace) -> int:
         "targets": targets,
         "wall_s": round(wall, 1),
     }
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        with open(args.json, "w") as f:
+    if opts.json:
+        Path(opts.json).parent.mkdir(parents=True, exist_ok=True)
+        with open(opts.json, "w") as f:
             json.dump(out, f, indent=2)
-    if args.plot:
-        Path(args.plot).parent.mkdir(parents=True, exist_ok=True)
-        write_plot(records, args.plot, f"migration downtime, {args.model} ({args.engine} engine) on "
+    if opts.plot:
+        Path(opts.plot).parent.mkdir(parents=True, exist_ok=True)
+        write_plot(records, opts.plot, f"migration downtime, {opts.model} ({opts.engine} engine) on "
                                        f"{os.cpu_count()} CPU cores")
     return 0

@@ -3,7 +3,7 @@
 `measure_dispatch_latency(endpoint, instances=64, requests=5000)` registers N fake workers (they
 keep sending load reports at `report_interval_s` from a separate process while it measures),
 then sends DispatchRequests one at a time from a frontend DEALER and returns round-trip
-percentiles in milliseconds. `python -m services.scheduler.bench` starts its own scheduler
+percentiles in milliseconds. `python -m bench.scheduler` starts its own scheduler
 process and prints the figures as JSON.
 """
 

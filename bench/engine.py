@@ -6,14 +6,13 @@ are timed: decode_tok_s = B * decode_tokens / their total time, step_ms = their 
 Prefill: --prefill-prompts prompts of --prefill-len tokens (8 x 256 by default, one 2048-token
 step) timed until each has sampled its first token; prefill_tok_s = prompt tokens / that time.
 vLLM (when `import vllm` works in this Python): the same prompts through vLLM's CPU build in a
-subprocess (cli/vllm_bench_worker.py); its decode time is t(1 + N tokens) - t(1 token).
+subprocess (bench/vllm_worker.py); its decode time is t(1 + N tokens) - t(1 token).
 --fit: a few more context lengths and prefill sizes, then a least-squares fit of the sim's
 LatencyModel to every timed step, printed as a Python literal.
 """
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import json
 import os
@@ -28,33 +27,30 @@ from dataclasses import asdict, dataclass
 from itertools import combinations
 from pathlib import Path
 
-from cli.common import add_model_args, int_list, positive_int
 
 BUSY_CORES = 0.1  # other processes' average CPU use above which a measurement counts as disturbed
 FIT_PARAMS = ("base_ms", "per_seq_ms", "per_prefill_token_ms", "per_context_token_ms")
 
 
-def register(kinds: argparse._SubParsersAction) -> None:
-    p = kinds.add_parser("engine", help="decode and prefill throughput of the real engine (and vLLM if installed)",
-                         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_model_args(p, default_model="smollm2")
-    p.add_argument("--json", metavar="FILE", help="write the results as one JSON object to FILE")
-    p.add_argument("--batch-sizes", type=int_list, default=[1, 4, 16, 64], help="decode batch sizes (default: 1,4,16,64)")
-    p.add_argument("--decode-tokens", type=positive_int, default=32, help="timed decode steps per batch (default: 32)")
-    p.add_argument("--prompt-len", type=positive_int, default=128, help="prompt tokens of the decode runs (default: 128)")
-    p.add_argument("--prefill-prompts", type=positive_int, default=8, help="prompts of the prefill run (default: 8)")
-    p.add_argument("--prefill-len", type=positive_int, default=256, help="tokens per prefill prompt (default: 256)")
-    p.add_argument("--repeat", type=positive_int, default=1,
-                   help="measure each batch size this many times and keep the fastest (vLLM too; default: 1)")
-    p.add_argument("--retry-busy", type=int, default=0, metavar="N",
-                   help=f"measure a batch size again, up to N times, while other processes used more than "
-                        f"{BUSY_CORES} cores during it (for shared machines; default: 0)")
-    p.add_argument("--fit", action="store_true", help="fit the sim's LatencyModel to the measured steps and print it")
-    p.add_argument("--no-vllm", action="store_true", help="skip the vLLM comparison even where vLLM is installed")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random prompts (default: 0)")
-    p.add_argument("--threads", type=positive_int, default=None,
-                   help="torch intra-op threads for our engine (default: torch's choice, one per core)")
-    p.set_defaults(func=run)
+@dataclass
+class Options:
+    """`kvferry bench engine`'s settings (the flags, same names; their defaults are the CLI's)."""
+
+    model: str
+    dtype: str
+    device: str
+    json: str | None
+    batch_sizes: list[int]
+    decode_tokens: int
+    prompt_len: int
+    prefill_prompts: int
+    prefill_len: int
+    repeat: int
+    retry_busy: int
+    fit: bool
+    no_vllm: bool
+    seed: int
+    threads: int | None
 
 
 @dataclass
@@ -267,7 +263,7 @@ def vllm_available() -> bool:
 
 def run_vllm(model: str, dtype: str, batches: list[dict], prefill_prompts: list[list[int]], decode_tokens: int,
              max_model_len: int, repeat: int = 1, retry_busy: int = 0, seed: int = 0) -> dict:
-    """Run cli/vllm_bench_worker.py in a subprocess; returns its result or {"error": ...}."""
+    """Run bench/vllm_worker.py in a subprocess; returns its result or {"error": ...}."""
     from engine.weights.hf_export import cache_dir, hf_folder_for
 
     folder = hf_folder_for(model, seed=seed)
@@ -281,9 +277,12 @@ def run_vllm(model: str, dtype: str, batches: list[dict], prefill_prompts: list[
     with tempfile.TemporaryDirectory() as tmp:
         job_path, out_path = Path(tmp) / "job.json", Path(tmp) / "out.json"
         job_path.write_text(json.dumps(job))
-        worker = Path(__file__).with_name("vllm_bench_worker.py")
+        # As a module, not a script: a script's folder (bench/) goes first on sys.path, where
+        # bench/engine.py would shadow the engine package. The repository root makes it importable.
+        root = str(Path(__file__).resolve().parents[1])
+        env["PYTHONPATH"] = os.pathsep.join([root, *filter(None, [env.get("PYTHONPATH")])])
         with open(log_path, "w") as log:
-            proc = subprocess.run([sys.executable, str(worker), str(job_path), str(out_path)], env=env,
+            proc = subprocess.run([sys.executable, "-m", "bench.vllm_worker", str(job_path), str(out_path)], env=env,
                                   stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         if proc.returncode != 0 or not out_path.is_file():
             tail = log_path.read_text(errors="replace").strip().splitlines()[-3:]
@@ -296,45 +295,45 @@ def run_vllm(model: str, dtype: str, batches: list[dict], prefill_prompts: list[
 
 # ---- the command -------------------------------------------------------------------------
 
-def run(args: argparse.Namespace) -> int:
+def run(opts: Options) -> int:
     import torch
 
-    from cli.common import build_engine
-    from cli.main import CLIError
+    from bench import UsageError
     from engine.block_manager import blocks_for
     from engine.config import EngineConfig
+    from engine.engine import LLMEngine
 
-    if min(args.batch_sizes) < 1:
-        raise CLIError("--batch-sizes must be positive")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    rng = random.Random(args.seed)
-    max_bs = max(args.batch_sizes)
-    n = args.decode_tokens
+    if min(opts.batch_sizes) < 1:
+        raise UsageError("--batch-sizes must be positive")
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
+    rng = random.Random(opts.seed)
+    max_bs = max(opts.batch_sizes)
+    n = opts.decode_tokens
     # Context sweeps for --fit: decode at 8 sequences over a few prompt lengths, and prefill sizes.
-    fit_ctx = [64, 512, 1536] if args.fit else []
-    fit_prefills = [(1, 32), (1, 128), (1, 512), (4, 128), (2, 1024)] if args.fit else []
+    fit_ctx = [64, 512, 1536] if opts.fit else []
+    fit_prefills = [(1, 32), (1, 128), (1, 512), (4, 128), (2, 1024)] if opts.fit else []
 
     block = EngineConfig().block_size
-    budget = max(2048, args.prefill_prompts * args.prefill_len)
-    live = [b * blocks_for(args.prompt_len + n + 2 + prefill_slack(b * args.prompt_len, budget), block)
-            for b in args.batch_sizes]
-    live.append(args.prefill_prompts * blocks_for(args.prefill_len + 2, block))
+    budget = max(2048, opts.prefill_prompts * opts.prefill_len)
+    live = [b * blocks_for(opts.prompt_len + n + 2 + prefill_slack(b * opts.prompt_len, budget), block)
+            for b in opts.batch_sizes]
+    live.append(opts.prefill_prompts * blocks_for(opts.prefill_len + 2, block))
     live += [8 * blocks_for(c + 16 + 2 + prefill_slack(8 * c, budget), block) for c in fit_ctx]
     live += [k * blocks_for(m + 2, block) for k, m in fit_prefills]
     num_blocks = int(max(live) * 1.05) + 8
-    max_len_needed = max([args.prompt_len + n + 2 + prefill_slack(max_bs * args.prompt_len, budget),
-                          args.prefill_len + 2] + [c + 18 + prefill_slack(8 * c, budget) for c in fit_ctx]
+    max_len_needed = max([opts.prompt_len + n + 2 + prefill_slack(max_bs * opts.prompt_len, budget),
+                          opts.prefill_len + 2] + [c + 18 + prefill_slack(8 * c, budget) for c in fit_ctx]
                          + [m + 2 for _, m in fit_prefills])
-    engine = build_engine(args.model, args.dtype, args.device, num_blocks=num_blocks,
-                          max_num_seqs=max(max_bs, args.prefill_prompts, 8),
-                          max_num_batched_tokens=budget)
+    engine = LLMEngine.from_model(opts.model, EngineConfig(dtype=opts.dtype, device=opts.device, num_blocks=num_blocks,
+                                                           max_num_seqs=max(max_bs, opts.prefill_prompts, 8),
+                                                           max_num_batched_tokens=budget))
     if max_len_needed > engine.max_model_len:
-        raise CLIError(f"prompts of {max_len_needed} tokens exceed the model's context of {engine.max_model_len}")
+        raise UsageError(f"prompts of {max_len_needed} tokens exceed the model's context of {engine.max_model_len}")
     vocab = engine.vocab_size
     rec = StepRecorder(engine)
     info = machine_info()
-    print(f"kvferry bench engine: model {engine.model_name}, {args.dtype}, {info['cpu_count']} CPUs "
+    print(f"kvferry bench engine: model {engine.model_name}, {opts.dtype}, {info['cpu_count']} CPUs "
           f"({info['cpu_model']}), torch {info['torch_version']} with {info['torch_threads']} threads",
           file=sys.stderr)
     pre = CPUWatch()
@@ -350,11 +349,11 @@ def run(args: argparse.Namespace) -> int:
     measure_prefill(rec, random_prompts(rng, 2, 64, vocab), "warmup")
     rec.steps.clear()
 
-    decode_prompts = {b: random_prompts(rng, b, args.prompt_len, vocab) for b in args.batch_sizes}
+    decode_prompts = {b: random_prompts(rng, b, opts.prompt_len, vocab) for b in opts.batch_sizes}
     records = []
-    for b in args.batch_sizes:
-        for attempt in range(1 + max(0, args.retry_busy)):
-            runs = [measure_decode(rec, decode_prompts[b], n, "decode") for _ in range(args.repeat)]
+    for b in opts.batch_sizes:
+        for attempt in range(1 + max(0, opts.retry_busy)):
+            runs = [measure_decode(rec, decode_prompts[b], n, "decode") for _ in range(opts.repeat)]
             r = max(runs, key=lambda x: x["decode_tok_s"])
             if (r["other_processes_cores"] or 0) <= BUSY_CORES:
                 break
@@ -362,18 +361,18 @@ def run(args: argparse.Namespace) -> int:
                   file=sys.stderr)
         print(f"  decode batch {b:>3}: {r['step_ms']:8.1f} ms/step  {r['decode_tok_s']:8.1f} tok/s", file=sys.stderr)
         records.append(r)
-    prefill_prompts = random_prompts(rng, args.prefill_prompts, args.prefill_len, vocab)
-    for attempt in range(1 + max(0, args.retry_busy)):
+    prefill_prompts = random_prompts(rng, opts.prefill_prompts, opts.prefill_len, vocab)
+    for attempt in range(1 + max(0, opts.retry_busy)):
         watch_p = CPUWatch()
-        prefill = max((measure_prefill(rec, prefill_prompts, "prefill") for _ in range(args.repeat)),
+        prefill = max((measure_prefill(rec, prefill_prompts, "prefill") for _ in range(opts.repeat)),
                       key=lambda x: x["tok_s"])
         prefill["other_processes_cores"] = watch_p.others_cores()
         if (prefill["other_processes_cores"] or 0) <= BUSY_CORES:
             break
-    print(f"  prefill {args.prefill_prompts} x {args.prefill_len}: {prefill['tok_s']:.0f} tok/s", file=sys.stderr)
+    print(f"  prefill {opts.prefill_prompts} x {opts.prefill_len}: {prefill['tok_s']:.0f} tok/s", file=sys.stderr)
 
     fit = None
-    if args.fit:
+    if opts.fit:
         for c in fit_ctx:
             r = measure_decode(rec, random_prompts(rng, 8, c, vocab), 16, "fit-decode")
             print(f"  fit: decode batch 8 at context {c}: {r['step_ms']:.1f} ms/step", file=sys.stderr)
@@ -382,7 +381,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"  fit: prefill {k} x {m}: {r['ms']:.1f} ms", file=sys.stderr)
         fit = fit_latency(rec.steps)
         cfg = engine.model_config
-        dtype = EngineConfig(dtype=args.dtype).torch_dtype
+        dtype = EngineConfig(dtype=opts.dtype).torch_dtype
         kv_bytes = cfg.kv_bytes_per_token(dtype)
         default_cap = (EngineConfig().kv_cache_bytes // (kv_bytes * block)) * block
         fit["kv_bytes_per_token"] = kv_bytes
@@ -395,14 +394,14 @@ def run(args: argparse.Namespace) -> int:
     del rec, engine  # free the weights and KV cache before vLLM starts
 
     vllm = {"available": False}
-    if args.no_vllm:
+    if opts.no_vllm:
         vllm["skipped"] = "--no-vllm"
     elif vllm_available():
         print("  vLLM: running the same prompts in a subprocess ...", file=sys.stderr)
         vwatch = CPUWatch()
-        batches = [{"batch_size": b, "prompts": decode_prompts[b]} for b in args.batch_sizes]
-        res = run_vllm(args.model, args.dtype, batches, prefill_prompts, n,
-                       min(max_model_len, max(2048, max_len_needed)), args.repeat, args.retry_busy, seed=0)
+        batches = [{"batch_size": b, "prompts": decode_prompts[b]} for b in opts.batch_sizes]
+        res = run_vllm(opts.model, opts.dtype, batches, prefill_prompts, n,
+                       min(max_model_len, max(2048, max_len_needed)), opts.repeat, opts.retry_busy, seed=0)
         vllm = {"available": "error" not in res} | res | {"other_processes_cores": vwatch.others_cores()}
         if "error" in res:
             print(f"  {res['error']}", file=sys.stderr)
@@ -424,9 +423,9 @@ def run(args: argparse.Namespace) -> int:
 
     result = {
         "machine": info,
-        "model": args.model,
-        "dtype": args.dtype,
-        "prompt_len": args.prompt_len,
+        "model": opts.model,
+        "dtype": opts.dtype,
+        "prompt_len": opts.prompt_len,
         "decode_tokens": n,
         "records": records,
         "prefill_tok_s": prefill["tok_s"],
@@ -441,9 +440,9 @@ def run(args: argparse.Namespace) -> int:
         result["fit"] = fit
         result["steps"] = [asdict(s) for s in steps]
     print_table(result)
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
-        print(f"wrote {args.json}", file=sys.stderr)
+    if opts.json:
+        Path(opts.json).write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {opts.json}", file=sys.stderr)
     return 0
 
 

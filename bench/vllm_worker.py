@@ -1,4 +1,4 @@
-"""vLLM side of `kvferry bench engine`, run as a script in a subprocess: python vllm_bench_worker.py IN OUT.
+"""vLLM side of `kvferry bench engine`, run in a subprocess: python -m bench.vllm_worker IN OUT.
 
 IN is a JSON job: {model (HF folder), dtype, max_model_len, max_num_seqs, decode_tokens,
 batches: [{batch_size, prompts}], prefill_prompts, repeat, retry_busy, busy_cores}. OUT receives {version, records: [{batch_size,
@@ -38,7 +38,7 @@ def main() -> None:
     job = json.load(open(sys.argv[1]))
     from vllm import LLM, SamplingParams, __version__
 
-    from cli.bench_engine import CPUWatch  # stdlib-only at import time
+    from bench.engine import CPUWatch  # stdlib-only at import time
 
     llm = LLM(model=job["model"], dtype=job["dtype"], enforce_eager=True, skip_tokenizer_init=True,
               max_model_len=job["max_model_len"], max_num_seqs=job["max_num_seqs"],

@@ -11,34 +11,33 @@ under --goodput SLOs; per priority class). The cluster's policy is read from the
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import json
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any
 
-from cli.trace_args import add_trace_args, trace_from_args, trace_label
+from bench.trace import TraceOptions, build_trace, trace_label
 
 PROMPT_IDS = range(3, 256)  # token ids valid for every tokenizer (the byte-level `tiny` one included)
 
 
-def register(kinds: argparse._SubParsersAction) -> None:
-    p = kinds.add_parser("serve", help="replay a trace against a live cluster (HTTP or SDK) and measure latencies",
-                         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    to = p.add_mutually_exclusive_group(required=True)
-    to.add_argument("--url", help="the frontend's HTTP base URL, e.g. http://127.0.0.1:8000")
-    to.add_argument("--sdk", metavar="ENDPOINT", help="the frontend's SDK endpoint, e.g. tcp://127.0.0.1:17101")
-    p.add_argument("--model", help="the model name for HTTP requests (default: the first of /v1/models)")
-    add_trace_args(p, requests=200)
-    p.add_argument("--timeout", type=float, default=600.0, help="seconds per request (default: 600)")
-    p.add_argument("--scheduler", metavar="ENDPOINT", help="the scheduler, for its policy (default: from the config)")
-    p.add_argument("--base-port", type=int, metavar="P", help="cluster base port (the scheduler is at P)")
-    p.add_argument("--config", metavar="FILE", help="TOML cluster config (to find the scheduler)")
-    p.add_argument("--json", metavar="FILE", help="write the summary (and settings) as one JSON object to FILE")
-    p.set_defaults(func=run)
+@dataclass
+class Options(TraceOptions):
+    """`kvferry bench serve`'s settings (the flags, same names; their defaults are the CLI's)."""
+
+    url: str | None  # the frontend's HTTP base URL, or
+    sdk: str | None  # its SDK endpoint
+    model: str | None
+    timeout: float
+    scheduler: str | None
+    base_port: int | None
+    config: str | None
+    json: str | None
 
 
 def prompt_ids(n: int, salt: int) -> list[int]:
@@ -46,15 +45,15 @@ def prompt_ids(n: int, salt: int) -> list[int]:
     return [PROMPT_IDS[(salt * 31 + i * 7) % k] for i in range(n)]
 
 
-def cluster_policy(args: argparse.Namespace) -> str | None:
+def cluster_policy(opts: Options) -> str | None:
     """The scheduler's policy (StatusReply.policy), or None with a warning when it cannot be asked."""
-    from cli.ctl import _ask, _Failed  # the same lookup and exchange as `kvferry ctl status`
     from protocol import StatusRequest
+    from services.scheduler.client import AskFailed, ask  # the same lookup and exchange as `kvferry ctl status`
 
-    ns = argparse.Namespace(scheduler=args.scheduler, base_port=args.base_port, config=args.config, timeout=5.0)
+    target = SimpleNamespace(scheduler=opts.scheduler, base_port=opts.base_port, config=opts.config, timeout=5.0)
     try:
-        return _ask(ns, StatusRequest(include_requests=False)).policy or None
-    except _Failed as exc:
+        return ask(target, StatusRequest(include_requests=False)).policy or None
+    except AskFailed as exc:
         print(f"warning: cannot read the cluster's policy: {exc}", file=sys.stderr)
         return None
 
@@ -119,21 +118,21 @@ def _token(rec: Any, t: float, n: int) -> None:
     rec.output_tokens += n
 
 
-async def replay(trace: Sequence[Any], args: argparse.Namespace, progress: Progress) -> tuple[list[Any], float]:
+async def replay(trace: Sequence[Any], opts: Options, progress: Progress) -> tuple[list[Any], float]:
     """Send every request at its arrival time; (records, duration from the first send to the last end)."""
     from workload.metrics import RequestRecord
 
-    if args.url:
+    if opts.url:
         import openai
 
-        client: Any = openai.AsyncOpenAI(base_url=args.url.rstrip("/") + "/v1", api_key="kvferry", max_retries=0)
-        model = args.model or (await client.models.list()).data[0].id
-        one = lambda rec: _http_one(client, model, rec, t0, args.timeout)  # noqa: E731
+        client: Any = openai.AsyncOpenAI(base_url=opts.url.rstrip("/") + "/v1", api_key="kvferry", max_retries=0)
+        model = opts.model or (await client.models.list()).data[0].id
+        one = lambda rec: _http_one(client, model, rec, t0, opts.timeout)  # noqa: E731
     else:
         from sdk import AsyncClient
 
-        client = AsyncClient(args.sdk, timeout=args.timeout)
-        one = lambda rec: _sdk_one(client, rec, t0, args.timeout)  # noqa: E731
+        client = AsyncClient(opts.sdk, timeout=opts.timeout)
+        one = lambda rec: _sdk_one(client, rec, t0, opts.timeout)  # noqa: E731
 
     async def send(rec: RequestRecord) -> None:
         progress.sent += 1
@@ -166,34 +165,34 @@ async def replay(trace: Sequence[Any], args: argparse.Namespace, progress: Progr
     return records, time.perf_counter() - t0
 
 
-def run(args: argparse.Namespace) -> int:
+def run(opts: Options) -> int:
     from workload.metrics import SLO, paper_row, summarize
     from workload.report import format_summary
     from workload.traces import TraceError
 
     try:
-        slo = SLO.parse(args.goodput)
-        trace = trace_from_args(args)
+        slo = SLO.parse(opts.goodput)
+        trace = build_trace(opts)
     except (TraceError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    policy = cluster_policy(args)
+    policy = cluster_policy(opts)
     progress = Progress(len(trace))
     try:
-        records, duration = asyncio.run(replay(trace, args, progress))
+        records, duration = asyncio.run(replay(trace, opts, progress))
     finally:
         progress.close()
     s = summarize(records, duration, slo)
-    target = args.url or args.sdk
-    print(format_summary(s, f"served by {target} (policy {policy or 'unknown'}): {trace_label(args)}"))
+    target = opts.url or opts.sdk
+    print(format_summary(s, f"served by {target} (policy {policy or 'unknown'}): {trace_label(opts)}"))
     errors = [r.error for r in records if r.error]
     if errors:
         print(f"{len(errors)} failed; first error: {errors[0]}")
-    if args.json:
-        out = {"kind": "serve", "target": target, "via": "http" if args.url else "sdk", "policy": policy,
-               "trace": args.trace_file or args.trace, "rate": args.rate, "cv": args.cv, "requests": len(trace),
-               "seed": args.seed, "high_priority_fraction": args.high_priority_fraction, **paper_row(s),
+    if opts.json:
+        out = {"kind": "serve", "target": target, "via": "http" if opts.url else "sdk", "policy": policy,
+               "trace": opts.trace_file or opts.trace, "rate": opts.rate, "cv": opts.cv, "requests": len(trace),
+               "seed": opts.seed, "high_priority_fraction": opts.high_priority_fraction, **paper_row(s),
                "summary": s}
-        with open(args.json, "w") as f:
+        with open(opts.json, "w") as f:
             json.dump(out, f, indent=2)
     return 0 if s["completed"] else 1

@@ -16,33 +16,30 @@ writes the list of runs; `--plots DIR` draws latency-vs-rate, CDF, priority and 
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
-from cli.common import positive_int
 
+@dataclass
+class Options:
+    """`kvferry bench paper`'s settings (the flags, same names; their defaults are the CLI's)."""
 
-def register(kinds: argparse._SubParsersAction) -> None:
-    p = kinds.add_parser("paper", help="the paper's comparisons on the simulator (tables, JSON, PNG plots)",
-                         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--json", metavar="FILE", help="write the runs as a JSON list to FILE")
-    p.add_argument("--plots", metavar="DIR", help="write PNG plots into DIR")
-    p.add_argument("--quick", action="store_true",
-                   help="a small version: 4 instances, 150 requests, one trace, two points per sweep")
-    p.add_argument("--requests", type=positive_int, help="requests per run (default: 3000; --quick: 150)")
-    p.add_argument("--instances", type=positive_int, help="instances (default: 16; --quick: 4); rates scale with it")
-    p.add_argument("--seed", type=int, default=0, help="trace seed (default: 0)")
-    p.add_argument("--jobs", type=positive_int, default=1, help="runs in parallel processes (default: 1)")
-    p.set_defaults(func=run)
+    json: str | None
+    plots: str | None
+    quick: bool
+    requests: int | None  # None: 3000 (--quick: 150)
+    instances: int | None  # None: 16 (--quick: 4)
+    seed: int
+    jobs: int
 
 
 def execute(specs: Sequence[Any], jobs: int) -> list[dict[str, Any]]:
     """Run every spec (in `jobs` processes), reporting progress on stderr; rows in spec order."""
-    from cli.paper_runs import run_spec
+    from bench.paper_runs import run_spec
 
     rows: list[dict[str, Any] | None] = [None] * len(specs)
     t0 = time.perf_counter()
@@ -78,7 +75,7 @@ def _x(a: float | None, b: float | None) -> str:
 
 
 def serving_tables(rows: Sequence[dict[str, Any]]) -> str:
-    from cli.paper_plots import arrival_name
+    from bench.paper_plots import arrival_name
     from workload.report import table
 
     out = []
@@ -97,7 +94,7 @@ def serving_tables(rows: Sequence[dict[str, Any]]) -> str:
 
 def versus_table(rows: Sequence[dict[str, Any]], a: str = "load", b: str = "kvferry") -> str:
     """How much better `b` is than `a` at each point (a's latency / b's latency)."""
-    from cli.paper_plots import arrival_name
+    from bench.paper_plots import arrival_name
     from workload.report import table
 
     by = {(r["trace"], r["cv"], r["rate"], r["policy"]): r for r in rows}
@@ -145,17 +142,17 @@ def scaling_table(rows: Sequence[dict[str, Any]]) -> str:
                      "max live", "migrations"]))
 
 
-def run(args: argparse.Namespace) -> int:
-    from cli.paper_runs import plan
+def run(opts: Options) -> int:
+    from bench.paper_runs import plan
 
-    requests = args.requests or (150 if args.quick else 3000)
-    instances = args.instances or (4 if args.quick else 16)
-    specs = plan(requests, instances, args.seed, quick=args.quick)
+    requests = opts.requests or (150 if opts.quick else 3000)
+    instances = opts.instances or (4 if opts.quick else 16)
+    specs = plan(requests, instances, opts.seed, quick=opts.quick)
     t0 = time.perf_counter()
-    rows = execute(specs, args.jobs)
+    rows = execute(specs, opts.jobs)
     wall = time.perf_counter() - t0
     print(f"bench paper: {len(rows)} simulated runs, {instances} x llama7b-a10, {requests} requests each, "
-          f"seed {args.seed}; {wall:.0f} s wall")
+          f"seed {opts.seed}; {wall:.0f} s wall")
     groups = {e: [r for r in rows if r["experiment"] == e] for e in ("serving", "priority", "scaling")}
     if groups["serving"]:
         print(serving_tables(groups["serving"]))
@@ -164,12 +161,12 @@ def run(args: argparse.Namespace) -> int:
         print(priority_table(groups["priority"]))
     if groups["scaling"]:
         print(scaling_table(groups["scaling"]))
-    if args.plots:
-        from cli.paper_plots import plot_all
+    if opts.plots:
+        from bench.paper_plots import plot_all
 
-        files = plot_all(rows, args.plots)
-        print(f"\n{len(files)} plots in {args.plots}")
-    if args.json:
-        with open(args.json, "w") as f:
+        files = plot_all(rows, opts.plots)
+        print(f"\n{len(files)} plots in {opts.plots}")
+    if opts.json:
+        with open(opts.json, "w") as f:
             json.dump([{k: v for k, v in r.items() if not k.startswith("_")} for r in rows], f, indent=1)
     return 0

@@ -31,7 +31,6 @@ Everything stops by itself: requests are bounded by --hang-s, each phase by --ti
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import dataclasses
@@ -45,56 +44,34 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from cli.common import positive_int
-
 ACTIONS = ("kill", "scheduler", "kill", "drain")
 
 
-def register(kinds: argparse._SubParsersAction) -> None:
-    p = kinds.add_parser("chaos", help="worker kills, drains and a scheduler restart under load (sim + torch tiny)",
-                         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--json", metavar="FILE", help="write the results as one JSON object to FILE")
-    p.add_argument("--requests", type=positive_int, default=3000, help="requests in the chaos phase (default: 3000)")
-    p.add_argument("--baseline-requests", type=int, default=1000,
-                   help="requests in the undisturbed baseline phase (default: 1000; 0 skips it)")
-    p.add_argument("--workers", type=positive_int, default=3, help="sim workers (default: 3)")
-    p.add_argument("--concurrency", type=positive_int, default=48,
-                   help="closed-loop clients (default: 48 = workers x max-num-seqs: near saturation)")
-    p.add_argument("--profile", default="instant", help="sim latency profile (default: instant, a 1 ms step)")
-    p.add_argument("--max-num-seqs", type=positive_int, default=16, help="batch size of each worker (default: 16)")
-    p.add_argument("--max-waiting", type=positive_int, default=32, help="waiting queue of each worker (default: 32)")
-    p.add_argument("--num-blocks", type=positive_int, default=160,
-                   help="KV blocks of each sim worker (default: 160: tight, so the policy migrates under this load)")
-    p.add_argument("--migrate-in-above", type=float, default=8.0,
-                   help="scheduler.migrate_in_above: lower than the default 30, so load-balancing migrations run "
-                        "all along (default: 8)")
-    p.add_argument("--prompt-len", type=_range, default=(8, 64), help="prompt tokens, MIN-MAX (default: 8-64)")
-    p.add_argument("--max-tokens", type=_range, default=(16, 256), help="max_tokens, MIN-MAX (default: 16-256)")
-    p.add_argument("--cancel-prob", type=float, default=0.05, help="share of requests the client cancels (0.05)")
-    p.add_argument("--chaos-interval", type=float, default=3.0, help="seconds between chaos actions (default: 3)")
-    p.add_argument("--down-s", type=float, default=2.0, help="seconds a killed service stays down (default: 2)")
-    p.add_argument("--stop-deadline", type=float, default=10.0,
-                   help="worker.stop_deadline_s: how long a SIGTERM drain may take (default: 10)")
-    p.add_argument("--hang-s", type=float, default=60.0,
-                   help="a request with no answer within this is counted as hung (default: 60)")
-    p.add_argument("--time-limit", type=float, default=150.0,
-                   help="seconds per phase after which no new request starts (default: 150)")
-    p.add_argument("--torch-requests", type=int, default=24,
-                   help="requests of the torch tiny run (default: 24; 0 skips it)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
-    p.add_argument("--log-level", default="error", help="services' log level (default: error)")
-    p.set_defaults(func=run)
+@dataclass
+class Options:
+    """`kvferry bench chaos`'s settings (the flags, same names; their defaults are the CLI's)."""
 
-
-def _range(text: str) -> tuple[int, int]:
-    lo, _, hi = text.partition("-")
-    try:
-        a, b = int(lo), int(hi or lo)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected MIN-MAX, got {text!r}") from None
-    if not 1 <= a <= b:
-        raise argparse.ArgumentTypeError(f"expected 1 <= MIN <= MAX, got {text!r}")
-    return a, b
+    json: str | None
+    requests: int
+    baseline_requests: int
+    workers: int
+    concurrency: int
+    profile: str
+    max_num_seqs: int
+    max_waiting: int
+    num_blocks: int
+    migrate_in_above: float
+    prompt_len: tuple[int, int]  # MIN, MAX
+    max_tokens: tuple[int, int]  # MIN, MAX
+    cancel_prob: float
+    chaos_interval: float
+    down_s: float
+    stop_deadline: float
+    hang_s: float
+    time_limit: float
+    torch_requests: int
+    seed: int
+    log_level: str
 
 
 # ---- one request ---------------------------------------------------------------------------------
@@ -219,7 +196,7 @@ def _r(x: float | None) -> float | None:
 
 # ---- the cluster and its chaos ---------------------------------------------------------------------
 
-def start_cluster(args: argparse.Namespace, worker: dict[str, Any], workers: int,  # noqa: ANN201 - LocalCluster
+def start_cluster(opts: Options, worker: dict[str, Any], workers: int,  # noqa: ANN201 - LocalCluster
                   policy: str = "kvferry", scheduler: dict[str, Any] | None = None):
     from services.config import load_config
     from services.launcher import ClusterSpec, LocalCluster, free_port_block, free_ports
@@ -228,11 +205,11 @@ def start_cluster(args: argparse.Namespace, worker: dict[str, Any], workers: int
     cfg = load_config(env={}, overrides={
         "cluster": {"http_port": http, "base_port": base},
         "scheduler": {"policy": policy, "metrics_port": free_port_block(1), **(scheduler or {})},
-        "worker": {"stop_deadline_s": args.stop_deadline, **worker},
+        "worker": {"stop_deadline_s": opts.stop_deadline, **worker},
         "frontend": {"model": "tiny", "max_inflight": 4096},
     })
     c = LocalCluster(ClusterSpec(cfg, num_workers=workers, ready_timeout_s=180,
-                                 extra_env={"KVFERRY_LOG_LEVEL": args.log_level.upper()}))
+                                 extra_env={"KVFERRY_LOG_LEVEL": opts.log_level.upper()}))
     c.start()
     return c
 
@@ -353,39 +330,39 @@ class Chaos(threading.Thread):
 
 # ---- the runs --------------------------------------------------------------------------------------
 
-def sim_run(args: argparse.Namespace) -> dict[str, Any]:
-    rng = random.Random(args.seed)
-    worker = {"engine": "sim", "model": args.profile, "num_blocks": args.num_blocks,
-              "max_num_seqs": args.max_num_seqs, "max_waiting": args.max_waiting}
-    c = start_cluster(args, worker, args.workers, scheduler={"migrate_in_above": args.migrate_in_above})
+def sim_run(opts: Options) -> dict[str, Any]:
+    rng = random.Random(opts.seed)
+    worker = {"engine": "sim", "model": opts.profile, "num_blocks": opts.num_blocks,
+              "max_num_seqs": opts.max_num_seqs, "max_waiting": opts.max_waiting}
+    c = start_cluster(opts, worker, opts.workers, scheduler={"migrate_in_above": opts.migrate_in_above})
 
     def mix(seed: int) -> Callable[[int], tuple[list[int], int, int | None]]:
         def make(i: int) -> tuple[list[int], int, int | None]:
             r = random.Random(seed * 1_000_003 + i)
-            prompt = [r.randrange(1, 256) for _ in range(r.randint(*args.prompt_len))]
-            max_tokens = r.randint(*args.max_tokens)
-            cancel_at = r.randint(1, max_tokens) if r.random() < args.cancel_prob else None
+            prompt = [r.randrange(1, 256) for _ in range(r.randint(*opts.prompt_len))]
+            max_tokens = r.randint(*opts.max_tokens)
+            cancel_at = r.randint(1, max_tokens) if r.random() < opts.cancel_prob else None
             return prompt, max_tokens, cancel_at
         return make
 
     out: dict[str, Any] = {}
     try:
-        if args.baseline_requests > 0:
-            _progress(f"baseline: {args.baseline_requests} requests, {args.concurrency} clients")
-            res, wall = asyncio.run(run_load(c.sdk_endpoint, args.baseline_requests, args.concurrency,
-                                             mix(args.seed + 1), args.hang_s, args.time_limit))
+        if opts.baseline_requests > 0:
+            _progress(f"baseline: {opts.baseline_requests} requests, {opts.concurrency} clients")
+            res, wall = asyncio.run(run_load(c.sdk_endpoint, opts.baseline_requests, opts.concurrency,
+                                             mix(opts.seed + 1), opts.hang_s, opts.time_limit))
             out["baseline"] = summarize(res, wall)
             out["baseline"]["leaked_blocks"] = asyncio.run(leaked_blocks(c))[0]
         resumed0 = frontend_metric(c, "kvferry_request_resumes_total", 'outcome="resumed"')
         failed0 = frontend_metric(c, "kvferry_request_resumes_total", 'outcome="failed"')
-        chaos = Chaos(c, [f"worker-{i}" for i in range(args.workers)], args.chaos_interval, args.down_s,
-                      args.stop_deadline + 10.0, rng)
-        _progress(f"chaos: {args.requests} requests (more until the cycle {', '.join(ACTIONS)} is done), "
-                  f"{args.concurrency} clients, an action every {args.chaos_interval:g} s")
+        chaos = Chaos(c, [f"worker-{i}" for i in range(opts.workers)], opts.chaos_interval, opts.down_s,
+                      opts.stop_deadline + 10.0, rng)
+        _progress(f"chaos: {opts.requests} requests (more until the cycle {', '.join(ACTIONS)} is done), "
+                  f"{opts.concurrency} clients, an action every {opts.chaos_interval:g} s")
         chaos.start()
         try:
-            res, wall = asyncio.run(run_load(c.sdk_endpoint, args.requests, args.concurrency, mix(args.seed + 2),
-                                             args.hang_s, args.time_limit, more=lambda: not chaos.cycle_done()))
+            res, wall = asyncio.run(run_load(c.sdk_endpoint, opts.requests, opts.concurrency, mix(opts.seed + 2),
+                                             opts.hang_s, opts.time_limit, more=lambda: not chaos.cycle_done()))
         finally:
             chaos.stop.set()
             chaos.join(120)
@@ -408,12 +385,12 @@ def sim_run(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
-def torch_run(args: argparse.Namespace) -> dict[str, Any]:
+def torch_run(opts: Options) -> dict[str, Any]:
     """Greedy identity under a worker kill, on the torch `tiny` model."""
-    n = args.torch_requests
+    n = opts.torch_requests
     worker = {"engine": "torch", "model": "tiny", "dtype": "float32", "num_blocks": 1024, "max_num_seqs": 16}
-    c = start_cluster(args, worker, 3, policy="load")
-    rng = random.Random(args.seed + 7)
+    c = start_cluster(opts, worker, 3, policy="load")
+    rng = random.Random(opts.seed + 7)
     prompts = [[rng.randrange(1, 256) for _ in range(rng.randint(4, 32))] for _ in range(n)]
     lengths = [rng.randint(400, 1200) for _ in range(n)]
 
@@ -424,7 +401,7 @@ def torch_run(args: argparse.Namespace) -> dict[str, Any]:
         resumed0 = frontend_metric(c, "kvferry_request_resumes_total", 'outcome="resumed"')
 
         async def disturbed() -> tuple[list[Outcome], float]:
-            load = asyncio.ensure_future(run_load(c.sdk_endpoint, n, n, make, args.hang_s * 3, args.time_limit))
+            load = asyncio.ensure_future(run_load(c.sdk_endpoint, n, n, make, opts.hang_s * 3, opts.time_limit))
             await asyncio.sleep(1.5)
             victim = None
             with contextlib.suppress(Exception):
@@ -443,7 +420,7 @@ def torch_run(args: argparse.Namespace) -> dict[str, Any]:
         res, wall = asyncio.run(disturbed())
         resumed = round(frontend_metric(c, "kvferry_request_resumes_total", 'outcome="resumed"') - resumed0)
         _progress("torch tiny: the same prompts again, undisturbed")
-        ref, _ = asyncio.run(run_load(c.sdk_endpoint, n, n, make, args.hang_s * 3, args.time_limit))
+        ref, _ = asyncio.run(run_load(c.sdk_endpoint, n, n, make, opts.hang_s * 3, opts.time_limit))
         by_prompt = {tuple(o.prompt): o.tokens for o in ref if o.kind == "completed"}
         done = [o for o in res if o.kind == "completed"]
         same = sum(1 for o in done if by_prompt.get(tuple(o.prompt)) == o.tokens)
@@ -492,19 +469,20 @@ def table(results: dict[str, Any]) -> str:
     return "\n".join(lines + [""] + extra)
 
 
-def run(args: argparse.Namespace) -> int:
-    from cli.bench_frontend import machine_info
+def run(opts: Options, config: dict[str, Any] | None = None) -> int:
+    """`config`: the settings as the JSON records them (default: the options)."""
+    from bench.frontend import machine_info
 
     results: dict[str, Any] = {"bench": "chaos", "machine": machine_info(),
-                               "config": {k: v for k, v in vars(args).items() if k != "func"}}
+                               "config": dataclasses.asdict(opts) if config is None else config}
     t0 = time.monotonic()
-    results.update(sim_run(args))
-    if args.torch_requests > 0:
-        results["torch"] = torch_run(args)
+    results.update(sim_run(opts))
+    if opts.torch_requests > 0:
+        results["torch"] = torch_run(opts)
     results["seconds"] = round(time.monotonic() - t0, 1)
     print(table(results))
-    if args.json:
-        with open(args.json, "w") as f:
+    if opts.json:
+        with open(opts.json, "w") as f:
             json.dump(results, f, indent=1, default=lambda o: dataclasses.asdict(o) if dataclasses.is_dataclass(o)
                       else str(o))
             f.write("\n")

@@ -12,7 +12,7 @@ limit worth the name) and one frontend on free 127.0.0.1 ports, then measures:
    to last [DONE]. The same through the SDK's ZeroMQ endpoint (sdk.AsyncClient), counting the
    token ids of each chunk as it arrives.
 3. dispatch latency: a separate scheduler process with --instances fake registered workers that
-   keep reporting load (services.scheduler.bench.measure_dispatch_latency), one dispatch at a time.
+   keep reporting load (bench.scheduler.measure_dispatch_latency), one dispatch at a time.
 
 The HTTP client is a minimal asyncio HTTP/1.1 keep-alive client (a few tens of microseconds of
 CPU per request, far less than httpx), run in --client-procs processes. Each phase reports the CPU
@@ -22,7 +22,6 @@ machine's busy cores, so a figure limited by the client or by other load shows a
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import multiprocessing as mp
@@ -33,32 +32,27 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from typing import Any
-
-from cli.common import positive_int
 
 TARGETS = {"requests_per_s": 1000.0, "streamed_tokens_per_s": 50000.0, "dispatch_p99_ms": 1.0}
 
 
-def register(kinds: argparse._SubParsersAction) -> None:
-    p = kinds.add_parser("frontend", help="requests/s, streamed tokens/s and dispatch latency of one frontend (sim)",
-                         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--json", metavar="FILE", help="write the results as one JSON object to FILE")
-    p.add_argument("--duration", type=float, default=10.0, help="seconds per throughput phase (default: 10)")
-    p.add_argument("--concurrency", type=positive_int, default=64,
-                   help="concurrent connections of the short-request phase (default: 64)")
-    p.add_argument("--streams", type=positive_int, default=128,
-                   help="concurrent streams (default: 128; 64 per sim worker keeps the frontend the bottleneck)")
-    p.add_argument("--stream-tokens", type=positive_int, default=512, help="max_tokens of each stream (default: 512)")
-    p.add_argument("--prompt-len", type=positive_int, default=16, help="prompt token ids per request (default: 16)")
-    p.add_argument("--workers", type=positive_int, default=2, help="sim workers (default: 2)")
-    p.add_argument("--client-procs", type=positive_int, default=1,
-                   help="client processes the connections are spread over (default: 1)")
-    p.add_argument("--instances", type=positive_int, default=64, help="registered instances for dispatch (default: 64)")
-    p.add_argument("--dispatch-requests", type=positive_int, default=5000,
-                   help="timed dispatches (default: 5000)")
-    p.add_argument("--skip", default="", help="comma-separated phases to skip: short,stream,sdk,dispatch")
-    p.set_defaults(func=run)
+@dataclass
+class Options:
+    """`kvferry bench frontend`'s settings (the flags, same names; their defaults are the CLI's)."""
+
+    json: str | None
+    duration: float
+    concurrency: int
+    streams: int
+    stream_tokens: int
+    prompt_len: int
+    workers: int
+    client_procs: int
+    instances: int
+    dispatch_requests: int
+    skip: str  # comma-separated phases to skip: short,stream,sdk,dispatch
 
 
 # ---- machine and CPU accounting --------------------------------------------------------------
@@ -322,13 +316,13 @@ def _run_clients(kind: str, procs: int, conns: int, **kw: Any) -> list[dict]:
 
 # ---- phases ----------------------------------------------------------------------------------
 
-def phase_short(args: argparse.Namespace, host: str, port: int, meter: CpuMeter) -> dict:
-    _run_clients("short", 1, min(4, args.concurrency), host=host, port=port, duration=0.5,
-                 prompt_len=args.prompt_len)  # warm-up: connections, code paths
+def phase_short(opts: Options, host: str, port: int, meter: CpuMeter) -> dict:
+    _run_clients("short", 1, min(4, opts.concurrency), host=host, port=port, duration=0.5,
+                 prompt_len=opts.prompt_len)  # warm-up: connections, code paths
     meter.start()
     t0 = time.perf_counter()
-    res = _run_clients("short", args.client_procs, args.concurrency, host=host, port=port, duration=args.duration,
-                       prompt_len=args.prompt_len)
+    res = _run_clients("short", opts.client_procs, opts.concurrency, host=host, port=port, duration=opts.duration,
+                       prompt_len=opts.prompt_len)
     elapsed = time.perf_counter() - t0
     lat = sorted(x * 1000 for r in res for x in r["latencies"])
     errors = [e for r in res for e in r["errors"]]
@@ -336,25 +330,25 @@ def phase_short(args: argparse.Namespace, host: str, port: int, meter: CpuMeter)
     return {"requests": len(lat), "requests_per_s": round(len(lat) / elapsed, 1), "errors": len(errors),
             "error_samples": errors[:5], "latency_ms": {"p50": round(percentile(lat, 0.5), 3),
                                                         "p99": round(percentile(lat, 0.99), 3)},
-            "concurrency": args.concurrency, "elapsed_s": round(elapsed, 2), "cpu": cpu}
+            "concurrency": opts.concurrency, "elapsed_s": round(elapsed, 2), "cpu": cpu}
 
 
-def phase_stream(args: argparse.Namespace, kind: str, meter: CpuMeter, **target: Any) -> dict:
+def phase_stream(opts: Options, kind: str, meter: CpuMeter, **target: Any) -> dict:
     meter.start()
-    res = _run_clients(kind, args.client_procs, args.streams, duration=args.duration, prompt_len=args.prompt_len,
-                       max_tokens=args.stream_tokens, **target)
+    res = _run_clients(kind, opts.client_procs, opts.streams, duration=opts.duration, prompt_len=opts.prompt_len,
+                       max_tokens=opts.stream_tokens, **target)
     elapsed = max(r["elapsed_s"] for r in res)
     tokens = sum(r["tokens"] for r in res)
     errors = [e for r in res for e in r["errors"]]
     cpu = meter.stop(sum(r["cpu_s"] for r in res))
     return {"tokens": tokens, "tokens_per_s": round(tokens / max(elapsed, 1e-9), 1),
             "streams": sum(r["streams"] for r in res), "events": sum(r["events"] for r in res),
-            "errors": len(errors), "error_samples": errors[:5], "concurrency": args.streams,
+            "errors": len(errors), "error_samples": errors[:5], "concurrency": opts.streams,
             "elapsed_s": round(elapsed, 2), "cpu": cpu}
 
 
-def phase_dispatch(args: argparse.Namespace) -> dict:
-    from services.scheduler.bench import measure_dispatch_latency
+def phase_dispatch(opts: Options) -> dict:
+    from bench.scheduler import measure_dispatch_latency
 
     port = _free_port()
     env = {**os.environ, "KVFERRY_SCHEDULER_HEARTBEAT_TIMEOUT_MS": "60000"}
@@ -369,8 +363,8 @@ def phase_dispatch(args: argparse.Namespace) -> dict:
             meter = CpuMeter({"scheduler": [proc.pid]})
             meter.start()
             cpu0 = time.process_time()
-            res = measure_dispatch_latency(line.split()[-1], instances=args.instances,
-                                           requests=args.dispatch_requests)
+            res = measure_dispatch_latency(line.split()[-1], instances=opts.instances,
+                                           requests=opts.dispatch_requests)
             res["cpu"] = meter.stop(time.process_time() - cpu0)
             return res
         finally:
@@ -390,20 +384,20 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def make_cluster(args: argparse.Namespace):  # noqa: ANN201 - LocalCluster
+def make_cluster(opts: Options):  # noqa: ANN201 - LocalCluster
     from services.config import load_config
     from services.launcher import ClusterSpec, LocalCluster, free_ports
 
-    http, base = free_ports(args.workers)
-    seqs = max(args.streams, args.concurrency) + 64
+    http, base = free_ports(opts.workers)
+    seqs = max(opts.streams, opts.concurrency) + 64
     cfg = load_config(env={}, overrides={
         "cluster": {"http_port": http, "base_port": base},
         "worker": {"engine": "sim", "model": "instant", "num_blocks": 1 << 16, "max_num_seqs": seqs,
-                   "max_num_batched_tokens": max(2048, seqs * args.prompt_len), "max_waiting": 4096},
+                   "max_num_batched_tokens": max(2048, seqs * opts.prompt_len), "max_waiting": 4096},
         "frontend": {"model": "tiny", "max_inflight": 4096},
     })
     env = {"KVFERRY_LOG_LEVEL": "warning"}
-    return LocalCluster(ClusterSpec(cfg, num_workers=args.workers, ready_timeout_s=60, extra_env=env))
+    return LocalCluster(ClusterSpec(cfg, num_workers=opts.workers, ready_timeout_s=60, extra_env=env))
 
 
 # ---- output ----------------------------------------------------------------------------------
@@ -439,15 +433,15 @@ def print_table(out: dict) -> None:
     print("targets: " + ", ".join(f"{k} {'met' if v else 'MISSED'}" for k, v in met.items()))
 
 
-def run(args: argparse.Namespace) -> int:
-    skip = {s.strip() for s in args.skip.split(",") if s.strip()}
+def run(opts: Options) -> int:
+    skip = {s.strip() for s in opts.skip.split(",") if s.strip()}
     out: dict[str, Any] = {"machine": machine_info(), "config": {
-        "duration_s": args.duration, "concurrency": args.concurrency, "streams": args.streams,
-        "stream_tokens": args.stream_tokens, "prompt_len": args.prompt_len, "workers": args.workers,
-        "client_procs": args.client_procs, "instances": args.instances, "sim_profile": "instant"}}
+        "duration_s": opts.duration, "concurrency": opts.concurrency, "streams": opts.streams,
+        "stream_tokens": opts.stream_tokens, "prompt_len": opts.prompt_len, "workers": opts.workers,
+        "client_procs": opts.client_procs, "instances": opts.instances, "sim_profile": "instant"}}
     t_start = time.monotonic()
     if not {"short", "stream", "sdk"} <= skip:
-        cluster = make_cluster(args)
+        cluster = make_cluster(opts)
         cluster.start()
         try:
             pids = {c.name: c.proc.pid for c in cluster.children}
@@ -456,15 +450,15 @@ def run(args: argparse.Namespace) -> int:
             out["pids"] = pids
             host, port = "127.0.0.1", cluster.spec.config.cluster.http_port
             if "short" not in skip:
-                out["short"] = phase_short(args, host, port, meter)
+                out["short"] = phase_short(opts, host, port, meter)
             if "stream" not in skip:
-                out["stream_http"] = phase_stream(args, "stream", meter, host=host, port=port)
+                out["stream_http"] = phase_stream(opts, "stream", meter, host=host, port=port)
             if "sdk" not in skip:
-                out["stream_sdk"] = phase_stream(args, "sdk", meter, endpoint=cluster.sdk_endpoint)
+                out["stream_sdk"] = phase_stream(opts, "sdk", meter, endpoint=cluster.sdk_endpoint)
         finally:
             cluster.stop()
     if "dispatch" not in skip:
-        d = phase_dispatch(args)
+        d = phase_dispatch(opts)
         out["dispatch"] = d
     out["requests_per_s"] = out["short"]["requests_per_s"] if "short" in out else None
     out["errors"] = sum(out[k]["errors"] for k in ("short", "stream_http", "stream_sdk") if k in out)
@@ -485,8 +479,8 @@ def run(args: argparse.Namespace) -> int:
     out["machine"]["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
     out["wall_s"] = round(time.monotonic() - t_start, 1)
     print_table(out)
-    if args.json:
-        with open(args.json, "w") as f:
+    if opts.json:
+        with open(opts.json, "w") as f:
             json.dump(out, f, indent=2)
             f.write("\n")
     return 1 if out["errors"] else 0

@@ -12,7 +12,6 @@ x 64 head dim x 2 bytes (bf16) = 360 KiB per block. A CUDA IPC path is not built
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import multiprocessing as mp
@@ -22,26 +21,25 @@ import random
 import shutil
 import tempfile
 import time
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import torch
-
-from cli.common import positive_int
 
 SMOLLM2_BLOCK = (30, 2, 16, 3, 64)  # layers, K/V, block_size, kv_heads, head_dim
 SIZES = {"1MB": 10**6, "16MB": 16 * 10**6, "256MB": 256 * 10**6, "1GB": 10**9}
 PATHS = ("shm", "frames", "frames-ipc")
 
 
-def register(kinds: argparse._SubParsersAction) -> None:
-    p = kinds.add_parser("transfer", help="GB/s of the KV transfer paths (shm, zmq frames) vs memcpy",
-                         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--json", metavar="FILE", help="write the results as one JSON object to FILE")
-    p.add_argument("--reps", type=positive_int, default=3, help="repetitions per size, best kept (default: 3)")
-    p.add_argument("--sizes", default=",".join(SIZES), help=f"comma-separated subset of {','.join(SIZES)}")
-    p.add_argument("--paths", default=",".join(PATHS), help=f"comma-separated subset of {','.join(PATHS)}")
-    p.set_defaults(func=run)
+@dataclass
+class Options:
+    """`kvferry bench transfer`'s settings (the flags, same names; their defaults are the CLI's)."""
+
+    json: str | None
+    reps: int
+    sizes: str  # comma-separated subset of SIZES
+    paths: str  # comma-separated subset of PATHS
 
 
 def make_cache(num_blocks: int, dtype: torch.dtype, seed: int | None,
@@ -258,11 +256,11 @@ def memcpy_gbps(nbytes: int, reps: int) -> float:
     return nbytes / best / 1e9
 
 
-def run(args: argparse.Namespace) -> int:
+def run(opts: Options) -> int:
     import torch
 
-    sizes = [s for s in args.sizes.split(",") if s]
-    paths = [p for p in args.paths.split(",") if p]
+    sizes = [s for s in opts.sizes.split(",") if s]
+    paths = [p for p in opts.paths.split(",") if p]
     for s in sizes:
         if s not in SIZES:
             raise SystemExit(f"unknown size {s!r} (choose from {', '.join(SIZES)})")
@@ -279,10 +277,10 @@ def run(args: argparse.Namespace) -> int:
         n = nblocks[s]
         transfers.append((rng.sample(range(cache_blocks), n), rng.sample(range(cache_blocks), n)))
     t_start = time.perf_counter()
-    memcpy = {s: memcpy_gbps(nblocks[s] * bpb, args.reps) for s in sizes}
+    memcpy = {s: memcpy_gbps(nblocks[s] * bpb, opts.reps) for s in sizes}
     rows = []
     for path in paths:
-        times, _ = run_pair(path, cache_blocks, dtype, transfers, reps=args.reps, seed=None)
+        times, _ = run_pair(path, cache_blocks, dtype, transfers, reps=opts.reps, seed=None)
         for s, t in zip(sizes, times):
             nbytes = nblocks[s] * bpb
             gbps = nbytes / min(t) / 1e9
@@ -297,11 +295,11 @@ def run(args: argparse.Namespace) -> int:
         print(f"{r['path']:<22}{r['size']:>7}{r['blocks']:>8}{r['gb_per_s']:>9.2f}{r['pct_of_memcpy']:>9.1f}%")
     out = {"block": {"layers": 30, "kv": 2, "block_size": 16, "kv_heads": 3, "head_dim": 64, "dtype": "bfloat16",
                      "bytes": bpb, "model": "SmolLM2-135M"},
-           "chunk_bytes": 16 << 20, "shm_bytes": 64 << 20, "reps": args.reps,
+           "chunk_bytes": 16 << 20, "shm_bytes": 64 << 20, "reps": opts.reps,
            "cpus": os.cpu_count(), "machine": platform.machine(), "results": rows,
            "wall_s": time.perf_counter() - t_start}
-    print(f"({out['wall_s']:.1f} s; block = 360 KiB SmolLM2-135M bf16; best of {args.reps})")
-    if args.json:
-        with open(args.json, "w") as f:
+    print(f"({out['wall_s']:.1f} s; block = 360 KiB SmolLM2-135M bf16; best of {opts.reps})")
+    if opts.json:
+        with open(opts.json, "w") as f:
             json.dump(out, f, indent=2)
     return 0

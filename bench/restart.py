@@ -11,7 +11,6 @@ through the frontend. Loopback only; stops by itself. JSON out with --json, a ta
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import os
@@ -19,35 +18,34 @@ import signal
 import statistics
 import sys
 import time
+from dataclasses import dataclass
 from typing import Any
 
-from cli.common import positive_int
+
+@dataclass
+class Options:
+    """`kvferry bench restart`'s settings (the flags, same names; their defaults are the CLI's)."""
+
+    engine: str
+    model: str
+    dtype: str
+    workers: int
+    rounds: int
+    timeout: float
+    json: str | None
 
 
-def register(kinds: argparse._SubParsersAction) -> None:
-    p = kinds.add_parser("restart", help="cold start of a local cluster and a killed worker's way back",
-                         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--engine", choices=("torch", "sim", "vllm"), default="torch")
-    p.add_argument("--model", default="smollm2", help="tiny | smollm2 | a model folder | .gguf (default: smollm2)")
-    p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32", "float16"))
-    p.add_argument("--workers", type=positive_int, default=2)
-    p.add_argument("--rounds", type=positive_int, default=3)
-    p.add_argument("--timeout", type=float, default=120.0, help="seconds each wait may take at most")
-    p.add_argument("--json", metavar="FILE", help="write the results as one JSON object to FILE")
-    p.set_defaults(func=run)
-
-
-def _cluster(args: argparse.Namespace):  # noqa: ANN202 - LocalCluster, imported lazily
+def _cluster(opts: Options):  # noqa: ANN202 - LocalCluster, imported lazily
     from services.config import load_config
     from services.launcher import ClusterSpec, LocalCluster, free_ports
 
-    http, base = free_ports(args.workers)
+    http, base = free_ports(opts.workers)
     cfg = load_config(env={}, overrides={
         "cluster": {"http_port": http, "base_port": base},
-        "worker": {"engine": args.engine, "model": args.model, "dtype": args.dtype},
-        "frontend": {"model": args.model if args.engine != "sim" else "tiny"},
+        "worker": {"engine": opts.engine, "model": opts.model, "dtype": opts.dtype},
+        "frontend": {"model": opts.model if opts.engine != "sim" else "tiny"},
     })
-    spec = ClusterSpec(cfg, num_workers=args.workers, ready_timeout_s=args.timeout,
+    spec = ClusterSpec(cfg, num_workers=opts.workers, ready_timeout_s=opts.timeout,
                        extra_env={"KVFERRY_LOG_LEVEL": "WARNING"})
     return LocalCluster(spec)
 
@@ -103,8 +101,8 @@ async def _round(cluster, model: str, timeout: float) -> dict[str, float]:  # no
     return {"restart_s": t_spawn - t0, "ready_s": t_ready - t0, "registered_s": t_reg - t0, "served_s": t_served - t0}
 
 
-def run(args: argparse.Namespace) -> int:
-    cluster = _cluster(args)
+def run(opts: Options) -> int:
+    cluster = _cluster(opts)
     t0 = time.monotonic()
     try:
         cluster.start()
@@ -114,27 +112,27 @@ def run(args: argparse.Namespace) -> int:
     cold = time.monotonic() - t0
     rounds: list[dict[str, float]] = []
     try:
-        model = args.model if args.engine != "sim" else "tiny"
-        for _ in range(args.rounds):
-            rounds.append(asyncio.run(_round(cluster, model, args.timeout)))
+        model = opts.model if opts.engine != "sim" else "tiny"
+        for _ in range(opts.rounds):
+            rounds.append(asyncio.run(_round(cluster, model, opts.timeout)))
     finally:
         cluster.stop()
     cols = ("restart_s", "ready_s", "registered_s", "served_s")
     result: dict[str, Any] = {
-        "engine": args.engine, "model": args.model, "dtype": args.dtype, "workers": args.workers,
+        "engine": opts.engine, "model": opts.model, "dtype": opts.dtype, "workers": opts.workers,
         "cold_start_s": cold, "rounds": rounds,
         "median": {c: statistics.median(r[c] for r in rounds) for c in cols},
         "cpu": _cpu_model(),
     }
-    print(f"cold start ({args.workers} x {args.engine} {args.model}): {cold:.1f} s to ready\n")
+    print(f"cold start ({opts.workers} x {opts.engine} {opts.model}): {cold:.1f} s to ready\n")
     print("kill -9 of worker-0, seconds after the kill until:")
     print(f"{'round':>5}  {'restarted':>9}  {'READY':>7}  {'registered':>10}  {'served':>7}")
     for k, r in enumerate(rounds, 1):
         print(f"{k:>5}  {r['restart_s']:>9.2f}  {r['ready_s']:>7.2f}  {r['registered_s']:>10.2f}  {r['served_s']:>7.2f}")
     m = result["median"]
     print(f"{'med':>5}  {m['restart_s']:>9.2f}  {m['ready_s']:>7.2f}  {m['registered_s']:>10.2f}  {m['served_s']:>7.2f}")
-    if args.json:
-        with open(args.json, "w") as f:
+    if opts.json:
+        with open(opts.json, "w") as f:
             json.dump(result, f, indent=2)
     return 0
 
