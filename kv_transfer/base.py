@@ -78,6 +78,17 @@ def index_tensor(ids: Sequence[int], device: torch.device) -> torch.Tensor:
     return torch.tensor(list(ids), dtype=torch.long, device=device)
 
 
+@dataclass(frozen=True)
+class Attachment:
+    """What every MigrateBlocks of one sender carries for the destination: the staging buffer it
+    maps (shm: name and size; "" and 0 for none), and whether the chunk's data follows the
+    message as a frame (so the message describes it as a tensor)."""
+
+    staging: str = ""
+    staging_bytes: int = 0
+    data_frames: bool = False
+
+
 class KVSender(abc.ABC):
     """Source side of a path. `name` is the MigrateBlocks.path value; `bound` names the medium
     copy that limits its bandwidth (compare with `kvferry bench transfer`)."""
@@ -107,6 +118,10 @@ class KVSender(abc.ABC):
     @abc.abstractmethod
     def in_flight(self) -> int:
         """Chunks not yet acknowledged (a sender is reusable for another transfer at 0)."""
+
+    @abc.abstractmethod
+    def attachment(self) -> Attachment:
+        """What each chunk's message carries besides the header (the same for every chunk)."""
 
     def payload(self, seq: int) -> list[Any]:
         """Data frames the caller sends after chunk `seq`'s header (none when the data travels

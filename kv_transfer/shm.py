@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from kv_transfer.base import (DEFAULT_CHUNK_BYTES, MiB, ChunkHeader, KVReceiver, KVSender, block_bytes,
+from kv_transfer.base import (DEFAULT_CHUNK_BYTES, MiB, Attachment, ChunkHeader, KVReceiver, KVSender, block_bytes,
                               block_shape, index_tensor, touch_zero)
 
 SHM_DIR = "/dev/shm"
@@ -134,6 +134,9 @@ class ShmSender(KVSender):
     def attach_info(self) -> dict[str, Any]:
         """What the destination needs for ShmReceiver (send it once per migration)."""
         return {"shm_name": self.shm_name, "shm_bytes": self.shm_bytes}
+
+    def attachment(self) -> Attachment:
+        return Attachment(staging=self.shm_name, staging_bytes=self.shm_bytes)
 
     def can_send(self) -> bool:
         return bool(self._free)

@@ -20,8 +20,8 @@ import msgspec
 import torch
 import zmq
 
-from kv_transfer.base import (DEFAULT_CHUNK_BYTES, ChunkHeader, KVReceiver, KVSender, block_bytes, block_shape,
-                              index_tensor, touch_zero)
+from kv_transfer.base import (DEFAULT_CHUNK_BYTES, Attachment, ChunkHeader, KVReceiver, KVSender, block_bytes,
+                              block_shape, index_tensor, touch_zero)
 
 _enc = msgspec.msgpack.Encoder()
 _dec = msgspec.msgpack.Decoder(ChunkHeader)
@@ -98,6 +98,9 @@ class FramesSender(KVSender):
 
     def in_flight(self) -> int:
         return len(self._staged) + sum(1 for t in self._trackers if t is not None and not t.done)
+
+    def attachment(self) -> Attachment:
+        return Attachment(data_frames=True)
 
     def payload(self, seq: int) -> list[memoryview]:
         """sock=None: the data frame of staged chunk `seq` (valid until `ack(seq)`)."""

@@ -107,6 +107,24 @@ class Outgoing:
     downtime_ms: float = 0.0
 
 
+@dataclass
+class Transfer:
+    """Where one outgoing migration's transfer stands, shared by its phases: what an abort must
+    take back (`opened`: the destination holds a reservation; `detached`: the request is out of
+    this engine's batch) and what the next phase continues from."""
+
+    requester: Requester
+    sender: KVSender | None = None  # taken from the pool once the destination agreed on a path
+    opened: bool = False
+    detached: bool = False
+    committed: bool = False
+    preemptions: int = 0  # the request's count when pre-copy began (a preemption aborts)
+    stage: int = 0
+    copied: list[int] = field(default_factory=list)  # source blocks already there, in table order
+    spare: list[int] = field(default_factory=list)  # destination blocks reserved for the last stage
+    paused_at: float = 0.0  # perf_counter when the request left the batch (the downtime's start)
+
+
 class PeerChannels:
     """One DEALER (with a Requester) per destination migration endpoint, opened on first use.
 
@@ -230,91 +248,11 @@ class MigrationSource:
     # ---- the procedure ---------------------------------------------------------------------------
 
     async def _run(self, m: Outgoing) -> None:
-        w = self.w
-        rid = m.request_id
-        bs = w.info.block_size
-        requester = self.peers.get(m.dst_endpoint)
-        sender: KVSender | None = None
-        opened = detached = committed = False
-        copied: list[int] = []  # source block ids already at the destination, in table order
+        t = Transfer(self.peers.get(m.dst_endpoint))
         try:
-            view = await self._engine(lambda e: e.migration_view(rid))
-            if view is None:
-                raise Aborted("finished")
-            preemptions = view.num_preemptions
-            stage = 0
-            max_stages = self.cfg.migration_max_stages if m.mode == "live" else 0
-            spare: list[int] = []  # destination blocks reserved ahead for the last stage
-            while view.num_computed_tokens > 0:  # a queued request (nothing computed) is a plain move
-                new = list(view.block_table[len(copied):view.num_computed_tokens // bs])
-                if stage >= max_stages or (stage > 0 and len(new) <= self.cfg.migration_final_blocks):
-                    if stage > 0 and m.mode == "live":
-                        # Reserve the last stage's blocks now (the blocks left, the partial one, one
-                        # more that may fill meanwhile), so the request's pause holds no
-                        # reservation round trip (a destination answers it between two steps).
-                        spare = list((await self._reserve(m, requester, stage, len(new) + 2)).block_ids)
-                    break
-                reply = await self._reserve(m, requester, stage, len(new))
-                opened = True
-                sender = sender or self._sender(m, reply.path)
-                await self._copy(m, requester, sender, new, reply.block_ids, stage)
-                copied += new
-                stage += 1
-                m.stages = stage
-                view = self._still_here(await self._engine(lambda e: e.migration_view(rid)), preemptions)
-
-            # Last stage: out of the batch, copy the rest (with the partial block), commit.
-            m.phase = "final"
-            self._check_cancel(m)
-            prefix = tuple(copied)
-
-            def detach(e: LLMEngine) -> tuple[MigratableState, MigrationView, float] | str:
-                v = e.migration_view(rid)
-                if v is None:
-                    return "finished"
-                if v.num_preemptions != preemptions or v.block_table[:len(prefix)] != prefix:
-                    return "preempted"
-                return e.detach_request(rid), v, time.perf_counter()
-
-            res = await self._engine(detach)
-            if isinstance(res, str):
-                raise Aborted(res)
-            state, view, t_out = res
-            detached = True
-            if m.mode == "recompute":  # only the state moves; the destination prefills again
-                state = state.with_computed(0)
-            rest = list(view.block_table[len(copied):blocks_for(state.num_computed_tokens, bs)])
-            # The reservation's blocks stay in order: `spare` follows the pre-copied ones, so the
-            # rest maps onto spare first; unused spare blocks become the request's next blocks.
-            targets = spare[:len(rest)]
-            if not opened or len(rest) > len(spare):
-                reply = await self._reserve(m, requester, stage, len(rest) - len(targets))
-                opened = True
-                sender = sender or self._sender(m, reply.path)
-                targets += list(reply.block_ids)
-            if rest:
-                await self._copy(m, requester, sender, rest, targets, stage, final=True)
-            m.stages = stage + 1
-            self._check_cancel(m)
-            route = w.routes.get(rid)
-            if route is None:
-                raise Aborted("aborted", "the request was aborted during the migration")
-            m.phase = "committing"
-            commit = MigrateCommit(migration_id=m.migration_id, state=state,
-                                   frontend_id=route.frontend_id, reply_address=route.reply_address,
-                                   frontend_incarnation=route.frontend_incarnation,
-                                   next_index=route.index_offset + route.tokens_sent)
-            ack = await self._rpc(m, requester.request(commit, self.cfg.migration_timeout_s, raise_errors=False),
-                                  cancellable=False)
-            if isinstance(ack, ErrorReply):
-                raise Aborted("refused", ack.message)
-            if not isinstance(ack, CommitAck) or not ack.ok:
-                raise Aborted(getattr(ack, "reason", "") or "refused")
-            committed = True
-            m.downtime_ms = (time.perf_counter() - t_out) * 1000.0
-            w.routes.pop(rid)
-            await self._engine(lambda e: e.release(rid) if e.is_detached(rid) else 0)
-            m.outcome = "committed"
+            await self._precopy(m, t)
+            state = await self._stop_and_copy(m, t)
+            await self._commit(m, t, state)
         except Aborted as exc:
             m.outcome, m.abort_reason = "aborted", exc.reason
             if exc.detail:
@@ -328,21 +266,103 @@ class MigrationSource:
             log.exception("migration.failed", migration_id=m.migration_id)
             m.outcome, m.abort_reason = "aborted", "error"
         finally:
-            if not committed:
-                await self._undo(m, requester, opened, detached)
-            if sender is not None and self.pool is not None:
-                self.pool.give_back(sender)
+            if not t.committed:
+                await self._undo(m, t)
+            if t.sender is not None and self.pool is not None:
+                self.pool.give_back(t.sender)
             self._finish(m)
 
-    async def _undo(self, m: Outgoing, requester: Requester, opened: bool, detached: bool) -> None:
+    async def _precopy(self, m: Outgoing, t: Transfer) -> None:
+        """Copy the request's complete blocks while it keeps decoding here, stage after stage,
+        until few enough are left for the pause (or the stage limit); live mode only."""
+        rid, bs = m.request_id, self.w.info.block_size
+        view = await self._engine(lambda e: e.migration_view(rid))
+        if view is None:
+            raise Aborted("finished")
+        t.preemptions = view.num_preemptions
+        max_stages = self.cfg.migration_max_stages if m.mode == "live" else 0
+        while view.num_computed_tokens > 0:  # a queued request (nothing computed) is a plain move
+            new = list(view.block_table[len(t.copied):view.num_computed_tokens // bs])
+            if t.stage >= max_stages or (t.stage > 0 and len(new) <= self.cfg.migration_final_blocks):
+                if t.stage > 0 and m.mode == "live":
+                    # Reserve the last stage's blocks now (the blocks left, the partial one, one
+                    # more that may fill meanwhile), so the request's pause holds no
+                    # reservation round trip (a destination answers it between two steps).
+                    t.spare = list((await self._reserve(m, t, len(new) + 2)).block_ids)
+                return
+            reply = await self._reserve(m, t, len(new))
+            await self._copy(m, t, new, list(reply.block_ids))
+            t.copied += new
+            t.stage += 1
+            m.stages = t.stage
+            view = self._still_here(await self._engine(lambda e: e.migration_view(rid)), t.preemptions)
+
+    async def _stop_and_copy(self, m: Outgoing, t: Transfer) -> MigratableState:
+        """Take the request out of the batch (its blocks stay) and copy what pre-copy did not,
+        the partly filled last block included; its state, for the commit."""
+        m.phase = "final"
+        self._check_cancel(m)
+        rid, prefix, preemptions = m.request_id, tuple(t.copied), t.preemptions
+
+        def detach(e: LLMEngine) -> tuple[MigratableState, MigrationView, float] | str:
+            v = e.migration_view(rid)
+            if v is None:
+                return "finished"
+            if v.num_preemptions != preemptions or v.block_table[:len(prefix)] != prefix:
+                return "preempted"
+            return e.detach_request(rid), v, time.perf_counter()
+
+        res = await self._engine(detach)
+        if isinstance(res, str):
+            raise Aborted(res)
+        state, view, t.paused_at = res
+        t.detached = True
+        if m.mode == "recompute":  # only the state moves; the destination prefills again
+            state = state.with_computed(0)
+        rest = list(view.block_table[len(t.copied):blocks_for(state.num_computed_tokens, self.w.info.block_size)])
+        # The reservation's blocks stay in order: `spare` follows the pre-copied ones, so the
+        # rest maps onto spare first; unused spare blocks become the request's next blocks.
+        targets = t.spare[:len(rest)]
+        if not t.opened or len(rest) > len(t.spare):
+            targets += list((await self._reserve(m, t, len(rest) - len(targets))).block_ids)
+        if rest:
+            await self._copy(m, t, rest, targets, final=True)
+        m.stages = t.stage + 1
+        self._check_cancel(m)
+        return state
+
+    async def _commit(self, m: Outgoing, t: Transfer, state: MigratableState) -> None:
+        """Hand the request over; once the destination acknowledges, free it here."""
+        rid = m.request_id
+        route = self.w.routes.get(rid)
+        if route is None:
+            raise Aborted("aborted", "the request was aborted during the migration")
+        m.phase = "committing"
+        commit = MigrateCommit(migration_id=m.migration_id, state=state,
+                               frontend_id=route.frontend_id, reply_address=route.reply_address,
+                               frontend_incarnation=route.frontend_incarnation,
+                               next_index=route.index_offset + route.tokens_sent)
+        ack = await self._rpc(m, t.requester.request(commit, self.cfg.migration_timeout_s, raise_errors=False),
+                              cancellable=False)
+        if isinstance(ack, ErrorReply):
+            raise Aborted("refused", ack.message)
+        if not isinstance(ack, CommitAck) or not ack.ok:
+            raise Aborted(getattr(ack, "reason", "") or "refused")
+        t.committed = True
+        m.downtime_ms = (time.perf_counter() - t.paused_at) * 1000.0
+        self.w.routes.pop(rid)
+        await self._engine(lambda e: e.release(rid) if e.is_detached(rid) else 0)
+        m.outcome = "committed"
+
+    async def _undo(self, m: Outgoing, t: Transfer) -> None:
         """The request stays (or comes back) here; the destination frees what it reserved."""
         rid = m.request_id
         m.outcome = "aborted"
         m.abort_reason = m.abort_reason or "error"
-        if opened:
+        if t.opened:
             with contextlib.suppress(ProtocolError, zmq.ZMQError):
-                await requester.send(MigrateAbort(migration_id=m.migration_id, reason=m.abort_reason), timeout_s=0.5)
-        if detached:
+                await t.requester.send(MigrateAbort(migration_id=m.migration_id, reason=m.abort_reason), timeout_s=0.5)
+        if t.detached:
             try:
                 back = await self._engine(lambda e: (e.reattach_request(rid), True)[1] if e.is_detached(rid) else False)
             except Exception:  # noqa: BLE001
@@ -381,9 +401,6 @@ class MigrationSource:
 
     # ---- steps -----------------------------------------------------------------------------------
 
-    def _sender(self, m: Outgoing, path: str) -> KVSender | None:
-        m.path = path
-        return None if self.pool is None else self.pool.take(path)  # type: ignore[arg-type]
 
     @staticmethod
     def _still_here(view: MigrationView | None, preemptions: int) -> MigrationView:
@@ -419,8 +436,10 @@ class MigrationSource:
             self._check_cancel(m)
         return task.result()
 
-    async def _reserve(self, m: Outgoing, requester: Requester, stage: int, n: int) -> ReserveReply:
-        w = self.w
+    async def _reserve(self, m: Outgoing, t: Transfer, n: int) -> ReserveReply:
+        """Reserve `n` more blocks on the destination (stage 0 opens the migration there and
+        agrees on the data path, whose sender is then taken from the pool)."""
+        w, stage = self.w, t.stage
         kv = w.kv_tensor
         forced = self.cfg.migration_path if self.cfg.migration_path != "auto" else None
         msg = MigrateReserve(
@@ -429,19 +448,23 @@ class MigrationSource:
             kv_dtype="" if kv is None else str(kv.dtype).removeprefix("torch."), kv_layout=w.info.kv_layout,
             src_host=self.host,
             src_device="cpu" if kv is None else kv.device.type, path=forced)  # type: ignore[arg-type]
-        reply = await self._rpc(m, requester.request(msg, self.cfg.migration_timeout_s, raise_errors=False))
+        reply = await self._rpc(m, t.requester.request(msg, self.cfg.migration_timeout_s, raise_errors=False))
         if isinstance(reply, ErrorReply):
             raise Aborted("refused", reply.message)
         if not isinstance(reply, ReserveReply) or not reply.ok:
             raise Aborted(getattr(reply, "reason", "") or "refused")
+        t.opened = True
         if len(reply.block_ids) != n:
             raise Aborted("error", f"asked for {n} blocks, the destination reserved {len(reply.block_ids)}")
+        if not m.path:
+            m.path = reply.path
+            t.sender = None if self.pool is None else self.pool.take(m.path)  # type: ignore[arg-type]
         return reply
 
-    async def _copy(self, m: Outgoing, requester: Requester, sender: KVSender | None, src: list[int],
-                    dst: list[int], stage: int, final: bool = False) -> None:
+    async def _copy(self, m: Outgoing, t: Transfer, src: list[int], dst: list[int], final: bool = False) -> None:
         """Send blocks `src` into the destination's `dst`, chunked, with up to `sender.depth`
         chunks in flight: the next chunk is gathered while the destination writes the previous."""
+        sender, stage = t.sender, t.stage
         m.blocks += len(src)
         if not src or sender is None:  # sim engine: no KV data to move
             return
@@ -449,7 +472,7 @@ class MigrationSource:
         assert cache is not None
         loop = asyncio.get_running_loop()
         pending: collections.deque[tuple[int, asyncio.Future[Any]]] = collections.deque()
-        staging = getattr(sender, "attach_info", lambda: {})()
+        attached = sender.attachment()
         dtype = str(cache.dtype).removeprefix("torch.")
         try:
             for src_chunk, dst_chunk in sender.chunks(src, dst):
@@ -463,11 +486,11 @@ class MigrationSource:
                     self._copying -= 1
                 msg = MigrateBlocks(
                     migration_id=m.migration_id, stage=stage, dst_block_ids=dst_chunk, path=sender.name,
-                    seq=header.seq, staging=staging.get("shm_name", ""), staging_bytes=staging.get("shm_bytes", 0),
+                    seq=header.seq, staging=attached.staging, staging_bytes=attached.staging_bytes,
                     offset=header.offset, final=final,
                     tensors=[TensorSpec(dtype=dtype, shape=list(block_shape(cache, len(dst_chunk))))]  # type: ignore[arg-type]
-                    if sender.name == "frames" else [])
-                fut = asyncio.ensure_future(self._rpc(m, requester.request(
+                    if attached.data_frames else [])
+                fut = asyncio.ensure_future(self._rpc(m, t.requester.request(
                     msg, self.cfg.migration_timeout_s, frames=sender.payload(header.seq), raise_errors=False)))
                 pending.append((header.seq, fut))
                 nbytes = len(src_chunk) * block_bytes(cache)
