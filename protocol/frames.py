@@ -6,6 +6,10 @@ fixed allow-list) and shape. `pack_tensor_frames` fills that field in and return
 own memory as buffers: send them with `copy=False` and do not modify the tensors until ZeroMQ is
 done with them (`track=True` gives a MessageTracker). `unpack_tensor_frames` builds tensors with
 `torch.frombuffer` over the received frames' memory after checking every byte count.
+
+The one protocol module that needs torch: the kvferry-sdk distribution (sdk/pyproject.toml) ships
+protocol/ without torch, and only tensor paths (MessageSocket.send_tensors, Received.tensors, the
+workers' KV transfer) import this module.
 """
 
 from __future__ import annotations
@@ -15,7 +19,12 @@ from collections.abc import Sequence
 from typing import Any, TypeVar
 
 import msgspec
-import torch
+
+try:
+    import torch
+except ImportError as e:  # an SDK-only install (kvferry-sdk): no tensors travel there
+    raise ImportError("protocol.frames needs torch, which the kvferry server distribution installs; "
+                      "the SDK (kvferry-sdk) never imports it") from e
 
 from protocol.base import Message
 from protocol.codec import Allowed, decode, encode

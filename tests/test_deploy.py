@@ -203,6 +203,12 @@ def test_dockerfile_has_gpu_and_cpu_images_as_a_non_root_user():
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
     for pattern in pyproject["tool"]["setuptools"]["packages"]["find"]["include"]:
         assert f"!{pattern.rstrip('*')}/" in ignore, pattern
+    # ... and those of the SDK's distribution (sdk/pyproject.toml), which the image installs first
+    sdk = tomllib.loads((ROOT / "sdk" / "pyproject.toml").read_text())["tool"]["setuptools"]
+    for package in sdk["packages"]:
+        folder = (ROOT / "sdk" / sdk["package-dir"][package]).resolve().relative_to(ROOT)
+        assert f"!{folder}/" in ignore, package
+    assert re.search(r"^RUN pip install /src/sdk /src\b", text, re.M), "the SDK's distribution, then the server's"
     assert "!pyproject.toml" in ignore and "!README.md" in ignore and "!deploy/kvferry.toml" in ignore
 
 
