@@ -36,7 +36,7 @@ def setup(monkeypatch):
     sched = FakeScheduler()
     r.sched = sched  # type: ignore[assignment]
     resumed: list[tuple[str, str]] = []
-    monkeypatch.setattr(r, "resume", lambda s, why: resumed.append((s.request_id, why)))
+    monkeypatch.setattr(r.resumer, "resume", lambda s, why: resumed.append((s.request_id, why)))
     s = RequestStream("req-1", "worker-0", "tcp://127.0.0.1:1")
     s.progressed = time.monotonic() - r.fcfg.silent_s - 1.0  # silent for longer than [frontend] silent_s
     r.streams[s.request_id] = s
@@ -65,4 +65,4 @@ async def test_a_newer_report_that_lists_the_request_keeps_it(setup):
     sched.report_ms += 50
     sched.listed = ["req-1"]
     await r._find_silent()
-    assert resumed == [] and "req-1" not in r._unlisted
+    assert resumed == [] and "req-1" not in r.resumer._unlisted

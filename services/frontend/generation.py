@@ -24,7 +24,8 @@ from protocol.common import ErrorCode
 from protocol.payloads import SamplingParams
 from services.frontend.detokenizer import IncrementalDetokenizer, StopMatcher
 from services.frontend.metrics import FrontendMetrics
-from services.frontend.router import RouteError, Router
+from services.frontend.errors import RouteError
+from services.frontend.router import Router
 from services.frontend.streams import StreamEvent
 from services.log import get_logger
 

@@ -25,7 +25,8 @@ from services.config import FrontendConfig
 from services.frontend.generation import Delta, GenerateParams, GenerationError, Generator
 from services.frontend.metrics import FrontendMetrics
 from services.frontend.params import ApiError, ParsedRequest, RequestParser, api_key_matches, bad
-from services.frontend.router import RouteError, Router, new_request_id
+from services.frontend.errors import RouteError
+from services.frontend.router import Router, new_request_id
 from services.log import get_logger
 
 log = get_logger("kvferry.frontend.http")

@@ -1,4 +1,4 @@
-"""Request routing, shared by the HTTP API and the SDK endpoint.
+"""Request routing, shared by the HTTP API and the SDK endpoint: dispatch and token routing.
 
 For a new request: DispatchRequest to the scheduler (deadline `dispatch_timeout_s`) → the worker;
 when the scheduler does not answer, the last known instance with the fewest of this frontend's
@@ -9,7 +9,8 @@ module routes by request id to each request's `RequestStream`. RequestMoved (a m
 committed) changes the request's owner, so aborts always go to the current owner. Aborted
 requests are remembered for a while: a RequestMoved or tokens arriving for one re-send the abort
 to whoever now has it. The frontend heartbeats every known worker so that workers can abort the
-requests of a frontend that died.
+requests of a frontend that died (services.frontend.liveness). The connections to workers are
+services.frontend.worker_links; resumption after failures is services.frontend.resumption.
 
 Failures (design §6):
 - A worker that refuses an AddRequest (draining, stopping, full, internal error) or does not
@@ -39,12 +40,11 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import msgspec
 import zmq
 import zmq.asyncio
 
 from protocol.base import deadline_in
-from protocol.common import Ack, ErrorCode, Heartbeat, Ping, Pong
+from protocol.common import Ack, ErrorCode
 from protocol.errors import ProtocolError, RemoteError, RequestTimeout
 from protocol.payloads import SamplingParams
 from protocol.sockets import MessageSocket, Requester
@@ -58,28 +58,19 @@ from protocol.to_frontend import (
     TokenBatches,
 )
 from protocol.to_scheduler import DispatchRequest, StatusRequest
-from protocol.to_worker import AbortRequest, AddRequest
+from protocol.to_worker import AddRequest
 from services.config import KvferryConfig
+from services.frontend.errors import RouteError
+from services.frontend.liveness import WorkerLiveness
+from services.frontend.resumption import Resumer
 from services.frontend.streams import RequestStream
+from services.frontend.worker_links import WorkerLinks
 from services.log import get_logger
 
 log = get_logger("kvferry.frontend.router")
 
 # A worker's refusal that another worker may not share: try the next one.
 RETRY_CODES = frozenset({ErrorCode.REFUSED, ErrorCode.OVERLOADED, ErrorCode.INTERNAL, ErrorCode.UNAVAILABLE})
-
-
-class RouteError(Exception):
-    """A request could not be started; `status` is the HTTP status, `code` the protocol ErrorCode."""
-
-    STATUS = {ErrorCode.INVALID: 400, ErrorCode.OVERLOADED: 429, ErrorCode.UNAVAILABLE: 503,
-              ErrorCode.REFUSED: 503, ErrorCode.EXPIRED: 504}
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-        self.status = self.STATUS.get(code, 500)
 
 
 @dataclass(slots=True)
@@ -89,14 +80,6 @@ class KnownWorker:
     worker_id: str
     address: str
     seen: float
-
-
-@dataclass(slots=True)
-class WorkerHealth:
-    """This frontend's own liveness view of one worker address (Ping → Pong)."""
-
-    last_pong: float  # monotonic; set to the time watching began before the first Pong
-    pinging: bool = False
 
 
 def new_incarnation() -> str:
@@ -111,7 +94,8 @@ def new_request_id(prefix: str) -> str:
 
 
 class Router:
-    """Dispatches requests, talks to workers, and demultiplexes their token streams."""
+    """Dispatches requests, talks to workers, and demultiplexes their token streams. Worker
+    liveness (`self.liveness`) and resumption (`self.resumer`) are its two collaborators."""
 
     def __init__(self, cfg: KvferryConfig, ctx: zmq.asyncio.Context | None = None,
                  on_dispatch: Callable[[float], None] | None = None,
@@ -126,17 +110,16 @@ class Router:
         self.known: dict[str, KnownWorker] = {}
         self.scheduler_ok: bool | None = None
         self.on_dispatch = on_dispatch
-        self.on_resume = on_resume  # called with "resumed" or "failed" per lost request
-        self.health: dict[str, WorkerHealth] = {}  # by worker address
-        # silent request id → (since when no live worker lists it, its owner's report time then)
-        self._unlisted: dict[str, tuple[float, int]] = {}
         # Aborted requests: expiry time and the owners already told, so late tokens or a move
         # re-send the abort only to an owner that has not had it.
         self._tombstones: dict[str, tuple[float, set[str]]] = {}
-        self._workers: dict[str, Requester] = {}
         self._tasks: list[asyncio.Task] = []
         self._bg: set[asyncio.Task] = set()
-        self._hb_seq = 0
+        self.links = WorkerLinks(self.ctx, self.fcfg.abort_timeout_s, self._spawn)
+        self.liveness = WorkerLiveness(self.links, self.frontend_id, self.incarnation, self.fcfg.worker_timeout_s,
+                                       self._spawn)
+        # on_resume: called with "resumed" or "failed" per lost request
+        self.resumer = Resumer(self.fcfg, self.streams, self._start, self.links.send_abort, self._spawn, on_resume)
         self.tokens_sock: MessageSocket | None = None
         self.sched: Requester | None = None
 
@@ -163,10 +146,10 @@ class Router:
         for t in self._tasks + list(self._bg):
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await t
-        for r in [self.sched, *self._workers.values()]:
-            if r is not None:
-                await r.close()
-                r.sock.close()
+        if self.sched is not None:
+            await self.sched.close()
+            self.sched.sock.close()
+        await self.links.close()
         if self.tokens_sock is not None:
             self.tokens_sock.close()
 
@@ -228,10 +211,10 @@ class Router:
         timeout = self.fcfg.worker_timeout_s
 
         def ok(w: KnownWorker) -> bool:
-            h = self.health.get(w.address)
-            if h is None:
+            pong = self.liveness.last_pong(w.address)
+            if pong is None:
                 return not responsive_only
-            return now - h.last_pong <= (timeout / 2 if responsive_only else timeout)
+            return now - pong <= (timeout / 2 if responsive_only else timeout)
 
         candidates = [w for w in self.known.values() if w.worker_id not in exclude and ok(w)]
         if not candidates:
@@ -240,20 +223,12 @@ class Router:
 
     # ---- workers ---------------------------------------------------------------------------------
 
-    def _worker(self, address: str) -> Requester:
-        r = self._workers.get(address)
-        if r is None:
-            sock = MessageSocket.connect(self.ctx, zmq.DEALER, address, (Ack, Pong, *_error_types()),
-                                         name=f"frontend-worker-{address}", server_role="worker")
-            r = self._workers[address] = Requester(sock).start()
-        return r
-
     async def submit(self, request_id: str, prompt_ids: list[int], sampling: SamplingParams, priority: int,
                      deadline_s: float) -> RequestStream:
         """Dispatch and start `request_id`; returns its stream (tokens flow into `stream.queue`).
         Raises RouteError when no worker takes it."""
         stream = RequestStream(request_id, "", "", num_prompt_tokens=len(prompt_ids), prompt_ids=prompt_ids,
-                               sampling=sampling, priority=priority, on_lost=self._on_lost,
+                               sampling=sampling, priority=priority, on_lost=self.resumer.owner_let_go,
                                deadline=time.monotonic() + deadline_s)
         self.streams[request_id] = stream  # before AddRequest: tokens may beat the Ack
         try:
@@ -288,7 +263,7 @@ class Router:
                              reply_address=self.reply_address, first_index=first_index,
                              deadline_ms=deadline_in(left))
             try:
-                reply = await self._worker(worker.address).request(add, timeout_s=min(self.fcfg.add_timeout_s, left))
+                reply = await self.links.get(worker.address).request(add, timeout_s=min(self.fcfg.add_timeout_s, left))
                 if isinstance(reply, Ack) and not reply.ok:
                     raise RemoteError(ErrorCode.REFUSED, reply.detail or "refused")
             except RemoteError as exc:
@@ -300,85 +275,26 @@ class Router:
                 continue
             except (RequestTimeout, zmq.ZMQError):  # (its socket closed: the worker was declared lost)
                 # It may have taken the request after all: stop it there and ignore its tokens.
-                stream.dead.add(worker.worker_id)
+                stream.taken_from(worker.worker_id)
                 exclude.add(worker.worker_id)
-                self._spawn(self._send_abort(rid, worker.address, "add timed out"))
+                self._spawn(self.links.send_abort(rid, worker.address, "add timed out"))
                 error = RouteError(ErrorCode.UNAVAILABLE, f"{worker.worker_id} did not accept the request in time")
                 continue
             if self.streams.get(rid) is not stream:  # aborted while the add was on its way
-                self._spawn(self._send_abort(rid, worker.address, "aborted by the frontend"))
+                self._spawn(self.links.send_abort(rid, worker.address, "aborted by the frontend"))
             return
         assert error is not None
         raise error
 
     # ---- failures --------------------------------------------------------------------------------
 
-    def _on_lost(self, stream: RequestStream, why: str) -> bool:
-        """A final "error"/"abort" batch from the request's owner (RequestStream.on_lost): resume it."""
-        return self.resume(stream, why, owner_let_go=True)
-
-    def resume(self, stream: RequestStream, why: str, owner_let_go: bool = False) -> bool:
-        """Take `stream`'s request away from its owner and go on elsewhere (in the background).
-        False when the stream is not live (it then ends as it would have)."""
-        if stream.resuming:
-            return True
-        if self.streams.get(stream.request_id) is not stream or stream.finished:
-            return False
-        old_id, old_address = stream.worker_id, stream.worker_address
-        stream.dead.add(old_id)
-        stream.ahead.clear()
-        stream.resuming = True
-        self._unlisted.pop(stream.request_id, None)
-        if not owner_let_go and old_address:
-            # A false alarm (the worker lives on) must not leave a copy running there.
-            self._spawn(self._send_abort(stream.request_id, old_address, "resumed on another worker", quiet=True))
-        self._spawn(self._resume(stream, old_id, why))
-        return True
-
-    async def _resume(self, stream: RequestStream, old_id: str, why: str) -> None:
-        rid = stream.request_id
-        assert stream.sampling is not None
-        delivered = stream.next_index
-        left = stream.sampling.max_tokens - delivered
-        try:
-            if left <= 0:  # every token arrived; only the final batch was lost
-                stream.end("length")
-                return
-            if stream.resumes >= self.fcfg.max_resumes:
-                raise RouteError(ErrorCode.UNAVAILABLE, f"resumed {stream.resumes} times already (max_resumes)")
-            stream.resumes += 1
-            sampling = msgspec.structs.replace(stream.sampling, max_tokens=left)
-            await self._start(stream, stream.prompt_ids + stream.output, sampling, delivered, set(stream.dead))
-        except RouteError as exc:
-            log.warning("request.resume_failed", request_id=rid, lost_worker_id=old_id, reason=why, error=exc.message)
-            stream.fail("error", f"{old_id} failed the request ({why}) and no worker could resume it: {exc.message}")
-            if self.on_resume is not None:
-                self.on_resume("failed")
-            return
-        except Exception as exc:  # noqa: BLE001 - the stream must end, not hang
-            log.exception("request.resume_failed", request_id=rid)
-            stream.fail("error", f"{old_id} failed the request ({why}); resuming it failed: {exc}")
-            return
-        finally:
-            stream.resuming = False
-        if self.streams.get(rid) is stream:
-            log.warning("request.resumed", request_id=rid, lost_worker_id=old_id, worker_id=stream.worker_id,
-                        reason=why, first_index=delivered, resumes=stream.resumes)
-            if self.on_resume is not None:
-                self.on_resume("resumed")
-
     def worker_lost(self, worker_id: str, address: str, why: str) -> None:
         """`worker_id` at `address` is gone: forget it and resume each of its requests elsewhere."""
         self.known = {k: w for k, w in self.known.items() if w.address != address and k != worker_id}
-        self.health.pop(address, None)
-        requester = self._workers.pop(address, None)
-        if requester is not None:  # pending adds and pings to it fail now, not at their timeout
-            self._spawn(_close_requester(requester))
-        affected = [s for s in self.streams.values()
-                    if (s.worker_address == address or s.worker_id == worker_id) and not s.resuming]
-        log.warning("worker.lost", worker_id=worker_id, address=address, reason=why, requests=len(affected))
-        for s in affected:
-            self.resume(s, f"{worker_id} lost: {why}")
+        self.liveness.forget(address)
+        self.links.drop(address)
+        resumed = self.resumer.resume_all(worker_id, address, why)
+        log.warning("worker.lost", worker_id=worker_id, address=address, reason=why, requests=resumed)
 
     def finish(self, request_id: str) -> None:
         """Forget a request that ended normally (its worker already freed it)."""
@@ -399,17 +315,7 @@ class Router:
         _, told = self._tombstones[request_id]
         if address not in told:
             told.add(address)
-            self._spawn(self._send_abort(request_id, address, reason))
-
-    async def _send_abort(self, request_id: str, address: str, reason: str, quiet: bool = False) -> None:
-        """`quiet`: a precaution (the worker is most likely dead), so no answer is no news."""
-        try:
-            await self._worker(address).request(AbortRequest(request_id=request_id, reason=reason[:200]),
-                                                timeout_s=self.fcfg.abort_timeout_s)
-            log.info("request.aborted", request_id=request_id, worker_address=address, reason=reason)
-        except (ProtocolError, zmq.ZMQError) as exc:
-            (log.debug if quiet else log.warning)("request.abort_failed", request_id=request_id,
-                                                  worker_address=address, error=str(exc))
+            self._spawn(self.links.send_abort(request_id, address, reason))
 
     def _spawn(self, coro) -> None:  # noqa: ANN001
         task = asyncio.get_running_loop().create_task(coro)
@@ -448,7 +354,7 @@ class Router:
         self.known.setdefault(m.worker_id, KnownWorker(m.worker_id, m.control_endpoint, time.monotonic()))
         stream = self.streams.get(m.request_id)
         if stream is not None:
-            stream.worker_id, stream.worker_address = m.worker_id, m.control_endpoint
+            stream.moved_to(m.worker_id, m.control_endpoint)
             log.info("request.moved", request_id=m.request_id, worker_id=m.worker_id, next_index=m.next_index)
         elif m.request_id in self._tombstones:
             self._abort_at(m.request_id, m.control_endpoint, "aborted by the frontend")
@@ -483,8 +389,8 @@ class Router:
         known = {i.worker_id: KnownWorker(i.worker_id, i.endpoints.control, now)
                  for i in reply.instances if i.alive and not i.draining}
         for wid, w in self.known.items():
-            h = self.health.get(w.address)
-            if wid not in listed and h is not None and now - h.last_pong <= self.fcfg.worker_timeout_s:
+            pong = self.liveness.last_pong(w.address)
+            if wid not in listed and pong is not None and now - pong <= self.fcfg.worker_timeout_s:
                 known[wid] = w
         self.known = known
         owners = {s.worker_id for s in self.streams.values() if not s.resuming}
@@ -496,90 +402,32 @@ class Router:
         """Resume requests that stream nothing and that no live worker lists (lost between two
         workers, e.g. a migration's destination died before telling us that it owned it)."""
         assert self.sched is not None
-        now = time.monotonic()
-        silent = [s for s in self.streams.values() if not s.resuming and now - s.progressed > self.fcfg.silent_s]
+        silent = self.resumer.silent(time.monotonic())
         if not silent:
-            self._unlisted.clear()
             return
         try:
             reply = await self.sched.request(StatusRequest(include_requests=True),
                                              timeout_s=max(self.fcfg.dispatch_timeout_s, 1.0))
         except ProtocolError:
             return
-        if not isinstance(reply, StatusReply):
-            return
-        listed = {r.request_id for r in reply.requests}
-        # Only an owner that reports (alive, registered with this scheduler) can vouch that it does
-        # not hold the request; an unlisted owner is the pings' business.
-        # And only a report made after we first missed the request counts: a worker stuck in a
-        # long step (or paused) reports nothing, and its last report may predate the request.
-        reporting = {i.worker_id: i.last_report_ms for i in reply.instances if i.alive and i.last_report_ms > 0}
-        now = time.monotonic()
-        unlisted: dict[str, tuple[float, int]] = {}
-        for s in silent:
-            if s.request_id in listed or s.worker_id not in reporting:
-                continue
-            since, report_ms = self._unlisted.get(s.request_id, (now, reporting[s.worker_id]))
-            if (now - since >= self.fcfg.unlisted_s and reporting[s.worker_id] > report_ms
-                    and self.streams.get(s.request_id) is s):
-                self.resume(s, "listed on no live worker")
-            else:
-                unlisted[s.request_id] = (since, report_ms)
-        self._unlisted = unlisted
+        if isinstance(reply, StatusReply):
+            self.resumer.check_silent(silent, reply, time.monotonic())
 
     async def _watch_workers(self) -> None:
-        """Heartbeat and Ping every known worker and every worker holding a request of ours; a
-        worker that answers no Ping for `worker_timeout_s` is lost. Also resumes streams stuck
-        behind a gap."""
+        """Each [frontend] heartbeat_interval_s: heartbeat and Ping every known worker and every
+        worker holding a request of ours (one that answers none for `worker_timeout_s` is lost),
+        and resume streams stuck behind a gap."""
         while True:
             await asyncio.sleep(self.fcfg.heartbeat_interval_s)
-            self._hb_seq += 1
-            now = time.monotonic()
             targets = {w.address: w.worker_id for w in self.known.values()}
             for s in self.streams.values():
                 if s.worker_address and not s.resuming:
                     targets.setdefault(s.worker_address, s.worker_id)
-            for address in [a for a in self.health if a not in targets]:
-                del self.health[address]
-            for address, wid in targets.items():
-                h = self.health.get(address)
-                if h is None:
-                    h = self.health[address] = WorkerHealth(last_pong=now)
-                if now - h.last_pong > self.fcfg.worker_timeout_s:
-                    self.worker_lost(wid, address, f"no answer to pings for {now - h.last_pong:.1f} s")
-                elif not h.pinging:
-                    h.pinging = True
-                    self._spawn(self._ping(address, h))
-            for s in list(self.streams.values()):
-                if s.ahead and not s.resuming and now - s.progressed > self.fcfg.gap_timeout_s:
-                    self.resume(s, f"tokens from index {s.next_index} never arrived")
-
-    async def _ping(self, address: str, h: WorkerHealth) -> None:
-        try:
-            r = self._worker(address)
-            with contextlib.suppress(ProtocolError):
-                await r.send(Heartbeat(sender_id=self.frontend_id, role="frontend", seq=self._hb_seq,
-                                       incarnation=self.incarnation), timeout_s=0.05)
-            reply = await r.request(Ping(sender_id=self.frontend_id), timeout_s=self.fcfg.worker_timeout_s)
-            if isinstance(reply, Pong):
-                h.last_pong = time.monotonic()
-        except (ProtocolError, zmq.ZMQError):
-            pass
-        finally:
-            h.pinging = False
+            for wid, address, silent_s in self.liveness.tick(targets, time.monotonic()):
+                self.worker_lost(wid, address, f"no answer to pings for {silent_s:.1f} s")
+            self.resumer.check_gaps(time.monotonic())
 
     @property
     def healthy(self) -> bool:
         """At least one worker is known (from the scheduler, or the last view while it is away)."""
         return bool(self.known)
-
-
-async def _close_requester(r: Requester) -> None:
-    await r.close()
-    r.sock.close()
-
-
-def _error_types() -> tuple[type, ...]:
-    from protocol.common import ErrorReply
-
-    return (ErrorReply,)

@@ -117,6 +117,32 @@ class RequestStream:
         elif new:
             self.queue.put_nowait(StreamEvent(new))
 
+    # ---- ownership (the router's and the resumer's calls; nothing else sets these fields) ----
+
+    def moved_to(self, worker_id: str, worker_address: str) -> None:
+        """A migration committed: `worker_id` owns the request now (its stream goes on seamlessly)."""
+        self.worker_id, self.worker_address = worker_id, worker_address
+
+    def taken_from(self, worker_id: str) -> None:
+        """The request was taken away from `worker_id`: ignore its batches from now on."""
+        self.dead.add(worker_id)
+
+    def begin_resume(self) -> None:
+        """The owner is lost: its batches no longer count, nor what it sent past a gap."""
+        self.taken_from(self.worker_id)
+        self.ahead.clear()
+        self.resuming = True
+
+    def count_resume(self, max_resumes: int) -> bool:
+        """Count one more resumption; False (not counted) once `max_resumes` were made."""
+        if self.resumes >= max_resumes:
+            return False
+        self.resumes += 1
+        return True
+
+    def end_resume(self) -> None:
+        self.resuming = False
+
     def restart_at(self, worker_id: str, worker_address: str) -> None:
         """The request goes on at `worker_id` from `next_index`: forget batches buffered past a gap
         (they came from the old owner)."""

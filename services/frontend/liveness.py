@@ -1,0 +1,81 @@
+"""The frontend's own view of which workers are alive (design §6), so that it notices a lost
+worker while the scheduler is away too: every tick it heartbeats and Pings each target (the known
+workers and every worker holding one of its requests); a worker that answers no Ping for
+`worker_timeout_s` is lost. The heartbeats also tell workers that this frontend lives (they abort
+the requests of a frontend that fell silent or restarted)."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
+from typing import Any
+
+import zmq
+
+from protocol.common import Heartbeat, Ping, Pong
+from protocol.errors import ProtocolError
+from services.frontend.worker_links import WorkerLinks
+
+
+@dataclass(slots=True)
+class WorkerHealth:
+    """This frontend's liveness view of one worker address (Ping → Pong)."""
+
+    last_pong: float  # monotonic; set to the time watching began before the first Pong
+    pinging: bool = False
+
+
+class WorkerLiveness:
+    """Pings workers and says which are lost (see the module docstring)."""
+
+    def __init__(self, links: WorkerLinks, frontend_id: str, incarnation: str, timeout_s: float,
+                 spawn: Callable[[Coroutine[Any, Any, None]], None]) -> None:
+        self.links = links
+        self.frontend_id = frontend_id
+        self.incarnation = incarnation
+        self.timeout_s = timeout_s
+        self._spawn = spawn
+        self.health: dict[str, WorkerHealth] = {}  # by worker address
+        self._seq = 0
+
+    def tick(self, targets: dict[str, str], now: float) -> list[tuple[str, str, float]]:
+        """One round over `targets` (address → worker id): start a ping to each that has none in
+        flight; return the lost ones as (worker id, address, seconds without an answer)."""
+        self._seq += 1
+        for address in [a for a in self.health if a not in targets]:
+            del self.health[address]
+        lost = []
+        for address, wid in targets.items():
+            h = self.health.get(address)
+            if h is None:
+                h = self.health[address] = WorkerHealth(last_pong=now)
+            if now - h.last_pong > self.timeout_s:
+                lost.append((wid, address, now - h.last_pong))
+            elif not h.pinging:
+                h.pinging = True
+                self._spawn(self._ping(address, h))
+        return lost
+
+    def last_pong(self, address: str) -> float | None:
+        """When `address` last answered a Ping (monotonic), or None when it is not watched."""
+        h = self.health.get(address)
+        return None if h is None else h.last_pong
+
+    def forget(self, address: str) -> None:
+        self.health.pop(address, None)
+
+    async def _ping(self, address: str, h: WorkerHealth) -> None:
+        try:
+            r = self.links.get(address)
+            with contextlib.suppress(ProtocolError):
+                await r.send(Heartbeat(sender_id=self.frontend_id, role="frontend", seq=self._seq,
+                                       incarnation=self.incarnation), timeout_s=0.05)
+            reply = await r.request(Ping(sender_id=self.frontend_id), timeout_s=self.timeout_s)
+            if isinstance(reply, Pong):
+                h.last_pong = time.monotonic()
+        except (ProtocolError, zmq.ZMQError):
+            pass
+        finally:
+            h.pinging = False
