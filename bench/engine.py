@@ -327,7 +327,9 @@ def run(opts: Options) -> int:
                          + [m + 2 for _, m in fit_prefills])
     engine = LLMEngine.from_model(opts.model, EngineConfig(dtype=opts.dtype, device=opts.device, num_blocks=num_blocks,
                                                            max_num_seqs=max(max_bs, opts.prefill_prompts, 8),
-                                                           max_num_batched_tokens=budget))
+                                                           max_num_batched_tokens=budget,
+                                                           # compute, not reuse: the repeats prefill the same prompts
+                                                           prefix_caching=False))
     if max_len_needed > engine.max_model_len:
         raise UsageError(f"prompts of {max_len_needed} tokens exceed the model's context of {engine.max_model_len}")
     vocab = engine.vocab_size

@@ -1,10 +1,22 @@
-"""Paged KV-cache bookkeeping: which physical block belongs to which owner.
+"""Paged KV-cache bookkeeping: which physical block belongs to which owner, and which full blocks
+are cached for reuse.
 
 The block manager knows nothing about tensors or models; it only hands out block ids.
 An owner is a request id, or a reservation key for an incoming migration.
+
+Prefix caching (design §4): a full block whose KV is computed can be registered under its content
+hash (engine/block_hash.py). A later request whose prompt starts with the same blocks shares them
+(`share`): blocks are reference-counted, and one shared by k owners is in k tables. A registered
+block whose last owner lets go stays cached, ready for reuse, until its memory is needed: it then
+counts as free, and allocation takes truly free blocks first, then the least recently released
+cached ones (evicting their hash). Only full blocks are ever shared, and an owner only writes
+blocks past its computed tokens, so a shared block is never written.
 """
 
 from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Sequence
 
 from engine.errors import OutOfBlocksError
 
@@ -14,7 +26,7 @@ def blocks_for(num_tokens: int, block_size: int) -> int:
 
 
 class BlockManager:
-    """Free list plus one block table per owner."""
+    """Free list, cached blocks (LRU), reference counts, and one block table per owner."""
 
     def __init__(self, num_blocks: int, block_size: int, watermark: float = 0.0) -> None:
         if num_blocks < 1:
@@ -25,16 +37,27 @@ class BlockManager:
         # Popping from the end hands out low ids first, which keeps tests readable.
         self._free: list[int] = list(range(num_blocks - 1, -1, -1))
         self._tables: dict[str, list[int]] = {}
+        self._refs: dict[int, int] = {}  # owned block → how many tables hold it
+        self._hash_of: dict[int, int] = {}  # registered block → its content hash
+        self._by_hash: dict[int, int] = {}  # content hash → its registered block
+        self._evictable: OrderedDict[int, None] = OrderedDict()  # registered, unowned; oldest first
+        self.evictions = 0
 
     # ---- queries ----------------------------------------------------------------------
 
     @property
     def num_free(self) -> int:
-        return len(self._free)
+        """Blocks an allocation can take: free ones and cached ones no owner holds."""
+        return len(self._free) + len(self._evictable)
 
     @property
     def num_used(self) -> int:
-        return self.num_blocks - len(self._free)
+        return self.num_blocks - self.num_free
+
+    @property
+    def num_cached(self) -> int:
+        """Blocks registered under a content hash (owned or not)."""
+        return len(self._hash_of)
 
     def owners(self) -> list[str]:
         return list(self._tables)
@@ -52,29 +75,85 @@ class BlockManager:
         reserve = self.watermark_blocks if keep_watermark else 0
         return self.extra_blocks_needed(owner, num_tokens) <= self.num_free - reserve
 
+    def cached_prefix(self, hashes: Sequence[int]) -> list[int]:
+        """The cached blocks of the longest run of `hashes` from the start."""
+        found = []
+        for h in hashes:
+            b = self._by_hash.get(h)
+            if b is None:
+                break
+            found.append(b)
+        return found
+
+    def num_unowned(self, blocks: Sequence[int]) -> int:
+        """How many of `blocks` (cached) no owner holds: sharing them takes them out of `num_free`."""
+        return sum(1 for b in blocks if b in self._evictable)
+
     # ---- changes ----------------------------------------------------------------------
+
+    def _take(self) -> int:
+        if self._free:
+            b = self._free.pop()
+        else:
+            b, _ = self._evictable.popitem(last=False)  # the least recently released cached block
+            del self._by_hash[self._hash_of.pop(b)]
+            self.evictions += 1
+        self._refs[b] = 1
+        return b
+
+    def _add(self, owner: str, num_blocks: int) -> list[int]:
+        if num_blocks > self.num_free:
+            raise OutOfBlocksError(f"{owner}: needs {num_blocks} blocks, {self.num_free} free")
+        added = [self._take() for _ in range(num_blocks)]
+        self._tables.setdefault(owner, []).extend(added)
+        return added
 
     def grow(self, owner: str, num_tokens: int) -> list[int]:
         """Make `owner`'s table cover `num_tokens` tokens; returns the blocks added."""
-        need = self.extra_blocks_needed(owner, num_tokens)
-        if need > len(self._free):
-            raise OutOfBlocksError(f"{owner}: needs {need} blocks, {len(self._free)} free")
-        added = [self._free.pop() for _ in range(need)]
-        self._tables.setdefault(owner, []).extend(added)
-        return added
+        return self._add(owner, self.extra_blocks_needed(owner, num_tokens))
 
     def allocate(self, owner: str, num_blocks: int) -> list[int]:
         """Append exactly `num_blocks` blocks to `owner`'s table."""
-        if num_blocks > len(self._free):
-            raise OutOfBlocksError(f"{owner}: needs {num_blocks} blocks, {len(self._free)} free")
-        added = [self._free.pop() for _ in range(num_blocks)]
-        self._tables.setdefault(owner, []).extend(added)
-        return added
+        return self._add(owner, num_blocks)
+
+    def share(self, owner: str, blocks: Sequence[int]) -> None:
+        """Start `owner`'s (empty) table with cached `blocks` (from `cached_prefix`)."""
+        if self._tables.get(owner):
+            raise OutOfBlocksError(f"{owner} already owns blocks; a shared prefix comes first")
+        for b in blocks:
+            if b not in self._hash_of:
+                raise OutOfBlocksError(f"block {b} is not cached")
+            if b in self._evictable:
+                del self._evictable[b]
+            self._refs[b] = self._refs.get(b, 0) + 1
+        self._tables[owner] = list(blocks)
+
+    def register(self, block: int, content_hash: int) -> bool:
+        """Cache owned, full, computed `block` under `content_hash`. False when another block
+        already holds that content (this one stays private) or this one is registered already."""
+        if block in self._hash_of or content_hash in self._by_hash:
+            return False
+        if block not in self._refs:
+            raise OutOfBlocksError(f"block {block} is not owned")
+        self._hash_of[block] = content_hash
+        self._by_hash[content_hash] = block
+        return True
 
     def free(self, owner: str) -> int:
-        """Return all of `owner`'s blocks to the pool; returns how many."""
+        """Let go of all of `owner`'s blocks; returns how many it held. Blocks no other owner holds
+        become free, or stay cached when registered (the table's tail first in line for eviction:
+        a prefix is likelier to be shared than a continuation)."""
         blocks = self._tables.pop(owner, [])
-        self._free.extend(reversed(blocks))
+        for b in reversed(blocks):
+            left = self._refs[b] - 1
+            if left:
+                self._refs[b] = left
+                continue
+            del self._refs[b]
+            if b in self._hash_of:
+                self._evictable[b] = None
+            else:
+                self._free.append(b)
         return len(blocks)
 
     def rename(self, old: str, new: str) -> None:
@@ -86,21 +165,42 @@ class BlockManager:
     # ---- integrity --------------------------------------------------------------------
 
     def check_integrity(self, expected_owners: set[str] | None = None) -> None:
-        """Each block is free or owned by exactly one owner, and the counts add up."""
+        """Each block is free, cached and unowned, or owned (its count = the tables holding it);
+        the hash index and the counts agree."""
         seen: dict[int, str] = {}
         for b in self._free:
             if b in seen:
                 raise AssertionError(f"block {b} is twice in the free list")
+            if b in self._hash_of:
+                raise AssertionError(f"free block {b} is still registered")
             seen[b] = "<free>"
+        for b in self._evictable:
+            if b in seen:
+                raise AssertionError(f"cached block {b} is also free")
+            if b not in self._hash_of:
+                raise AssertionError(f"unowned cached block {b} has no hash")
+            seen[b] = "<cached>"
+        holders: dict[int, int] = {}
         for owner, table in self._tables.items():
+            if len(set(table)) != len(table):
+                raise AssertionError(f"{owner} holds a block twice")
             for b in table:
                 if not 0 <= b < self.num_blocks:
                     raise AssertionError(f"{owner} holds out-of-range block {b}")
-                if b in seen:
-                    raise AssertionError(f"block {b} is held by {owner} and by {seen[b]}")
-                seen[b] = owner
+                if seen.get(b, "<owned>") != "<owned>":
+                    raise AssertionError(f"block {b} is held by {owner} and is {seen[b]}")
+                seen[b] = "<owned>"
+                holders[b] = holders.get(b, 0) + 1
         if len(seen) != self.num_blocks:
-            raise AssertionError(f"{self.num_blocks - len(seen)} blocks are neither free nor owned (leak)")
+            raise AssertionError(f"{self.num_blocks - len(seen)} blocks are neither free nor owned (nor cached): leak")
+        for b in holders.keys() | self._refs.keys():
+            if holders.get(b, 0) != self._refs.get(b, 0):
+                raise AssertionError(f"block {b} is in {holders.get(b, 0)} tables, its count says {self._refs.get(b, 0)}")
+        for b, h in self._hash_of.items():
+            if self._by_hash.get(h) != b:
+                raise AssertionError(f"block {b}'s hash is not indexed to it")
+        if len(self._by_hash) != len(self._hash_of):
+            raise AssertionError("the hash index has stray entries")
         if expected_owners is not None:
             stray = {o for o in self._tables if self._tables[o]} - expected_owners
             if stray:

@@ -93,6 +93,7 @@ class EngineConfig:
     device: str = "cpu"
     dtype: str = "bfloat16"
     debug_checks: bool = False  # run the block integrity check after every step
+    prefix_caching: bool = True  # reuse the KV of full blocks with the same prefix (design §4)
     seed: int = 0
 
     def __post_init__(self) -> None:

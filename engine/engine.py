@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from engine.block_hash import root_hash
 from engine.block_manager import BlockManager, blocks_for
 from engine.config import EngineConfig, ModelConfig
 from engine.errors import InvalidRequestError, MigrationError, OutOfBlocksError
@@ -64,6 +65,11 @@ class EngineStats:
     num_preemptions: int
     head_of_line_blocks: int  # blocks the first waiting request needs (0 when none waits)
     requests: list[RequestLoad] = field(default_factory=list)
+    # Prefix cache: blocks registered under a content hash (owned or not; unowned ones count as
+    # free), and admitted requests' prompt tokens and how many of them were found cached.
+    num_cached_blocks: int = 0
+    prefix_query_tokens: int = 0
+    prefix_hit_tokens: int = 0
 
 
 class LLMEngine:
@@ -114,8 +120,9 @@ class LLMEngine:
     # ---- serving ----------------------------------------------------------------------
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], sampling: SamplingParams | None = None,
-                    priority: int = 0) -> Request:
-        """Queue a request; raises InvalidRequestError naming what is wrong with it."""
+                    priority: int = 0, cache_salt: str = "") -> Request:
+        """Queue a request; raises InvalidRequestError naming what is wrong with it. Requests
+        share cached KV only with requests of the same `cache_salt` (e.g. one per tenant)."""
         sampling = sampling or SamplingParams()
         check_new_request(request_id, prompt_token_ids, sampling, priority, self.requests, self.max_model_len,
                           self.vocab_size)
@@ -123,7 +130,8 @@ class LLMEngine:
             raise InvalidRequestError(f"the prompt has {len(prompt_token_ids)} tokens, more than this instance's "
                                       "KV cache holds")
         req = Request(request_id, list(prompt_token_ids), len(prompt_token_ids), sampling, priority=priority,
-                      generator=make_generator(sampling, self.device))
+                      generator=make_generator(sampling, self.device), cache_salt=cache_salt)
+        req.hash_root = self._hash_root(cache_salt)
         self.requests[request_id] = req
         self.scheduler.add_waiting(req)
         return req
@@ -135,6 +143,12 @@ class LLMEngine:
         self.detached.discard(request_id)
         self.scheduler.finish(req, FinishReason.ABORT)
         return RequestOutput(request_id, [], req.num_output_tokens, finished=True, finish_reason=FinishReason.ABORT)
+
+    def _hash_root(self, cache_salt: str) -> int | None:
+        if not self.config.prefix_caching:
+            return None
+        # The seed too: it picks a generated model's weights (same name, other KV).
+        return root_hash(f"{self.model_name}@{self.config.seed}", self.config.dtype, cache_salt)
 
     def num_waiting(self) -> int:
         return len(self.scheduler.waiting)
@@ -191,6 +205,8 @@ class LLMEngine:
             block_size=self.blocks.block_size, num_running=len(s.running), num_waiting=len(s.waiting),
             num_preemptions=s.num_preemptions,
             head_of_line_blocks=blocks_for(head.num_tokens, self.blocks.block_size) if head else 0,
+            num_cached_blocks=self.blocks.num_cached, prefix_query_tokens=s.prefix_query_tokens,
+            prefix_hit_tokens=s.prefix_hit_tokens,
         )
         if per_request:
             st.requests = [RequestLoad(r.request_id, r.status.value, r.priority, r.num_tokens,
@@ -294,10 +310,12 @@ class LLMEngine:
             self.blocks.rename(reservation, req.request_id)
             self.reservations.discard(reservation)
         self.requests[req.request_id] = req
+        req.hash_root = self._hash_root(req.cache_salt)
         if req.num_computed_tokens == 0:
             self.blocks.free(req.request_id)
             self.scheduler.add_waiting(req)
         else:
+            self.scheduler.register_computed(req)  # the moved KV is reusable here too
             self.scheduler.add_running(req)
         return req
 

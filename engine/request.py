@@ -87,6 +87,13 @@ class Request:
     num_preemptions: int = 0
     finish_reason: FinishReason | None = None
     generator: torch.Generator | None = None
+    # Prefix caching (engine/block_hash.py): the chain's root (None: this request is not cached),
+    # the hashes of its full blocks as far as computed, and how many of its leading blocks were
+    # offered to the cache (registered, or found there).
+    cache_salt: str = ""
+    hash_root: int | None = None
+    block_hashes: list[int] = field(default_factory=list)
+    num_registered_blocks: int = 0
 
     @property
     def num_tokens(self) -> int:
@@ -118,7 +125,8 @@ class Request:
         """The request's migratable state (no tensors: the generator's state as bytes)."""
         return export_state(self.request_id, self.token_ids, self.num_prompt_tokens, self.num_computed_tokens,
                             self.sampling, self.priority, self.num_preemptions, self.arrival_time,
-                            bytes(self.generator.get_state().numpy().tobytes()) if self.generator else None)
+                            bytes(self.generator.get_state().numpy().tobytes()) if self.generator else None,
+                            cache_salt=self.cache_salt)
 
     @classmethod
     def from_state(cls, state: MigratableState, device: torch.device) -> "Request":
@@ -140,6 +148,7 @@ class Request:
                 num_computed_tokens=state.num_computed_tokens,
                 num_preemptions=state.num_preemptions,
                 generator=gen,
+                cache_salt=state.cache_salt,
             )
         except MigrationError:
             raise
@@ -152,14 +161,15 @@ class Request:
 
 def export_state(request_id: str, token_ids: list[int], num_prompt_tokens: int, num_computed_tokens: int,
                  sampling: SamplingParams, priority: int, num_preemptions: int, arrival_time: float,
-                 generator_state: bytes | None) -> MigratableState:
+                 generator_state: bytes | None, cache_salt: str = "") -> MigratableState:
     """One request's MigratableState, from any engine's own request record."""
     try:
         return MigratableState(
             state_version=STATE_VERSION, request_id=request_id, token_ids=list(token_ids),
             num_prompt_tokens=num_prompt_tokens, num_computed_tokens=num_computed_tokens,
             sampling=WireSamplingParams.from_engine(sampling), priority=priority, num_preemptions=num_preemptions,
-            age_s=max(0.0, time.monotonic() - arrival_time), generator_state=generator_state)
+            age_s=max(0.0, time.monotonic() - arrival_time), generator_state=generator_state,
+            cache_salt=cache_salt)
     except ValueError as exc:  # the struct's own consistency checks
         raise MigrationError(f"cannot export {request_id!r}: {exc}") from exc
 

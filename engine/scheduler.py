@@ -11,6 +11,7 @@ from __future__ import annotations
 import bisect
 from dataclasses import dataclass, field
 
+from engine.block_hash import extend_hashes
 from engine.block_manager import BlockManager, blocks_for
 from engine.config import EngineConfig
 from engine.request import FinishReason, Request, RequestOutput, RequestStatus
@@ -56,6 +57,9 @@ class Scheduler:
         self.waiting: list[Request] = []
         self.running: list[Request] = []
         self.num_preemptions = 0
+        # Prefix cache: prompt tokens of admitted requests, and how many of them were found cached.
+        self.prefix_query_tokens = 0
+        self.prefix_hit_tokens = 0
 
     # ---- queue changes -----------------------------------------------------------------
 
@@ -86,6 +90,7 @@ class Scheduler:
         self.running.remove(req)
         self.blocks.free(req.request_id)
         req.num_computed_tokens = 0
+        req.num_registered_blocks = 0
         req.num_preemptions += 1
         self.num_preemptions += 1
         self.add_waiting(req)
@@ -142,18 +147,50 @@ class Scheduler:
             return out  # memory ran out for running requests: admit nothing new this step
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             req = self.waiting[0]
-            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            hit = self._cached_prefix(req)
             # Admit only when the whole prompt fits, not just its first chunk: a chunked prefill
             # admitted without room for the rest gets preempted and restarted over and over.
-            if not self.blocks.can_grow(req.request_id, req.num_tokens, keep_watermark=True):
+            # Cached blocks it reuses need no room, unless no one holds them (then they count as free).
+            need = blocks_for(req.num_tokens, self.blocks.block_size) - len(hit)
+            if need > self.blocks.num_free - self.blocks.num_unowned(hit) - self.blocks.watermark_blocks:
                 break  # head of line blocked: later requests wait behind it (FCFS within a priority)
             self.waiting.pop(0)
+            if req.hash_root is not None:
+                self.prefix_query_tokens += req.num_tokens
+                self.prefix_hit_tokens += len(hit) * self.blocks.block_size
+            if hit:  # prefill from the first uncached block
+                self.blocks.share(req.request_id, hit)
+                req.num_registered_blocks = len(hit)
+                req.num_computed_tokens = len(hit) * self.blocks.block_size
+            n = min(req.num_tokens - req.num_computed_tokens, budget)
             self.blocks.grow(req.request_id, req.num_computed_tokens + n)
             req.status = RequestStatus.RUNNING
             self.running.append(req)
             out.scheduled.append(ScheduledRequest(req, n))
             budget -= n
         return out
+
+    def _cached_prefix(self, req: Request) -> list[int]:
+        """The cached blocks a waiting request can start from: the longest run of its full blocks
+        in the cache, short of its last token (a prefill must compute at least one to sample)."""
+        if req.hash_root is None or req.num_computed_tokens:
+            return []
+        full = (req.num_tokens - 1) // self.blocks.block_size
+        extend_hashes(req.block_hashes, req.token_ids, self.blocks.block_size, full, req.hash_root)
+        return self.blocks.cached_prefix(req.block_hashes[:full])
+
+    def register_computed(self, req: Request) -> None:
+        """Offer `req`'s newly completed blocks (all their tokens computed) to the prefix cache."""
+        if req.hash_root is None:
+            return
+        full = req.num_computed_tokens // self.blocks.block_size
+        if full <= req.num_registered_blocks:
+            return
+        extend_hashes(req.block_hashes, req.token_ids, self.blocks.block_size, full, req.hash_root)
+        table = self.blocks.table(req.request_id)
+        for i in range(req.num_registered_blocks, full):
+            self.blocks.register(table[i], req.block_hashes[i])
+        req.num_registered_blocks = full
 
     def _preempt_for_priority(self, out: SchedulerOutput) -> None:
         """A waiting request of higher priority than some running ones takes their blocks."""
@@ -179,6 +216,7 @@ class Scheduler:
                 continue  # aborted or detached while the step ran
             samples = s.samples
             req.num_computed_tokens += s.num_new_tokens
+            self.register_computed(req)
             if not samples:
                 continue
             tok = sampled[req.request_id]

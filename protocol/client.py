@@ -24,7 +24,7 @@ from msgspec import Meta
 
 from protocol.base import Message, ReplyMessage, RequestMessage
 from protocol.common import ErrorReply, Ping, Pong
-from protocol.fields import MAX_NAME_LEN, Count, Id, Priority, TokenIds
+from protocol.fields import MAX_NAME_LEN, CacheSalt, Count, Id, Priority, TokenIds
 from protocol.payloads import SamplingParams
 
 MAX_PROMPT_CHARS = 16 << 20
@@ -70,6 +70,7 @@ class GenerateRequest(RequestMessage, kw_only=True, frozen=True):
     stream: bool = True
     api_key: Annotated[str, Meta(max_length=MAX_API_KEY_CHARS)] | None = None  # [frontend] api_key, if set
     batch_chunks: bool = False  # this client takes GenerateChunks (see the module docstring)
+    cache_salt: CacheSalt = ""  # prefix-cache namespace: KV is reused only among requests with the same salt
 
     def __post_init__(self) -> None:
         given = sum(x is not None for x in (self.prompt, self.prompt_token_ids, self.messages))

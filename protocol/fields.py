@@ -42,6 +42,7 @@ Text = Annotated[str, Meta(max_length=MAX_TEXT_LEN)]
 # One start of a process (a random hex string); "" where the sender does not say (older senders).
 Incarnation = Annotated[str, Meta(max_length=MAX_ID_LEN, pattern=r"^[A-Za-z0-9_.:@/+=\-]*$")]
 Name = Annotated[str, Meta(max_length=MAX_NAME_LEN)]
+CacheSalt = Annotated[str, Meta(max_length=MAX_NAME_LEN)]  # a tenant's prefix-cache namespace (opaque)
 Endpoint = Annotated[
     str, Meta(min_length=7, max_length=MAX_ENDPOINT_LEN, pattern=r"^(tcp|ipc|inproc)://[^\s]+$")
 ]

@@ -16,6 +16,7 @@ from protocol.fields import (
     MAX_STOP_TOKENS,
     MAX_TENSOR_DIMS,
     MAX_TOKEN_ID,
+    CacheSalt,
     Count,
     Endpoint,
     Id,
@@ -68,6 +69,7 @@ class MigratableState(msgspec.Struct, kw_only=True, frozen=True, omit_defaults=T
     num_preemptions: Count = 0
     age_s: Annotated[float, Meta(ge=0.0, le=1e9)] = 0.0
     generator_state: Annotated[bytes, Meta(max_length=MAX_GENERATOR_STATE_BYTES)] | None = None
+    cache_salt: CacheSalt = ""  # the request shares cached KV only with requests of the same salt
 
     def __post_init__(self) -> None:
         # Raised as ValueError, msgspec turns this into a ValidationError during decode.

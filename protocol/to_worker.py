@@ -31,6 +31,7 @@ from protocol.fields import (
     Count,
     Endpoint,
     Id,
+    CacheSalt,
     Incarnation,
     Name,
     NonNegInt,
@@ -60,6 +61,7 @@ class AddRequest(RequestMessage, kw_only=True, frozen=True):
     reply_address: Endpoint
     first_index: Count = 0
     frontend_incarnation: Incarnation = ""  # Heartbeat.incarnation of the frontend that sent it
+    cache_salt: CacheSalt = ""  # shares cached KV only with requests of the same salt (a tenant's)
 
 
 class AbortRequest(RequestMessage, kw_only=True, frozen=True):

@@ -137,7 +137,7 @@ class Result:
 def _request(prompt: str | None, prompt_token_ids: Sequence[int] | None, messages: Sequence[dict] | None,
              max_tokens: int, temperature: float, top_p: float, top_k: int, seed: int | None,
              stop: str | Sequence[str] | None, priority: int, ignore_eos: bool, stream: bool,
-             timeout: float, api_key: str | None) -> GenerateRequest:
+             timeout: float, api_key: str | None, cache_salt: str = "") -> GenerateRequest:
     if sum(x is not None for x in (prompt, prompt_token_ids, messages)) != 1:
         raise ValueError("give exactly one of prompt=, prompt_token_ids=, messages=")
     msgs = None if messages is None else [ChatMessage(role=m["role"], content=m["content"]) for m in messages]
@@ -146,7 +146,8 @@ def _request(prompt: str | None, prompt_token_ids: Sequence[int] | None, message
                               ignore_eos=ignore_eos)
     return GenerateRequest(prompt=prompt, prompt_token_ids=None if prompt_token_ids is None else list(prompt_token_ids),
                            messages=msgs, sampling=sampling, stop=stops, priority=priority, stream=stream,
-                           deadline_ms=deadline_in(timeout), api_key=api_key, batch_chunks=True)
+                           deadline_ms=deadline_in(timeout), api_key=api_key, batch_chunks=True,
+                           cache_salt=cache_salt)
 
 
 class AsyncClient:
@@ -291,13 +292,13 @@ class AsyncClient:
                      messages: Sequence[dict[str, str]] | None = None, max_tokens: int = 16,
                      temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
                      stop: str | Sequence[str] | None = None, priority: int = 0, ignore_eos: bool = False,
-                     timeout: float | None = None) -> AsyncIterator[Chunk]:
+                     timeout: float | None = None, cache_salt: str = "") -> AsyncIterator[Chunk]:
         """Yield Chunks as tokens arrive. Leaving early cancels the request once the iterator is
         closed: use `async with contextlib.aclosing(client.stream(...)) as chunks:` to close it at
         once on `break` (otherwise it is closed when garbage collected, or by `client.close()`)."""
         t = self.timeout if timeout is None else timeout
         req = _request(prompt, prompt_token_ids, messages, max_tokens, temperature, top_p, top_k, seed, stop,
-                       priority, ignore_eos, True, t, self.api_key)
+                       priority, ignore_eos, True, t, self.api_key, cache_salt)
         chunks = self._chunks(req, t)
         try:
             async for c in chunks:
@@ -309,12 +310,12 @@ class AsyncClient:
                        messages: Sequence[dict[str, str]] | None = None, max_tokens: int = 16,
                        temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
                        stop: str | Sequence[str] | None = None, priority: int = 0, ignore_eos: bool = False,
-                       timeout: float | None = None) -> Result:
+                       timeout: float | None = None, cache_salt: str = "") -> Result:
         """The whole answer at once. Raises GenerateTimeout, InvalidRequest, Overloaded, Unavailable,
         Unauthorized."""
         t = self.timeout if timeout is None else timeout
         req = _request(prompt, prompt_token_ids, messages, max_tokens, temperature, top_p, top_k, seed, stop,
-                       priority, ignore_eos, False, t, self.api_key)
+                       priority, ignore_eos, False, t, self.api_key, cache_salt)
         chunks = self._chunks(req, t)
         try:
             async for c in chunks:

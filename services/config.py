@@ -94,6 +94,7 @@ class WorkerConfig:
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048
     max_waiting: int = 256  # queued requests beyond this are refused (overloaded)
+    prefix_caching: bool = True  # reuse the KV of a prompt's cached full blocks (torch and sim engines)
     seed: int = 0
     threads: int = 0  # torch intra-op threads; 0: torch's default
     frontend_timeout_s: float = 5.0  # a frontend that heartbeated, then fell silent this long: abort its requests

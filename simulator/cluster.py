@@ -38,7 +38,15 @@ from simulator.migration import Migrator
 from workload.metrics import SLO, FragmentationMeter, RequestRecord, instance_seconds, summarize
 from workload.traces import TraceRequest
 
-PROMPT_TOKEN = 7  # the sim executor ignores prompt contents
+PROMPT_TOKEN = 7  # the sim executor ignores prompt contents ...
+
+
+def sim_prompt(rid: str, length: int, vocab_size: int) -> list[int]:
+    """... but the prefix cache does not: a prompt of its own for every request (two leading
+    tokens from the request id, then PROMPT_TOKEN), so a trace without reuse gets no cache hits."""
+    idx = int(rid.lstrip("r") or 0)
+    head = [idx // vocab_size % vocab_size, idx % vocab_size]
+    return (head + [PROMPT_TOKEN] * length)[:length]
 STALL_S = 3600.0  # no token and no arrival for this long (virtual): a bug, not a slow run
 
 
@@ -218,7 +226,7 @@ class ClusterSim:
             return False
         inst = self.by_id[target]
         try:
-            req = inst.engine.add_request(rid, [PROMPT_TOKEN] * rec.input_len,
+            req = inst.engine.add_request(rid, sim_prompt(rid, rec.input_len, inst.engine.vocab_size),
                                           SamplingParams(max_tokens=rec.output_len, ignore_eos=True), rec.priority)
         except InvalidRequestError as exc:
             rec.error = str(exc)

@@ -123,7 +123,7 @@ def test_integrity_catches_double_ownership():
     """One block in two tables."""
     bm = _healthy()
     bm._tables["b"].append(bm._tables["a"][0])
-    with pytest.raises(AssertionError, match=r"block 0 is held by b and by a"):
+    with pytest.raises(AssertionError, match=r"block 0 is in 2 tables, its count says 1"):
         bm.check_integrity()
 
 

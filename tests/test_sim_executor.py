@@ -52,7 +52,7 @@ def test_virtual_clock_reports_the_latency_model_without_sleeping(monkeypatch):
     eng.step()  # prefill of 100 tokens
     assert eng.executor.last_step_seconds == pytest.approx(LLAMA7B_A10.step_seconds(1, 100, 100))
     assert eng.executor.last_step_seconds == pytest.approx((27.0 + 0.15 + 100 * 0.20 + 100 * 0.0009) / 1000)
-    eng.add_request("b", list(range(30)), SamplingParams(max_tokens=5))
+    eng.add_request("b", list(range(200, 230)), SamplingParams(max_tokens=5))  # no prefix in common with a
     eng.step()  # a decodes (context 101), b prefills 30
     assert eng.executor.last_step_seconds == pytest.approx(LLAMA7B_A10.step_seconds(2, 30, 101 + 30))
     eng.step()  # two decodes: contexts 102 and 31

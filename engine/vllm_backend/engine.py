@@ -190,7 +190,8 @@ class VllmEngine:
     # ---- serving ----------------------------------------------------------------------------
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], sampling: SamplingParams | None = None,
-                    priority: int = 0) -> VllmRequest:
+                    priority: int = 0, cache_salt: str = "") -> VllmRequest:
+        # cache_salt: this engine shares no KV between requests yet (vLLM's prefix caching is off).
         sampling = sampling or SamplingParams()
         ids = list(prompt_token_ids)
         check_new_request(request_id, ids, sampling, priority, self.requests, self.max_model_len, self.vocab_size)

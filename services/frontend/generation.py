@@ -44,6 +44,7 @@ class GenerateParams:
     stop: list[str] = field(default_factory=list)
     priority: int = 0
     timeout_s: float = 600.0
+    cache_salt: str = ""  # prefix-cache namespace (design §4)
 
 
 @dataclass(slots=True)
@@ -126,7 +127,8 @@ class Generator:
         outcome = "cancelled"
         try:
             try:
-                stream = await self.router.submit(p.request_id, p.prompt_ids, p.sampling, p.priority, p.timeout_s)
+                stream = await self.router.submit(p.request_id, p.prompt_ids, p.sampling, p.priority, p.timeout_s,
+                                                  cache_salt=p.cache_salt)
             except RouteError as exc:
                 outcome = "rejected" if exc.status < 500 else "unavailable"
                 raise

@@ -147,7 +147,7 @@ def create_app(ctx: ApiContext) -> FastAPI:
                            code="too_many_requests", headers={"Retry-After": "1"})
         rid = new_request_id("chatcmpl" if chat else "cmpl")
         params = GenerateParams(rid, parsed.prompt_ids, parsed.sampling, parsed.stop, parsed.priority,
-                                ctx.cfg.request_timeout_s)
+                                ctx.cfg.request_timeout_s, parsed.cache_salt)
         deltas = ctx.generator.run(params)
         try:
             first = await _first(request, deltas, rid)

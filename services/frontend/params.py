@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from protocol.fields import INT64_MAX, MAX_TOKEN_ID
+from protocol.fields import INT64_MAX, MAX_NAME_LEN, MAX_TOKEN_ID
 from protocol.payloads import SamplingParams
 from services.config import FrontendConfig
 
@@ -55,6 +55,7 @@ class ParsedRequest:
     priority: int = 0
     stream: bool = False
     include_usage: bool = False
+    cache_salt: str = ""
 
 
 def _is_int(v: Any) -> bool:
@@ -148,6 +149,9 @@ class RequestParser:
         top_k = _opt(body, "top_k", "int", -1, MAX_TOKEN_ID)
         seed = _opt(body, "seed", "int", 0, INT64_MAX)
         priority = _opt(body, "priority", "int", -INT32, INT32 - 1) or 0
+        cache_salt = body.get("cache_salt")  # vLLM's: the prefix cache is shared only within one salt
+        if cache_salt is not None and (not isinstance(cache_salt, str) or not 0 < len(cache_salt) <= MAX_NAME_LEN):
+            raise bad(f"'cache_salt' must be a non-empty string of at most {MAX_NAME_LEN} characters", "cache_salt")
         ignore_eos = _opt(body, "ignore_eos", "bool") or False
         for name in ("presence_penalty", "frequency_penalty"):
             v = _opt(body, name, "num", -2, 2)
@@ -186,7 +190,7 @@ class RequestParser:
         sampling = SamplingParams(max_tokens=max_tokens, temperature=1.0 if temperature is None else float(temperature),
                                   top_p=1.0 if top_p is None else float(top_p),
                                   top_k=0 if top_k in (None, -1) else top_k, seed=seed, ignore_eos=ignore_eos)
-        return ParsedRequest(prompt_ids, sampling, stops, priority, stream, include_usage)
+        return ParsedRequest(prompt_ids, sampling, stops, priority, stream, include_usage, cache_salt or "")
 
     # ---- completions -----------------------------------------------------------------------------
 

@@ -224,11 +224,12 @@ class Router:
     # ---- workers ---------------------------------------------------------------------------------
 
     async def submit(self, request_id: str, prompt_ids: list[int], sampling: SamplingParams, priority: int,
-                     deadline_s: float) -> RequestStream:
+                     deadline_s: float, cache_salt: str = "") -> RequestStream:
         """Dispatch and start `request_id`; returns its stream (tokens flow into `stream.queue`).
         Raises RouteError when no worker takes it."""
         stream = RequestStream(request_id, "", "", num_prompt_tokens=len(prompt_ids), prompt_ids=prompt_ids,
-                               sampling=sampling, priority=priority, on_lost=self.resumer.owner_let_go,
+                               sampling=sampling, priority=priority, cache_salt=cache_salt,
+                               on_lost=self.resumer.owner_let_go,
                                deadline=time.monotonic() + deadline_s)
         self.streams[request_id] = stream  # before AddRequest: tokens may beat the Ack
         try:
@@ -261,6 +262,7 @@ class Router:
             add = AddRequest(request_id=rid, prompt_token_ids=prompt, sampling=sampling, priority=stream.priority,
                              frontend_id=self.frontend_id, frontend_incarnation=self.incarnation,
                              reply_address=self.reply_address, first_index=first_index,
+                             cache_salt=stream.cache_salt,
                              deadline_ms=deadline_in(left))
             try:
                 reply = await self.links.get(worker.address).request(add, timeout_s=min(self.fcfg.add_timeout_s, left))

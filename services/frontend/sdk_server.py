@@ -135,7 +135,8 @@ class SdkServer:
             raise ApiError(400, f"max_tokens is limited to {self.cfg.max_tokens_limit}")
         left = remaining_s(msg)
         timeout = min(self.cfg.request_timeout_s, left if left is not None else self.cfg.request_timeout_s)
-        return GenerateParams(new_request_id("sdk"), ids, msg.sampling, list(msg.stop), msg.priority, timeout), len(ids)
+        return GenerateParams(new_request_id("sdk"), ids, msg.sampling, list(msg.stop), msg.priority, timeout,
+                              msg.cache_salt), len(ids)
 
     async def _generate(self, peer: bytes, msg: GenerateRequest) -> None:
         async def send(reply: object) -> None:

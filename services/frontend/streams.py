@@ -54,6 +54,7 @@ class RequestStream:
     prompt_ids: list[int] = field(default_factory=list)
     sampling: SamplingParams | None = None
     priority: int = 0
+    cache_salt: str = ""
     deadline: float = float("inf")  # monotonic: the request's own deadline (bounds resumptions too)
     output: list[int] = field(default_factory=list)  # every token delivered, in order
     dead: set[str] = field(default_factory=set)  # workers it was taken away from: their batches are ignored

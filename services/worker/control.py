@@ -135,7 +135,7 @@ class ControlHandler:
         def add(engine) -> None:  # noqa: ANN001 - runs on the engine thread
             if (waiting := engine.num_waiting()) >= max_waiting:
                 raise Overloaded(f"{waiting} requests are waiting (limit {max_waiting})")
-            engine.add_request(rid, prompt, sampling, msg.priority)
+            engine.add_request(rid, prompt, sampling, msg.priority, cache_salt=msg.cache_salt)
 
         reply: object
         try:

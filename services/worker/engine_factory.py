@@ -44,7 +44,7 @@ def engine_config(wc: WorkerConfig) -> EngineConfig:
     return EngineConfig(block_size=wc.block_size, num_blocks=wc.num_blocks or None,
                         kv_cache_bytes=wc.kv_cache_bytes, max_num_seqs=wc.max_num_seqs,
                         max_num_batched_tokens=wc.max_num_batched_tokens, device=wc.device,
-                        dtype=wc.dtype, seed=wc.seed)
+                        dtype=wc.dtype, seed=wc.seed, prefix_caching=wc.prefix_caching)
 
 
 def _build_torch(wc: WorkerConfig) -> LLMEngine:

@@ -44,6 +44,9 @@ ENGINE_METRICS = {
     "kvferry_worker_migrations_in_flight": "Migrations in progress, by role (out: source, in: destination)",
     "kvferry_worker_draining": "1 while the worker is draining (takes no new requests)",
     "kvferry_worker_registered": "1 while the worker is registered with the scheduler",
+    "kvferry_worker_prefix_cache_queries_total": "Prompt tokens of admitted requests looked up in the prefix cache",
+    "kvferry_worker_prefix_cache_hits_total": "Of those, tokens whose KV was found cached (not prefilled again)",
+    "kvferry_worker_cached_blocks": "KV blocks registered in the prefix cache (unowned ones count as free)",
 }
 # Only vLLM workers have these: how migrated requests' KV entered vLLM (the kvferry KV connector).
 VLLM_METRICS = {
@@ -110,8 +113,12 @@ class EngineCollector(Collector):
             ("kvferry_worker_head_of_line_blocks", stats.head_of_line_blocks),
             ("kvferry_worker_draining", state["draining"]),
             ("kvferry_worker_registered", state["registered"]),
+            ("kvferry_worker_cached_blocks", stats.num_cached_blocks),
         ):
             yield GaugeMetricFamily(name, h[name], value=float(value))
+        for name, value in (("kvferry_worker_prefix_cache_queries_total", stats.prefix_query_tokens),
+                            ("kvferry_worker_prefix_cache_hits_total", stats.prefix_hit_tokens)):
+            yield CounterMetricFamily(name.removesuffix("_total"), h[name], value=float(value))
         # The family name drops `_total`; prometheus_client adds it to the sample.
         yield CounterMetricFamily("kvferry_worker_preemptions", h["kvferry_worker_preemptions_total"],
                                   value=float(stats.num_preemptions))

@@ -1,0 +1,47 @@
+"""Content hashes of full KV blocks, the keys of the prefix cache (design §4).
+
+Block i of a request is identified by a chain: h_i = H(h_{i-1}, the block's token ids), with
+h_{-1} = the request's root, H(model, dtype, cache_salt): two blocks have the same hash exactly
+when they hold the same tokens after the same prefix, under a model and dtype that give them the
+same KV, for the same tenant salt. BLAKE2b truncated to 64 bits: stable across processes and
+machines (unlike Python's `hash` of str), so workers, the scheduler and frontends can compare
+hashes; at 2^-64 per pair a collision is far less likely than a hardware fault. Pure Python, no
+torch: the frontend hashes prompts too.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from array import array
+from collections.abc import Sequence
+
+HASH_BYTES = 8
+
+
+def _h(data: bytes) -> int:
+    return int.from_bytes(hashlib.blake2b(data, digest_size=HASH_BYTES).digest(), "little")
+
+
+def root_hash(model: str, dtype: str, cache_salt: str = "") -> int:
+    """The parent of a request's first block: what, besides the tokens, decides its KV."""
+    return _h(b"kvferry-kv-1\0" + model.encode() + b"\0" + dtype.encode() + b"\0" + cache_salt.encode())
+
+
+def block_hash(parent: int, tokens: Sequence[int]) -> int:
+    return _h(parent.to_bytes(HASH_BYTES, "little") + array("q", tokens).tobytes())
+
+
+def extend_hashes(hashes: list[int], token_ids: Sequence[int], block_size: int, num_blocks: int,
+                  root: int) -> list[int]:
+    """Append to `hashes` (the chain of the first len(hashes) blocks of `token_ids`) the hashes
+    of blocks up to `num_blocks` (each full); returns `hashes`."""
+    parent = hashes[-1] if hashes else root
+    for i in range(len(hashes), num_blocks):
+        parent = block_hash(parent, token_ids[i * block_size:(i + 1) * block_size])
+        hashes.append(parent)
+    return hashes
+
+
+def prompt_hashes(token_ids: Sequence[int], block_size: int, root: int) -> list[int]:
+    """The hashes of every full block of `token_ids`."""
+    return extend_hashes([], token_ids, block_size, len(token_ids) // block_size, root)
