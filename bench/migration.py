@@ -35,14 +35,12 @@ performance targets are reported, not failed.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import math
 import os
 import platform
 import random
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -50,12 +48,17 @@ import tempfile
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bench.engine import CPUWatch
-from services.launcher import _die_with_parent
+from testkit.streams import Stream as _Stream
+from testkit.wait import WaitTimeout
+from testkit.worker import WorkerProcess
+
+if TYPE_CHECKING:
+    from testkit.fakes import FakeScheduler, TokenSink
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_LENGTHS = [256, 512, 1024, 2048, 4096, 8192]
@@ -106,54 +109,14 @@ class Options:
 
 # ---- pure computations (unit-tested) --------------------------------------------------------------
 
-@dataclass
-class Stream:
+class Stream(_Stream):
     """One request's tokens as a frontend stitches them: by output index, each exactly once.
 
     A batch beyond the next expected index (a new owner's first tokens overtaking the old owner's
-    last ones) waits until the gap is filled; an index delivered twice raises BenchError."""
+    last ones) waits until the gap is filled; an index delivered twice raises BenchError
+    (testkit.streams.Stream, read strictly)."""
 
-    request_id: str
-    tokens: list[int] = field(default_factory=list)
-    times: list[float] = field(default_factory=list)  # arrival time of each output index
-    workers: list[str] = field(default_factory=list)  # who sent each output index
-    finish_reason: str | None = None
-    error: str | None = None
-    _pending: dict[int, tuple[list[int], str, float]] = field(default_factory=dict)
-
-    def __len__(self) -> int:
-        return len(self.tokens)
-
-    def feed(self, first_index: int, token_ids: list[int], worker_id: str, t: float,
-             finish_reason: str | None = None, error: str | None = None) -> None:
-        if self.finish_reason is not None and token_ids:
-            raise BenchError(f"{self.request_id}: tokens at index {first_index} after its final batch")
-        if token_ids:
-            if first_index < len(self.tokens) or first_index in self._pending:
-                raise BenchError(f"{self.request_id}: index {first_index} delivered twice "
-                                 f"(by {worker_id}; {len(self.tokens)} tokens so far)")
-            self._pending[first_index] = (list(token_ids), worker_id, t)
-            while len(self.tokens) in self._pending:
-                ids, w, at = self._pending.pop(len(self.tokens))
-                self.tokens.extend(ids)
-                self.times.extend([at] * len(ids))
-                self.workers.extend([w] * len(ids))
-        if finish_reason is not None:
-            self.finish_reason = finish_reason
-            self.error = error
-
-    def check_complete(self) -> None:
-        if self._pending:
-            raise BenchError(f"{self.request_id}: gap at index {len(self.tokens)}; indices "
-                             f"{sorted(self._pending)[:5]} arrived but not the ones before")
-
-    def owner_runs(self) -> list[tuple[str, int]]:
-        """(worker, first index) of each run of consecutive tokens from one worker."""
-        runs: list[tuple[str, int]] = []
-        for i, w in enumerate(self.workers):
-            if not runs or runs[-1][0] != w:
-                runs.append((w, i))
-        return runs
+    error_type = BenchError
 
 
 def gaps_ending_in(times: list[float], start: float, end: float, include_end: bool = True) -> list[float]:
@@ -243,123 +206,13 @@ def evaluate_targets(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]
 
 # ---- the bench's scheduler and frontend -----------------------------------------------------------
 
-class _Watched:
-    """`until(pred)`: wait, bounded, until something this object received makes `pred()` true."""
-
-    def __init__(self) -> None:
-        self._changed = asyncio.Event()
-        self.failure: str | None = None  # set by a receive loop that died
-
-    def _notify(self) -> None:
-        self._changed.set()
-
-    async def until(self, pred: Callable[[], bool], timeout: float, what: str) -> None:
-        deadline = time.monotonic() + timeout
-        while True:
-            self._changed.clear()
-            if self.failure is not None:
-                raise BenchError(self.failure)
-            if pred():
-                return
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise BenchError(f"timed out after {timeout:.0f} s waiting for {what}")
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._changed.wait(), left)
-
-
-class SchedulerStub(_Watched):
-    """A ROUTER at the scheduler endpoint: RegisterWorker → RegisterReply, Ping → Pong; keeps
-    MigrationResults by migration id and each worker's latest LoadReport (with its arrival time)."""
-
-    def __init__(self, ctx: Any, endpoint: str) -> None:
-        import zmq
-
-        from protocol import SchedulerInbound
-        from protocol.sockets import MessageSocket
-
-        super().__init__()
-        self.sock = MessageSocket.bind(ctx, zmq.ROUTER, endpoint, SchedulerInbound, name="bench-scheduler")
-        self.workers: dict[str, Any] = {}  # worker id → RegisterWorker
-        self.results: dict[str, Any] = {}  # migration id → MigrationResult
-        self.reports: dict[str, tuple[float, Any]] = {}  # worker id → (perf_counter, LoadReport)
-
-    async def run(self) -> None:
-        from protocol import LoadReport, MigrationResult, Ping, Pong, RegisterReply, RegisterWorker
-        from protocol.errors import ProtocolError
-
-        try:
-            while True:
-                try:
-                    rec = await self.sock.recv()
-                except ProtocolError:
-                    continue
-                msg = rec.msg
-                if isinstance(msg, RegisterWorker):
-                    self.workers[msg.worker_id] = msg
-                    await self.sock.send(RegisterReply(reply_to=msg.msg_id, scheduler_id="bench",
-                                                       heartbeat_interval_ms=500,
-                                                       report_interval_ms=REPORT_INTERVAL_MS), peer=rec.peer)
-                elif isinstance(msg, Ping):
-                    await self.sock.send(Pong.to(msg, "bench"), peer=rec.peer)
-                elif isinstance(msg, MigrationResult):
-                    self.results[msg.migration_id] = msg
-                elif isinstance(msg, LoadReport):
-                    self.reports[msg.worker_id] = (time.perf_counter(), msg)
-                self._notify()
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - surfaced by the next until()
-            self.failure = f"the bench's scheduler stub failed: {type(exc).__name__}: {exc}"
-            self._notify()
-
-
-class TokenSink(_Watched):
-    """A PULL at the reply address: stitches every request's stream (see Stream), timestamping each
-    message on arrival; records RequestMoved notices."""
-
-    def __init__(self, ctx: Any, endpoint: str) -> None:
-        import zmq
-
-        from protocol import FrontendTokenInbound
-        from protocol.sockets import MessageSocket
-
-        super().__init__()
-        self.endpoint = endpoint
-        self.sock = MessageSocket.bind(ctx, zmq.PULL, endpoint, FrontendTokenInbound, name="bench-frontend")
-        self.streams: dict[str, Stream] = {}
-        self.moved: list[tuple[float, Any]] = []
-
-    def stream(self, request_id: str) -> Stream:
-        return self.streams.setdefault(request_id, Stream(request_id))
-
-    async def run(self) -> None:
-        from protocol import RequestMoved, TokenBatch, TokenBatches
-        from protocol.errors import ProtocolError
-
-        try:
-            while True:
-                try:
-                    rec = await self.sock.recv()
-                except ProtocolError:
-                    continue
-                t = time.perf_counter()
-                msg = rec.msg
-                batches = msg.batches if isinstance(msg, TokenBatches) else [msg] if isinstance(msg, TokenBatch) else []
-                for b in batches:
-                    self.stream(b.request_id).feed(b.first_index, list(b.token_ids), b.worker_id, t,
-                                                   b.finish_reason, b.error)
-                if isinstance(msg, RequestMoved):
-                    self.moved.append((t, msg))
-                self._notify()
-        except asyncio.CancelledError:
-            raise
-        except BenchError as exc:
-            self.failure = str(exc)
-            self._notify()
-        except Exception as exc:  # noqa: BLE001
-            self.failure = f"the bench's token sink failed: {type(exc).__name__}: {exc}"
-            self._notify()
+async def _until(watched: Any, pred: Callable[[], Any], timeout: float, what: str) -> None:
+    """`watched.until(pred)` (the scheduler's or the frontend's, woken by what it receives); a
+    timeout raises BenchError naming what the bench waited for."""
+    try:
+        await watched.until(pred, timeout, what)
+    except WaitTimeout:
+        raise BenchError(f"timed out after {timeout:.0f} s waiting for {what}") from None
 
 
 # ---- other processes' CPU use -------------------------------------------------------------------
@@ -391,52 +244,15 @@ class OthersCPU(CPUWatch):
 
 # ---- worker processes ---------------------------------------------------------------------------
 
-class WorkerProcess:
+def start_worker(index: int, base_port: int, scheduler: str, opts: Options, threads: int,
+                 log_dir: Path) -> WorkerProcess:
     """One `kvferry worker` child: stdout and stderr to files in `log_dir`."""
-
-    def __init__(self, index: int, base_port: int, scheduler: str, opts: Options, threads: int,
-                 log_dir: Path) -> None:
-        self.index = index
-        self.worker_id = f"worker-{index}"
-        self.out_path = log_dir / f"{self.worker_id}.out"
-        self.log_path = log_dir / f"{self.worker_id}.log"
-        env = {**os.environ, "KVFERRY_LOG_LEVEL": "INFO", "KVFERRY_WORKER_MIGRATION_PATH": opts.path}
-        if opts.engine == "vllm":
-            env["KVFERRY_WORKER_BLOCK_SIZE"] = "32"  # vLLM's CPU attention: multiples of 32
-        cmd = [sys.executable, "-m", "cli.main", "worker", "--index", str(index), "--base-port", str(base_port),
-               "--scheduler", scheduler, "--engine", opts.engine, "--model", opts.model, "--dtype", opts.dtype,
-               "--threads", str(threads)]
-        with open(self.out_path, "wb") as out, open(self.log_path, "wb") as err:
-            self.proc = subprocess.Popen(cmd, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=out, stderr=err, env=env,
-                                         preexec_fn=_die_with_parent)
-
-    async def ready(self, timeout: float) -> None:
-        """Wait for `READY worker <id> ...` on its stdout (model load and kernel build can take a while)."""
-        deadline = time.monotonic() + timeout
-        while True:
-            text = self.out_path.read_text(errors="replace")
-            if f"READY worker {self.worker_id}" in text:
-                return
-            if self.proc.poll() is not None:
-                raise BenchError(f"{self.worker_id} exited with status {self.proc.returncode} before READY")
-            if time.monotonic() > deadline:
-                raise BenchError(f"{self.worker_id} not READY within {timeout:.0f} s")
-            await asyncio.sleep(0.1)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)  # a clean stop frees its shared-memory buffers
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-
-    def log_tail(self, chars: int = 4000) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")[-chars:]
-        except OSError:
-            return ""
+    env = {"KVFERRY_WORKER_MIGRATION_PATH": opts.path}
+    if opts.engine == "vllm":
+        env["KVFERRY_WORKER_BLOCK_SIZE"] = "32"  # vLLM's CPU attention: multiples of 32
+    return WorkerProcess(base_port, log_dir, "--engine", opts.engine, "--model", opts.model, "--dtype", opts.dtype,
+                         "--threads", str(threads), index=index, scheduler=scheduler, env=env,
+                         error_type=BenchError, die_with_parent=True)
 
 
 # ---- the measurement ------------------------------------------------------------------------------
@@ -446,7 +262,7 @@ class Context:
     """What one run shares across lengths."""
 
     opts: Options
-    sched: SchedulerStub
+    sched: FakeScheduler
     sink: TokenSink
     controls: list[Any]  # a Requester per worker's control socket
     workers: list[WorkerProcess]
@@ -519,7 +335,7 @@ async def measure_length(ctx: Context, length: int) -> dict[str, Any]:
         await _add(ctx, i, bid, _prompt(ctx, BG_PROMPT_TOKENS), bg_max)
     R = sink.stream(rid)
     bg = [sink.stream(bid) for bid in bg_ids]
-    await sink.until(lambda: all(len(s) >= 2 for s in bg), timeout, "the background requests to decode")
+    await _until(sink, lambda: all(len(s) >= 2 for s in bg), timeout, "the background requests to decode")
     t_add = time.perf_counter()
     await _add(ctx, 0, rid, _prompt(ctx, prompt_len), ctx.max_context - prompt_len - 1)
 
@@ -532,19 +348,19 @@ async def measure_length(ctx: Context, length: int) -> dict[str, Any]:
     pooled: dict[str, list[float]] = {"src": [], "src_during": [], "dst": [], "dst_during": []}
     start = 0  # R's first index on its current owner
     for mode, src, dst in plan:
-        await sink.until(lambda: len(R) >= start + TOKENS_BETWEEN or R.finish_reason is not None, timeout,
+        await _until(sink, lambda: len(R) >= start + TOKENS_BETWEEN or R.finish_reason is not None, timeout,
                          f"{rid} to stream {TOKENS_BETWEEN} tokens on worker-{src}")
         alive()
         n_cmd = len(R)
         mid = f"{mode}-{len(migrations[mode])}-{length}-{tag}"
         t_cmd = time.perf_counter()
         await _migrate(ctx, mode, src, dst, rid, mid)
-        await sched.until(lambda: mid in sched.results, timeout, f"the MigrationResult of {mid}")
+        await _until(sched, lambda: mid in sched.results, timeout, f"the MigrationResult of {mid}")
         res = sched.results[mid]
         if res.outcome != "committed":
             raise BenchError(f"{mode} migration of {rid} worker-{src} → worker-{dst} did not commit: "
                              f"{res.outcome} ({res.reason})")
-        await sink.until(lambda: switch_index(R.workers, n_cmd, f"worker-{dst}") is not None
+        await _until(sink, lambda: switch_index(R.workers, n_cmd, f"worker-{dst}") is not None
                          or R.finish_reason is not None, timeout, f"{rid}'s first token from worker-{dst}")
         alive()
         j = switch_index(R.workers, n_cmd, f"worker-{dst}")
@@ -573,7 +389,7 @@ async def measure_length(ctx: Context, length: int) -> dict[str, Any]:
             pooled["dst_during"] += gaps_ending_in(d_bg.times, t_cmd, t_first_dst, include_end=False) or \
                 first_gap_after(d_bg.times, t_cmd)
         start = j
-    await sink.until(lambda: len(R) >= start + TAIL_TOKENS or R.finish_reason is not None, timeout,
+    await _until(sink, lambda: len(R) >= start + TAIL_TOKENS or R.finish_reason is not None, timeout,
                      f"{rid}'s tokens after the last migration")
     alive()
     R.check_complete()
@@ -585,22 +401,22 @@ async def measure_length(ctx: Context, length: int) -> dict[str, Any]:
     # Abort everything; both workers must come back to every block free.
     t_abort = time.perf_counter()
     await asyncio.gather(_abort(ctx, plan[-1][2], rid), *(_abort(ctx, i, bid) for i, bid in enumerate(bg_ids)))
-    await sink.until(lambda: all(s.finish_reason is not None for s in (R, *bg)), timeout, "the final batches")
+    await _until(sink, lambda: all(s.finish_reason is not None for s in (R, *bg)), timeout, "the final batches")
     for s in (R, *bg):
         s.check_complete()
         if s.finish_reason != "abort":
             raise BenchError(f"{s.request_id}: finish {s.finish_reason} {s.error or ''}, expected abort")
 
     def idle(wid: str) -> bool:
-        t, rep = sched.reports.get(wid, (0.0, None))
+        t, rep = sched.latest_reports.get(wid, (0.0, None))
         return t > t_abort and rep.free_blocks == rep.total_blocks and rep.num_running == 0 \
             and rep.num_migrations_in == 0 and rep.num_migrations_out == 0
 
     try:
-        await sched.until(lambda: all(idle(w.worker_id) for w in ctx.workers), 15.0,
+        await _until(sched, lambda: all(idle(w.worker_id) for w in ctx.workers), 15.0,
                           "both workers to report every KV block free")
     except BenchError:
-        left = {w: (r.total_blocks - r.free_blocks, r.num_running) for w, (_, r) in sched.reports.items()}
+        left = {w: (r.total_blocks - r.free_blocks, r.num_running) for w, (_, r) in sched.latest_reports.items()}
         raise BenchError(f"KV blocks still in use after aborting everything (worker: (used blocks, running)): "
                          f"{left}") from None
 
@@ -637,13 +453,18 @@ async def _run_async(opts: Options, log_dir: Path, workers: list[WorkerProcess],
     from protocol import ClusterAddresses, WorkerSchedulerReplies
     from protocol.sockets import MessageSocket, Requester
     from services.launcher import free_ports
+    from testkit.fakes import FakeScheduler, TokenSink
 
     _, opts.base_port = free_ports(2)
     addrs = ClusterAddresses(base_port=opts.base_port)
     zctx = zmq.asyncio.Context()
-    sched = SchedulerStub(zctx, addrs.scheduler_bind())
-    sink = TokenSink(zctx, addrs.frontend_tokens(0))
-    tasks = [asyncio.create_task(sched.run()), asyncio.create_task(sink.run())]
+    # The scheduler: registers the workers, answers pings, records MigrationResults and load
+    # reports. The frontend: stitches every request's stream, timestamping each message on arrival.
+    sched = FakeScheduler(zctx, addrs.scheduler_bind(), scheduler_id="bench", heartbeat_ms=500,
+                          report_ms=REPORT_INTERVAL_MS, name="bench-scheduler", error_type=BenchError,
+                          label="the bench's scheduler stub")
+    sink = TokenSink(zctx, addrs.frontend_tokens(0), stream_type=Stream, name="bench-frontend",
+                     error_type=BenchError, label="the bench's token sink")
     socks: list[Any] = []
     requesters: list[Any] = []
     try:
@@ -651,10 +472,10 @@ async def _run_async(opts: Options, log_dir: Path, workers: list[WorkerProcess],
         meta["threads_per_worker"] = threads
         t0 = time.perf_counter()
         for i in range(2):
-            workers.append(WorkerProcess(i, opts.base_port, addrs.scheduler(), opts, threads, log_dir))
+            workers.append(start_worker(i, opts.base_port, addrs.scheduler(), opts, threads, log_dir))
         max_context, vocab = await asyncio.get_running_loop().run_in_executor(None, _model_facts, opts.model)
         await asyncio.gather(*(w.ready(max(opts.timeout, 180.0)) for w in workers))
-        await sched.until(lambda: all(w.worker_id in sched.workers for w in workers), 30.0,
+        await _until(sched, lambda: all(w.worker_id in sched.workers for w in workers), 30.0,
                           "both workers to register")
         meta["startup_s"] = round(time.perf_counter() - t0, 1)
         reg = sched.workers["worker-0"]
@@ -698,10 +519,9 @@ async def _run_async(opts: Options, log_dir: Path, workers: list[WorkerProcess],
     finally:
         for r in requesters:
             await r.close()
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        for s in [*socks, sched.sock, sink.sock]:
+        await sched.close()
+        await sink.close()
+        for s in socks:
             s.close()
         zctx.term()
 

@@ -11,9 +11,7 @@ chosen point (wrap a destination handler) to reach each abort path deterministic
 from __future__ import annotations
 
 import asyncio
-import time
 import uuid
-from collections.abc import Callable
 from typing import Any
 
 import zmq
@@ -23,97 +21,20 @@ from protocol import (
     Ack,
     AddRequest,
     ErrorReply,
-    FrontendTokenInbound,
     MigrateCommand,
     MigrationResult,
     Pong,
-    RequestMoved,
     SamplingParams,
-    TokenBatch,
-    TokenBatches,
 )
 from protocol.sockets import MessageSocket, request
 from services.config import load_config
 from services.worker.engine_factory import build_engine
 from services.worker.worker import Worker
-from tests.test_worker_service import FakeScheduler, free_base_port
+from testkit.fakes import FakeScheduler, TokenSink
+from testkit.wait import until
+from tests.test_worker_service import free_base_port
 
 WAIT_S = 20.0
-
-
-class StitchingFrontend:
-    """A PULL at the reply address. Per request: tokens by output index (each exactly once), the
-    final batch, the workers that sent tokens, and the RequestMoved notices."""
-
-    def __init__(self, ctx: zmq.asyncio.Context, endpoint: str) -> None:
-        self.endpoint = endpoint
-        self.sock = MessageSocket.bind(ctx, zmq.PULL, endpoint, FrontendTokenInbound, name="stitching-frontend")
-        self.by_index: dict[str, dict[int, int]] = {}
-        self.finish: dict[str, TokenBatch] = {}
-        self.senders: dict[str, list[str]] = {}
-        self.moved: list[RequestMoved] = []
-        self.duplicates: list[tuple[str, int]] = []
-        self.extra_finals: list[TokenBatch] = []  # final batches after the first one, per request
-        self._changed = asyncio.Event()
-        self._task = asyncio.create_task(self._run())
-
-    async def _run(self) -> None:
-        while True:
-            rec = await self.sock.recv()
-            msg = rec.msg
-            if isinstance(msg, RequestMoved):
-                self.moved.append(msg)
-            else:
-                for b in msg.batches if isinstance(msg, TokenBatches) else [msg]:
-                    self._accept(b)
-            self._changed.set()
-
-    def _accept(self, b: TokenBatch) -> None:
-        got = self.by_index.setdefault(b.request_id, {})
-        if b.token_ids:
-            senders = self.senders.setdefault(b.request_id, [])
-            if not senders or senders[-1] != b.worker_id:
-                senders.append(b.worker_id)
-        for i, tok in enumerate(b.token_ids, start=b.first_index):
-            if i in got:
-                self.duplicates.append((b.request_id, i))
-            got[i] = tok
-        if b.finish_reason is not None:
-            if b.request_id in self.finish:
-                self.extra_finals.append(b)
-            else:
-                self.finish[b.request_id] = b
-
-    def tokens(self, rid: str) -> list[int]:
-        """The request's tokens in order; fails on a gap."""
-        got = self.by_index.get(rid, {})
-        assert sorted(got) == list(range(len(got))), f"{rid}: gap in indices {sorted(got)}"
-        return [got[i] for i in range(len(got))]
-
-    def count(self, rid: str) -> int:
-        return len(self.by_index.get(rid, {}))
-
-    async def until(self, pred: Callable[[], bool], timeout: float = WAIT_S, what: str = "") -> None:
-        deadline = time.monotonic() + timeout
-        while not pred():
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise AssertionError(f"frontend: {what or 'condition'} not met within {timeout} s "
-                                     f"(finished: {sorted(self.finish)})")
-            self._changed.clear()
-            try:
-                await asyncio.wait_for(self._changed.wait(), min(left, 0.2))
-            except asyncio.TimeoutError:
-                pass
-
-    async def finished(self, rid: str, timeout: float = WAIT_S) -> TokenBatch:
-        await self.until(lambda: rid in self.finish, timeout, f"{rid} finished")
-        return self.finish[rid]
-
-    async def close(self) -> None:
-        self._task.cancel()
-        await asyncio.gather(self._task, return_exceptions=True)
-        self.sock.close()
 
 
 class MigrationCluster:
@@ -130,11 +51,14 @@ class MigrationCluster:
         self.workers: list[Worker] = []
         self.clients: list[MessageSocket] = []
         self.scheduler: FakeScheduler | None = None
-        self.frontend: StitchingFrontend | None = None
+        self.frontend: TokenSink | None = None
 
     async def start(self) -> "MigrationCluster":
         self.scheduler = FakeScheduler(self.ctx, f"tcp://127.0.0.1:{self.base_port}")
-        self.frontend = StitchingFrontend(self.ctx, f"tcp://127.0.0.1:{self.base_port + 2}")
+        # A taken-back migration lets two workers stream the same indices: repeats are recorded
+        # (`duplicates`, `extra_finals`) for the tests to check, not raised.
+        self.frontend = TokenSink(self.ctx, f"tcp://127.0.0.1:{self.base_port + 2}", record_repeats=True,
+                                  name="stitching-frontend", wait_s=WAIT_S, label="the stitching frontend")
         loop = asyncio.get_running_loop()
         for i in range(self.n):
             cfg = load_config(None, env={}, overrides={
@@ -200,15 +124,14 @@ class MigrationCluster:
 
     async def wait_idle(self, timeout: float = WAIT_S) -> None:
         """Every worker: no request, no reservation, every block free (integrity checked)."""
-        deadline = time.monotonic() + timeout
-        while True:
-            used = [await self.used_blocks(i) for i in range(self.n)]
-            routes = [len(w.routes) for w in self.workers]
-            if not any(used) and not any(routes):
-                return
-            if time.monotonic() > deadline:
-                raise AssertionError(f"workers not idle: used blocks {used}, routed requests {routes}")
-            await asyncio.sleep(0.05)
+        state: dict[str, list[int]] = {}
+
+        async def idle() -> bool:
+            state["used blocks"] = [await self.used_blocks(i) for i in range(self.n)]
+            state["routed requests"] = [len(w.routes) for w in self.workers]
+            return not any(state["used blocks"]) and not any(state["routed requests"])
+
+        await until(idle, timeout, lambda: f"idle workers; {state}", step_s=0.05)
 
     async def tokens_at(self, i: int, rid: str) -> int:
         """Output tokens the request has on worker i now (-1: not there)."""

@@ -18,6 +18,7 @@ import pytest
 from sdk import AsyncClient
 from services.config import load_config
 from services.launcher import ClusterSpec, LocalCluster, free_ports
+from testkit.wait import wait_until
 
 MODEL = "tiny"
 PROMPT = "Once upon a time"
@@ -49,14 +50,16 @@ def ctl_status(c: LocalCluster) -> dict:
 
 def wait_idle(c: LocalCluster, timeout_s: float = 60.0) -> dict:
     """Until every worker reports zero used blocks and no request."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        st = ctl_status(c)
+    last: dict = {}
+
+    def idle() -> dict | None:
+        st = last["status"] = ctl_status(c)
         if all(i["used_blocks"] == 0 and i["num_running"] == 0 and i["num_waiting"] == 0 for i in st["instances"]):
             return st
-        if time.monotonic() > deadline:
-            raise AssertionError(f"workers still hold blocks: {st['instances']}")
-        time.sleep(0.3)
+        return None
+
+    return wait_until(idle, timeout_s, lambda: f"idle workers; they still hold blocks: {last['status']['instances']}",
+                      step_s=0.3)
 
 
 @functools.lru_cache(maxsize=None)

@@ -24,6 +24,7 @@ from protocol.sockets import request_once
 from sdk import AsyncClient, SdkError
 from services.config import load_config
 from services.launcher import ClusterSpec, LocalCluster, free_ports
+from testkit.wait import until
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -57,18 +58,18 @@ async def status(c: LocalCluster, timeout: float = 5.0) -> StatusReply:
 
 
 async def wait_status(c: LocalCluster, pred, timeout: float, what: str) -> StatusReply:  # noqa: ANN001
-    deadline = time.monotonic() + timeout
-    last: StatusReply | Exception | None = None
-    while True:
+    last: object = None
+
+    async def matching() -> StatusReply | None:
+        nonlocal last
         try:
             last = await status(c, timeout=2.0)
-            if pred(last):
-                return last
+            return last if pred(last) else None
         except Exception as exc:  # noqa: BLE001 - e.g. the scheduler is restarting: ask again
             last = exc
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: not within {timeout} s; last status: {last!r}")
-        await asyncio.sleep(0.1)
+            return None
+
+    return await until(matching, timeout, lambda: f"{what}; last status: {last!r}", step_s=0.1)
 
 
 def survivors_idle(st: StatusReply) -> bool:

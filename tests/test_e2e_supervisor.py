@@ -32,6 +32,7 @@ from protocol import SchedulerReplies, StatusReply, StatusRequest
 from protocol.sockets import request_once
 from sdk import AsyncClient, SdkError
 from services.launcher import free_ports
+from testkit.wait import until
 
 pytestmark = pytest.mark.timeout(400)
 
@@ -134,18 +135,18 @@ async def status(up: Up, timeout: float = 2.0) -> StatusReply:
 
 
 async def wait_status(up: Up, pred, timeout: float, what: str) -> StatusReply:  # noqa: ANN001
-    deadline = time.monotonic() + timeout
     last: object = None
-    while True:
+
+    async def matching() -> StatusReply | None:
+        nonlocal last
         try:
             last = await status(up)
-            if pred(last):
-                return last
+            return last if pred(last) else None
         except Exception as exc:  # noqa: BLE001 - the scheduler may be restarting: ask again
             last = exc
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: not within {timeout} s; last status: {last!r}")
-        await asyncio.sleep(0.2)
+            return None
+
+    return await until(matching, timeout, lambda: f"{what}; last status: {last!r}", step_s=0.2)
 
 
 def full_and_idle(names: set[str]):  # noqa: ANN201

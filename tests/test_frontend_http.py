@@ -38,9 +38,10 @@ from protocol import (
     WorkerEndpoints,
 )
 from protocol.sockets import MessageSocket, serve
+from sdk import AsyncClient, Client, InvalidRequest, Overloaded
 from services.config import KvferryConfig
 from services.frontend.server import Frontend
-from sdk import AsyncClient, Client, InvalidRequest, Overloaded
+from testkit.wait import until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -184,14 +185,6 @@ async def frontend(cluster):
     await fe.stop()
 
 
-async def wait_for(pred, timeout=5.0):
-    for _ in range(int(timeout / 0.02)):
-        if pred():
-            return True
-        await asyncio.sleep(0.02)
-    return pred()
-
-
 # ---- validation -------------------------------------------------------------------------------
 
 async def test_bad_requests_get_openai_errors(frontend):
@@ -311,7 +304,7 @@ async def test_stop_string_aborts_on_worker(frontend, cluster):
     out = await client.completions.create(model="tiny", prompt="x", max_tokens=64, stop=["日本", "zzz"])
     assert out.choices[0].text == "Hi é" and out.choices[0].finish_reason == "stop"
     assert out.usage.completion_tokens == len(TOK.encode("Hi é日本"))
-    assert await wait_for(lambda: out.id in cluster.aborted)
+    assert await until(lambda: out.id in cluster.aborted, 5.0)
     await client.close()
 
 
@@ -324,14 +317,14 @@ async def test_client_disconnect_aborts_on_worker(frontend, cluster):
                 if line.startswith("data:"):
                     break
     first = cluster.added[0].request_id
-    assert await wait_for(lambda: first in cluster.aborted)
-    assert await wait_for(lambda: not frontend.router.streams)
+    assert await until(lambda: first in cluster.aborted, 5.0)
+    assert await until(lambda: not frontend.router.streams, 5.0)
 
     # non-streaming too
     async with httpx.AsyncClient(base_url=frontend.http_url, timeout=1.5) as h:
         with pytest.raises(httpx.ReadTimeout):
             await h.post("/v1/completions", json={"prompt": "slow please", "max_tokens": 64})
-    assert await wait_for(lambda: len(cluster.added) == 2 and cluster.added[1].request_id in cluster.aborted)
+    assert await until(lambda: len(cluster.added) == 2 and cluster.added[1].request_id in cluster.aborted, 5.0)
     assert set(cluster.aborted) == {first, cluster.added[1].request_id}
 
 
@@ -359,7 +352,7 @@ async def test_sdk_same_as_http(frontend, cluster):
             async for ch in chunks:
                 rid = ch.request_id
                 break
-        assert await wait_for(lambda: rid in cluster.aborted)
+        assert await until(lambda: rid in cluster.aborted, 5.0)
 
     def sync_part() -> tuple[str, str]:
         with Client(frontend.sdk_endpoint, timeout=10) as sc:
@@ -376,7 +369,7 @@ async def test_sdk_timeout(frontend, cluster):
     async with AsyncClient(frontend.sdk_endpoint) as c:
         with pytest.raises(GenerateTimeout):
             await c.generate("slow", max_tokens=64, timeout=0.5)
-    assert await wait_for(lambda: len(cluster.aborted) == 1)
+    assert await until(lambda: len(cluster.aborted) == 1, 5.0)
 
 
 # ---- metrics, health, fallback ---------------------------------------------------------------
@@ -498,11 +491,11 @@ async def test_abort_goes_to_new_owner_after_move(frontend, cluster):
                 rid = ch.request_id
                 await push.send(RequestMoved(request_id=rid, worker_id="worker-1", control_endpoint=new_owner,
                                              next_index=3))
-                assert await wait_for(lambda: frontend.router.streams[rid].worker_id == "worker-1")
+                assert await until(lambda: frontend.router.streams[rid].worker_id == "worker-1", 5.0)
                 # the new owner continues the stream where the old one stopped (plus a duplicate)
                 await push.send(TokenBatch(request_id=rid, first_index=2, token_ids=ANSWER_IDS[2:5], worker_id="worker-1"))
                 break
-        assert await wait_for(lambda: got == [rid])
+        assert await until(lambda: got == [rid], 5.0)
         assert rid not in cluster.aborted  # the old owner is not asked
     finally:
         task.cancel()

@@ -55,6 +55,7 @@ from services.config import SchedulerConfig
 from services.scheduler.handlers import SchedulerCore
 from services.scheduler.load import instance_load
 from services.scheduler.registry import Registry, ReportOutcome
+from testkit.wait import wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -208,15 +209,6 @@ def sched():
         s.kill()
 
 
-def wait_for(cond, timeout_s: float, step_s: float = 0.02) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(step_s)
-    return cond()
-
-
 def dispatch(fe: Client, rid: str = "r", tokens: int = 32, **kw: Any) -> Any:
     return fe.ask(DispatchRequest(request_id=rid, num_prompt_tokens=tokens, frontend_id="fe-0", **kw))
 
@@ -321,14 +313,14 @@ def test_dispatch_picks_the_freest_and_spreads_a_burst(sched, ctx):
     assert workers[0].register().scheduler_id == "scheduler-0"  # registering again is fine
     for w, free in zip(workers, (30, 90, 60)):
         w.report(free=free, running=1)
-    assert wait_for(lambda: status(fe).instances[1].free_blocks == 90, 10.0)
+    assert wait_until(lambda: status(fe).instances[1].free_blocks == 90, 10.0)
     d = dispatch(fe, "first")
     assert isinstance(d, DispatchReply) and d.worker_id == "w1" and d.request_id == "first"
     assert d.worker_address == control_of("w1")
     # equal instances: a burst between reports spreads evenly
     for w in workers:
         w.report(free=80, running=1)
-    assert wait_for(lambda: all(i.free_blocks == 80 for i in status(fe).instances), 10.0)
+    assert wait_until(lambda: all(i.free_blocks == 80 for i in status(fe).instances), 10.0)
     picks = Counter(dispatch(fe, f"b{i}", tokens=64).worker_id for i in range(12))
     assert picks == {"w0": 4, "w1": 4, "w2": 4}
 
@@ -366,8 +358,8 @@ def test_silent_worker_is_removed_and_must_register_again(quick_sched, ctx):
     alive.register(), silent.register()
     silent.report(free=100)  # the freest: every dispatch goes there while it lives
     alive.report(free=10, running=5)
-    assert wait_for(lambda: {i.worker_id: i.free_blocks for i in status(fe).instances} == {"alive": 10, "silent": 100},
-                    10.0)
+    assert wait_until(lambda: {i.worker_id: i.free_blocks for i in status(fe).instances}
+                      == {"alive": 10, "silent": 100}, 10.0)
     start = time.monotonic()
     silent.heartbeat()  # its last word: silent from here on
     assert dispatch(fe, "before").worker_id == "silent"
@@ -378,7 +370,7 @@ def test_silent_worker_is_removed_and_must_register_again(quick_sched, ctx):
 
     # Declared dead after the 1.5 s timeout, not before (a bound that load cannot break); the
     # deadline only tells "removed" from "never removed", generous for a loaded machine.
-    assert wait_for(silent_is_dead, 30.0, step_s=0.05)
+    assert wait_until(silent_is_dead, 30.0, step_s=0.05)
     assert time.monotonic() - start > 1.4
     alive.heartbeat()
     st = {i.worker_id: i for i in status(fe).instances}
@@ -389,7 +381,7 @@ def test_silent_worker_is_removed_and_must_register_again(quick_sched, ctx):
     assert isinstance(nf, ErrorReply) and nf.code == "not_found" and "register again" in nf.message
     silent.register()
     silent.report(free=100)
-    assert wait_for(lambda: dispatch(fe, "back").worker_id == "silent", 10.0)
+    assert wait_until(lambda: dispatch(fe, "back").worker_id == "silent", 10.0)
 
 
 @pytest.mark.e2e  # a scheduler process
@@ -410,11 +402,11 @@ def test_no_worker_is_unavailable(sched, ctx):
     w = FakeWorker(ctx, sched.endpoint, "full")
     w.register()
     w.send(report("full", 1, free=0, running=4, max_running=4))
-    assert wait_for(lambda: status(fe).instances[0].num_running == 4, 10.0)
+    assert wait_until(lambda: status(fe).instances[0].num_running == 4, 10.0)
     assert dispatch(fe, "still").code == "overloaded"  # alive but full: the frontend answers 429
     assert dispatch(fe, "elsewhere", exclude_workers=["full"]).code == "unavailable"  # no other worker: 503
     w.send(Deregister(worker_id="full", reason="test"))
-    assert wait_for(lambda: status(fe).instances == [], 10.0)
+    assert wait_until(lambda: status(fe).instances == [], 10.0)
 
 
 @pytest.mark.e2e  # a scheduler process
@@ -448,7 +440,7 @@ def test_drain_stops_dispatch_and_forwards_to_the_worker(sched, ctx):
     fe = Client(ctx, sched.endpoint)
     w0.register(), w1.register()
     w0.report(free=100), w1.report(free=50, running=1)
-    assert wait_for(lambda: {i.worker_id: i.free_blocks for i in status(fe).instances} == {"w0": 100, "w1": 50}, 10.0)
+    assert wait_until(lambda: {i.worker_id: i.free_blocks for i in status(fe).instances} == {"w0": 100, "w1": 50}, 10.0)
 
     def control_recv(timeout_s: float = 10.0) -> tuple[bytes, Any]:
         assert control.poll(int(timeout_s * 1000)), "nothing on the worker's control socket"
@@ -536,7 +528,7 @@ def test_ctl_status_json_and_drain_through_the_cli(slow_sched, ctx, capsys):
     w.register()
     w.report(free=70, running=2, requests=(("cmpl-1", 20), ("cmpl-2", 10)))
     fe = Client(ctx, sched.endpoint)
-    assert wait_for(lambda: len(status(fe).requests) == 2, 10.0)
+    assert wait_until(lambda: len(status(fe).requests) == 2, 10.0)
     env = {k: v for k, v in os.environ.items() if not k.startswith("KVFERRY_")}
     out = subprocess.run([KVFERRY, "ctl", "status", "--json", "--scheduler", sched.endpoint], env=env,
                          capture_output=True, text=True, timeout=30)  # the real entry point, once

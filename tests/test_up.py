@@ -12,6 +12,7 @@ import time
 import pytest
 
 from services.launcher import free_ports
+from testkit.wait import wait_until
 
 
 def children_of(pid: int) -> list[int]:
@@ -50,11 +51,8 @@ def start_up(http: int, base: int, env: dict[str, str] | None = None) -> tuple[s
 
 
 def wait_gone(pids: list[int], timeout_s: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while any(alive(p) for p in pids):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"still running: {[p for p in pids if alive(p)]}")
-        time.sleep(0.1)
+    wait_until(lambda: not any(alive(p) for p in pids), timeout_s,
+               lambda: f"every process to exit; still running: {[p for p in pids if alive(p)]}", step_s=0.1)
 
 
 def test_sigterm_stops_every_service():

@@ -11,10 +11,7 @@ import os
 import random
 import signal
 import socket
-import subprocess
-import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +30,6 @@ from protocol import (
     Drain,
     ErrorCode,
     ErrorReply,
-    FrontendTokenInbound,
     Heartbeat,
     LoadReport,
     MigrateCommand,
@@ -42,22 +38,21 @@ from protocol import (
     RegisterReply,
     RegisterWorker,
     SamplingParams,
-    SchedulerInbound,
     Shutdown,
-    TokenBatch,
     TokenBatches,
     encode,
 )
 from protocol.sockets import MessageSocket, request
+from testkit.fakes import FakeScheduler, TokenSink
+from testkit.wait import until
+from testkit.worker import WorkerProcess
 
-ROOT = Path(__file__).resolve().parents[1]
-KVFERRY = [sys.executable, "-m", "cli.main"]
 WAIT_S = 10.0  # generous bound for anything that should take well under a second
 STOP_S = 20.0  # a worker asked to stop now is gone within this, on a loaded machine too
 SLOW_STOP = {"KVFERRY_WORKER_STOP_DEADLINE_S": "60"}  # a drain would outlast STOP_S: "at once" is measurable
 
 
-# ---- ports and processes -------------------------------------------------------------------------
+# ---- ports ------------------------------------------------------------------------------------
 
 def _port_free(port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -77,174 +72,7 @@ def free_base_port() -> int:
     raise RuntimeError("no free port range")
 
 
-class WorkerProc:
-    """A `kvferry worker` subprocess; stderr goes to a file (shown when a test fails)."""
-
-    def __init__(self, base_port: int, tmp: Path, *extra: str, env: dict[str, str] | None = None) -> None:
-        self.log_path = tmp / f"worker-{base_port}.log"
-        self._log = open(self.log_path, "wb")
-        full_env = {**os.environ, "KVFERRY_LOG_LEVEL": "INFO", **(env or {})}
-        self.proc = subprocess.Popen(
-            [*KVFERRY, "worker", "--base-port", str(base_port), "--scheduler", f"tcp://127.0.0.1:{base_port}",
-             *extra], cwd=ROOT, stdout=subprocess.PIPE, stderr=self._log, env=full_env)
-        self.control = f"tcp://127.0.0.1:{base_port + 100}"
-
-    async def ready_line(self, timeout: float = 180.0) -> str:
-        # generous: on a loaded machine a torch worker's first start may build the paged-decode kernel
-        loop = asyncio.get_running_loop()
-        line = await asyncio.wait_for(loop.run_in_executor(None, self.proc.stdout.readline), timeout)
-        return line.decode().strip()
-
-    async def wait_exit(self, timeout: float) -> int:
-        deadline = time.monotonic() + timeout
-        while self.proc.poll() is None and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
-        return self.proc.poll()
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
-        self.proc.stdout.close()
-        self._log.close()
-
-    def log_text(self) -> str:
-        self._log.flush()
-        return self.log_path.read_text(errors="replace")
-
-    async def wait_log(self, text: str, count: int = 1, timeout: float = 30.0) -> None:
-        """Until the worker's log has `text` at least `count` times (a state, not a sleep)."""
-        deadline = time.monotonic() + timeout
-        while self.log_text().count(text) < count:
-            assert self.proc.poll() is None, f"the worker exited: {self.logs()}"
-            assert time.monotonic() < deadline, f"no {text!r} (x{count}) in the worker's log within {timeout} s"
-            await asyncio.sleep(0.05)
-
-    def logs(self) -> str:
-        if self.proc.poll() is None:  # still running when it should not: add its stacks to the logs
-            self.proc.send_signal(signal.SIGUSR1)
-            time.sleep(0.5)
-        self._log.flush()
-        return self.log_path.read_text(errors="replace")[-6000:]
-
-
-# ---- the fake scheduler and frontend -------------------------------------------------------------
-
-class FakeScheduler:
-    """A ROUTER at the scheduler endpoint: answers RegisterWorker and Ping, records everything.
-
-    With `not_found=True` it answers LoadReports and Heartbeats from workers that have not
-    registered with it with ErrorReply(not_found), as a restarted scheduler does."""
-
-    def __init__(self, ctx: zmq.asyncio.Context, endpoint: str, scheduler_id: str = "sched-1",
-                 not_found: bool = False, heartbeat_ms: int = 200, report_ms: int = 20) -> None:
-        deadline = time.monotonic() + 3.0
-        while True:  # a just-closed socket on this port is released by ZeroMQ's I/O thread shortly after
-            try:
-                self.sock = MessageSocket.bind(ctx, zmq.ROUTER, endpoint, SchedulerInbound, name="fake-scheduler")
-                break
-            except zmq.ZMQError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.02)
-        self.scheduler_id, self.not_found = scheduler_id, not_found
-        self.heartbeat_ms, self.report_ms = heartbeat_ms, report_ms
-        self.messages: list[Any] = []
-        self.known: set[str] = set()
-        self._changed = asyncio.Event()
-        self._task = asyncio.create_task(self._serve())
-
-    async def _serve(self) -> None:
-        while True:
-            try:
-                rec = await self.sock.recv()
-            except Exception:  # noqa: BLE001 - bad frames are not expected from the worker
-                continue
-            msg = rec.msg
-            self.messages.append(msg)
-            self._changed.set()
-            if isinstance(msg, RegisterWorker):
-                self.known.add(msg.worker_id)
-                await self.sock.send(RegisterReply(reply_to=msg.msg_id, scheduler_id=self.scheduler_id,
-                                                   heartbeat_interval_ms=self.heartbeat_ms,
-                                                   report_interval_ms=self.report_ms), peer=rec.peer)
-            elif isinstance(msg, Ping):
-                await self.sock.send(Pong.to(msg, self.scheduler_id), peer=rec.peer)
-            elif isinstance(msg, (LoadReport, Heartbeat)) and self.not_found:
-                wid = getattr(msg, "worker_id", None) or getattr(msg, "sender_id", "")
-                if wid not in self.known:
-                    await self.sock.send(ErrorReply(code=ErrorCode.NOT_FOUND, message=f"unknown worker {wid}"),
-                                         peer=rec.peer)
-
-    async def wait_for(self, pred: Callable[[Any], bool], timeout: float = WAIT_S, start: int = 0) -> Any:
-        """The first recorded message (from index `start`) matching `pred`."""
-        deadline = time.monotonic() + timeout
-        i = start
-        while True:
-            while i < len(self.messages):
-                if pred(self.messages[i]):
-                    return self.messages[i]
-                i += 1
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise AssertionError(f"no matching message within {timeout} s; got "
-                                     f"{[type(m).__name__ for m in self.messages[-10:]]}")
-            self._changed.clear()
-            try:
-                await asyncio.wait_for(self._changed.wait(), left)
-            except asyncio.TimeoutError:
-                pass
-
-    def reports(self, start: int = 0) -> list[LoadReport]:
-        return [m for m in self.messages[start:] if isinstance(m, LoadReport)]
-
-    async def close(self) -> None:
-        self._task.cancel()
-        try:
-            await self._task
-        except asyncio.CancelledError:
-            pass
-        self.sock.close()
-
-
-class FakeFrontend:
-    """A PULL socket at the reply address: collects each request's batches, checking the indices."""
-
-    def __init__(self, ctx: zmq.asyncio.Context, endpoint: str) -> None:
-        self.endpoint = endpoint
-        self.sock = MessageSocket.bind(ctx, zmq.PULL, endpoint, FrontendTokenInbound, name="fake-frontend")
-        self.tokens: dict[str, list[int]] = {}
-        self.finish: dict[str, TokenBatch] = {}
-        self.messages: list[TokenBatches] = []
-
-    async def _recv_one(self, timeout: float) -> None:
-        rec = await asyncio.wait_for(self.sock.recv(), timeout)
-        msg = rec.msg
-        assert isinstance(msg, TokenBatches), msg
-        self.messages.append(msg)
-        for b in msg.batches:
-            assert b.request_id not in self.finish, f"{b.request_id}: batch after the final one"
-            got = self.tokens.setdefault(b.request_id, [])
-            assert b.first_index == len(got), f"{b.request_id}: first_index {b.first_index} after {len(got)} tokens"
-            got.extend(b.token_ids)
-            if b.finish_reason is not None:
-                self.finish[b.request_id] = b
-
-    async def until(self, pred: Callable[[], bool], timeout: float = WAIT_S) -> None:
-        deadline = time.monotonic() + timeout
-        while not pred():
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise AssertionError(f"frontend condition not met within {timeout} s: {self.tokens} {self.finish}")
-            try:
-                await self._recv_one(left)
-            except asyncio.TimeoutError:
-                pass
-
-    async def finished(self, request_id: str, timeout: float = WAIT_S) -> TokenBatch:
-        await self.until(lambda: request_id in self.finish, timeout)
-        return self.finish[request_id]
-
+# ---- the fake scheduler and frontend: testkit.fakes; the worker process: testkit.worker -----------
 
 class Cluster:
     """One test's fake scheduler + fake frontend + a client DEALER to the worker's control socket."""
@@ -254,14 +82,16 @@ class Cluster:
         self.ctx = zmq.asyncio.Context()
         self.scheduler_endpoint = f"tcp://127.0.0.1:{base_port}"
         self.scheduler = FakeScheduler(self.ctx, self.scheduler_endpoint)
-        self.frontend = FakeFrontend(self.ctx, f"tcp://127.0.0.1:{base_port + 2}")
-        self.workers: list[WorkerProc] = []
+        # one worker, nothing moves: every batch starts at the next index, nothing after the final one
+        self.frontend = TokenSink(self.ctx, f"tcp://127.0.0.1:{base_port + 2}", in_order=True,
+                                  name="fake-frontend", label="the fake frontend")
+        self.workers: list[WorkerProcess] = []
         self.client: MessageSocket | None = None
 
-    async def start_worker(self, *extra: str, env: dict[str, str] | None = None) -> WorkerProc:
-        w = WorkerProc(self.base_port, self.tmp, *extra, env=env)
+    async def start_worker(self, *extra: str, env: dict[str, str] | None = None) -> WorkerProcess:
+        w = WorkerProcess(self.base_port, self.tmp, *extra, env=env, name=f"worker-{self.base_port}")
         self.workers.append(w)
-        line = await w.ready_line()
+        line = await w.ready()
         assert line == f"READY worker worker-0 {w.control}", (line, w.logs())
         self.client = MessageSocket.connect(self.ctx, zmq.DEALER, w.control, (Ack, ErrorReply, Pong), name="client")
         return w
@@ -281,7 +111,7 @@ class Cluster:
         if self.client is not None:
             self.client.close()
         await self.scheduler.close()
-        self.frontend.sock.close()
+        await self.frontend.close()
         self.ctx.term()
 
 
@@ -572,9 +402,7 @@ async def test_a_failing_step_fails_its_requests_and_the_driver_keeps_serving():
         sampling = EngineSampling(max_tokens=50, ignore_eos=True)
         # both in one call: both are in the batch when the third step fails
         await driver.call(lambda e: [e.add_request(rid, [1, 2, 3], sampling) for rid in ("a", "b")])
-        deadline = time.monotonic() + WAIT_S
-        while len({o.request_id for o in outs if o.finished}) < 2 and time.monotonic() < deadline:
-            await asyncio.sleep(0.01)
+        await until(lambda: len({o.request_id for o in outs if o.finished}) >= 2, WAIT_S, "both requests to fail")
         failed = {o.request_id: o for o in outs if o.finished}
         assert set(failed) == {"a", "b"}
         assert all(o.finish_reason.value == "error" and "device fell off the bus" in o.error
