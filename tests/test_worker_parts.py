@@ -403,3 +403,16 @@ async def test_a_destination_refuses_what_it_cannot_hold_and_frees_an_aborted_re
         assert not drained.ok and drained.reason == "draining"
     finally:
         await destination.aclose()
+
+
+async def test_a_frontend_that_dies_before_its_first_heartbeat_still_loses_its_requests() -> None:
+    """A kvferry frontend (it sends its incarnation) is watched from its first AddRequest; a client
+    that neither heartbeats nor sends one is not (its requests run until they end)."""
+    p = make_parts("w0")
+    handler, _, _, _ = control_handler(p)
+    await deliver(handler, add_msg("f1", frontend="fe-new", incarnation="0001"))
+    await deliver(handler, add_msg("raw1", frontend="raw-client"))
+    assert set(handler.frontend_seen) == {"fe-new"}
+    handler.frontend_seen["fe-new"] -= 60.0
+    await handler.abort_lost_frontends(timeout_s=5.0)
+    assert [o.request_id for o in p.streamer.published] == ["f1"] and p.engine.num_waiting() == 1

@@ -74,7 +74,9 @@ class ControlHandler:
             refusal = self._check_add(msg)
             if refusal is not None:
                 return refusal
-            if msg.frontend_id in self.frontend_seen:
+            # A frontend that sends its incarnation heartbeats too (kvferry's does): watch it from
+            # its first request, so one that dies before its first heartbeat still loses them.
+            if msg.frontend_id in self.frontend_seen or msg.frontend_incarnation:
                 self.frontend_seen[msg.frontend_id] = time.monotonic()
             self._heard_start(msg.frontend_id, msg.frontend_incarnation)
             # Routed at once (not in the task), so a second AddRequest with this id is refused.
