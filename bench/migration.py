@@ -247,7 +247,9 @@ class OthersCPU(CPUWatch):
 def start_worker(index: int, base_port: int, scheduler: str, opts: Options, threads: int,
                  log_dir: Path) -> WorkerProcess:
     """One `kvferry worker` child: stdout and stderr to files in `log_dir`."""
-    env = {"KVFERRY_WORKER_MIGRATION_PATH": opts.path}
+    # No prefix cache: R moves back and forth, and a recompute move back onto a worker that still
+    # caches R's blocks would measure reuse instead of the baseline.
+    env = {"KVFERRY_WORKER_MIGRATION_PATH": opts.path, "KVFERRY_WORKER_PREFIX_CACHING": "false"}
     if opts.engine == "vllm":
         env["KVFERRY_WORKER_BLOCK_SIZE"] = "32"  # vLLM's CPU attention: multiples of 32
     return WorkerProcess(base_port, log_dir, "--engine", opts.engine, "--model", opts.model, "--dtype", opts.dtype,
