@@ -273,3 +273,33 @@ async def test_metrics_server_health_and_loop_calls():
     finally:
         server.close()
     assert call_on_loop(loop, lambda: 7) == 7  # on the loop's own thread: called directly
+
+
+def test_a_repeated_prompt_is_served_from_the_prefix_cache_and_a_salt_keeps_it_apart(up):
+    """Four times the same long prompt over 2 workers: at most two misses (one per worker), so at
+    least two requests find their prompt cached; the hits show on the workers' /metrics. The same
+    prompt under a cache_salt of its own finds nothing."""
+    api = f"http://127.0.0.1:{up.http}/v1"
+    prompt = "You are a careful assistant who answers briefly. " * 16  # ~780 byte tokens: 48 blocks
+    workers = [w for w in up.urls if w.startswith("worker-")]
+
+    def totals() -> tuple[float, float]:
+        scraped = [scrape(up.urls[w])[1] for w in workers]
+        return (sum(value(s, "kvferry_worker_prefix_cache_hits_total") for s in scraped),
+                sum(value(s, "kvferry_worker_prefix_cache_queries_total") for s in scraped))
+
+    def ask(**extra: str) -> None:
+        r = httpx.post(f"{api}/completions", json={"model": MODEL, "prompt": prompt, "max_tokens": 4, **extra},
+                       timeout=60)
+        assert r.status_code == 200, r.text
+
+    hits0, queries0 = totals()
+    for _ in range(4):
+        ask()
+    hits1, queries1 = totals()
+    assert queries1 - queries0 >= 4 * 700
+    assert hits1 - hits0 >= 2 * 40 * 16  # two requests, nearly all of their ~48 blocks
+    ask(cache_salt="tenant-b")
+    assert totals()[0] == hits1  # another tenant's request reuses nothing
+    r = httpx.post(f"{api}/completions", json={"model": MODEL, "prompt": "x", "cache_salt": 5}, timeout=30)
+    assert r.status_code == 400 and "cache_salt" in r.text
