@@ -44,13 +44,14 @@ from protocol import (
 )
 from protocol.addresses import ClusterAddresses
 from protocol.codec import decode, encode
+from protocol.sockets import Received
 from protocol.to_worker import WorkerControlInbound
 from services.config import KvferryConfig, SchedulerConfig
-from protocol.sockets import Received
 from services.scheduler.handlers import SchedulerCore
 from services.scheduler.main import serve_scheduler
 from services.scheduler.migrations import MigrationTracker
-from tests.test_scheduler_service import Client, FakeWorker, free_port, reg, wait_for
+from testkit.wait import wait_until
+from tests.test_scheduler_service import Client, FakeWorker, free_port, reg
 
 ROUND_MS = 50  # migration_interval_ms of the test schedulers
 
@@ -386,7 +387,7 @@ def test_ctl_migrate_and_drain_with_wait_through_the_cli(ctx, capsys):
         assert run.result(10) == 0
         assert ctl_lines(capsys) == [f"{cmd.migration_id}: r1 w0 -> w1", "r1 is on w1"]
         fe = Client(ctx, ep)
-        assert wait_for(lambda: fe.ask(StatusRequest()).instances[0].free_blocks == 100, 2.0)
+        assert wait_until(lambda: fe.ask(StatusRequest()).instances[0].free_blocks == 100, 2.0)
 
         assert ctl("migrate", "zz", "--to", "w0").result(10) == 1
         assert "not_found" in capsys.readouterr().err
