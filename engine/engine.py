@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from engine.block_hash import root_hash
+from protocol.kv_hash import namespace_hash, root_from_namespace
 from engine.block_manager import BlockManager, blocks_for
 from engine.config import EngineConfig, ModelConfig
 from engine.errors import InvalidRequestError, MigrationError, OutOfBlocksError
@@ -147,8 +147,15 @@ class LLMEngine:
     def _hash_root(self, cache_salt: str) -> int | None:
         if not self.config.prefix_caching:
             return None
-        # The seed too: it picks a generated model's weights (same name, other KV).
-        return root_hash(f"{self.model_name}@{self.config.seed}", self.config.dtype, cache_salt)
+        return root_from_namespace(self.kv_namespace, cache_salt)
+
+    @property
+    def kv_namespace(self) -> int:
+        """The namespace of this engine's block hashes (protocol/kv_hash.py); 0 without prefix
+        caching. The seed is in it: it picks a generated model's weights (same name, other KV)."""
+        if not self.config.prefix_caching:
+            return 0
+        return namespace_hash(f"{self.model_name}@{self.config.seed}", self.config.dtype)
 
     def num_waiting(self) -> int:
         return len(self.scheduler.waiting)

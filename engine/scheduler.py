@@ -11,7 +11,7 @@ from __future__ import annotations
 import bisect
 from dataclasses import dataclass, field
 
-from engine.block_hash import extend_hashes
+from protocol.kv_hash import extend_hashes
 from engine.block_manager import BlockManager, blocks_for
 from engine.config import EngineConfig
 from engine.request import FinishReason, Request, RequestOutput, RequestStatus

@@ -2,8 +2,11 @@
 
 - `rr`: round-robin dispatch, no migration.
 - `load`: dispatch to the freest instance, no migration (the paper's INFaaS++).
-- `kvferry`: freeness dispatch, migration for load balancing, de-fragmentation and draining,
-  priority headroom.
+- `prefix`: dispatch to the instance holding the longest cached prefix of the prompt (ties: the
+  freest), no migration (what SGLang's cache-aware router and llm-d's prefix scorer do).
+- `kvferry`: cache-aware dispatch (the least prefill work among instances with room; plain
+  freeness when no instance holds any of the prompt), migration for load balancing,
+  de-fragmentation and draining, priority headroom.
 - `kvferry-nopri`: `kvferry` without the priority headroom (high-priority requests are judged
   like the others).
 
@@ -16,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-POLICY_NAMES = ("rr", "load", "kvferry", "kvferry-nopri")
+POLICY_NAMES = ("rr", "load", "prefix", "kvferry", "kvferry-nopri")
 
 
 @dataclass(frozen=True)
@@ -24,11 +27,14 @@ class PolicyConfig:
     """Everything the pure policy functions need besides the load snapshots."""
 
     name: str = "kvferry"
-    dispatch: str = "load"  # rr | load (highest freeness)
+    dispatch: str = "cache"  # rr | load (highest freeness) | prefix (longest cached prefix) | cache (policy.dispatch)
     migrate: bool = True  # migration rounds for load balancing / de-fragmentation (draining always moves)
     priority_headroom: bool = True
     high_priority_below: int = 0  # priority < this is high priority
     headroom_fraction: float = 0.3  # an instance's blocks kept as headroom for its high-priority requests
+    # Cache-aware dispatch weighs prefill work only among instances at least this free (or as free
+    # as the freest), so a hot prefix cannot pile every request on one instance.
+    affinity_min_freeness: float = 10.0
     migrate_out_below: float = 3.0  # freeness below this: a migration source
     migrate_in_above: float = 30.0  # freeness above this: a migration destination
     migration_interval_s: float = 0.05
@@ -52,8 +58,9 @@ def named_policy(name: str, **overrides: object) -> PolicyConfig:
     presets = {
         "rr": dict(dispatch="rr", migrate=False, priority_headroom=False),
         "load": dict(dispatch="load", migrate=False, priority_headroom=False),
-        "kvferry": dict(dispatch="load", migrate=True, priority_headroom=True),
-        "kvferry-nopri": dict(dispatch="load", migrate=True, priority_headroom=False),
+        "prefix": dict(dispatch="prefix", migrate=False, priority_headroom=False),
+        "kvferry": dict(dispatch="cache", migrate=True, priority_headroom=True),
+        "kvferry-nopri": dict(dispatch="cache", migrate=True, priority_headroom=False),
     }
     if name not in presets:
         raise ValueError(f"unknown policy {name!r} (known: {', '.join(POLICY_NAMES)})")

@@ -30,6 +30,7 @@ class InstanceLoad:
     draining: bool = False
     alive: bool = True
     max_running: int | None = None  # instance refuses new requests beyond this many running + waiting
+    queued_prefill_tokens: int = 0  # prompt tokens still to prefill (waiting requests, unfinished chunked prefills)
 
     @property
     def used_blocks(self) -> int:

@@ -65,6 +65,7 @@ class LoadReport(Message, kw_only=True, frozen=True):
     num_waiting: Count
     num_preemptions: Count = 0  # cumulative
     head_of_line_blocks: Count = 0  # blocks the first queued request needs (0: none queued)
+    queued_prefill_tokens: Count = 0  # prompt tokens still to prefill (waiting, and unfinished chunked prefills)
     requests: Annotated[list[RequestLoadEntry], Meta(max_length=MAX_REQUESTS_PER_INSTANCE)] = []
     draining: bool = False
     max_running: Count | None = None

@@ -32,7 +32,7 @@ class SchedulerConfig:
 
     scheduler_id: str = "scheduler-0"
     metrics_port: int = 0  # Prometheus /metrics and /health over HTTP on [cluster] http_host; 0: off
-    policy: str = "kvferry"  # rr | load (no migration, INFaaS++) | kvferry (everything) | kvferry-nopri
+    policy: str = "kvferry"  # rr | load (no migration, INFaaS++) | prefix (cache hits) | kvferry (everything) | kvferry-nopri
     heartbeat_interval_ms: int = 500
     heartbeat_timeout_ms: int = 2000  # a worker silent this long is removed from dispatch
     report_interval_ms: int = 50  # workers report load at most this often

@@ -8,7 +8,7 @@ import random
 
 import pytest
 
-from engine.block_hash import block_hash, prompt_hashes, root_hash
+from protocol.kv_hash import block_hash, prompt_hashes, root_hash
 from engine.block_manager import BlockManager
 from engine.config import EngineConfig
 from engine.engine import LLMEngine

@@ -79,14 +79,14 @@ class Core:
 
 def test_scheduler_config_maps_onto_the_named_policies():
     pc = SchedulerConfig().policy_config()
-    assert (pc.name, pc.dispatch, pc.migrate, pc.priority_headroom) == ("kvferry", "load", True, True)
+    assert (pc.name, pc.dispatch, pc.migrate, pc.priority_headroom) == ("kvferry", "cache", True, True)
     assert (pc.migrate_out_below, pc.migrate_in_above, pc.headroom_fraction, pc.high_priority_below) == \
         (3.0, 30.0, 0.3, 0)
     assert pc.migration_interval_s == 0.05 and pc.scale_interval_s == 10.0
-    flags = {name: (p.dispatch, p.migrate, p.priority_headroom) for name in ("rr", "load", "kvferry", "kvferry-nopri")
+    flags = {name: (p.dispatch, p.migrate, p.priority_headroom) for name in ("rr", "load", "prefix", "kvferry", "kvferry-nopri")
              for p in [SchedulerConfig(policy=name).policy_config()]}
-    assert flags == {"rr": ("rr", False, False), "load": ("load", False, False), "kvferry": ("load", True, True),
-                     "kvferry-nopri": ("load", True, False)}
+    assert flags == {"rr": ("rr", False, False), "load": ("load", False, False), "prefix": ("prefix", False, False),
+                     "kvferry": ("cache", True, True), "kvferry-nopri": ("cache", True, False)}
     cfg = load_config(env={"KVFERRY_SCHEDULER_POLICY": "kvferry-nopri", "KVFERRY_SCHEDULER_MIGRATE_OUT_BELOW": "5",
                            "KVFERRY_SCHEDULER_SCALE_MAX_INSTANCES": "6", "KVFERRY_SCHEDULER_SCALING": "true"},
                       overrides={"scheduler": {"headroom_fraction": 0.5, "scale_interval_ms": 2500,

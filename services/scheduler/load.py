@@ -39,6 +39,7 @@ def instance_load(info: RegisterWorker, report: LoadReport | None, *, alive: boo
         num_running=report.num_running,
         num_waiting=report.num_waiting,
         head_of_line_blocks=report.head_of_line_blocks,
+        queued_prefill_tokens=report.queued_prefill_tokens,
         requests=requests,
         draining=draining or report.draining,
         alive=alive,

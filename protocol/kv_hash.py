@@ -1,12 +1,14 @@
-"""Content hashes of full KV blocks, the keys of the prefix cache (design §4).
+"""Content hashes of full KV blocks: the keys of the prefix cache, of KV events and of
+cache-aware dispatch (design §4).
 
 Block i of a request is identified by a chain: h_i = H(h_{i-1}, the block's token ids), with
-h_{-1} = the request's root, H(model, dtype, cache_salt): two blocks have the same hash exactly
-when they hold the same tokens after the same prefix, under a model and dtype that give them the
-same KV, for the same tenant salt. BLAKE2b truncated to 64 bits: stable across processes and
-machines (unlike Python's `hash` of str), so workers, the scheduler and frontends can compare
-hashes; at 2^-64 per pair a collision is far less likely than a hardware fault. Pure Python, no
-torch: the frontend hashes prompts too.
+h_{-1} = the request's root, H(namespace, cache_salt), and the namespace H(model, dtype): two
+blocks have the same hash exactly when they hold the same tokens after the same prefix, under a
+model and dtype that give them the same KV, for the same tenant salt. A worker announces its
+namespace and block size when it registers, so the frontend computes the very keys the engines
+store without knowing their model or dtype, and hashes of other models never match. BLAKE2b
+truncated to 64 bits: stable across processes and machines (unlike Python's `hash` of str); at
+2^-64 per pair a collision is far less likely than a hardware fault. Pure Python, no torch.
 """
 
 from __future__ import annotations
@@ -22,9 +24,20 @@ def _h(data: bytes) -> int:
     return int.from_bytes(hashlib.blake2b(data, digest_size=HASH_BYTES).digest(), "little")
 
 
+def namespace_hash(model: str, dtype: str) -> int:
+    """What, besides tokens and salt, decides a block's KV: the model (with anything that picks its
+    weights) and the KV dtype. Never 0 (0 on the wire means "no prefix caching")."""
+    return _h(b"kvferry-kv-ns-1\0" + model.encode() + b"\0" + dtype.encode()) or 1
+
+
+def root_from_namespace(namespace: int, cache_salt: str = "") -> int:
+    """The parent of a request's first block."""
+    return _h(b"kvferry-kv-1\0" + namespace.to_bytes(HASH_BYTES, "little") + cache_salt.encode())
+
+
 def root_hash(model: str, dtype: str, cache_salt: str = "") -> int:
     """The parent of a request's first block: what, besides the tokens, decides its KV."""
-    return _h(b"kvferry-kv-1\0" + model.encode() + b"\0" + dtype.encode() + b"\0" + cache_salt.encode())
+    return root_from_namespace(namespace_hash(model, dtype), cache_salt)
 
 
 def block_hash(parent: int, tokens: Sequence[int]) -> int:
