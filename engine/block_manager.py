@@ -17,12 +17,27 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 from engine.errors import OutOfBlocksError
 
 
 def blocks_for(num_tokens: int, block_size: int) -> int:
     return (num_tokens + block_size - 1) // block_size
+
+
+@dataclass
+class KvEventBatch:
+    """What changed in the cache since the last batch, as net effects: hashes now cached
+    (`stored`) and hashes no longer cached (`removed`). With `reset`, `stored` is every cached
+    hash and the receiver forgets what it knew first (after an overflow of the pending events)."""
+
+    stored: list[int] = field(default_factory=list)
+    removed: list[int] = field(default_factory=list)
+    reset: bool = False
+
+    def __bool__(self) -> bool:
+        return bool(self.stored or self.removed or self.reset)
 
 
 class BlockManager:
@@ -42,6 +57,11 @@ class BlockManager:
         self._by_hash: dict[int, int] = {}  # content hash → its registered block
         self._evictable: OrderedDict[int, None] = OrderedDict()  # registered, unowned; oldest first
         self.evictions = 0
+        # KV events (off until someone drains them): hash → True stored / False removed, net of
+        # everything since the last drain; past `_events_cap` pending hashes, the next drain resets.
+        self._events: dict[int, bool] | None = None
+        self._events_cap = 4 * num_blocks
+        self._events_overflow = False
 
     # ---- queries ----------------------------------------------------------------------
 
@@ -96,8 +116,10 @@ class BlockManager:
             b = self._free.pop()
         else:
             b, _ = self._evictable.popitem(last=False)  # the least recently released cached block
-            del self._by_hash[self._hash_of.pop(b)]
+            h = self._hash_of.pop(b)
+            del self._by_hash[h]
             self.evictions += 1
+            self._note(h, False)
         self._refs[b] = 1
         return b
 
@@ -137,7 +159,42 @@ class BlockManager:
             raise OutOfBlocksError(f"block {block} is not owned")
         self._hash_of[block] = content_hash
         self._by_hash[content_hash] = block
+        self._note(content_hash, True)
         return True
+
+    # ---- KV events ----------------------------------------------------------------------
+
+    def cached_hashes(self) -> list[int]:
+        """Every hash cached now (owned or not)."""
+        return list(self._by_hash)
+
+    def enable_events(self) -> None:
+        """Start recording KV events; the first drain is a reset with the whole cache."""
+        if self._events is None:
+            self._events = {}
+            self._events_overflow = True
+
+    def drain_events(self) -> KvEventBatch:
+        """The KV events since the last drain (empty when events are off)."""
+        if self._events is None:
+            return KvEventBatch()
+        if self._events_overflow:
+            batch = KvEventBatch(stored=self.cached_hashes(), reset=True)
+        else:
+            batch = KvEventBatch(stored=[h for h, on in self._events.items() if on],
+                                 removed=[h for h, on in self._events.items() if not on])
+        self._events = {}
+        self._events_overflow = False
+        return batch
+
+    def _note(self, h: int, stored: bool) -> None:
+        ev = self._events
+        if ev is None or self._events_overflow:
+            return
+        ev[h] = stored
+        if len(ev) > self._events_cap:
+            self._events_overflow = True  # the cache changed too much: resend it whole
+            ev.clear()
 
     def free(self, owner: str) -> int:
         """Let go of all of `owner`'s blocks; returns how many it held. Blocks no other owner holds

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from protocol.kv_hash import namespace_hash, root_from_namespace
-from engine.block_manager import BlockManager, blocks_for
+from engine.block_manager import BlockManager, KvEventBatch, blocks_for
 from engine.config import EngineConfig, ModelConfig
 from engine.errors import InvalidRequestError, MigrationError, OutOfBlocksError
 from engine.kv_cache import KVCache
@@ -156,6 +156,14 @@ class LLMEngine:
         if not self.config.prefix_caching:
             return 0
         return namespace_hash(f"{self.model_name}@{self.config.seed}", self.config.dtype)
+
+    def enable_kv_events(self) -> None:
+        """Record which block hashes the prefix cache stores and evicts (see take_kv_events)."""
+        self.blocks.enable_events()
+
+    def take_kv_events(self) -> KvEventBatch:
+        """The cache's changes since the last call (a reset with the whole cache first)."""
+        return self.blocks.drain_events()
 
     def num_waiting(self) -> int:
         return len(self.scheduler.waiting)

@@ -165,3 +165,31 @@ def test_integrity_catches_unknown_owner():
     bm = _healthy()
     with pytest.raises(AssertionError, match=r"unknown owners: \['b'\]"):
         bm.check_integrity({"a"})
+
+
+def test_kv_events_are_net_effects_and_reset_after_an_overflow() -> None:
+    from engine.block_manager import KvEventBatch
+    bm = BlockManager(4, 2)
+    assert bm.drain_events() == KvEventBatch()  # off until enabled
+    bm.allocate("a", 2)
+    a0, a1 = bm.table("a")
+    bm.register(a0, 10)
+    bm.enable_events()
+    assert bm.drain_events() == KvEventBatch(stored=[10], reset=True)  # first: the whole cache
+    bm.register(a1, 11)
+    bm.free("a")
+    bm.allocate("b", 4)  # evicts both cached blocks
+    assert bm.drain_events() == KvEventBatch(removed=[11, 10])  # the tail was released first
+    b0 = bm.table("b")[0]
+    bm.register(b0, 12)
+    assert bm.drain_events() == KvEventBatch(stored=[12])
+    assert not bm.drain_events()
+    bm.free("b")
+    for i in range(20):  # more changes than 4 x num_blocks pending: the next drain resets
+        bm.allocate("c", 1)
+        bm.register(bm.table("c")[0], 100 + i)
+        bm.free("c")
+        bm.allocate("d", 4)
+        bm.free("d")
+    assert bm.drain_events() == KvEventBatch(stored=bm.cached_hashes(), reset=True)
+    bm.check_integrity()
