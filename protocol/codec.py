@@ -160,11 +160,13 @@ def decode(data: bytes | bytearray | memoryview, allowed: Allowed = None,
     try:
         return _body_decoder(cls).decode(env.body)
     except msgspec.ValidationError as exc:
-        raise ValidationError(f"invalid {env.t}: {exc}", reply_to=_probe_msg_id(env.body)) from None
+        err: ProtocolError = ValidationError(f"invalid {env.t}: {exc}", reply_to=_probe_msg_id(env.body))
     except msgspec.DecodeError as exc:
-        raise MalformedMessage(f"malformed {env.t}: {exc}") from None
+        err = MalformedMessage(f"malformed {env.t}: {exc}")
     except Exception as exc:  # noqa: BLE001 - RecursionError, and anything unforeseen
-        raise MalformedMessage(f"malformed {env.t}: {type(exc).__name__}") from None
+        err = MalformedMessage(f"malformed {env.t}: {type(exc).__name__}")
+    err.msg_type = env.t  # the receiver may act on whom it concerns (e.g. a bad KvEvents: resync)
+    raise err
 
 
 def decode_as(data: bytes | bytearray | memoryview, cls: type[M], max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> M:

@@ -12,10 +12,12 @@ class ProtocolError(Exception):
     """Base of every protocol error.
 
     `reply_to` is the msg_id of the offending request when it could be read (so an ErrorReply
-    still correlates), and `peer` the ROUTER identity it came from (set by the socket wrappers).
+    still correlates), `peer` the ROUTER identity it came from (set by the socket wrappers), and
+    `msg_type` the type tag when the envelope named a known type whose body is bad.
     """
 
     code = "protocol_error"
+    msg_type: str | None = None
 
     def __init__(self, message: str, *, reply_to: str | None = None, peer: bytes | None = None) -> None:
         super().__init__(message)

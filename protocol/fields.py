@@ -32,9 +32,12 @@ MAX_TENSORS = 1024
 MAX_TENSOR_DIMS = 8
 MAX_GENERATOR_STATE_BYTES = 1 << 16  # a CPU torch.Generator state is ~5 KB, a CUDA one 16 bytes
 MAX_BATCHES_PER_MESSAGE = 1 << 14
+MAX_KV_EVENT_HASHES = 4096  # stored (and removed) hashes per KvEvents: a bigger batch is split
+MAX_BLOCK_HASHES = 1 << 16  # a prompt's block hashes in a DispatchRequest (its leading blocks beyond are not sent)
 
 INT32_MIN, INT32_MAX = -(1 << 31), (1 << 31) - 1
 INT64_MAX = (1 << 63) - 1
+UINT64_MAX = (1 << 64) - 1
 
 # Printable ASCII without spaces or quotes: ids end up in logs, metrics labels and shell commands.
 Id = Annotated[str, Meta(min_length=1, max_length=MAX_ID_LEN, pattern=r"^[A-Za-z0-9_.:@/+=\-]+$")]
@@ -53,8 +56,13 @@ PositiveCount = Annotated[int, Meta(ge=1, le=MAX_BLOCKS)]
 Priority = Annotated[int, Meta(ge=INT32_MIN, le=INT32_MAX)]  # lower is served first
 EpochMs = Annotated[int, Meta(ge=0, le=1 << 53)]  # wall-clock time.time() in milliseconds
 Seq = Annotated[int, Meta(ge=0, le=INT64_MAX)]
+# A KV block's content hash, or a hash namespace (protocol/kv_hash.py): 64 bits, 0 = none. No
+# upper bound here (msgspec bounds only int64): msgpack's integers end at UINT64_MAX anyway.
+BlockHash = Annotated[int, Meta(ge=0)]
 
 TokenId = Annotated[int, Meta(ge=0, le=MAX_TOKEN_ID)]
 TokenIds = Annotated[list[TokenId], Meta(max_length=MAX_PROMPT_TOKENS)]
 BlockIds = Annotated[list[Annotated[int, Meta(ge=0, le=MAX_BLOCKS)]], Meta(max_length=MAX_PROMPT_TOKENS)]
 IdList = Annotated[list[Id], Meta(max_length=MAX_INSTANCES)]
+KvEventHashes = Annotated[list[BlockHash], Meta(max_length=MAX_KV_EVENT_HASHES)]
+BlockHashes = Annotated[list[BlockHash], Meta(max_length=MAX_BLOCK_HASHES)]

@@ -452,10 +452,11 @@ class Requester:
 # ---- serving -------------------------------------------------------------------------------------
 
 Handler = Callable[[Received], Awaitable[Message | None]]
+InvalidHandler = Callable[[ProtocolError], Message | None]
 
 
 async def serve(sock: MessageSocket, handler: Handler, *, reject_expired: bool = True,
-                first: tuple[type, ...] = (), batch: int = 256) -> None:
+                first: tuple[type, ...] = (), batch: int = 256, on_invalid: InvalidHandler | None = None) -> None:
     """Receive forever, calling `handler` for each valid message; its return value (if any) is
     sent back to the sender. Invalid input, handler exceptions and expired requests become an
     ErrorReply to the sender (ROUTER sockets; other socket types only log). Never returns unless
@@ -463,7 +464,10 @@ async def serve(sock: MessageSocket, handler: Handler, *, reject_expired: bool =
 
     Each wake-up takes every message already queued (up to `batch`); those whose type is in
     `first` are handled before the rest, so latency-critical requests do not wait behind a burst
-    of bulk traffic (the scheduler's dispatches behind load reports)."""
+    of bulk traffic (the scheduler's dispatches behind load reports).
+
+    `on_invalid(error)` sees each invalid message's ProtocolError (with `peer`, and `msg_type` when
+    the type was known) after the ErrorReply; a message it returns goes to that peer too."""
     can_reply = sock.is_router or sock.raw.type in (zmq.DEALER, zmq.PAIR)
     while True:
         try:
@@ -473,11 +477,11 @@ async def serve(sock: MessageSocket, handler: Handler, *, reject_expired: bool =
         items.extend(await sock.recv_queued(batch - 1))
         if not first:
             for item in items:
-                await _serve_one(sock, handler, item, reject_expired, can_reply)
+                await _serve_one(sock, handler, item, reject_expired, can_reply, on_invalid)
             continue
         pending = deque(_urgent_first(items, first))
         while pending:
-            await _serve_one(sock, handler, pending.popleft(), reject_expired, can_reply)
+            await _serve_one(sock, handler, pending.popleft(), reject_expired, can_reply, on_invalid)
             if pending and sock.raw.get(zmq.EVENTS) & zmq.POLLIN:
                 # Something arrived while we worked through the batch: an urgent one jumps ahead.
                 pending = deque(_urgent_first([*pending, *await sock.recv_queued(batch)], first))
@@ -488,10 +492,19 @@ def _urgent_first(items: list[Received | ProtocolError], first: tuple[type, ...]
 
 
 async def _serve_one(sock: MessageSocket, handler: Handler, item: Received | ProtocolError,
-                     reject_expired: bool, can_reply: bool) -> None:
+                     reject_expired: bool, can_reply: bool, on_invalid: InvalidHandler | None = None) -> None:
     if isinstance(item, ProtocolError):
         if sock.is_router:
             await sock.send_error(item)
+        if on_invalid is not None:
+            try:
+                extra = on_invalid(item)
+                if extra is not None and sock.is_router and item.peer is not None:
+                    await sock.send(extra, peer=item.peer, timeout_s=1.0)
+            except ProtocolError as exc:
+                log.warning("%s: could not answer an invalid message: %s", sock.name, exc)
+            except Exception:  # noqa: BLE001 - the loop keeps serving
+                log.exception("%s: on_invalid failed", sock.name)
         return
     rec = item
     msg_id = getattr(rec.msg, "msg_id", None)

@@ -19,6 +19,7 @@ from protocol.fields import (
     MAX_BATCHES_PER_MESSAGE,
     MAX_INSTANCES,
     MAX_REQUESTS_PER_INSTANCE,
+    BlockHash,
     Count,
     EpochMs,
     Endpoint,
@@ -71,11 +72,15 @@ class RequestMoved(Message, kw_only=True, frozen=True):
 # ---- scheduler replies ---------------------------------------------------------------------------
 
 class DispatchReply(ReplyMessage, kw_only=True, frozen=True):
-    """Send the request to this worker (its control endpoint)."""
+    """Send the request to this worker (its control endpoint). `kv_namespace` and `kv_block_size`:
+    how the cluster's workers hash KV blocks (those of most of them; 0: no prefix caching), for the
+    frontend to send the block hashes of its next prompts (DispatchRequest.block_hashes)."""
 
     request_id: Id
     worker_id: Id
     worker_address: Endpoint
+    kv_namespace: BlockHash = 0
+    kv_block_size: Count = 0
 
 
 class InstanceStatus(msgspec.Struct, kw_only=True, frozen=True):
@@ -97,6 +102,8 @@ class InstanceStatus(msgspec.Struct, kw_only=True, frozen=True):
     last_report_ms: EpochMs = 0
     registered_ms: EpochMs = 0  # when it (last) registered: a restarted worker registers anew
     pid: Count = 0  # its process id, as it registered
+    cached_blocks: Count = 0  # blocks in its prefix cache, as it reported
+    indexed_blocks: Count = 0  # of its cached blocks, those the scheduler's prefix index holds
 
     @property
     def used_blocks(self) -> int:

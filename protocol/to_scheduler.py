@@ -1,6 +1,7 @@
 """Messages the global scheduler receives.
 
-From workers: RegisterWorker (→ RegisterReply), LoadReport, Heartbeat, Deregister, MigrationResult.
+From workers: RegisterWorker (→ RegisterReply), LoadReport, KvEvents (→ nothing, or ResyncKvEvents
+when the scheduler lost track), Heartbeat, Deregister, MigrationResult.
 From frontends and `kvferry ctl`: DispatchRequest (→ DispatchReply), StatusRequest
 (→ StatusReply), MigrateRequestTo / DrainInstance / UndrainInstance (→ Ack).
 From a worker pool manager (`kvferry up --scaling`): ScaleQuery (→ ScaleAdvice). Any request may
@@ -17,10 +18,13 @@ from protocol.base import Message, RequestMessage
 from protocol.common import Heartbeat, Ping
 from protocol.fields import (
     MAX_REQUESTS_PER_INSTANCE,
+    BlockHash,
+    BlockHashes,
     Count,
     EpochMs,
     Id,
     IdList,
+    KvEventHashes,
     Name,
     NonNegInt,
     PositiveCount,
@@ -48,6 +52,9 @@ class RegisterWorker(RequestMessage, kw_only=True, frozen=True):
     kv_bytes_per_block: Count = 0  # migration only pairs workers with equal KV layouts
     max_running: Count | None = None  # the worker refuses new requests beyond this many
     pid: NonNegInt = 0
+    # The namespace of its block hashes (protocol.kv_hash.namespace_hash): with block_size, what a
+    # frontend hashes prompts with; 0: no prefix caching (it sends no KvEvents).
+    kv_namespace: BlockHash = 0
 
 
 class LoadReport(Message, kw_only=True, frozen=True):
@@ -66,6 +73,7 @@ class LoadReport(Message, kw_only=True, frozen=True):
     num_preemptions: Count = 0  # cumulative
     head_of_line_blocks: Count = 0  # blocks the first queued request needs (0: none queued)
     queued_prefill_tokens: Count = 0  # prompt tokens still to prefill (waiting, and unfinished chunked prefills)
+    num_cached_blocks: Count = 0  # blocks in its prefix cache (owned or not)
     requests: Annotated[list[RequestLoadEntry], Meta(max_length=MAX_REQUESTS_PER_INSTANCE)] = []
     draining: bool = False
     max_running: Count | None = None
@@ -75,6 +83,21 @@ class LoadReport(Message, kw_only=True, frozen=True):
     def __post_init__(self) -> None:
         if self.free_blocks > self.total_blocks:
             raise ValueError("free_blocks exceeds total_blocks")
+
+
+class KvEvents(Message, kw_only=True, frozen=True):
+    """The block hashes a worker's prefix cache stored and evicted since its previous KvEvents (net
+    effects), sent with the load reports. `seq` counts a worker's KvEvents from 0, one by one, for
+    as long as the process lives; the scheduler applies them in order and asks for a resync
+    (ResyncKvEvents) when one is missing. `reset`: forget what this worker held, `stored` is (the
+    start of) its whole cache; a batch too big for one message is split into consecutive ones,
+    only the first with `reset`. A worker sends a reset after every registration."""
+
+    worker_id: Id
+    seq: Seq
+    reset: bool = False
+    stored: KvEventHashes = []
+    removed: KvEventHashes = []
 
 
 class Deregister(Message, kw_only=True, frozen=True):
@@ -107,7 +130,10 @@ class MigrationResult(Message, kw_only=True, frozen=True):
 class DispatchRequest(RequestMessage, kw_only=True, frozen=True):
     """Where should this new (or resumed) request go? Answered by DispatchReply or ErrorReply(unavailable).
 
-    The scheduler needs sizes, not tokens: it is never on the token path.
+    The scheduler needs sizes, not tokens: it is never on the token path. `block_hashes`: the
+    content hashes of the prompt's full blocks (protocol.kv_hash.prompt_hashes, the leading
+    MAX_BLOCK_HASHES at most), computed with the hashing parameters `kv_namespace` and
+    `kv_block_size` a DispatchReply announced; empty until the frontend knows them.
     """
 
     request_id: Id
@@ -116,6 +142,9 @@ class DispatchRequest(RequestMessage, kw_only=True, frozen=True):
     max_tokens: PositiveCount = 16
     frontend_id: Id
     exclude_workers: IdList = []  # e.g. the worker that just failed this request
+    block_hashes: BlockHashes = []
+    kv_namespace: BlockHash = 0
+    kv_block_size: Count = 0
 
 
 class StatusRequest(RequestMessage, kw_only=True, frozen=True):
@@ -156,7 +185,7 @@ class ScaleQuery(RequestMessage, kw_only=True, frozen=True):
 
 
 SchedulerInbound = Union[
-    RegisterWorker, LoadReport, Heartbeat, Deregister, MigrationResult,
+    RegisterWorker, LoadReport, KvEvents, Heartbeat, Deregister, MigrationResult,
     DispatchRequest, StatusRequest, MigrateRequestTo, DrainInstance, UndrainInstance, ScaleQuery, Ping,
 ]
 """Everything the scheduler's ROUTER socket accepts: pass as `allowed` to decode / sockets."""

@@ -4,7 +4,8 @@ On its control socket (WorkerControlInbound):
 - from frontends: AddRequest (→ Ack, or ErrorReply overloaded/refused), AbortRequest (→ Ack), Heartbeat;
 - from the scheduler: MigrateCommand, CancelMigration, Drain, Shutdown (→ Ack), Ping (→ Pong).
 
-On its DEALER to the scheduler (WorkerSchedulerReplies): RegisterReply, Ack, Pong, ErrorReply.
+On its DEALER to the scheduler (WorkerSchedulerReplies): RegisterReply, Ack, Pong, ErrorReply, and
+ResyncKvEvents (the scheduler lost track of its KvEvents).
 
 On its migration socket, as destination (WorkerMigrationInbound), from the source worker:
 MigrateReserve (→ ReserveReply), MigrateBlocks + tensor frames (→ BlocksAck), MigrateCommit
@@ -80,6 +81,14 @@ class RegisterReply(ReplyMessage, kw_only=True, frozen=True):
     scheduler_id: Id
     heartbeat_interval_ms: PositiveCount = 500
     report_interval_ms: PositiveCount = 50
+    reason: Text = ""
+
+
+class ResyncKvEvents(Message, kw_only=True, frozen=True):
+    """Scheduler → worker, on the worker's DEALER (an answer to a KvEvents that it could not apply:
+    a gap in the sequence, a malformed message): send your whole prefix cache again, as a reset."""
+
+    scheduler_id: Id
     reason: Text = ""
 
 
@@ -221,7 +230,7 @@ WorkerControlInbound = Union[
 WorkerMigrationInbound = Union[MigrateReserve, MigrateBlocks, MigrateCommit, MigrateAbort, Ping]
 """Everything a worker's migration ROUTER accepts (the destination role)."""
 
-WorkerSchedulerReplies = Union[RegisterReply, Ack, Pong, ErrorReply]
+WorkerSchedulerReplies = Union[RegisterReply, ResyncKvEvents, Ack, Pong, ErrorReply]
 """What a worker receives back on its DEALER to the scheduler."""
 
 WorkerMigrationReplies = Union[ReserveReply, BlocksAck, CommitAck, MigrateAbort, Pong, ErrorReply]
