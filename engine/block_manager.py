@@ -174,11 +174,12 @@ class BlockManager:
             self._events = {}
             self._events_overflow = True
 
-    def drain_events(self) -> KvEventBatch:
-        """The KV events since the last drain (empty when events are off)."""
+    def drain_events(self, reset: bool = False) -> KvEventBatch:
+        """The KV events since the last drain (empty when events are off); with `reset` (a
+        receiver lost track), a reset with the whole cache whatever happened since."""
         if self._events is None:
             return KvEventBatch()
-        if self._events_overflow:
+        if self._events_overflow or reset:
             batch = KvEventBatch(stored=self.cached_hashes(), reset=True)
         else:
             batch = KvEventBatch(stored=[h for h, on in self._events.items() if on],

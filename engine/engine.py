@@ -70,6 +70,10 @@ class EngineStats:
     num_cached_blocks: int = 0
     prefix_query_tokens: int = 0
     prefix_hit_tokens: int = 0
+    # Prompt tokens still to prefill: waiting requests' uncomputed tokens, and the rest of running
+    # requests' unfinished (chunked, or recomputing) prefills. Cached blocks a waiting request
+    # will reuse are not subtracted (they are looked up at admission).
+    queued_prefill_tokens: int = 0
 
 
 class LLMEngine:
@@ -161,9 +165,10 @@ class LLMEngine:
         """Record which block hashes the prefix cache stores and evicts (see take_kv_events)."""
         self.blocks.enable_events()
 
-    def take_kv_events(self) -> KvEventBatch:
-        """The cache's changes since the last call (a reset with the whole cache first)."""
-        return self.blocks.drain_events()
+    def take_kv_events(self, resync: bool = False) -> KvEventBatch:
+        """The cache's changes since the last call (a reset with the whole cache first, and
+        whenever `resync` asks for one)."""
+        return self.blocks.drain_events(reset=resync)
 
     def num_waiting(self) -> int:
         return len(self.scheduler.waiting)
@@ -221,7 +226,7 @@ class LLMEngine:
             num_preemptions=s.num_preemptions,
             head_of_line_blocks=blocks_for(head.num_tokens, self.blocks.block_size) if head else 0,
             num_cached_blocks=self.blocks.num_cached, prefix_query_tokens=s.prefix_query_tokens,
-            prefix_hit_tokens=s.prefix_hit_tokens,
+            prefix_hit_tokens=s.prefix_hit_tokens, queued_prefill_tokens=s.queued_prefill_tokens(),
         )
         if per_request:
             st.requests = [RequestLoad(r.request_id, r.status.value, r.priority, r.num_tokens,

@@ -10,6 +10,10 @@ copies `read_blocks` → `write_blocks` by `block_table`, `detach_request`s the 
 stage and hands its state to the destination's `commit_request`; `release` frees what a side
 holds (a source's detached request, a destination's reservation), `reattach_request` undoes a
 detach when the migration is aborted.
+
+KV events (design §4) are optional: an engine with a prefix cache that reports its changes also
+implements `KvEventSource`; `kv_event_source(engine)` is how services ask (None for the others,
+e.g. the vLLM engine, or prefix caching off: such a worker announces namespace 0, sends no events).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 if TYPE_CHECKING:
     import torch
 
+    from engine.block_manager import KvEventBatch
     from engine.engine import EngineStats
     from engine.request import MigrationView, RequestOutput, SamplingParams
     from protocol.payloads import MigratableState
@@ -84,3 +89,28 @@ class Engine(Protocol):
     def reattach_request(self, request_id: str) -> None: ...
 
     def release(self, key: str) -> int: ...
+
+
+@runtime_checkable
+class KvEventSource(Protocol):
+    """An engine whose prefix cache reports the block hashes it stores and evicts."""
+
+    @property
+    def kv_namespace(self) -> int:
+        """The namespace of its block hashes (protocol.kv_hash); 0: no prefix caching."""
+        ...
+
+    def enable_kv_events(self) -> None:
+        """Start recording; the first `take_kv_events` is a reset with the whole cache."""
+        ...
+
+    def take_kv_events(self, resync: bool = False) -> "KvEventBatch":
+        """The net changes since the last call; with `resync`, a reset with the whole cache."""
+        ...
+
+
+def kv_event_source(engine: object) -> KvEventSource | None:
+    """`engine` as a KvEventSource when it caches prefixes and reports them; None otherwise."""
+    if isinstance(engine, KvEventSource) and engine.kv_namespace:
+        return engine
+    return None

@@ -95,6 +95,12 @@ class Scheduler:
         self.num_preemptions += 1
         self.add_waiting(req)
 
+    def queued_prefill_tokens(self) -> int:
+        """Tokens still to prefill: every waiting request's uncomputed ones, and those of running
+        requests amid a (chunked or recomputing) prefill; a decode's one pending token is not."""
+        queued = sum(r.num_tokens - r.num_computed_tokens for r in self.waiting)
+        return queued + sum(n for r in self.running if (n := r.num_tokens - r.num_computed_tokens) > 1)
+
     @property
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)

@@ -262,6 +262,31 @@ async def test_scheduler_restart_makes_the_worker_register_again(cluster):
     assert fin.finish_reason == "length" and len(cluster.frontend.tokens["through"]) == 60
 
 
+async def test_kv_events_reach_the_scheduler_with_a_reset_after_registering_and_on_request(cluster):
+    from protocol import KvEvents, ResyncKvEvents
+    from protocol.kv_hash import prompt_hashes, root_from_namespace
+
+    await cluster.start_worker(*SIM)
+    reg = await cluster.scheduler.wait_for(lambda m: isinstance(m, RegisterWorker))
+    assert reg.kv_namespace  # the sim engine caches prefixes
+    first = await cluster.scheduler.wait_for(lambda m: isinstance(m, KvEvents))
+    assert first.reset and first.seq == 0 and first.worker_id == "worker-0"
+    prompt = list(range(1, 66))  # 4 full blocks
+    assert isinstance(await cluster.call(cluster.add("p", prompt=prompt, max_tokens=2)), Ack)
+    await cluster.frontend.finished("p")
+    want = set(prompt_hashes(prompt, 16, root_from_namespace(reg.kv_namespace)))
+    stored = await cluster.scheduler.wait_for(lambda m: isinstance(m, KvEvents) and want <= set(m.stored))
+    assert not stored.reset
+    await cluster.scheduler.wait_for(lambda m: isinstance(m, LoadReport) and m.num_cached_blocks >= 4)
+    seqs = [m.seq for m in cluster.scheduler.messages if isinstance(m, KvEvents)]
+    assert seqs == list(range(len(seqs)))  # consecutive from 0
+    # the scheduler lost track: it asks, the worker sends its whole cache again
+    start = len(cluster.scheduler.messages)
+    await cluster.scheduler.sock.send(ResyncKvEvents(scheduler_id="sched-1", reason="test"), peer=b"worker-0")
+    again = await cluster.scheduler.wait_for(lambda m: isinstance(m, KvEvents) and m.reset, start=start)
+    assert want <= set(again.stored) and again.seq > seqs[-1]
+
+
 async def test_silent_scheduler_is_detected_by_heartbeat_timeout(cluster):
     await cluster.start_worker(*SIM, env={"KVFERRY_SCHEDULER_HEARTBEAT_TIMEOUT_MS": "600"})
     w = cluster.workers[0]

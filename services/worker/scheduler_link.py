@@ -12,14 +12,18 @@ The worker keeps serving its requests while the scheduler is away; only the repo
 
 Liveness: every heartbeat interval the link sends a one-way Heartbeat and a Ping (the Pong is
 what proves the scheduler alive). Load reports go out after engine steps (`mark_dirty()`),
-at most every report interval, and at least every heartbeat interval when idle.
+at most every report interval, and at least every heartbeat interval when idle; each report is
+the worker's KvEvents since the last one followed by its LoadReport.
+
+KV events need a resync (the next batch a reset with the whole cache: `on_resync(reason)`) after
+every registration, when the scheduler sends ResyncKvEvents, and when a KvEvents could not leave.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 
 import zmq
 import zmq.asyncio
@@ -28,8 +32,9 @@ from protocol.base import now_ms
 from protocol.common import ErrorCode, ErrorReply, Heartbeat, Ping, Pong
 from protocol.errors import ProtocolError, RemoteError, RequestTimeout
 from protocol.sockets import MessageSocket, Received, Requester
-from protocol.to_scheduler import Deregister, LoadReport, RegisterWorker
-from protocol.to_worker import RegisterReply, WorkerSchedulerReplies
+from protocol.base import Message
+from protocol.to_scheduler import Deregister, KvEvents, RegisterWorker
+from protocol.to_worker import RegisterReply, ResyncKvEvents, WorkerSchedulerReplies
 from services.log import get_logger
 
 log = get_logger(__name__)
@@ -43,19 +48,22 @@ class SchedulerLink:
     """Keeps this worker registered with the scheduler and feeds it heartbeats and load reports.
 
     `make_register()` builds the RegisterWorker to send (fresh msg_id each call);
-    `make_report(seq)` builds a LoadReport from the engine's current stats.
+    `make_report(seq)` builds one report from the engine's current state: the messages to send in
+    order (KvEvents, then the LoadReport numbered `seq`). `on_resync(reason)`: KV events must be
+    sent whole again (see the module docstring).
     """
 
     def __init__(self, ctx: zmq.asyncio.Context, endpoint: str, worker_id: str,
                  make_register: Callable[[], RegisterWorker],
-                 make_report: Callable[[int], Awaitable[LoadReport]],
+                 make_report: Callable[[int], Awaitable[Sequence[Message]]],
                  heartbeat_interval_s: float = 0.5, report_interval_s: float = 0.05,
-                 heartbeat_timeout_s: float = 2.0) -> None:
+                 heartbeat_timeout_s: float = 2.0, on_resync: Callable[[str], None] | None = None) -> None:
         self.ctx = ctx
         self.endpoint = endpoint
         self.worker_id = worker_id
         self._make_register = make_register
         self._make_report = make_report
+        self._on_resync = on_resync or (lambda reason: None)
         self.heartbeat_interval_s = heartbeat_interval_s
         self.report_interval_s = report_interval_s
         self.heartbeat_timeout_s = heartbeat_timeout_s
@@ -151,6 +159,8 @@ class SchedulerLink:
                 log.warning("worker.scheduler_error", code=msg.code, message=msg.message)
         elif isinstance(msg, RegisterReply) and msg.scheduler_id != self.scheduler_id:
             self.reregister(f"a register reply from scheduler {msg.scheduler_id}")
+        elif isinstance(msg, ResyncKvEvents):
+            self._on_resync(f"scheduler {msg.scheduler_id} asked: {msg.reason}")
 
     async def send(self, msg: object) -> bool:
         """Send a one-way message (e.g. MigrationResult); False when it could not leave."""
@@ -193,6 +203,7 @@ class SchedulerLink:
             self.heartbeat_timeout_s = max(self.heartbeat_timeout_s, 3 * self.heartbeat_interval_s)
             self._last_heard = time.monotonic()
             self.registrations += 1
+            self._on_resync(f"registered with scheduler {reply.scheduler_id}")  # it knows none of our cache
             self._need_register.clear()
             self.registered.set()
             self._dirty.set()
@@ -260,12 +271,16 @@ class SchedulerLink:
                 continue
             self.report_seq += 1
             try:
-                report = await self._make_report(self.report_seq)
+                messages = await self._make_report(self.report_seq)
             except Exception as exc:  # noqa: BLE001 - e.g. the engine thread is busy; try again next time
                 log.warning("worker.report_failed", worker_id=self.worker_id, error=f"{type(exc).__name__}: {exc}")
                 continue
             self._last_report = time.monotonic()
-            await self._send(report)
+            for i, msg in enumerate(messages):
+                if not await self._send(msg):
+                    if any(isinstance(m, KvEvents) for m in messages[i:]):
+                        self._on_resync("KV events could not be sent")
+                    break  # the scheduler is away: the rest would not leave either
 
 
 async def _wait_event(event: asyncio.Event, timeout_s: float) -> None:

@@ -27,9 +27,11 @@ import time
 import zmq
 import zmq.asyncio
 
-from engine.engine import LLMEngine
+from engine.block_manager import KvEventBatch
+from engine.engine import EngineStats, LLMEngine
+from engine.interface import kv_event_source
 from engine.request import RequestOutput
-from protocol.base import now_ms
+from protocol.base import Message, now_ms
 from protocol.fields import MAX_REQUESTS_PER_INSTANCE
 from protocol.payloads import RequestLoadEntry, WorkerEndpoints
 from protocol.security import curve_keys, use_curve
@@ -44,6 +46,7 @@ from services.worker.control import ControlHandler
 from services.worker.engine_driver import EngineDriver
 from services.worker.engine_factory import EngineInfo, build_engine
 from services.worker.engine_metrics import register_engine_metrics, worker_health
+from services.worker.kv_events import KvEventPublisher
 from services.worker.metrics_http import MetricsServer, start_metrics_server
 from services.worker.migration.service import MigrationService
 from services.worker.scheduler_link import SchedulerLink
@@ -75,11 +78,16 @@ class Worker:
         self.ctx = use_curve(zmq.asyncio.Context(), curve)
         self.loop = asyncio.get_running_loop()
         self.driver = EngineDriver(engine, self.loop, self._on_outputs, self._on_step_error)
+        # KV events for the scheduler's prefix index: engines with a prefix cache only.
+        source = kv_event_source(engine)
+        self.kv_namespace = source.kv_namespace if source is not None else 0
+        self.kv_events = KvEventPublisher(self.worker_id, enabled=source is not None)
         self.link = SchedulerLink(
-            self.ctx, cfg.cluster.scheduler(), self.worker_id, self._register_message, self._load_report,
+            self.ctx, cfg.cluster.scheduler(), self.worker_id, self._register_message, self._report,
             heartbeat_interval_s=cfg.scheduler.heartbeat_interval_ms / 1000.0,
             report_interval_s=cfg.scheduler.report_interval_ms / 1000.0,
             heartbeat_timeout_s=cfg.scheduler.heartbeat_timeout_ms / 1000.0,
+            on_resync=self.kv_events.request_resync,
         )
         # What the parts below get instead of this object.
         self.context = WorkerContext(
@@ -113,6 +121,8 @@ class Worker:
                 self.cfg.cluster.http_host, self.cfg.worker.metrics_port + self.index, registry,
                 health=lambda: worker_health(self.context, self.health, self.loop))
         self.driver.start()
+        if self.kv_events.enabled:
+            await self.driver.call(lambda e: e.enable_kv_events(), timeout_s=30.0)
         self.migration.start()
         self.handler = ControlHandler(self.context, self.control, self.migration.source,
                                       set_draining=self.set_draining, request_stop=self.request_stop)
@@ -249,10 +259,24 @@ class Worker:
             host=socket.gethostname()[:256], engine=self.info.kind, model=self.info.model[:256],  # type: ignore[arg-type]
             total_blocks=self.info.total_blocks, block_size=self.info.block_size,
             kv_bytes_per_block=self.info.kv_bytes_per_block, max_running=self.max_running, pid=os.getpid(),
+            kv_namespace=self.kv_namespace,
         )
 
-    async def _load_report(self, seq: int) -> LoadReport:
-        stats = await self.driver.call(lambda e: e.stats(per_request=True), timeout_s=5.0)
+    async def _report(self, seq: int) -> list[Message]:
+        """One report: the KV events since the last one, then the LoadReport (one engine call)."""
+        kv = self.kv_events
+        resync = kv.take_resync()
+
+        def read(e: LLMEngine) -> tuple[EngineStats, KvEventBatch | None]:
+            return e.stats(per_request=True), e.take_kv_events(resync) if kv.enabled else None
+        try:
+            stats, batch = await self.driver.call(read, timeout_s=5.0)
+        except BaseException:
+            kv.request_resync("a load report failed")  # it may still run later, its events lost with it
+            raise
+        return [*kv.messages(batch), self._load_report(seq, stats)]
+
+    def _load_report(self, seq: int, stats: EngineStats) -> LoadReport:
         entries = [RequestLoadEntry(request_id=r.request_id, priority=r.priority, num_blocks=r.num_blocks,
                                     num_tokens=r.num_tokens, running=r.status == "running")
                    for r in stats.requests[:MAX_REQUESTS_PER_INSTANCE]]
@@ -260,6 +284,7 @@ class Worker:
             worker_id=self.worker_id, seq=seq, sent_ms=now_ms(), total_blocks=stats.num_blocks,
             free_blocks=stats.num_free_blocks, num_running=stats.num_running, num_waiting=stats.num_waiting,
             num_preemptions=stats.num_preemptions, head_of_line_blocks=stats.head_of_line_blocks,
+            queued_prefill_tokens=stats.queued_prefill_tokens, num_cached_blocks=stats.num_cached_blocks,
             requests=entries, draining=self.state.draining, max_running=self.max_running,
             num_migrations_in=len(self.migration.destination) if self.migration else 0,
             num_migrations_out=len(self.migration.source) if self.migration else 0,
