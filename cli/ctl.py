@@ -48,7 +48,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                        help=f"seconds to wait for the scheduler's answer (default: {timeout_s:g})")
 
     s = ctl.add_parser("status", help="every instance and request", description="Show every instance (blocks, "
-                       "running, waiting, freeness, alive, draining) and every request with its instance.")
+                       "cached blocks and those in the scheduler's prefix index, running, waiting, freeness, "
+                       "alive, draining) and every request with its instance.")
     s.add_argument("--json", action="store_true", help="print the scheduler's StatusReply as one JSON object "
                    "(infinite freeness as the strings \"inf\" / \"-inf\")")
     common(s)
@@ -153,7 +154,8 @@ def format_status(reply: Any, now_ms: int | None = None) -> str:
         age = f"{(now_ms - i.last_report_ms) / 1000:.1f}s ago" if i.last_report_ms else "never"
         registered = _fmt_ago(now_ms, i.registered_ms) if i.registered_ms else "-"
         rows.append([i.worker_id, "yes" if i.alive else "NO", "yes" if i.draining else "no", i.engine,
-                     f"{i.used_blocks}/{i.total_blocks}", str(i.free_blocks), str(i.num_running),
+                     f"{i.used_blocks}/{i.total_blocks}", str(i.free_blocks),
+                     f"{i.cached_blocks}/{i.indexed_blocks}", str(i.num_running),
                      str(i.num_waiting), _fmt_freeness(i.freeness), age, registered, str(i.pid or "-"),
                      i.endpoints.control])
     out = [f"scheduler {reply.scheduler_id}  policy {reply.policy}  instances {len(reply.instances)}  "
@@ -168,7 +170,8 @@ def format_status(reply: Any, now_ms: int | None = None) -> str:
                    f"{sc.scale_downs}  retiring {', '.join(sc.retiring) or '-'}  manager {sc.manager_id or '-'}")
     out.append("")
     if rows:
-        out.append(_table(rows, ["INSTANCE", "ALIVE", "DRAINING", "ENGINE", "USED/TOTAL", "FREE", "RUNNING",
+        out.append(_table(rows, ["INSTANCE", "ALIVE", "DRAINING", "ENGINE", "USED/TOTAL", "FREE", "CACHED/INDEXED",
+                                 "RUNNING",
                                  "WAITING", "FREENESS", "LAST REPORT", "REGISTERED", "PID", "CONTROL"]))
     else:
         out.append("no instances registered")

@@ -40,6 +40,9 @@ class SchedulerConfig:
     max_migrations_per_instance: int = 1  # in flight out of, and into, each instance
     migration_ack_timeout_ms: int = 2000  # a source must accept or refuse a MigrateCommand within this
     migration_timeout_ms: int = 60_000  # an accepted migration with no MigrationResult by then is forgotten
+    # Block hashes the prefix index keeps per instance (its least recently stored dropped beyond):
+    # bounds the index's memory (~100 bytes an entry); keep it at least the workers' KV blocks.
+    prefix_index_max_entries: int = 131_072
     # Policy thresholds (design §3), in freeness units (decode steps the batch can still take).
     migrate_out_below: float = 3.0  # kvferry*: an instance below this is a load-balancing migration source
     migrate_in_above: float = 30.0  # ... and one above this a destination

@@ -16,6 +16,11 @@ Conventions other services follow:
 - MigrateRequestTo is answered later, from a background task, once the source worker has accepted
   (Ack) or refused (ErrorReply) the MigrateCommand; invalid requests at once (services.scheduler.migrator).
 - ScaleQuery (from a pool manager) is answered by ScaleAdvice (services.scheduler.scaler).
+- KvEvents feed the prefix index (services.scheduler.kv_index); one that cannot be applied (a gap
+  in its worker's sequence, a reset still owed) is answered by ResyncKvEvents, and so is a
+  malformed one (`on_invalid`, from the serve loop). Dispatch matches a request's block hashes
+  against the index and lets the policy weigh each instance's cached prefix (policy.dispatch);
+  DispatchReply tells the frontend the cluster's hashing parameters.
 
 The policy (`SchedulerConfig.policy`, one of policy.POLICY_NAMES, with the config's thresholds)
 drives dispatch (with the request's priority), the migration round and the scaling decisions.
@@ -25,13 +30,14 @@ from __future__ import annotations
 
 import math
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
 import zmq
 
 from engine.block_manager import blocks_for
-from policy import DispatchState, dispatch, freeness
+from policy import DispatchState, dispatch, freeness, hit_tokens
 from protocol import (
     Ack,
     Deregister,
@@ -42,6 +48,7 @@ from protocol import (
     ErrorReply,
     Heartbeat,
     InstanceStatus,
+    KvEvents,
     LoadReport,
     MigrateRequestTo,
     MigrationResult,
@@ -50,6 +57,7 @@ from protocol import (
     RegisterReply,
     RegisterWorker,
     RequestLocation,
+    ResyncKvEvents,
     ScaleQuery,
     StatusReply,
     StatusRequest,
@@ -57,10 +65,12 @@ from protocol import (
     now_ms,
 )
 from protocol.base import Message
+from protocol.errors import ProtocolError
 from protocol.sockets import Received
 from services.config import SchedulerConfig
 from services.log import get_logger
 from services.scheduler.commands import CommandChannels
+from services.scheduler.kv_index import KvIndex
 from services.scheduler.migrator import Migrator
 from services.scheduler.registry import Registry, ReportOutcome, WorkerRecord
 from services.scheduler.scaler import Scaler
@@ -68,6 +78,7 @@ from services.scheduler.scaler import Scaler
 log = get_logger("kvferry.scheduler")
 
 UNKNOWN_WORKER_LOG_EVERY_S = 5.0  # an unknown worker reports every few ms: log it now and then
+MAX_REMEMBERED_HITS = 1 << 16  # dispatched requests whose chosen prefix hit is remembered (the latest)
 
 
 class SchedulerCore:
@@ -82,6 +93,8 @@ class SchedulerCore:
             raise ValueError("scheduler intervals and timeouts must be positive")
         if cfg.max_migrations_per_instance < 0:
             raise ValueError("max_migrations_per_instance must be 0 (no drain migrations) or more")
+        if cfg.prefix_index_max_entries < 1:
+            raise ValueError("prefix_index_max_entries must be at least 1")
         self.cfg = cfg
         self.scheduler_id = cfg.scheduler_id
         self.policy = cfg.policy
@@ -90,6 +103,10 @@ class SchedulerCore:
         self.registry = Registry(timeout_s=cfg.heartbeat_timeout_ms / 1000.0,
                                  keep_priority=pc.is_high if pc.priority_headroom else None)
         self.state = DispatchState()
+        self.kv = KvIndex(cfg.prefix_index_max_entries)
+        # request id → prompt tokens the chosen instance holds cached (dispatches that sent block
+        # hashes; the latest MAX_REMEMBERED_HITS), for metrics and logs.
+        self.dispatch_hits: OrderedDict[str, int] = OrderedDict()
         self.commands = commands
         self.clock = clock
         self.migrator = Migrator(cfg, self.registry, commands, clock, policy=pc)
@@ -98,6 +115,7 @@ class SchedulerCore:
         self._handlers: dict[type, Callable[[Received], Any]] = {
             RegisterWorker: self.on_register,
             LoadReport: self.on_load_report,
+            KvEvents: self.on_kv_events,
             Heartbeat: self.on_heartbeat,
             Deregister: self.on_deregister,
             MigrationResult: self.on_migration_result,
@@ -134,6 +152,7 @@ class SchedulerCore:
                                   message=f"cannot connect to control endpoint {msg.endpoints.control!r}: {exc}")
         record, known = self.registry.register(msg, rec.peer, self.clock(), now_ms())
         self.state.on_report(msg.worker_id)
+        self.kv.register(msg.worker_id, msg.kv_namespace, msg.block_size, self.clock())
         self._unknown_logged.pop(msg.worker_id, None)
         if self.commands is not None:
             if record.draining:  # a drain the operator asked for survives the worker's restart
@@ -155,6 +174,30 @@ class SchedulerCore:
         if outcome is ReportOutcome.STALE:
             return None
         return self._unknown_worker(msg.worker_id, "LoadReport")
+
+    def on_kv_events(self, rec: Received) -> Message | None:
+        msg: KvEvents = rec.msg
+        if self.registry.live(msg.worker_id) is None:
+            self.kv.dropped += 1
+            return self._unknown_worker(msg.worker_id, "KvEvents")
+        reason = self.kv.apply(msg, self.clock())
+        return None if reason is None else self._resync(msg.worker_id, reason)
+
+    def on_invalid(self, exc: ProtocolError) -> Message | None:
+        """A message the serve loop could not decode (it logged it and sent an ErrorReply): a
+        worker's malformed KvEvents leaves its part of the index unknown, so resync it."""
+        if exc.msg_type != KvEvents.tag() or exc.peer is None:
+            return None
+        record = self.registry.get(exc.peer.decode("utf-8", "replace"))  # a worker's DEALER id: its worker id
+        if record is None or record.peer != exc.peer or not record.alive:
+            self.kv.dropped += 1
+            return None
+        reason = self.kv.invalid(record.worker_id, self.clock())
+        return None if reason is None else self._resync(record.worker_id, reason)
+
+    def _resync(self, worker_id: str, reason: str) -> ResyncKvEvents:
+        log.info("kv.resync_asked", worker_id=worker_id, reason=reason)
+        return ResyncKvEvents(scheduler_id=self.scheduler_id, reason=reason[:256])
 
     def on_heartbeat(self, rec: Received) -> Message | None:
         msg: Heartbeat = rec.msg
@@ -179,6 +222,7 @@ class SchedulerCore:
         msg: Deregister = rec.msg
         record = self.registry.remove(msg.worker_id, now=self.clock())
         self.state.on_report(msg.worker_id)
+        self.kv.forget(msg.worker_id)
         if self.commands is not None:
             self.commands.close(msg.worker_id)
         log.info("worker.deregistered", worker_id=msg.worker_id, reason=msg.reason, known=record is not None)
@@ -200,9 +244,11 @@ class SchedulerCore:
         dead = self.registry.sweep(now)
         for record in dead:
             self.state.on_report(record.worker_id)
+            self.kv.forget(record.worker_id)
             log.warning("worker.dead", worker_id=record.worker_id,
                         silent_s=round(now - record.last_heard, 3), alive_workers=self.registry.num_alive)
         for wid in self.registry.forget_dead(now, after_s=max(60.0, 10 * self.registry.timeout_s)):
+            self.kv.forget(wid)
             if self.commands is not None:
                 self.commands.close(wid)
             log.info("worker.forgotten", worker_id=wid)
@@ -218,7 +264,16 @@ class SchedulerCore:
             snapshots = [s for s in snapshots if s.instance_id not in excluded]
         bs = self.registry.block_size
         demand = blocks_for(msg.num_prompt_tokens, bs)
-        wid = dispatch(self.policy_cfg, snapshots, self.state, demand, msg.priority)
+        # The prefix each instance holds (only those hashing as the frontend did), for the policy.
+        hash_bs = msg.kv_block_size or bs
+        cached = self.kv.match(msg.block_hashes, msg.kv_namespace, hash_bs) if msg.block_hashes else {}
+        wid = dispatch(self.policy_cfg, snapshots, self.state, demand, msg.priority,
+                       prompt_tokens=msg.num_prompt_tokens, cached_blocks=cached, block_size=hash_bs)
+        if wid is not None and msg.block_hashes:
+            self.dispatch_hits[msg.request_id] = hit_tokens(cached.get(wid, 0), msg.num_prompt_tokens, hash_bs)
+            self.dispatch_hits.move_to_end(msg.request_id)
+            if len(self.dispatch_hits) > MAX_REMEMBERED_HITS:
+                self.dispatch_hits.popitem(last=False)
         return None if wid is None else self.registry.get(wid)
 
     def on_dispatch(self, rec: Received) -> Message:
@@ -239,9 +294,12 @@ class SchedulerCore:
                               message=f"no worker can take the request ({len(self.registry)} registered, "
                                       f"{self.registry.num_alive} alive; draining or full ones excluded)")
         log.info("request.dispatched", request_id=msg.request_id, worker_id=record.worker_id,
-                 frontend_id=msg.frontend_id, priority=msg.priority, prompt_tokens=msg.num_prompt_tokens)
+                 frontend_id=msg.frontend_id, priority=msg.priority, prompt_tokens=msg.num_prompt_tokens,
+                 hit_tokens=self.dispatch_hits.get(msg.request_id) if msg.block_hashes else None)
+        namespace, block_size = self.kv.hashing()
         return DispatchReply(reply_to=msg.msg_id, request_id=msg.request_id, worker_id=record.worker_id,
-                             worker_address=record.info.endpoints.control)
+                             worker_address=record.info.endpoints.control, kv_namespace=namespace,
+                             kv_block_size=block_size)
 
     def on_status(self, rec: Received) -> Message:
         msg: StatusRequest = rec.msg
@@ -259,7 +317,9 @@ class SchedulerCore:
                 model=info.model, total_blocks=snap.total_blocks, free_blocks=snap.free_blocks,
                 block_size=info.block_size, num_running=snap.num_running, num_waiting=snap.num_waiting,
                 freeness=freeness(snap, cfg=self.policy_cfg), alive=r.alive, draining=snap.draining,
-                last_report_ms=r.last_report_ms, registered_ms=r.registered_ms, pid=info.pid))
+                last_report_ms=r.last_report_ms, registered_ms=r.registered_ms, pid=info.pid,
+                cached_blocks=r.report.num_cached_blocks if r.report is not None else 0,
+                indexed_blocks=self.kv.entries(info.worker_id)))
             if include_requests and r.alive and r.report is not None:
                 requests.extend(RequestLocation(request_id=e.request_id, worker_id=info.worker_id,
                                                 priority=e.priority, num_tokens=e.num_tokens, running=e.running)

@@ -59,7 +59,7 @@ async def serve_scheduler(cfg: KvferryConfig, on_ready: Callable[[str], None] | 
     core.migrator.send = send_later
     metrics = SchedulerMetrics()
     handle = metrics.wrap(core.handle, trigger_of=lambda mid: getattr(
-        core.migrator.tracker.in_flight.get(mid), "reason", None))
+        core.migrator.tracker.in_flight.get(mid), "reason", None), hit_of=core.dispatch_hits.get)
     metrics_server: MetricsServer | None = None
     try:
         if sc.metrics_port:
@@ -82,7 +82,8 @@ async def serve_scheduler(cfg: KvferryConfig, on_ready: Callable[[str], None] | 
                 await asyncio.sleep(core.scaler.tick_s)
                 core.scale_round()
 
-        tasks.append(loop.create_task(serve(sock, handle, first=(DispatchRequest,)), name="scheduler-serve"))
+        tasks.append(loop.create_task(serve(sock, handle, first=(DispatchRequest,), on_invalid=core.on_invalid),
+                                      name="scheduler-serve"))
         tasks.append(loop.create_task(sweeper(), name="scheduler-sweep"))
         tasks.append(loop.create_task(migration_rounds(), name="scheduler-migration"))
         if sc.scaling:

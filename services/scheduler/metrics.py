@@ -2,13 +2,15 @@
 
 Two kinds:
 - Events, counted as they happen by wrapping the message handler (`SchedulerMetrics.wrap`):
-  dispatches by outcome and the decision time, worker registrations / deregistrations, deaths
+  dispatches by outcome and the decision time, the prefix hit each dispatch chose (the prompt
+  tokens the chosen instance holds cached), worker registrations / deregistrations, deaths
   (`on_dead`, from the liveness sweep), migration results by outcome, reason and trigger, and the
   downtime the source measured.
 - State, read at scrape time on the event loop (the HTTP thread never touches the scheduler's
   structures): per-instance gauges from `SchedulerCore.status()` (label `instance_id`: the worker
-  id; not `instance`, which Prometheus sets to the scrape target), migrations in flight and
-  expired, instance-seconds, scaling actions.
+  id; not `instance`, which Prometheus sets to the scrape target) with the prefix index's entries,
+  migrations in flight and expired, instance-seconds, scaling actions, KV-event messages applied
+  and dropped, resyncs asked.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from services.metrics_http import call_on_loop
 log = get_logger("kvferry.scheduler.metrics")
 
 DECISION_BUCKETS = (0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1)
+HIT_TOKEN_BUCKETS = (0, 16, 64, 256, 1024, 2048, 4096, 8192, 16384, 65536)
 DOWNTIME_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.0, 5.0)
 MAX_REASONS = 32  # distinct abort reasons kept as label values (workers send short labels; the rest: "other")
 SCRAPE_TIMEOUT_S = 2.0
@@ -54,11 +57,16 @@ STATE_METRICS = {
     "kvferry_instance_freeness": "The policy's freeness of the instance (decode steps its free blocks last)",
     "kvferry_instance_up": "1 while the instance is registered and alive, 0 once declared dead",
     "kvferry_instance_draining": "1 while the instance is draining",
+    "kvferry_instance_cached_blocks": "KV blocks in the instance's prefix cache (as of its latest load report)",
+    "kvferry_instance_prefix_index_blocks": "Of those, the block hashes the scheduler's prefix index holds",
     "kvferry_scheduler_instances": "Registered instances",
     "kvferry_scheduler_migrations_in_flight": "Migrations commanded and not yet ended",
     "kvferry_scheduler_migrations_expired_total": "Accepted migrations whose result never came",
     "kvferry_scheduler_instance_seconds_total": "Seconds instances were registered and alive, summed over instances",
     "kvferry_scheduler_scale_actions_total": "Auto-scaling actions, by direction (up, down)",
+    "kvferry_scheduler_kv_events_total": "KvEvents messages from workers, by outcome (applied; dropped: out of "
+                                         "order, awaiting a reset, malformed, unknown worker)",
+    "kvferry_scheduler_kv_resyncs_total": "Resyncs of a worker's KV events asked by the scheduler (ResyncKvEvents)",
 }
 
 Handler = Callable[[Received], Awaitable[Message | None]]
@@ -83,6 +91,12 @@ class SchedulerMetrics:
         self.migrations = Counter("kvferry_scheduler_migrations", "Migration results by outcome (committed, "
                                   "aborted), abort reason (none when committed) and trigger (ctl, drain, load, "
                                   "unknown)", ["outcome", "reason", "trigger"], registry=r)
+        self.hit_tokens = Histogram("kvferry_scheduler_dispatch_hit_tokens", "Prompt tokens the chosen "
+                                    "instance holds cached, per dispatch that sent block hashes",
+                                    buckets=HIT_TOKEN_BUCKETS, registry=r)
+        self.prompt_tokens = Counter("kvferry_scheduler_dispatch_prompt_tokens", "Prompt tokens of the "
+                                     "dispatches that sent block hashes (hit rate: hit tokens sum / this)",
+                                     registry=r)
         self.downtime = Histogram("kvferry_scheduler_migration_downtime_seconds", "Downtime of committed "
                                   "migrations as the source measured it (all workers)", buckets=DOWNTIME_BUCKETS,
                                   registry=r)
@@ -90,9 +104,11 @@ class SchedulerMetrics:
 
     # ---- events --------------------------------------------------------------------------------
 
-    def wrap(self, handler: Handler, trigger_of: Callable[[str], str | None] = lambda _: None) -> Handler:
+    def wrap(self, handler: Handler, trigger_of: Callable[[str], str | None] = lambda _: None,
+             hit_of: Callable[[str], int | None] = lambda _: None) -> Handler:
         """`handler` (SchedulerCore.handle) counting what passes through it. `trigger_of(migration_id)`
-        gives the reason a migration was started (read before the handler forgets it)."""
+        gives the reason a migration was started (read before the handler forgets it), `hit_of(request_id)`
+        the prefix hit (tokens) a dispatch chose (None: it sent no block hashes)."""
         async def handle(rec: Received) -> Message | None:
             msg = rec.msg
             if isinstance(msg, DispatchRequest):
@@ -101,6 +117,10 @@ class SchedulerMetrics:
                 self.decision.observe(time.perf_counter() - t0)
                 if isinstance(reply, DispatchReply):
                     outcome = "dispatched"
+                    hit = hit_of(msg.request_id) if msg.block_hashes else None
+                    if hit is not None:
+                        self.hit_tokens.observe(hit)
+                        self.prompt_tokens.inc(msg.num_prompt_tokens)
                 elif isinstance(reply, ErrorReply) and reply.code in (ErrorCode.UNAVAILABLE, ErrorCode.OVERLOADED):
                     outcome = reply.code  # unavailable: no live instance; overloaded: every one is full
                 else:
@@ -158,7 +178,8 @@ class StateCollector(Collector):
         status = core.status("metrics", include_requests=False)
         tracker = core.migrator.tracker
         return {"status": status, "in_flight": len(tracker), "expired": tracker.expired,
-                "ups": core.scaler.scale_ups, "downs": core.scaler.scale_downs}
+                "ups": core.scaler.scale_ups, "downs": core.scaler.scale_downs,
+                "kv": (core.kv.applied, core.kv.dropped, core.kv.resyncs)}
 
     def collect(self) -> Iterator[Metric]:
         try:
@@ -170,7 +191,8 @@ class StateCollector(Collector):
         per_instance = {name: GaugeMetricFamily(name, h[name], labels=["instance_id"]) for name in (
             "kvferry_instance_capacity_blocks", "kvferry_instance_free_blocks", "kvferry_instance_used_blocks",
             "kvferry_instance_running_requests", "kvferry_instance_waiting_requests", "kvferry_instance_freeness",
-            "kvferry_instance_up", "kvferry_instance_draining")}
+            "kvferry_instance_up", "kvferry_instance_draining", "kvferry_instance_cached_blocks",
+            "kvferry_instance_prefix_index_blocks")}
         alive = 0
         for i in s["status"].instances:
             alive += i.alive
@@ -180,7 +202,9 @@ class StateCollector(Collector):
                                 ("kvferry_instance_running_requests", i.num_running),
                                 ("kvferry_instance_waiting_requests", i.num_waiting),
                                 ("kvferry_instance_freeness", _finite(i.freeness)),
-                                ("kvferry_instance_up", i.alive), ("kvferry_instance_draining", i.draining)):
+                                ("kvferry_instance_up", i.alive), ("kvferry_instance_draining", i.draining),
+                                ("kvferry_instance_cached_blocks", i.cached_blocks),
+                                ("kvferry_instance_prefix_index_blocks", i.indexed_blocks)):
                 per_instance[name].add_metric([i.worker_id], float(value))
         yield from per_instance.values()
         instances = GaugeMetricFamily("kvferry_scheduler_instances", h["kvferry_scheduler_instances"],
@@ -201,6 +225,14 @@ class StateCollector(Collector):
         scale.add_metric(["up"], float(s["ups"]))
         scale.add_metric(["down"], float(s["downs"]))
         yield scale
+        applied, dropped, resyncs = s["kv"]
+        events = CounterMetricFamily("kvferry_scheduler_kv_events", h["kvferry_scheduler_kv_events_total"],
+                                     labels=["outcome"])
+        events.add_metric(["applied"], float(applied))
+        events.add_metric(["dropped"], float(dropped))
+        yield events
+        yield CounterMetricFamily("kvferry_scheduler_kv_resyncs", h["kvferry_scheduler_kv_resyncs_total"],
+                                  value=float(resyncs))
 
 
 def _finite(x: float) -> float:
