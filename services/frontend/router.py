@@ -1,8 +1,9 @@
 """Request routing, shared by the HTTP API and the SDK endpoint: dispatch and token routing.
 
-For a new request: DispatchRequest to the scheduler (deadline `dispatch_timeout_s`) → the worker;
-when the scheduler does not answer, the last known instance with the fewest of this frontend's
-requests. Then AddRequest to that worker (one DEALER per worker) with `reply_address` = this
+For a new request: DispatchRequest to the scheduler (deadline `dispatch_timeout_s`), with the
+prompt's block hashes once a DispatchReply has told how the cluster hashes them
+(services.frontend.prompt_hashes), → the worker; when the scheduler does not answer, the last
+known instance with the fewest of this frontend's requests. Then AddRequest to that worker (one DEALER per worker) with `reply_address` = this
 frontend's token endpoint; the worker answers Ack (or ErrorReply: invalid → 400, overloaded → 429,
 unavailable → 503) and PUSHes TokenBatch/TokenBatches to the token socket (a PULL), which this
 module routes by request id to each request's `RequestStream`. RequestMoved (a migration
@@ -62,6 +63,7 @@ from protocol.to_worker import AddRequest
 from services.config import KvferryConfig
 from services.frontend.errors import RouteError
 from services.frontend.liveness import WorkerLiveness
+from services.frontend.prompt_hashes import PromptHasher, PromptHashes
 from services.frontend.resumption import Resumer
 from services.frontend.streams import RequestStream
 from services.frontend.worker_links import WorkerLinks
@@ -110,6 +112,7 @@ class Router:
         self.known: dict[str, KnownWorker] = {}
         self.scheduler_ok: bool | None = None
         self.on_dispatch = on_dispatch
+        self.hasher = PromptHasher()
         # Aborted requests: expiry time and the owners already told, so late tokens or a move
         # re-send the abort only to an owner that has not had it.
         self._tombstones: dict[str, tuple[float, set[str]]] = {}
@@ -156,8 +159,9 @@ class Router:
     # ---- dispatch --------------------------------------------------------------------------------
 
     async def dispatch(self, request_id: str, num_prompt_tokens: int, max_tokens: int, priority: int,
-                       exclude: list[str] | None = None) -> KnownWorker:
-        """Ask the scheduler where `request_id` goes; fall back to the last known instances."""
+                       exclude: list[str] | None = None, hashes: PromptHashes | None = None) -> KnownWorker:
+        """Ask the scheduler where `request_id` goes (`hashes`: its prompt's block hashes, if the
+        cluster's hashing is known); fall back to the last known instances."""
         assert self.sched is not None
         if self.scheduler_ok is False:
             # The scheduler did not answer lately: no per-request wait for it (the status loop
@@ -167,8 +171,10 @@ class Router:
                 log.info("request.dispatch_fallback", request_id=request_id, worker_id=worker.worker_id)
                 return worker
         t0 = time.perf_counter()
+        h = hashes or PromptHashes()
         msg = DispatchRequest(request_id=request_id, priority=priority, num_prompt_tokens=num_prompt_tokens,
-                              max_tokens=max_tokens, frontend_id=self.frontend_id, exclude_workers=exclude or [])
+                              max_tokens=max_tokens, frontend_id=self.frontend_id, exclude_workers=exclude or [],
+                              block_hashes=h.hashes, kv_namespace=h.namespace, kv_block_size=h.block_size)
         try:
             reply = await self.sched.request(msg, timeout_s=self.fcfg.dispatch_timeout_s)
         except RemoteError as exc:
@@ -197,6 +203,7 @@ class Router:
         self.scheduler_ok = True
         if not isinstance(reply, DispatchReply):
             raise RouteError(ErrorCode.INTERNAL, f"scheduler answered {type(reply).__name__}")
+        self.hasher.learn(reply.kv_namespace, reply.kv_block_size)
         worker = KnownWorker(reply.worker_id, reply.worker_address, time.monotonic())
         self.known[reply.worker_id] = worker
         return worker
@@ -248,12 +255,15 @@ class Router:
         [frontend] max_add_attempts. Raises RouteError (the last worker's refusal, or the dispatch's)."""
         rid = stream.request_id
         error: RouteError | None = None
+        # Once per start (the retries below reuse them); a resumption extends the earlier ones.
+        stream.block_hashes = self.hasher.hashes(stream.block_hashes, prompt, stream.cache_salt)
         for _ in range(self.fcfg.max_add_attempts):
             left = stream.deadline - time.monotonic()
             if left <= 0:
                 raise RouteError(ErrorCode.EXPIRED, "the deadline passed before a worker took the request")
             try:
-                worker = await self.dispatch(rid, len(prompt), sampling.max_tokens, stream.priority, sorted(exclude))
+                worker = await self.dispatch(rid, len(prompt), sampling.max_tokens, stream.priority, sorted(exclude),
+                                             stream.block_hashes)
             except RouteError:
                 if error is not None:  # no worker left once those that refused are excluded: say why they did
                     raise error from None

@@ -21,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from protocol.payloads import SamplingParams
+from services.frontend.prompt_hashes import PromptHashes
 from protocol.to_frontend import TokenBatch
 
 MAX_BUFFERED_BATCHES = 4096
@@ -55,6 +56,7 @@ class RequestStream:
     sampling: SamplingParams | None = None
     priority: int = 0
     cache_salt: str = ""
+    block_hashes: PromptHashes = field(default_factory=PromptHashes)  # of the prompt it was last started with
     deadline: float = float("inf")  # monotonic: the request's own deadline (bounds resumptions too)
     output: list[int] = field(default_factory=list)  # every token delivered, in order
     dead: set[str] = field(default_factory=set)  # workers it was taken away from: their batches are ignored
