@@ -429,7 +429,7 @@ def test_metrics_table_follows_prometheus_naming():
         assert re.fullmatch(r"kvferry_[a-z0-9_]+", name), name
         assert name.endswith("_total") == (kind == "counter"), name
         if kind == "histogram":
-            assert name.endswith(("_seconds", "_stages")), name
+            assert name.endswith(("_seconds", "_stages", "_tokens")), name  # the unit last
 
 
 def test_grafana_dashboard_queries_documented_metrics():

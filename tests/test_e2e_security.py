@@ -254,7 +254,7 @@ def _seeds(c: LocalCluster) -> dict[str, list[Message]]:
     return {
         "scheduler": pick("RegisterWorker", "LoadReport", "Heartbeat", "Deregister", "MigrationResult",
                           "DispatchRequest", "StatusRequest", "MigrateRequestTo", "DrainInstance", "UndrainInstance",
-                          "ScaleQuery", "Ping"),
+                          "ScaleQuery", "KvEvents", "Ping"),
         "control": pick("AddRequest", "AbortRequest", "Heartbeat", "MigrateCommand", "CancelMigration", "Ping"),
         "migration": pick("MigrateReserve", "MigrateBlocks", "MigrateCommit", "MigrateAbort", "Ping"),
         "sdk": [fix(msgspec.structs.replace(ex["GenerateRequest"], sampling=msgspec.structs.replace(

@@ -257,18 +257,10 @@ def test_frontend_hashes_once_the_cluster_hashing_is_known_and_extends_them_on_r
 
 # ---- a real scheduler process, raw ZeroMQ ---------------------------------------------------------------
 
-@pytest.fixture
-def zctx():
-    c = zmq.Context()
-    try:
-        yield c
-    finally:
-        c.destroy(linger=0)
-
-
 @pytest.mark.e2e  # a scheduler process
-def test_scheduler_process_drops_malformed_kv_events_asks_for_a_resync_and_keeps_serving(zctx):
+def test_scheduler_process_drops_malformed_kv_events_asks_for_a_resync_and_keeps_serving():
     sched = Scheduler(free_port())
+    zctx = zmq.Context()
     try:
         w0, w1 = (FakeWorker(zctx, sched.endpoint, w, blocks=1000) for w in ("w0", "w1"))
         fe = Client(zctx, sched.endpoint)
@@ -312,4 +304,5 @@ def test_scheduler_process_drops_malformed_kv_events_asks_for_a_resync_and_keeps
         assert isinstance(resync, ResyncKvEvents) and "expected seq 2" in resync.reason
         assert indexed("w1") == 0
     finally:
+        zctx.destroy(linger=0)
         sched.kill()
