@@ -213,14 +213,18 @@ def test_handlers_resync_on_a_gap_or_a_malformed_message_and_answer_unknown_work
     other = ValidationError("invalid LoadReport: ...")
     other.msg_type, other.peer = "LoadReport", b"w0"
     assert c.core.on_invalid(other) is None
+    unreadable = ValidationError("not a message envelope")  # no type: it may have been a KvEvents
+    unreadable.peer = b"w0"
+    c.handle(events("w0", 4, [1], reset=True))
+    assert isinstance(c.core.on_invalid(unreadable), ResyncKvEvents) and c.core.kv.entries("w0") == 0
     bad.peer = b"stranger"
     assert c.core.on_invalid(bad) is None
     nf = c.handle(events("ghost", 0, [1], reset=True))
     assert isinstance(nf, ErrorReply) and nf.code == "not_found"
-    c.handle(events("w0", 4, [5], reset=True))
+    c.handle(events("w0", 5, [5], reset=True))
     c.now = 5.0  # silent past the heartbeat timeout: dead, its entries gone
     assert [r.worker_id for r in c.core.sweep()] == ["w0"] and c.core.kv.entries("w0") == 0
-    assert isinstance(c.handle(events("w0", 5, [6])), ErrorReply)
+    assert isinstance(c.handle(events("w0", 6, [6])), ErrorReply)
 
 
 def test_cached_blocks_reach_the_status():

@@ -185,8 +185,9 @@ class SchedulerCore:
 
     def on_invalid(self, exc: ProtocolError) -> Message | None:
         """A message the serve loop could not decode (it logged it and sent an ErrorReply): a
-        worker's malformed KvEvents leaves its part of the index unknown, so resync it."""
-        if exc.msg_type != KvEvents.tag() or exc.peer is None:
+        worker's malformed KvEvents, or one whose type could not even be read (it may have been
+        one), leaves its part of the index unknown, so resync it."""
+        if exc.msg_type not in (None, KvEvents.tag()) or exc.peer is None:
             return None
         record = self.registry.get(exc.peer.decode("utf-8", "replace"))  # a worker's DEALER id: its worker id
         if record is None or record.peer != exc.peer or not record.alive:

@@ -44,7 +44,7 @@ class KvIndex:
         self._streams: dict[str, _Stream] = {}
         self._cluster: Hashing | None = None  # cached most common hashing; None: recompute
         self.applied = 0  # KvEvents applied
-        self.dropped = 0  # KvEvents dropped: out of order, awaited a reset, malformed, unknown worker
+        self.dropped = 0  # KvEvents dropped: out of order, awaited a reset, malformed (or unreadable), unknown worker
         self.resyncs = 0  # resyncs asked of workers
 
     # ---- membership ------------------------------------------------------------------------

@@ -65,7 +65,7 @@ STATE_METRICS = {
     "kvferry_scheduler_instance_seconds_total": "Seconds instances were registered and alive, summed over instances",
     "kvferry_scheduler_scale_actions_total": "Auto-scaling actions, by direction (up, down)",
     "kvferry_scheduler_kv_events_total": "KvEvents messages from workers, by outcome (applied; dropped: out of "
-                                         "order, awaiting a reset, malformed, unknown worker)",
+                                         "order, awaiting a reset, malformed or unreadable, unknown worker)",
     "kvferry_scheduler_kv_resyncs_total": "Resyncs of a worker's KV events asked by the scheduler (ResyncKvEvents)",
 }
 
