@@ -63,9 +63,10 @@ def drain(e: VllmEngine, interrupt=None, at_step: int = 10) -> dict[str, list[in
     return got
 
 
-def run(e: VllmEngine, prompts: list[list[int]], sampling: SamplingParams, prefix: str, interrupt=None) -> list:
+def run(e: VllmEngine, prompts: list[list[int]], sampling: SamplingParams, prefix: str, interrupt=None,
+        salt: str = "") -> list:
     for i, p in enumerate(prompts):
-        e.add_request(f"{prefix}{i}", p, sampling)
+        e.add_request(f"{prefix}{i}", p, sampling, cache_salt=salt)
     got = drain(e, interrupt)
     return [got[f"{prefix}{i}"] for i in range(len(prompts))]
 
@@ -120,10 +121,50 @@ def test_request_moved_through_the_connector_continues_identically(engine):
 
 
 def test_wrong_kv_changes_the_output(engine):
-    """The loaded KV is what the continuation attends to (it is not recomputed)."""
+    """The loaded KV is what the continuation attends to (it is not recomputed). Its own salt keeps
+    vLLM's prefix cache from supplying the blocks instead."""
     want = run(engine, PROMPTS[:1], GREEDY, "ref")
-    got = run(engine, PROMPTS[:1], GREEDY, "bad", lambda e: move_within(e, "bad0", "mig:b", corrupt=True))
+    got = run(engine, PROMPTS[:1], GREEDY, "bad", lambda e: move_within(e, "bad0", "mig:b", corrupt=True),
+              salt="corrupt")
     assert got != want
+
+
+def test_prefix_caching_reuses_blocks_and_keeps_greedy_output(engine):
+    """A second run of the same prompts finds their full blocks in vLLM's prefix cache; the tokens
+    equal kvferry's engine without caching. Another cache_salt finds nothing."""
+    folder = resolve_model_folder("tiny")
+    torch_engine = LLMEngine.from_model(str(folder), EngineConfig(dtype="float32", num_blocks=256,
+                                                                  prefix_caching=False))
+    want = [r.output_token_ids for r in torch_engine.generate(PROMPTS, GREEDY)]
+    assert run(engine, PROMPTS, GREEDY, "pc1", salt="pc") == want
+    before = engine.stats()
+    assert before.num_cached_blocks > 0
+    assert run(engine, PROMPTS, GREEDY, "pc2", salt="pc") == want
+    after = engine.stats()
+    full = sum(len(p) // BS for p in PROMPTS)
+    assert after.prefix_query_tokens - before.prefix_query_tokens == sum(map(len, PROMPTS))
+    # vLLM recomputes the last prompt token, so a prompt of whole blocks hits one block less.
+    assert after.prefix_hit_tokens - before.prefix_hit_tokens >= (full - 1) * BS
+    other = engine.stats().prefix_hit_tokens
+    assert run(engine, PROMPTS, GREEDY, "pc3", salt="another tenant") == want
+    assert engine.stats().prefix_hit_tokens == other
+
+
+def test_destination_holding_the_prefix_loads_only_the_rest(engine):
+    """A continuation whose prefix vLLM has cached here: the connector copies only the blocks after
+    the local hit (counted as local_hit_tokens), and the output equals the unmigrated one."""
+    long_prompt = [(i * 11) % 240 + 3 for i in range(200)]
+    want = run(engine, [long_prompt], GREEDY, "lref", salt="held")  # caches the prompt's full blocks
+    before = engine.kv_load_counters()
+    moved: list[MigratableState] = []
+    got = run(engine, [long_prompt], GREEDY, "lmv", lambda e: moved.append(move_within(e, "lmv0", "mig:l")),
+              salt="held")
+    assert got == want
+    after = engine.kv_load_counters()
+    local = after["local_hit_tokens"] - before["local_hit_tokens"]
+    assert local >= (len(long_prompt) // BS) * BS  # at least the prompt's full blocks were already here
+    assert after["max_recomputed_tokens"] == 0
+    assert not engine.reservations and not engine.connector.plans
 
 
 def test_reattach_after_detach_continues_identically(engine):

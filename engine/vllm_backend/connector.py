@@ -10,7 +10,9 @@ request's KV: a migration's reservation, or a detached request's own blocks) and
 request with all its tokens and `kv_transfer_params={"kvferry_load": key}`.
 `get_num_new_matched_tokens` then reports every token with KV in the plan as an external hit,
 its partial last block included; only the newest token (never computed anywhere: vLLM needs one
-to sample from) is left to compute, as in a decode step. `update_state_after_alloc` maps the
+to sample from) is left to compute, as in a decode step. With vLLM's prefix caching on, the
+tokens its own cache holds (full blocks of the same tokens and cache salt) are local hits, and
+only the plan's blocks after them are copied. `update_state_after_alloc` maps the
 plan's blocks onto the ones vLLM allocated, and `start_load_kv` copies them before the forward
 pass, one slice copy per run of consecutive block ids.
 
@@ -59,7 +61,8 @@ class BlockCopy:
     request_id: str  # vLLM's (internal) request id
     src: list[int]
     dst: list[int]
-    num_tokens: int
+    num_tokens: int  # KV in the request's blocks after the copy
+    local_tokens: int = 0  # ... of which vLLM's prefix cache held already (not copied)
 
 
 @dataclass
@@ -138,9 +141,13 @@ class KVFerryConnector(KVConnectorBase_V1):
                                  num_external_tokens: int) -> None:
         local = self.state.local_hits.pop(request.request_id, 0)
         found = self._plan(request)
-        if num_external_tokens <= 0 or found is None:
+        if found is None:
             return
         key, plan = found
+        if num_external_tokens <= 0:  # vLLM's prefix cache held all of it: nothing to copy, but
+            # the plan is settled all the same (its blocks freed, the request counted as started)
+            self.state._pending.append(BlockCopy(key, request.request_id, [], [], local, local))
+            return
         bs = self.state.block_size
         first = local // bs
         n = blocks_for(local + num_external_tokens, bs) - first  # the last block may be partial
@@ -149,7 +156,7 @@ class KVFerryConnector(KVConnectorBase_V1):
         if len(dst) != n or len(src) != n:
             raise RuntimeError(f"kvferry load of {n} blocks for {request.request_id}: "
                                f"{len(src)} source and {len(dst)} destination blocks")
-        self.state._pending.append(BlockCopy(key, request.request_id, src, dst, local + num_external_tokens))
+        self.state._pending.append(BlockCopy(key, request.request_id, src, dst, local + num_external_tokens, local))
 
     def build_connector_meta(self, scheduler_output: "SchedulerOutput") -> KVConnectorMetadata:
         meta = KVFerryMetadata(copies=self.state._pending)

@@ -61,6 +61,7 @@ class VllmEngineConfig:
     max_model_len: int = 0  # 0: min(the model's, 8192)
     seed: int = 0
     threads: int = 0
+    prefix_caching: bool = True  # vLLM's automatic prefix caching (requests share full blocks by hash)
 
 
 @dataclass
@@ -83,6 +84,8 @@ class VllmRequest:
     migrated_computed: int = 0  # a continuation: tokens whose KV was computed before it came here
     recomputed_tokens: int | None = None  # ... of which computed again here (not loaded)
     generator_state: bytes | None = None  # to restore in the first step of a continuation
+    cache_salt: str = ""  # shares cached KV only with requests of the same salt
+    counted: bool = False  # its prefix-cache lookup is in the engine's totals
 
     @property
     def num_tokens(self) -> int:
@@ -151,7 +154,7 @@ class VllmEngine:
         args = EngineArgs(model=str(folder), dtype=config.dtype, enforce_eager=True, skip_tokenizer_init=True,
                           block_size=config.block_size, max_model_len=max_len, max_num_seqs=config.max_num_seqs,
                           max_num_batched_tokens=config.max_num_batched_tokens,  # chunked prefill beyond
-                          enable_prefix_caching=False, seed=config.seed, disable_log_stats=True,
+                          enable_prefix_caching=config.prefix_caching, seed=config.seed, disable_log_stats=True,
                           scheduling_policy="priority", kv_transfer_config=kv_cfg,
                           disable_hybrid_kv_cache_manager=True,
                           num_gpu_blocks_override=(config.num_blocks + 1) if config.num_blocks else None)
@@ -178,6 +181,11 @@ class VllmEngine:
         self.num_preemptions = 0  # preemptions seen since start (vLLM recomputes a preempted request)
         # Continuations (migrated in, or reattached) that started: KV tokens loaded vs computed again.
         self.migrated_in = self.loaded_tokens_total = self.recomputed_tokens_total = self.max_recomputed_tokens = 0
+        # New requests' prompt tokens, and how many vLLM found in its prefix cache (continuations
+        # are not counted: their KV comes from the migration, see kv_load_counters).
+        self.prefix_query_tokens = self.prefix_hit_tokens = 0
+        # Continuations: tokens of their KV vLLM found cached here (not loaded from the migration).
+        self.local_hit_tokens_total = 0
         self.connector.runner_requests = getattr(runner, "requests", {})  # per-request sampler state
 
     @functools.cached_property
@@ -191,13 +199,12 @@ class VllmEngine:
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], sampling: SamplingParams | None = None,
                     priority: int = 0, cache_salt: str = "") -> VllmRequest:
-        # cache_salt: this engine shares no KV between requests yet (vLLM's prefix caching is off).
         sampling = sampling or SamplingParams()
         ids = list(prompt_token_ids)
         check_new_request(request_id, ids, sampling, priority, self.requests, self.max_model_len, self.vocab_size)
         if blocks_for(len(ids) + 1, self.block_size) > self.num_blocks:
             raise InvalidRequestError(f"the prompt has {len(ids)} tokens, more than this instance's KV cache holds")
-        rec = VllmRequest(request_id, "", ids, len(ids), sampling, priority)
+        rec = VllmRequest(request_id, "", ids, len(ids), sampling, priority, cache_salt=cache_salt)
         self._submit(rec)
         return rec
 
@@ -216,9 +223,11 @@ class VllmEngine:
     def _submit(self, rec: VllmRequest, load_key: str | None = None) -> None:
         """Hand `rec` (its tokens so far) to vLLM, loading `load_key`'s KV if given."""
         params = self._vllm_sampling(rec, load_key)
+        prompt: dict[str, Any] = {"prompt_token_ids": list(rec.token_ids)}
+        if rec.cache_salt and self.config.prefix_caching:
+            prompt["cache_salt"] = rec.cache_salt  # vLLM mixes it into the first block's hash
         try:
-            rec.internal_id = self._llm.add_request(rec.request_id, {"prompt_token_ids": list(rec.token_ids)}, params,
-                                                    priority=rec.priority)
+            rec.internal_id = self._llm.add_request(rec.request_id, prompt, params, priority=rec.priority)
         except (ValueError, TypeError) as exc:
             raise InvalidRequestError(f"vLLM refused the request: {exc}") from exc
         rec.load_key = load_key
@@ -262,6 +271,11 @@ class VllmEngine:
             if rec is None or rec.request_id in self.detached:
                 continue
             c = o.outputs[0]
+            if not rec.counted:  # its first output: vLLM's prefix-cache lookup is done
+                rec.counted = True
+                if not rec.migrated_computed:
+                    self.prefix_query_tokens += rec.num_tokens
+                    self.prefix_hit_tokens += int(getattr(o, "num_cached_tokens", 0) or 0)
             new = [int(t) for t in c.token_ids]
             first = rec.num_output_tokens
             rec.token_ids += new
@@ -282,6 +296,7 @@ class VllmEngine:
             if rec is not None:
                 rec.loaded_tokens = c.num_tokens
                 rec.load_key = None
+                self.local_hit_tokens_total += c.local_tokens
             self._settle_load(c.key)
         for rec in self.requests.values():
             if rec.request_id in self.detached:
@@ -326,25 +341,33 @@ class VllmEngine:
         st = EngineStats(num_blocks=self.num_blocks, num_free_blocks=self._pool.get_num_free_blocks(),
                          block_size=self.block_size, num_running=len(s.running), num_waiting=len(s.waiting),
                          num_preemptions=self.num_preemptions,
-                         head_of_line_blocks=blocks_for(head.num_tokens, self.block_size) if head is not None else 0)
+                         head_of_line_blocks=blocks_for(head.num_tokens, self.block_size) if head is not None else 0,
+                         num_cached_blocks=len(self._pool.cached_block_hash_to_block),
+                         prefix_query_tokens=self.prefix_query_tokens, prefix_hit_tokens=self.prefix_hit_tokens)
         if per_request:
             st.requests = [RequestLoad(r.request_id, r.status.value, r.priority, r.num_tokens,
                                        len(self._block_table(r))) for r in self.requests.values()]
         return st
 
     def check_integrity(self) -> None:
-        """Every live request is known to vLLM, and each block is free or held exactly once: by a
-        request (running, waiting or detached), a reservation, or a detached request being reattached."""
+        """Every live request is known to vLLM, and each block is free (cached or not) or held by
+        as many users as its reference count says: requests (running, waiting or detached; with
+        prefix caching several share a cached block), reservations, and detached requests being
+        reattached. Held and free blocks add up to the pool."""
         for rec in self.requests.values():
             if rec.internal_id not in self._scheduler.requests:
                 raise AssertionError(f"request {rec.request_id} is not in vLLM's scheduler")
+        users: dict[int, int] = {}
         held = [b for r in self.requests.values() for b in self._block_table(r)]
         held += [b.block_id for blocks in self.reservations.values() for b in blocks]
         held += [b for key in self._held_requests for b in self.connector.plans[key].block_ids]
-        if len(held) != len(set(held)):
-            raise AssertionError("a KV block is held twice")
-        if len(held) + self._pool.get_num_free_blocks() != self.num_blocks:
-            raise AssertionError(f"{len(held)} blocks held + {self._pool.get_num_free_blocks()} free != {self.num_blocks}")
+        for b in held:
+            users[b] = users.get(b, 0) + 1
+        wrong = {b: (n, self._pool.blocks[b].ref_cnt) for b, n in users.items() if self._pool.blocks[b].ref_cnt != n}
+        if wrong:
+            raise AssertionError(f"blocks whose users differ from their reference count (users, ref_cnt): {wrong}")
+        if len(users) + self._pool.get_num_free_blocks() != self.num_blocks:
+            raise AssertionError(f"{len(users)} blocks held + {self._pool.get_num_free_blocks()} free != {self.num_blocks}")
 
     # ---- migration: source ----------------------------------------------------------------------
 
@@ -401,7 +424,8 @@ class VllmEngine:
 
     def _state(self, rec: VllmRequest, computed: int) -> MigratableState:
         return export_state(rec.request_id, rec.token_ids, rec.num_prompt_tokens, computed, rec.sampling,
-                            rec.priority, rec.num_preemptions, rec.arrival_time, self._generator_state(rec))
+                            rec.priority, rec.num_preemptions, rec.arrival_time, self._generator_state(rec),
+                            cache_salt=rec.cache_salt)
 
     def _generator_state(self, rec: VllmRequest) -> bytes | None:
         cached = self.connector.runner_requests.get(rec.internal_id)
@@ -488,7 +512,8 @@ class VllmEngine:
             check_version(state)
             rec = VllmRequest(state.request_id, "", list(state.token_ids), state.num_prompt_tokens,
                               sampling_of(state), state.priority, time.monotonic() - state.age_s,
-                              num_preemptions=state.num_preemptions, generator_state=state.generator_state)
+                              num_preemptions=state.num_preemptions, generator_state=state.generator_state,
+                              cache_salt=state.cache_salt)
             computed = state.num_computed_tokens
             rec.migrated_computed = computed
         except MigrationError:
@@ -530,7 +555,8 @@ class VllmEngine:
     def kv_load_counters(self) -> dict[str, int]:
         """Totals over continuations that started here (for the worker's /metrics)."""
         return {"continuations": self.migrated_in, "loaded_tokens": self.loaded_tokens_total,
-                "recomputed_tokens": self.recomputed_tokens_total, "max_recomputed_tokens": self.max_recomputed_tokens}
+                "recomputed_tokens": self.recomputed_tokens_total, "max_recomputed_tokens": self.max_recomputed_tokens,
+                "local_hit_tokens": self.local_hit_tokens_total}
 
     def shutdown(self) -> None:
         from engine.vllm_backend.connector import drop_state

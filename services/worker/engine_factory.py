@@ -104,7 +104,8 @@ def build_engine(wc: WorkerConfig) -> tuple[Engine, EngineInfo]:
         engine = VllmEngine(VllmEngineConfig(  # type: ignore[assignment]
             model=wc.model, dtype=wc.dtype, block_size=block_size, num_blocks=wc.num_blocks,
             kv_cache_bytes=wc.kv_cache_bytes, max_num_seqs=wc.max_num_seqs,
-            max_num_batched_tokens=wc.max_num_batched_tokens, seed=wc.seed, threads=wc.threads))
+            max_num_batched_tokens=wc.max_num_batched_tokens, seed=wc.seed, threads=wc.threads,
+            prefix_caching=wc.prefix_caching))
         kv_bytes, layout = block_bytes(engine.kv_tensor), engine.kv_layout
     else:
         raise ValueError(f"unknown engine {wc.engine!r} (torch, vllm or sim)")

@@ -51,7 +51,8 @@ ENGINE_METRICS = {
 # Only vLLM workers have these: how migrated requests' KV entered vLLM (the kvferry KV connector).
 VLLM_METRICS = {
     "kvferry_worker_vllm_continuations_total": "Migrated (or reattached) requests that started in vLLM",
-    "kvferry_worker_vllm_kv_loaded_tokens_total": "Their tokens whose KV the connector loaded",
+    "kvferry_worker_vllm_kv_loaded_tokens_total": "Their tokens whose KV was not computed again (loaded, or cached)",
+    "kvferry_worker_vllm_kv_local_hit_tokens_total": "... of which vLLM's prefix cache here held already (not copied)",
     "kvferry_worker_vllm_kv_recomputed_tokens_total": "Their tokens computed before the move and again here",
     "kvferry_worker_vllm_kv_recomputed_tokens_max": "Most tokens one of them recomputed (at most a block)",
 }
@@ -131,6 +132,7 @@ class EngineCollector(Collector):
             v = VLLM_METRICS
             for key, name in (("continuations", "kvferry_worker_vllm_continuations_total"),
                               ("loaded_tokens", "kvferry_worker_vllm_kv_loaded_tokens_total"),
+                              ("local_hit_tokens", "kvferry_worker_vllm_kv_local_hit_tokens_total"),
                               ("recomputed_tokens", "kvferry_worker_vllm_kv_recomputed_tokens_total")):
                 yield CounterMetricFamily(name.removesuffix("_total"), v[name], value=float(kv_load[key]))
             yield GaugeMetricFamily("kvferry_worker_vllm_kv_recomputed_tokens_max",
