@@ -37,6 +37,9 @@ class PolicyConfig:
     affinity_min_freeness: float = 10.0
     migrate_out_below: float = 3.0  # freeness below this: a migration source
     migrate_in_above: float = 30.0  # freeness above this: a migration destination
+    # A migration goes, among destinations at least (1 - band) x as free as the freest, to the one
+    # caching most of the request's prompt (its KV there is linked, not sent).
+    migration_affinity_band: float = 0.25
     migration_interval_s: float = 0.05
     max_migrations_per_instance: int = 1
     # Scaling: keep the average freeness within [scale_up_below, scale_down_above].

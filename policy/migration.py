@@ -9,6 +9,11 @@ work): the most loaded first. Each source is paired with the freest live, non-dr
 compatible destination that has room for the request (for load balancing: whose freeness is
 above `migrate_in_above` and whose queue is empty), counting what this round already sent there.
 
+Cache affinity (`prefix_blocks`, design §4): among the destinations whose freeness is within
+`migration_affinity_band` of the freest one (F_d >= (1 - band) * F_best), the one caching the
+most leading blocks of the victim's prompt is chosen (ties: the freer). Its room check counts only
+the blocks it lacks: the cached ones are linked into the reservation, not sent.
+
 Only running requests are planned: a queued request holds no KV to move and runs on its draining
 instance in time (it is then moved like the others).
 """
@@ -16,8 +21,9 @@ instance in time (it is then moved like the others).
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections import Counter
-from collections.abc import Collection, Hashable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from policy.config import PolicyConfig
@@ -72,7 +78,8 @@ def compatible(layouts: Mapping[str, Hashable] | None, a: str, b: str) -> bool:
 
 def plan_migrations(instances: Sequence[InstanceLoad], in_flight: Iterable[tuple[str, str]] = (), *,
                     max_per_instance: int = 1, layouts: Mapping[str, Hashable] | None = None,
-                    busy_requests: Collection[str] = (), cfg: PolicyConfig | None = None) -> list[PlannedMigration]:
+                    busy_requests: Collection[str] = (), cfg: PolicyConfig | None = None,
+                    prefix_blocks: Callable[[str, str], int] | None = None) -> list[PlannedMigration]:
     """The migrations to start now.
 
     `in_flight`: the (src, dst) pair of every migration not yet finished (repeats count); at most
@@ -80,6 +87,9 @@ def plan_migrations(instances: Sequence[InstanceLoad], in_flight: Iterable[tuple
     `layouts`: instance id → KV layout key (see `compatible`). `busy_requests`: request ids not to
     plan (already migrating, or just moved and the source has not reported since).
     A source's request is named when its snapshot lists requests, else left to the source (None).
+    `prefix_blocks(request_id, instance_id)`: how many leading blocks of the request's prompt the
+    instance caches (None: no cache affinity). The destination's engine makes the real room check
+    when it reserves (a cached block nobody uses counts as free there, and linking it takes it).
     """
     if max_per_instance <= 0:
         return []
@@ -99,9 +109,15 @@ def plan_migrations(instances: Sequence[InstanceLoad], in_flight: Iterable[tuple
             if src.requests and victim is None:
                 break  # every running request listed is already on its way
             need = victim.num_blocks if victim is not None else 0
-            dst = _freest(dests.values(), sid, in_n, max_per_instance, layouts, need, cfg if balance else None)
+            held = None
+            if prefix_blocks is not None and victim is not None:
+                rid = victim.request_id
+                held = lambda iid, rid=rid, n=need: min(n, max(0, prefix_blocks(rid, iid)))  # noqa: E731
+            dst = _freest(dests.values(), sid, in_n, max_per_instance, layouts, need, cfg if balance else None,
+                          held=held, band=cfg.migration_affinity_band if cfg is not None else 0.25)
             if dst is None:
                 break
+            need -= held(dst.instance_id) if held is not None else 0
             plans.append(PlannedMigration(sid, dst.instance_id, victim.request_id if victim else None,
                                           "load" if balance else "drain"))
             out_n[sid] += 1
@@ -116,15 +132,26 @@ def plan_migrations(instances: Sequence[InstanceLoad], in_flight: Iterable[tuple
 
 def _freest(cands: Iterable[InstanceLoad], src: str, in_n: Counter[str], limit: int,
             layouts: Mapping[str, Hashable] | None, need_blocks: int,
-            balance: PolicyConfig | None = None) -> InstanceLoad | None:
+            balance: PolicyConfig | None = None, held: Callable[[str], int] | None = None,
+            band: float = 0.25) -> InstanceLoad | None:
     """The freest destination; for a load-balancing move (`balance`) only one above the policy's
-    destination threshold with an empty queue."""
+    destination threshold with an empty queue. With `held` (instance → leading blocks of the
+    request it caches): room for only the blocks it lacks, and among those within `band` of the
+    freest, the one holding the most (see the module docstring)."""
+    have = held if held is not None else (lambda _iid: 0)
     ok = [d for d in cands
           if d.instance_id != src and in_n[d.instance_id] < limit and not d.full
-          and d.free_blocks >= need_blocks and compatible(layouts, src, d.instance_id)
+          and d.free_blocks >= need_blocks - have(d.instance_id) and compatible(layouts, src, d.instance_id)
           and (balance is None or (d.num_waiting == 0 and freeness(d, cfg=balance) > balance.migrate_in_above))]
-
-    def score(d: InstanceLoad) -> float:
-        return freeness(d, cfg=balance)
+    if not ok:
+        return None
+    score = {d.instance_id: freeness(d, cfg=balance) for d in ok}
+    ordered = sorted(ok, key=lambda d: d.instance_id)
     # max() keeps the first of equals: ties go to the lowest id (deterministic).
-    return max(sorted(ok, key=lambda d: d.instance_id), key=score, default=None)
+    best = max(ordered, key=lambda d: score[d.instance_id])
+    if held is None:
+        return best
+    top = score[best.instance_id]
+    floor = top - band * abs(top) if math.isfinite(top) else top
+    near = [d for d in ordered if score[d.instance_id] >= floor]
+    return max(near, key=lambda d: (have(d.instance_id), score[d.instance_id]))

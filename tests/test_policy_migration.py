@@ -102,3 +102,37 @@ def test_compatible():
     assert compatible(None, "a", "b")
     assert compatible({"a": 1, "b": 1}, "a", "b") and not compatible({"a": 1, "b": 2}, "a", "b")
     assert not compatible({"a": 1}, "a", "b") and not compatible({}, "a", "b")
+
+
+# ---- cache affinity (prefix_blocks) ----------------------------------------------------------------
+
+def test_affinity_prefers_the_destination_caching_the_prefix_among_similarly_free_ones():
+    src = drained("d", req("x", blocks=10))
+    loads = [src, inst("a", free=90, running=1), inst("b", free=80, running=1), inst("c", free=40, running=1)]
+    held = {("x", "b"): 6, ("x", "c"): 10}
+    plans = plan_migrations(loads, prefix_blocks=lambda rid, iid: held.get((rid, iid), 0))
+    # b (F 80) is within 25 % of a (F 90) and caches 6 blocks; c caches all 10 but is far less free.
+    assert plans == [PlannedMigration("d", "b", "x")]
+    assert plan_migrations(loads)[0].dst == "a"  # without affinity: the freest
+    nothing = plan_migrations(loads, prefix_blocks=lambda rid, iid: 0)
+    assert nothing[0].dst == "a"  # nobody caches it: as without
+
+
+def test_affinity_room_check_counts_only_the_blocks_the_destination_lacks():
+    src = drained("d", req("x", blocks=30))
+    loads = [src, inst("a", free=20)]
+    assert plan_migrations(loads) == []  # 30 blocks, 20 free
+    assert plan_migrations(loads, prefix_blocks=lambda rid, iid: 12) == [PlannedMigration("d", "a", "x")]
+    # A lookup claiming more than the request has counts as the whole request, not negative room.
+    assert plan_migrations(loads, prefix_blocks=lambda rid, iid: 500) == [PlannedMigration("d", "a", "x")]
+
+
+def test_affinity_band_is_a_policy_setting():
+    from policy import PolicyConfig
+
+    src = drained("d", req("x", blocks=4))
+    loads = [src, inst("a", free=90, running=1), inst("b", free=80, running=1)]
+    held = lambda rid, iid: 4 if iid == "b" else 0  # noqa: E731
+    assert plan_migrations(loads, prefix_blocks=held)[0].dst == "b"
+    strict = PolicyConfig(migration_affinity_band=0.0)
+    assert plan_migrations(loads, prefix_blocks=held, cfg=strict)[0].dst == "a"
