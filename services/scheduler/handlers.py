@@ -73,6 +73,7 @@ from services.scheduler.commands import CommandChannels
 from services.scheduler.kv_index import KvIndex
 from services.scheduler.migrator import Migrator
 from services.scheduler.registry import Registry, ReportOutcome, WorkerRecord
+from services.scheduler.request_prefixes import RequestPrefixes
 from services.scheduler.scaler import Scaler
 
 log = get_logger("kvferry.scheduler")
@@ -107,9 +108,12 @@ class SchedulerCore:
         # request id → prompt tokens the chosen instance holds cached (dispatches that sent block
         # hashes; the latest MAX_REMEMBERED_HITS), for metrics and logs.
         self.dispatch_hits: OrderedDict[str, int] = OrderedDict()
+        # request id → its prompt's block hashes (bounded), for the migration round's cache affinity.
+        self.prefixes = RequestPrefixes()
         self.commands = commands
         self.clock = clock
-        self.migrator = Migrator(cfg, self.registry, commands, clock, policy=pc)
+        self.migrator = Migrator(cfg, self.registry, commands, clock, policy=pc,
+                                 prefix_lookup=lambda: self.prefixes.prefix_blocks(self.kv.match))
         self.scaler = Scaler(cfg, pc, self.registry, self.migrator, commands, clock)
         self._unknown_logged: dict[str, float] = {}
         self._handlers: dict[type, Callable[[Received], Any]] = {
@@ -271,6 +275,7 @@ class SchedulerCore:
         wid = dispatch(self.policy_cfg, snapshots, self.state, demand, msg.priority,
                        prompt_tokens=msg.num_prompt_tokens, cached_blocks=cached, block_size=hash_bs)
         if wid is not None and msg.block_hashes:
+            self.prefixes.remember(msg.request_id, msg.kv_namespace, hash_bs, msg.block_hashes)
             self.dispatch_hits[msg.request_id] = hit_tokens(cached.get(wid, 0), msg.num_prompt_tokens, hash_bs)
             self.dispatch_hits.move_to_end(msg.request_id)
             if len(self.dispatch_hits) > MAX_REMEMBERED_HITS:

@@ -57,8 +57,11 @@ class Migrator:
     balancing) and tracks them until they end."""
 
     def __init__(self, cfg: SchedulerConfig, registry: Registry, commands: CommandChannels | None,
-                 clock: Callable[[], float], policy: PolicyConfig | None = None) -> None:
+                 clock: Callable[[], float], policy: PolicyConfig | None = None,
+                 prefix_lookup: Callable[[], Callable[[str, str], int]] | None = None) -> None:
         self.cfg = cfg
+        # A fresh (request id, instance id) → leading prompt blocks cached there, per round.
+        self.prefix_lookup = prefix_lookup
         self.policy = policy if policy is not None else cfg.policy_config()
         self.registry = registry
         self.commands = commands
@@ -164,7 +167,8 @@ class Migrator:
         loads = [r.load(include_requests=r.worker_id in sources) for r in records]
         return plan_migrations(loads, self.tracker.pairs(), max_per_instance=self.policy.max_migrations_per_instance,
                                layouts={r.worker_id: layout_key(r.info) for r in records},
-                               busy_requests=self.tracker.busy_requests(), cfg=self.policy)
+                               busy_requests=self.tracker.busy_requests(), cfg=self.policy,
+                               prefix_blocks=self.prefix_lookup() if self.prefix_lookup is not None else None)
 
     def involved(self, worker_id: str) -> bool:
         """Whether a migration in flight goes out of, or into, `worker_id`."""
