@@ -51,7 +51,7 @@ from services.scheduler.handlers import SchedulerCore
 from services.scheduler.main import serve_scheduler
 from services.scheduler.migrations import MigrationTracker
 from testkit.wait import wait_until
-from tests.test_scheduler_service import Client, FakeWorker, free_port, reg
+from tests.test_scheduler_service import Client, FakeWorker, free_port, reg, report
 
 ROUND_MS = 50  # migration_interval_ms of the test schedulers
 
@@ -410,3 +410,40 @@ def test_ctl_migrate_and_drain_with_wait_through_the_cli(ctx, capsys):
         ws["w1"].load(90)
         assert run.result(10) == 0
         assert ctl_lines(capsys) == ["w1: draining", "w1: drained (no requests)"]
+
+
+def test_a_drain_round_sends_a_request_where_its_prompt_is_cached():
+    """The scheduler remembers a dispatched request's prompt hashes; its migration round asks the KV
+    index which destination caches them (policy cache affinity), here the less free one of two
+    similarly free instances."""
+    from protocol import KvEvents
+    from protocol.kv_hash import prompt_hashes, root_from_namespace
+
+    core = SchedulerCore(SchedulerConfig())
+
+    def handle(msg: Any) -> Any:
+        return asyncio.run(core.handle(Received(msg, [], b"peer")))
+
+    ns = 4242
+    for w in ("w0", "w1", "w2"):
+        assert isinstance(handle(reg(w, kv_namespace=ns)), RegisterReply)
+    hashes = prompt_hashes(list(range(160)), 16, root_from_namespace(ns, ""))  # 10 blocks
+    for w in ("w0", "w1", "w2"):
+        handle(report(w, 1, free=90 if w != "w1" else 95, running=1))
+    # w2 caches the prompt's first 8 blocks; w1 (freer) caches nothing.
+    assert handle(KvEvents(worker_id="w2", seq=0, reset=True, stored=hashes[:8])) is None
+    for w in ("w0", "w1"):
+        assert handle(KvEvents(worker_id=w, seq=0, reset=True)) is None
+    reply = handle(DispatchRequest(request_id="r", frontend_id="f", num_prompt_tokens=160, block_hashes=hashes,
+                                   kv_namespace=ns, kv_block_size=16, exclude_workers=["w1", "w2"]))
+    assert isinstance(reply, DispatchReply)
+    src = reply.worker_id
+    assert src == "w0"
+    handle(report(src, 2, free=80, running=1, requests=(("r", 10),)))
+    handle(DrainInstance(worker_id=src))
+    (plan,) = core.migrator.plan()
+    assert plan.request_id == "r"
+    assert plan.dst == "w2"  # w1 is freer, w2 nearly as free and caches 8 of its 10 blocks
+    core.prefixes.forget("r")  # a request the scheduler no longer remembers: to the freest
+    (plan,) = core.migrator.plan()
+    assert plan.dst == "w1"
