@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from protocol.kv_hash import namespace_hash, root_from_namespace
+from protocol.kv_hash import namespace_hash, prompt_hashes, root_from_namespace
 from engine.block_manager import BlockManager, KvEventBatch, blocks_for
 from engine.config import EngineConfig, ModelConfig
 from engine.errors import InvalidRequestError, MigrationError, OutOfBlocksError
@@ -300,6 +300,33 @@ class LLMEngine:
             raise OutOfBlocksError(f"cannot reserve {num_blocks} blocks: {self.blocks.num_free} free")
         self.reservations.add(key)
         return self.blocks.allocate(key, num_blocks)
+
+    def shareable_prefix(self, request_id: str) -> tuple[list[int], str] | None:
+        """A migration source's offer: the tokens of the request's full computed blocks and its
+        cache salt (None when this engine does not cache prefixes, or has no such request)."""
+        req = self.requests.get(request_id)
+        if req is None or not self.config.prefix_caching:
+            return None
+        bs = self.blocks.block_size
+        return list(req.token_ids[:(req.num_computed_tokens // bs) * bs]), req.cache_salt
+
+    def share_cached(self, key: str, token_ids: list[int], cache_salt: str, max_blocks: int) -> list[int]:
+        """A migration destination: start reservation `key` with the cached blocks of the longest
+        leading run of `token_ids`' full blocks (at most `max_blocks`), hashed with this engine's
+        own root, so that only the rest must be sent. Reference-counted like any shared prefix (so
+        never evicted while reserved); released or committed with the reservation. Returns them."""
+        root = self._hash_root(cache_salt)
+        if root is None or max_blocks <= 0 or key in self.requests or self.blocks.num_owned(key):
+            return []
+        bs = self.blocks.block_size
+        found = self.blocks.cached_prefix(prompt_hashes(token_ids[:max_blocks * bs], bs, root))
+        # Linking cached blocks nobody holds takes them out of the free count: keep the watermark.
+        if found and self.blocks.num_unowned(found) > self.blocks.num_free - self.blocks.watermark_blocks:
+            return []
+        if found:
+            self.blocks.share(key, found)
+            self.reservations.add(key)
+        return found
 
     def release(self, key: str) -> int:
         """Free a reservation, or the blocks of a detached request; returns how many blocks."""

@@ -123,6 +123,7 @@ class MigrationResult(Message, kw_only=True, frozen=True):
     blocks: Count = 0
     bytes_moved: NonNegInt = 0
     downtime_ms: Annotated[float, Meta(ge=0.0, le=1e9)] = 0.0
+    blocks_skipped: Count = 0  # blocks not sent: the destination's prefix cache held them
 
 
 # ---- from frontends and ctl ----------------------------------------------------------------------

@@ -40,6 +40,7 @@ from protocol.fields import (
     Priority,
     Text,
     TokenId,
+    TokenIds,
 )
 from protocol.payloads import MigratableState, SamplingParams, TensorSpec
 
@@ -142,7 +143,10 @@ class MigrateReserve(RequestMessage, kw_only=True, frozen=True):
     Stage 0 opens the migration on the destination: it checks the KV layout (`block_size`,
     `kv_bytes_per_block`, `kv_dtype`, and `kv_layout`: the engine's byte order of a block, empty
     for kvferry's engine) and picks the data path from where the source's cache is (`src_host`,
-    `src_device`; `path` forces one)."""
+    `src_device`; `path` forces one). `token_ids` (stage 0, optional): the tokens of the request's
+    full computed blocks, with its `cache_salt`; a destination whose prefix cache holds the leading
+    blocks of those (hashed its own way) links them into the reservation and says how many in
+    ReserveReply.cached_blocks, and the source sends only the blocks after them."""
 
     migration_id: Id
     request_id: Id
@@ -156,6 +160,8 @@ class MigrateReserve(RequestMessage, kw_only=True, frozen=True):
     src_host: Name = ""
     src_device: Name = "cpu"
     path: TransferPath | None = None
+    token_ids: TokenIds = []
+    cache_salt: CacheSalt = ""
 
 
 class ReserveReply(ReplyMessage, kw_only=True, frozen=True):
@@ -167,6 +173,9 @@ class ReserveReply(ReplyMessage, kw_only=True, frozen=True):
     block_ids: BlockIds = []
     reason: Text = ""
     path: TransferPath = "frames"
+    # Stage 0: how many of the reserved blocks (the first ones) already hold the request's KV here
+    # (cached prefix, linked): the source sends none of them.
+    cached_blocks: Count = 0
 
 
 class MigrateBlocks(RequestMessage, kw_only=True, frozen=True):

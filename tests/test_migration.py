@@ -99,7 +99,9 @@ async def test_migrated_requests_continue_with_identical_tokens(make_cluster, pa
     for rid in ("early-greedy", "early-seeded"):
         res = await c.migrate_and_wait(0, 1, rid)
         assert res.outcome == "committed", res
-        assert res.blocks >= len(PROMPT) // 16 and res.bytes_moved > 0 and res.stages >= 2
+        # The second finds the prompt's blocks cached at worker 1 (the first one's moved KV): not sent.
+        assert res.blocks + res.blocks_skipped >= len(PROMPT) // 16 and res.bytes_moved > 0 and res.stages >= 2
+        assert res.blocks_skipped == (0 if rid == "early-greedy" else len(PROMPT) // 16), res
     await fe.until(lambda: fe.count("late") >= 250)
     res = await c.migrate_and_wait(0, 1, "late")
     assert res.outcome == "committed", res
@@ -462,3 +464,48 @@ async def test_worker_metrics_endpoint_counts_migrations(make_cluster):
     assert 'kvferry_migrations_committed_total{role="in"} 1.0' in dst
     await check_twins(c, "counted")
     await c.wait_idle()
+
+
+# ---- prefix-aware transfer ------------------------------------------------------------------------
+
+LONG_PROMPT = [(i * 29) % 250 + 3 for i in range(320)]  # 20 full blocks of 16
+
+
+async def test_a_destination_caching_the_prompt_gets_only_the_private_blocks(make_cluster):
+    """Worker 1 served the same prompt before, so its prefix cache holds the prompt's blocks; a
+    request with that prompt migrated there from worker 0 sends only the blocks after them (its
+    generated tokens' blocks), and continues with the same tokens as an unmigrated twin. Then, the
+    same move to a worker that caches nothing sends every block."""
+    c = await make_cluster(3)
+    fe = c.frontend
+    bs = 16
+    await c.add(1, "warm", LONG_PROMPT, 4)  # fills worker 1's cache with the prompt's full blocks
+    await fe.finished("warm")
+    for rid in ("cached", "cold"):
+        await c.add(0, f"{rid}-ref", LONG_PROMPT, 120)
+        await c.add(0, rid, LONG_PROMPT, 120)
+    await fe.until(lambda: fe.count("cached") >= 40 and fe.count("cold") >= 40)
+    hot = await c.migrate_and_wait(0, 1, "cached")
+    cold = await c.migrate_and_wait(0, 2, "cold")
+    assert hot.outcome == cold.outcome == "committed", (hot, cold)
+    prompt_blocks = len(LONG_PROMPT) // bs
+    # The prompt's full blocks were linked at the destination (the last prompt token's block is
+    # computed by the prefill like any other, so all 20 are cached there).
+    assert hot.blocks_skipped >= prompt_blocks - 1, hot
+    assert cold.blocks_skipped == 0 and cold.blocks >= prompt_blocks, cold
+    # Sent: at most the request's private blocks (those past the prompt) + 1.
+    total = (len(LONG_PROMPT) + fe.count("cached")) // bs + 1
+    assert hot.blocks <= total - prompt_blocks + 1, hot
+    assert hot.bytes_moved < cold.bytes_moved / 2, (hot.bytes_moved, cold.bytes_moved)
+    for rid in ("cached", "cold"):
+        await check_twins(c, rid)
+    await c.wait_idle()
+    m = c.workers[0].migration.metrics
+    assert m.value("kvferry_migration_blocks_skipped_total") == hot.blocks_skipped
+
+    def integrity(e):  # noqa: ANN001, ANN202
+        e.check_integrity()
+        return e.stats().num_cached_blocks
+
+    for w in c.workers:
+        assert await w.driver.call(integrity) > 0  # shared blocks were released into the cache, not leaked

@@ -187,6 +187,50 @@ def test_a_migrated_request_s_kv_is_cached_at_the_destination() -> None:
         e.check_integrity()
 
 
+def test_a_destination_links_its_cached_prefix_into_a_reservation_and_an_abort_keeps_it_cached() -> None:
+    """share_cached: the destination hashes the offered tokens with its own root; the cached leading
+    run starts the reservation (reference-counted); only the rest is written; the greedy output
+    equals the unmigrated run. Another salt links nothing; a released reservation leaves the
+    blocks cached and the engine consistent."""
+    prompt = list(range(7, 7 + 5 * BS + 1))
+    dst = tiny()
+    want = run(dst, [prompt])[0]  # caches the full blocks of the prompt and of its greedy output here
+    src = tiny()
+    src.add_request("m", prompt, GREEDY)
+    for _ in range(4):
+        src.step()
+    offer = src.shareable_prefix("m")
+    assert offer is not None and len(offer[0]) % BS == 0 and offer[1] == ""
+    state = src.detach_request("m")
+    n = -(-state.num_computed_tokens // BS)
+    k = len(offer[0]) // BS  # the same greedy tokens: every full block of them is cached at dst
+    assert k >= 5
+    assert dst.share_cached("other", offer[0], "another tenant", n) == []  # salt: no hit
+    # An aborted reservation: its shared blocks go back to the cache, nothing leaks.
+    linked = dst.share_cached("abort", offer[0], "", n)
+    assert len(linked) == k
+    assert dst.release("abort") == k
+    dst.check_integrity()
+    assert dst.stats().num_cached_blocks >= k and dst.stats().num_free_blocks == dst.stats().num_blocks
+    linked = dst.share_cached("mig", offer[0], "", n)
+    assert len(linked) == k
+    ids = linked + dst.reserve("mig", n - len(linked))
+    table = src.block_table("m")
+    dst.write_blocks(ids[k:], src.read_blocks(table[k:n]))  # only the blocks the destination lacks
+    dst.commit_request(state, "mig")
+    src.release("m")
+    got = list(state.token_ids[len(prompt):])
+    while dst.has_unfinished_requests():
+        for o in dst.step():
+            got += o.new_token_ids
+        dst.check_integrity()
+    assert got == want
+    for e in (src, dst):
+        e.check_integrity()
+    off = tiny(prefix_caching=False)
+    assert off.share_cached("x", offer[0], "", n) == []
+
+
 def test_the_sim_engine_prefills_only_uncached_tokens() -> None:
     cfg = EngineConfig(block_size=16, num_blocks=256, debug_checks=True)
     e = LLMEngine.sim(LLAMA7B_A10, cfg, clock="virtual")

@@ -134,13 +134,30 @@ class MigrationDestination:
                 return ErrorReply(reply_to=msg.msg_id, code=ErrorCode.NOT_FOUND,
                                   message=f"no open migration {msg.migration_id} from this peer")
         key, n = m.key, msg.num_blocks
+        offer = (list(msg.token_ids), msg.cache_salt) if msg.stage == 0 and msg.token_ids else None
+
+        def reserve(e: Any) -> tuple[list[int], int]:
+            # Stage 0 with the source's tokens: the blocks this engine's prefix cache holds come
+            # first, linked (engines without share_cached, e.g. vLLM, link none); the rest is new.
+            share = getattr(e, "share_cached", None)
+            cached = share(key, offer[0], offer[1], n) if offer is not None and share is not None else []
+            try:
+                return list(cached) + e.reserve(key, n - len(cached)), len(cached)
+            except OutOfBlocksError:
+                if cached:
+                    e.release(key)
+                raise
         try:
-            ids = await w.driver.call(lambda e: e.reserve(key, n))
+            ids, cached = await w.driver.call(reserve)
         except OutOfBlocksError as exc:
             await self._abort(m.migration_id, "no_room")
             return refuse(f"no_room: {exc}")
         m.blocks.update(ids)
-        return ReserveReply(reply_to=msg.msg_id, migration_id=m.migration_id, ok=True, block_ids=ids, path=m.path)  # type: ignore[arg-type]
+        if cached:
+            log.info("migration.prefix_cached", migration_id=m.migration_id, request_id=m.request_id,
+                     cached_blocks=cached, blocks=n)
+        return ReserveReply(reply_to=msg.msg_id, migration_id=m.migration_id, ok=True, block_ids=ids, path=m.path,  # type: ignore[arg-type]
+                            cached_blocks=cached)
 
     def _check_open(self, msg: MigrateReserve) -> str | None:
         w = self.w

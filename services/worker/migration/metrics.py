@@ -29,6 +29,8 @@ class MigrationMetrics:
                                   registry=r)
         self.bytes = Counter("kvferry_migration_bytes", "KV bytes sent by migrations, by data path", ["path"],
                              registry=r)
+        self.blocks_skipped = Counter("kvferry_migration_blocks_skipped", "KV blocks committed migrations did not "
+                                      "send: the destination's prefix cache held them", registry=r)
         self.stages = Histogram("kvferry_migration_stages", "Copy stages per committed migration (the last "
                                 "stop-and-copy stage included)", buckets=STAGE_BUCKETS, registry=r)
 

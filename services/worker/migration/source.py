@@ -103,6 +103,7 @@ class Outgoing:
     path: str = ""
     stages: int = 0
     blocks: int = 0
+    blocks_skipped: int = 0  # not sent: the destination's prefix cache held them
     bytes_moved: int = 0
     downtime_ms: float = 0.0
 
@@ -123,6 +124,13 @@ class Transfer:
     copied: list[int] = field(default_factory=list)  # source blocks already there, in table order
     spare: list[int] = field(default_factory=list)  # destination blocks reserved for the last stage
     paused_at: float = 0.0  # perf_counter when the request left the batch (the downtime's start)
+    skip: int = 0  # leading blocks of the opening reservation the destination had cached (not to send)
+
+    def take_skip(self, m: "Outgoing") -> int:
+        """The opening reservation's cached blocks, once (counted on the migration)."""
+        k, self.skip = self.skip, 0
+        m.blocks_skipped += k
+        return k
 
 
 class PeerChannels:
@@ -291,7 +299,8 @@ class MigrationSource:
                     t.spare = list((await self._reserve(m, t, len(new) + 2)).block_ids)
                 return
             reply = await self._reserve(m, t, len(new))
-            await self._copy(m, t, new, list(reply.block_ids))
+            k = t.take_skip(m)  # stage 0: the destination linked its cached prefix, sent by nobody
+            await self._copy(m, t, new[k:], list(reply.block_ids)[k:])
             t.copied += new
             t.stage += 1
             m.stages = t.stage
@@ -325,8 +334,9 @@ class MigrationSource:
         targets = t.spare[:len(rest)]
         if not t.opened or len(rest) > len(t.spare):
             targets += list((await self._reserve(m, t, len(rest) - len(targets))).block_ids)
-        if rest:
-            await self._copy(m, t, rest, targets, final=True)
+        k = t.take_skip(m)  # when this reservation opened the migration (no pre-copy)
+        if rest[k:]:
+            await self._copy(m, t, rest[k:], targets[k:], final=True)
         m.stages = t.stage + 1
         self._check_cancel(m)
         return state
@@ -383,6 +393,7 @@ class MigrationSource:
             self.metrics.committed.labels(role="out").inc()
             self.metrics.downtime.observe(m.downtime_ms / 1000.0)
             self.metrics.stages.observe(m.stages)
+            self.metrics.blocks_skipped.inc(m.blocks_skipped)
         else:
             self.metrics.aborted.labels(role="out", reason=m.abort_reason).inc()
         log.info("migration.ended", migration_id=m.migration_id, request_id=m.request_id,
@@ -394,7 +405,7 @@ class MigrationSource:
         result = MigrationResult(
             migration_id=m.migration_id, request_id=m.request_id, src_worker_id=self.w.worker_id,
             dst_worker_id=m.dst_worker_id, outcome=m.outcome, reason=m.abort_reason, stages=m.stages,  # type: ignore[arg-type]
-            blocks=m.blocks, bytes_moved=m.bytes_moved, downtime_ms=m.downtime_ms)
+            blocks=m.blocks, bytes_moved=m.bytes_moved, downtime_ms=m.downtime_ms, blocks_skipped=m.blocks_skipped)
         task = asyncio.get_running_loop().create_task(self.w.link.send(result))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -442,17 +453,24 @@ class MigrationSource:
         w, stage = self.w, t.stage
         kv = w.kv_tensor
         forced = self.cfg.migration_path if self.cfg.migration_path != "auto" else None
+        offer: tuple[list[int], str] | None = None
+        if not t.opened and m.mode != "recompute":  # stage 0: offer the tokens of the full blocks
+            rid = m.request_id
+            offer = await self._engine(lambda e: getattr(e, "shareable_prefix", lambda _rid: None)(rid))
         msg = MigrateReserve(
             migration_id=m.migration_id, request_id=m.request_id, src_worker_id=w.worker_id, stage=stage,
             num_blocks=n, block_size=w.info.block_size, kv_bytes_per_block=w.info.kv_bytes_per_block,
             kv_dtype="" if kv is None else str(kv.dtype).removeprefix("torch."), kv_layout=w.info.kv_layout,
             src_host=self.host,
-            src_device="cpu" if kv is None else kv.device.type, path=forced)  # type: ignore[arg-type]
+            src_device="cpu" if kv is None else kv.device.type, path=forced,  # type: ignore[arg-type]
+            token_ids=offer[0] if offer else [], cache_salt=offer[1] if offer else "")
         reply = await self._rpc(m, t.requester.request(msg, self.cfg.migration_timeout_s, raise_errors=False))
         if isinstance(reply, ErrorReply):
             raise Aborted("refused", reply.message)
         if not isinstance(reply, ReserveReply) or not reply.ok:
             raise Aborted(getattr(reply, "reason", "") or "refused")
+        if not t.opened:
+            t.skip = min(reply.cached_blocks, n)
         t.opened = True
         if len(reply.block_ids) != n:
             raise Aborted("error", f"asked for {n} blocks, the destination reserved {len(reply.block_ids)}")
