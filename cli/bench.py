@@ -19,6 +19,7 @@ import bench.frontend
 import bench.migration
 import bench.overhead
 import bench.paper
+import bench.prefix
 import bench.restart
 import bench.serve
 import bench.simulate
@@ -31,7 +32,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="run a benchmark", description="Benchmarks (kvferry bench KIND --help).")
     kinds = p.add_subparsers(dest="bench_kind", metavar="KIND", title="kinds")
     kinds.required = True
-    for add in (_engine, _frontend, _migration, _transfer, _simulate, _paper, _serve, _chaos, _restart, _overhead):
+    for add in (_engine, _frontend, _migration, _transfer, _simulate, _paper, _prefix, _serve, _chaos, _restart, _overhead):
         add(kinds)
 
 
@@ -180,6 +181,20 @@ def _paper(kinds: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="trace seed (default: 0)")
     p.add_argument("--jobs", type=positive_int, default=1, help="runs in parallel processes (default: 1)")
     p.set_defaults(func=_call(bench.paper.run, bench.paper.Options))
+
+
+def _prefix(kinds: argparse._SubParsersAction) -> None:
+    p = kinds.add_parser("prefix", help="KV reuse on the simulator: rr / load / prefix / kvferry on traces with reuse",
+                         description=bench.prefix.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--traces", default="multi-turn,system-prompt", help="comma-separated (default: both)")
+    p.add_argument("--rates", help="comma-separated requests/s (default: 8,16,24 scaled to the instances)")
+    p.add_argument("--requests", type=positive_int, help="requests per run (default: 2000; --quick: 120)")
+    p.add_argument("--instances", type=positive_int, help="instances (default: 16; --quick: 4)")
+    p.add_argument("--policies", default=",".join(bench.prefix.POLICIES), help="comma-separated (default: all four)")
+    p.add_argument("--seed", type=int, default=0, help="trace seed (default: 0)")
+    p.add_argument("--quick", action="store_true", help="a small version: 4 instances, 120 requests, one rate")
+    p.add_argument("--json", metavar="FILE", help="write one row per (trace, rate, policy) as a JSON list to FILE")
+    p.set_defaults(func=_call(bench.prefix.run, bench.prefix.Options))
 
 
 def _serve(kinds: argparse._SubParsersAction) -> None:

@@ -25,17 +25,20 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
-from engine.block_manager import blocks_for
+from engine.block_manager import KvEventBatch, blocks_for
 from engine.engine import LLMEngine
 from engine.errors import InvalidRequestError
 from engine.request import SamplingParams
 from policy import DispatchState, InstanceLoad, PolicyConfig, dispatch, plan_migrations, scaling_decision
 from policy.freeness import freeness
 from policy.migration import migration_sources
+from policy.prefix_index import PrefixIndex
+from protocol.kv_hash import prompt_hashes, root_from_namespace
 from simulator.config import SimConfig
 from simulator.instance import SimInstance
 from simulator.migration import Migrator
 from workload.metrics import SLO, FragmentationMeter, RequestRecord, instance_seconds, summarize
+from workload.reuse import prompt_tokens
 from workload.traces import TraceRequest
 
 PROMPT_TOKEN = 7  # the sim executor ignores prompt contents ...
@@ -87,6 +90,14 @@ class ClusterSim:
         self.dstate = DispatchState()
         self.migrator = Migrator(self, self.cfg)
         self.frag = FragmentationMeter()
+        # Traces with reuse (prompts made of segments): the prefix index the dispatch consults (fed
+        # by KV events with each report, as in the live scheduler), and hit-rate accounting
+        # against an oracle that sees every instance's actual cache at dispatch.
+        self.reuse = any(r.segments for r in trace)
+        self.use_index = self.reuse and policy.dispatch in ("prefix", "cache")
+        self.index = PrefixIndex()
+        self.req_hashes: dict[str, list[int]] = {}  # running requests' prompt hashes (migration affinity)
+        self.prefix = {"prompt_tokens": 0, "oracle_hit_tokens": 0, "dispatch_hit_tokens": 0}
         self.done = 0
         self.now = 0.0
         self.last_progress_s = 0.0
@@ -118,6 +129,7 @@ class ClusterSim:
         """A draining instance stops once it is empty."""
         if inst.draining and inst.stopped_s is None and inst.empty:
             inst.stopped_s = now
+            self.index.clear(inst.id)
             self.live.remove(inst)
             self.scale_actions.append((now, "stopped", inst.id))
 
@@ -126,10 +138,32 @@ class ClusterSim:
     def _new_instance(self, now: float, ready_s: float) -> SimInstance:
         engine = LLMEngine.sim(self.latency, self.engine_config, clock="virtual", max_model_len=self.max_model_len)
         inst = SimInstance(f"i{self._n_inst:02d}", engine, now, ready_s)
+        if self.use_index:
+            engine.enable_kv_events()
+            inst.kv_sink = self._kv_events
+            inst.report = inst.snapshot()
         self._n_inst += 1
         self.instances.append(inst)
         self.by_id[inst.id] = inst
         return inst
+
+    def _prefix_lookup(self) -> Callable[[str, str], int]:
+        """plan_migrations' prefix_blocks from the index (what the live scheduler knows), one
+        match per request per round."""
+        seen: dict[str, dict[str, int]] = {}
+
+        def lookup(rid: str, iid: str) -> int:
+            if rid not in seen:
+                h = self.req_hashes.get(rid)
+                seen[rid] = self.index.match(h) if h else {}
+            return seen[rid].get(iid, 0)
+        return lookup
+
+    def _kv_events(self, instance_id: str, batch: KvEventBatch) -> None:
+        if batch.reset:
+            self.index.clear(instance_id)
+        self.index.removed(instance_id, batch.removed)
+        self.index.stored(instance_id, batch.stored)
 
     def _ready(self, inst: SimInstance, now: float) -> None:
         self.starting.remove(inst)
@@ -205,6 +239,7 @@ class ClusterSim:
                 if o.error:
                     rec.error = o.error
                 inst.high.pop(rid, None)
+                self.req_hashes.pop(rid, None)
                 self.done += 1
 
     # ---- arrivals and dispatch ---------------------------------------------------------------------
@@ -220,13 +255,30 @@ class ClusterSim:
         """Send a request to the instance the policy picks; False if there is none."""
         rec = self.records[rid]
         snaps = [i.report for i in self.live]
-        demand = blocks_for(rec.input_len, self.cfg.block_size)
-        target = dispatch(self.policy, snaps, self.dstate, demand, rec.priority) if snaps else None
+        bs = self.cfg.block_size
+        demand = blocks_for(rec.input_len, bs)
+        segments = self.trace[int(rid[1:])].segments
+        if segments and self.live:
+            prompt = prompt_tokens(segments, self.live[0].engine.vocab_size)
+            hashes = prompt_hashes(prompt, bs, root_from_namespace(self.live[0].engine.kv_namespace, ""))
+            cached = self.index.match(hashes, [i.id for i in self.live]) if self.use_index else {}
+        else:
+            prompt, hashes, cached = None, [], {}
+        target = dispatch(self.policy, snaps, self.dstate, demand, rec.priority, prompt_tokens=rec.input_len,
+                          cached_blocks=cached, block_size=bs) if snaps else None
         if target is None:
             return False
         inst = self.by_id[target]
+        if hashes:
+            if self.use_index and self.policy.migrate:
+                self.req_hashes[rid] = hashes
+            p = self.prefix
+            p["prompt_tokens"] += rec.input_len
+            best = max(len(i.engine.blocks.cached_prefix(hashes)) for i in self.live)
+            p["oracle_hit_tokens"] += min(best * bs, rec.input_len - 1)
+            p["dispatch_hit_tokens"] += min(cached.get(target, 0) * bs, rec.input_len - 1)
         try:
-            req = inst.engine.add_request(rid, sim_prompt(rid, rec.input_len, inst.engine.vocab_size),
+            req = inst.engine.add_request(rid, prompt if prompt is not None else sim_prompt(rid, rec.input_len, inst.engine.vocab_size),
                                           SamplingParams(max_tokens=rec.output_len, ignore_eos=True), rec.priority)
         except InvalidRequestError as exc:
             rec.error = str(exc)
@@ -263,7 +315,8 @@ class ClusterSim:
         snaps = [replace(s, requests=self.by_id[s.instance_id].request_loads()) if s.instance_id in ids else s
                  for s in snaps]
         plans = plan_migrations(snaps, self.migrator.pairs(), max_per_instance=cfg.max_migrations_per_instance,
-                                busy_requests=self.migrator.in_flight, cfg=cfg)
+                                busy_requests=self.migrator.in_flight, cfg=cfg,
+                                prefix_blocks=self._prefix_lookup() if self.use_index else None)
         for p in plans:
             self.migrator.start(p, self.by_id[p.src], self.by_id[p.dst], now)
 
@@ -354,6 +407,16 @@ class ClusterSim:
         s["migration"] = self.migrator.stats.to_dict()
         s["engine_preemptions"] = sum(i.engine.scheduler.num_preemptions for i in self.instances)
         s["steps"] = sum(i.steps for i in self.instances)
+        if self.reuse:
+            p = dict(self.prefix)
+            hit = sum(i.engine.scheduler.prefix_hit_tokens for i in self.instances)
+            query = sum(i.engine.scheduler.prefix_query_tokens for i in self.instances)
+            total = max(1, p["prompt_tokens"])
+            # hit_rate: prompt tokens the engines actually reused (preempted and re-admitted
+            # requests look up again, so this counts re-admissions too) / prompt tokens dispatched.
+            p.update(engine_hit_tokens=hit, engine_query_tokens=query, hit_rate=hit / max(1, query),
+                     oracle_hit_rate=p["oracle_hit_tokens"] / total, dispatch_hit_rate=p["dispatch_hit_tokens"] / total)
+            s["prefix"] = p
         s["virtual_s"] = end
         s["wall_s"] = wall_s
         if self.cfg.scaling:

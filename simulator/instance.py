@@ -4,9 +4,10 @@ about it (its step in progress, its last load report, its lifetime)."""
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from engine.block_manager import blocks_for
+from engine.block_manager import KvEventBatch, blocks_for
 from engine.engine import LLMEngine
 from engine.request import RequestOutput, RequestStatus
 from policy import InstanceLoad, RequestLoad
@@ -21,7 +22,8 @@ class SimInstance:
     step's tokens when it ends, `last_step_seconds` later."""
 
     __slots__ = ("id", "engine", "started_s", "ready_s", "stopped_s", "busy", "outputs", "draining",
-                 "high", "detach_queue", "migrations", "report", "last_report_s", "preemptions_seen", "steps")
+                 "high", "detach_queue", "migrations", "report", "last_report_s", "preemptions_seen", "steps",
+                 "kv_sink")
 
     def __init__(self, instance_id: str, engine: LLMEngine, started_s: float, ready_s: float) -> None:
         self.id = instance_id
@@ -38,6 +40,9 @@ class SimInstance:
         self.last_report_s = -math.inf
         self.preemptions_seen = 0
         self.steps = 0
+        # Traces with reuse: the cluster's prefix index, fed the engine's KV events with each report
+        # (as a live worker publishes them with its load reports).
+        self.kv_sink: Callable[[str, KvEventBatch], None] | None = None
         self.report = self.snapshot()
 
     def step(self) -> float:
@@ -77,8 +82,10 @@ class SimInstance:
                          for rid in self.high if (r := e.requests.get(rid)) is not None)
         else:
             reqs = ()
+        queued = s.queued_prefill_tokens() if self.kv_sink is not None else 0
         return InstanceLoad(self.id, b.num_blocks, b.num_free, len(s.running), len(s.waiting),
-                            blocks_for(head.num_tokens, b.block_size) if head else 0, reqs, draining=self.draining)
+                            blocks_for(head.num_tokens, b.block_size) if head else 0, reqs, draining=self.draining,
+                            queued_prefill_tokens=queued)
 
     def request_loads(self) -> tuple[RequestLoad, ...]:
         """Every request here as the policy sees it (detached ones count as not running)."""
@@ -91,4 +98,6 @@ class SimInstance:
     def take_report(self, now: float) -> InstanceLoad:
         self.report = self.snapshot()
         self.last_report_s = now
+        if self.kv_sink is not None:
+            self.kv_sink(self.id, self.engine.take_kv_events())
         return self.report

@@ -44,6 +44,7 @@ class Migration:
     preemptions: int = 0  # the request's count at the start: a change means it was preempted
     reserved: int = 0
     copied: int = 0
+    skipped: int = 0  # leading blocks the destination's prefix cache held: linked, not sent
     stage: int = 0
     detached_s: float | None = None
     state: dict | None = None
@@ -56,11 +57,12 @@ class MigrationStats:
     aborted: Counter = field(default_factory=Counter)
     downtime_s: list[float] = field(default_factory=list)
     blocks_moved: int = 0
+    blocks_skipped: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         d = sorted(self.downtime_s)
         return {"started": self.started, "committed": self.committed, "aborted": dict(self.aborted),
-                "blocks_moved": self.blocks_moved,
+                "blocks_moved": self.blocks_moved, "blocks_skipped": self.blocks_skipped,
                 "downtime_ms_mean": 1000 * sum(d) / len(d) if d else None,
                 "downtime_ms_max": 1000 * d[-1] if d else None}
 
@@ -98,16 +100,20 @@ class Migrator:
         complete = view.num_computed_tokens // self.block_size
         need = blocks_for(view.num_computed_tokens, self.block_size)
         self.stats.started += 1
+        # As the live workers do: the destination links the leading blocks its cache holds.
+        offer = src.engine.shareable_prefix(rid)
+        linked = dst.engine.share_cached(m.key, offer[0], offer[1], complete) if offer else []
         try:
-            dst.engine.reserve(m.key, need)
+            dst.engine.reserve(m.key, need - len(linked))
         except OutOfBlocksError:
+            dst.engine.release(m.key)
             self.stats.aborted["no_room"] += 1
             return False
-        m.reserved, m.copied = need, complete
+        m.reserved, m.copied, m.skipped = need, complete, len(linked)
         self.in_flight[rid] = m
         src.migrations += 1
         dst.migrations += 1
-        self.host.schedule(now + self._xfer(complete), self._stage_done, m)
+        self.host.schedule(now + self._xfer(complete - m.skipped), self._stage_done, m)
         return True
 
     def _alive(self, m: Migration, now: float) -> bool:
@@ -165,7 +171,8 @@ class Migrator:
         src.migrations -= 1
         dst.migrations -= 1
         self.stats.committed += 1
-        self.stats.blocks_moved += m.reserved
+        self.stats.blocks_moved += m.reserved - m.skipped
+        self.stats.blocks_skipped += m.skipped
         self.stats.downtime_s.append(now - m.detached_s)  # type: ignore[operator]
         self.host.moved(m.request_id, src, dst, now)
         self.host.kick(dst, now)

@@ -26,7 +26,8 @@ NAMED_TRACES = ("128-128", "256-256", "512-512", "128-512", "512-128")
 # Zipf exponent by mean length: heavier tails for longer means, so that the capped power law keeps
 # a large share of short requests plus a long tail (interpolated in log2(mean) between these).
 ZIPF_EXPONENTS = ((128, 2.0), (256, 1.5), (512, 1.15))
-JSONL_KEYS = ("arrival_s", "input_len", "output_len", "priority")
+JSONL_KEYS = ("arrival_s", "input_len", "output_len", "priority", "segments")
+MAX_SEGMENTS = 4096  # per request in a JSONL file
 
 
 class TraceError(ValueError):
@@ -36,12 +37,16 @@ class TraceError(ValueError):
 @dataclass(frozen=True, slots=True)
 class TraceRequest:
     """One request of a trace: arrival time (seconds from the trace's start), prompt and answer
-    lengths in tokens, priority (lower is served first; negative is high priority)."""
+    lengths in tokens, priority (lower is served first; negative is high priority). `segments`
+    (traces with reuse, workload/reuse.py): the prompt as (segment id, length) pieces whose token ids
+    are derived from the id, so requests sharing leading segments share a prefix; empty: a prompt
+    of its own."""
 
     arrival_s: float
     input_len: int
     output_len: int
     priority: int = 0
+    segments: tuple[tuple[int, int], ...] = ()
 
 
 # ---- arrival processes -----------------------------------------------------------------------------
@@ -173,15 +178,21 @@ def describe(trace: Sequence[TraceRequest]) -> dict[str, float]:
 # ---- JSONL files -----------------------------------------------------------------------------------
 
 def save_jsonl(trace: Iterable[TraceRequest], path: str | os.PathLike) -> None:
-    """One JSON object per line: arrival_s, input_len, output_len, priority."""
+    """One JSON object per line: arrival_s, input_len, output_len, priority (and segments, when
+    the prompt has them)."""
     with open(path, "w") as f:
         for r in trace:
-            f.write(json.dumps(asdict(r)) + "\n")
+            d = asdict(r)
+            if not r.segments:
+                del d["segments"]
+            f.write(json.dumps(d) + "\n")
 
 
 def load_jsonl(path: str | os.PathLike) -> list[TraceRequest]:
     """Read a trace written by `save_jsonl` (or by hand): keys arrival_s (seconds, >= 0, not
-    decreasing), input_len and output_len (integers >= 1), optional priority (integer, default 0).
+    decreasing), input_len and output_len (integers >= 1), optional priority (integer, default 0),
+    optional segments ([[segment id >= 0, length >= 1], ...], lengths adding up to input_len: the
+    prompt's shared and private pieces, see workload/reuse.py).
     Blank lines are skipped; anything else raises TraceError naming the line."""
     out: list[TraceRequest] = []
     try:
@@ -222,4 +233,11 @@ def _parse_line(line: str, where: str, previous_s: float) -> TraceRequest:
     pri = d.get("priority", 0)
     if isinstance(pri, bool) or not isinstance(pri, int):
         raise TraceError(f"{where}: priority must be an integer, got {pri!r}")
-    return TraceRequest(float(t), d["input_len"], d["output_len"], pri)
+    segs = d.get("segments", [])
+    if (not isinstance(segs, list) or len(segs) > MAX_SEGMENTS
+            or not all(isinstance(g, list) and len(g) == 2 and all(type(x) is int for x in g)
+                       and g[0] >= 0 and g[1] >= 1 for g in segs)):
+        raise TraceError(f"{where}: segments must be a list of at most {MAX_SEGMENTS} [id >= 0, length >= 1] pairs")
+    if segs and sum(g[1] for g in segs) != d["input_len"]:
+        raise TraceError(f"{where}: the segments' lengths add up to {sum(g[1] for g in segs)}, not input_len")
+    return TraceRequest(float(t), d["input_len"], d["output_len"], pri, tuple((g[0], g[1]) for g in segs))
