@@ -33,6 +33,7 @@ from policy import DispatchState, InstanceLoad, PolicyConfig, dispatch, plan_mig
 from policy.freeness import freeness
 from policy.migration import migration_sources
 from policy.prefix_index import PrefixIndex
+from policy.request_prefixes import RequestPrefixes
 from protocol.kv_hash import prompt_hashes, root_from_namespace
 from simulator.config import SimConfig
 from simulator.instance import SimInstance
@@ -96,7 +97,7 @@ class ClusterSim:
         self.reuse = any(r.segments for r in trace)
         self.use_index = self.reuse and policy.dispatch in ("prefix", "cache")
         self.index = PrefixIndex()
-        self.req_hashes: dict[str, list[int]] = {}  # running requests' prompt hashes (migration affinity)
+        self.req_prefixes = RequestPrefixes()  # running requests' prompt hashes (migration affinity)
         self.prefix = {"prompt_tokens": 0, "oracle_hit_tokens": 0, "dispatch_hit_tokens": 0}
         self.done = 0
         self.now = 0.0
@@ -146,18 +147,6 @@ class ClusterSim:
         self.instances.append(inst)
         self.by_id[inst.id] = inst
         return inst
-
-    def _prefix_lookup(self) -> Callable[[str, str], int]:
-        """plan_migrations' prefix_blocks from the index (what the live scheduler knows), one
-        match per request per round."""
-        seen: dict[str, dict[str, int]] = {}
-
-        def lookup(rid: str, iid: str) -> int:
-            if rid not in seen:
-                h = self.req_hashes.get(rid)
-                seen[rid] = self.index.match(h) if h else {}
-            return seen[rid].get(iid, 0)
-        return lookup
 
     def _kv_events(self, instance_id: str, batch: KvEventBatch) -> None:
         if batch.reset:
@@ -239,7 +228,7 @@ class ClusterSim:
                 if o.error:
                     rec.error = o.error
                 inst.high.pop(rid, None)
-                self.req_hashes.pop(rid, None)
+                self.req_prefixes.forget(rid)
                 self.done += 1
 
     # ---- arrivals and dispatch ---------------------------------------------------------------------
@@ -260,7 +249,8 @@ class ClusterSim:
         segments = self.trace[int(rid[1:])].segments
         if segments and self.live:
             prompt = prompt_tokens(segments, self.live[0].engine.vocab_size)
-            hashes = prompt_hashes(prompt, bs, root_from_namespace(self.live[0].engine.kv_namespace, ""))
+            namespace = self.live[0].engine.kv_namespace
+            hashes = prompt_hashes(prompt, bs, root_from_namespace(namespace, ""))
             cached = self.index.match(hashes, [i.id for i in self.live]) if self.use_index else {}
         else:
             prompt, hashes, cached = None, [], {}
@@ -271,7 +261,7 @@ class ClusterSim:
         inst = self.by_id[target]
         if hashes:
             if self.use_index and self.policy.migrate:
-                self.req_hashes[rid] = hashes
+                self.req_prefixes.remember(rid, namespace, bs, hashes)
             p = self.prefix
             p["prompt_tokens"] += rec.input_len
             best = max(len(i.engine.blocks.cached_prefix(hashes)) for i in self.live)
@@ -316,7 +306,8 @@ class ClusterSim:
                  for s in snaps]
         plans = plan_migrations(snaps, self.migrator.pairs(), max_per_instance=cfg.max_migrations_per_instance,
                                 busy_requests=self.migrator.in_flight, cfg=cfg,
-                                prefix_blocks=self._prefix_lookup() if self.use_index else None)
+                                prefix_blocks=self.req_prefixes.prefix_blocks(lambda h, _ns, _bs: self.index.match(h))
+                                if self.use_index else None)
         for p in plans:
             self.migrator.start(p, self.by_id[p.src], self.by_id[p.dst], now)
 

@@ -1,13 +1,13 @@
-"""The scheduler's store of dispatched requests' prompt hashes (services/scheduler/request_prefixes.py):
+"""The scheduler's store of dispatched requests' prompt hashes (policy/request_prefixes.py):
 bounded in hashes, matched once per request per migration round, against the live KV index."""
 
 from __future__ import annotations
 
 import pytest
 
+from policy.request_prefixes import RequestPrefixes
 from protocol.kv_hash import prompt_hashes, root_from_namespace
 from services.scheduler.kv_index import KvIndex
-from services.scheduler.request_prefixes import RequestPrefixes
 
 NS, BS = 77, 16
 

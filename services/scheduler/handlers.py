@@ -38,6 +38,7 @@ import zmq
 
 from engine.block_manager import blocks_for
 from policy import DispatchState, dispatch, freeness, hit_tokens
+from policy.request_prefixes import RequestPrefixes
 from protocol import (
     Ack,
     Deregister,
@@ -73,7 +74,6 @@ from services.scheduler.commands import CommandChannels
 from services.scheduler.kv_index import KvIndex
 from services.scheduler.migrator import Migrator
 from services.scheduler.registry import Registry, ReportOutcome, WorkerRecord
-from services.scheduler.request_prefixes import RequestPrefixes
 from services.scheduler.scaler import Scaler
 
 log = get_logger("kvferry.scheduler")

@@ -1,5 +1,6 @@
 """Dispatched requests' prompt block hashes, kept so that a migration round can ask how much of a
-request's prefix each destination caches (policy.plan_migrations' `prefix_blocks`, design §4/§5).
+request's prefix each destination caches (policy.plan_migrations' `prefix_blocks`, design §3/§4);
+the live scheduler and the simulator both keep one.
 
 Soft state: filled from DispatchRequest.block_hashes at dispatch, bounded by a total number of
 hashes (least recently dispatched requests forgotten first), never needed for correctness — a
