@@ -95,6 +95,10 @@ class BlockManager:
         reserve = self.watermark_blocks if keep_watermark else 0
         return self.extra_blocks_needed(owner, num_tokens) <= self.num_free - reserve
 
+    def hash_of(self, block: int) -> int | None:
+        """The content hash `block` is cached under (None when it is not registered)."""
+        return self._hash_of.get(block)
+
     def cached_prefix(self, hashes: Sequence[int]) -> list[int]:
         """The cached blocks of the longest run of `hashes` from the start."""
         found = []

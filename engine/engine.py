@@ -353,11 +353,13 @@ class LLMEngine:
         have = self.blocks.num_owned(reservation) if reservation else 0
         if have < need:
             raise MigrationError(f"reservation holds {have} blocks, the request's KV needs {need}")
+        root = self._hash_root(req.cache_salt)
         if reservation is not None:
+            self._check_linked(req, self.blocks.table(reservation), root)
             self.blocks.rename(reservation, req.request_id)
             self.reservations.discard(reservation)
         self.requests[req.request_id] = req
-        req.hash_root = self._hash_root(req.cache_salt)
+        req.hash_root = root
         if req.num_computed_tokens == 0:
             self.blocks.free(req.request_id)
             self.scheduler.add_waiting(req)
@@ -365,6 +367,20 @@ class LLMEngine:
             self.scheduler.register_computed(req)  # the moved KV is reusable here too
             self.scheduler.add_running(req)
         return req
+
+    def _check_linked(self, req: Request, table: list[int], root: int | None) -> None:
+        """The cached blocks `share_cached` linked into a reservation must be the leading blocks of
+        the committed state's own computed tokens: the offer they were linked for and the state
+        come from one source, but a mismatch would continue the request on another prompt's KV."""
+        bs = self.blocks.block_size
+        linked = [self.blocks.hash_of(b) for b in table]
+        k = next((i for i, h in enumerate(linked) if h is None), len(linked))
+        if k == 0:
+            return
+        if any(h is not None for h in linked[k:]) or root is None or k > req.num_computed_tokens // bs:
+            raise MigrationError("the reservation's cached blocks are not a prefix of the request's computed blocks")
+        if linked[:k] != prompt_hashes(req.token_ids[:k * bs], bs, root):
+            raise MigrationError("the reservation's cached blocks hold other tokens than the request's")
 
     def detach_request(self, request_id: str) -> MigratableState:
         """Take a request out of the batch, keeping its blocks; returns its state."""

@@ -12,7 +12,7 @@ from protocol.kv_hash import block_hash, prompt_hashes, root_hash
 from engine.block_manager import BlockManager
 from engine.config import EngineConfig
 from engine.engine import LLMEngine
-from engine.errors import OutOfBlocksError
+from engine.errors import MigrationError, OutOfBlocksError
 from engine.request import SamplingParams
 from engine.sim.latency import LLAMA7B_A10
 
@@ -229,6 +229,60 @@ def test_a_destination_links_its_cached_prefix_into_a_reservation_and_an_abort_k
         e.check_integrity()
     off = tiny(prefix_caching=False)
     assert off.share_cached("x", offer[0], "", n) == []
+
+
+def test_a_commit_refuses_linked_blocks_of_other_tokens_and_the_reservation_still_releases() -> None:
+    """The committed state must own the tokens its linked cached blocks were linked for: another
+    prompt's state (a buggy or lying source) is refused, and the shared blocks go back to the
+    cache on release."""
+    prompt = list(range(9, 9 + 4 * BS + 1))
+    dst = tiny()
+    run(dst, [prompt])
+    src = tiny()
+    other = [t + 1 for t in prompt]
+    src.add_request("m", other, GREEDY)
+    for _ in range(3):
+        src.step()
+    state = src.detach_request("m")
+    n = -(-state.num_computed_tokens // BS)
+    linked = dst.share_cached("mig", prompt, "", n)  # linked for `prompt`, committed with `other`
+    assert len(linked) == 4
+    dst.reserve("mig", n - len(linked))
+    with pytest.raises(MigrationError, match="other tokens"):
+        dst.commit_request(state, "mig")
+    assert dst.release("mig") == n and "m" not in dst.requests
+    dst.check_integrity()
+    assert dst.stats().num_cached_blocks >= 4 and dst.stats().num_free_blocks == dst.stats().num_blocks
+
+
+def test_blocks_a_migrated_request_shares_with_others_stay_on_the_source() -> None:
+    """Two requests on the source share their prompt's cached blocks; moving one releases only its
+    reference: the other keeps those blocks, continues unchanged, and the source stays consistent."""
+    prompt = list(range(11, 11 + 5 * BS + 2))
+    want = run(tiny(), [prompt])[0]
+    src, dst = tiny(), tiny()
+    src.add_request("a", prompt, GREEDY)
+    got = {"a": [t for o in src.step() for t in o.new_token_ids], "b": []}  # a's prefill caches the prompt
+    src.add_request("b", prompt, GREEDY)
+    for _ in range(3):
+        for o in src.step():
+            got[o.request_id] += o.new_token_ids
+    shared = src.block_table("a")[:5]
+    assert src.block_table("b")[:5] == shared  # b reused a's prompt blocks
+    state = src.detach_request("a")
+    n = -(-state.num_computed_tokens // BS)
+    ids = dst.reserve("mig", n)
+    dst.write_blocks(ids, src.read_blocks(src.block_table("a")[:n]))
+    dst.commit_request(state, "mig")
+    src.release("a")
+    src.check_integrity()
+    assert src.block_table("b")[:5] == shared and all(src.blocks._refs[b] == 1 for b in shared)
+    for e, rid in ((src, "b"), (dst, "a")):
+        while e.has_unfinished_requests():
+            for o in e.step():
+                got[rid] += o.new_token_ids
+        e.check_integrity()
+    assert got["a"] == got["b"] == want
 
 
 def test_the_sim_engine_prefills_only_uncached_tokens() -> None:
