@@ -405,6 +405,115 @@ async def test_a_destination_refuses_what_it_cannot_hold_and_frees_an_aborted_re
         await destination.aclose()
 
 
+# ---- prefix-aware transfer: the destination links what its prefix cache holds ----------------------
+
+LONG_PROMPT = list(range(40, 81))  # 41 tokens: 10 full blocks of 4, and one more token
+
+
+async def migrate_with_a_twin(dst: Parts, path: str = "frames") -> tuple[Any, list[int], list[int], Parts]:
+    """On a fresh source, `r` and its twin `t` (same prompt: t shares r's prompt blocks there)
+    decode a few tokens; `r` moves to `dst`. The migration, then each one's tokens when run to the
+    end (r at the destination, t at the source), and the source's parts."""
+    src = make_parts("src", migration_path=path)
+    threads, sock = CopyThreads(19), ReplySocket()
+    destination = MigrationDestination(dst.ctx, sock, threads, MigrationMetrics(), HOST)  # type: ignore[arg-type]
+    pool = SenderPool(src.engine.kv_tensor, 1 << 12, 1 << 20, max_idle=1)
+    source = MigrationSource(src.ctx, DirectPeers(destination, sock), pool, threads, MigrationMetrics(),  # type: ignore[arg-type]
+                             HOST)
+    sampling = EngineSamplingParams(max_tokens=24, ignore_eos=True)
+    try:
+        route = Route("r", "fe-0", "tcp://127.0.0.1:2")
+        src.ctx.routes.add(route)
+        src.engine.add_request("r", LONG_PROMPT, sampling)
+        got: dict[str, list[int]] = {"r": [], "t": []}
+        for i in range(6):  # r's prefill (it caches the prompt), then t's (a hit) and decodes
+            if i == 1:
+                src.engine.add_request("t", LONG_PROMPT, sampling)
+            for o in src.engine.step():
+                got[o.request_id] += o.new_token_ids
+        assert src.engine.block_table("t")[:10] == src.engine.block_table("r")[:10]
+        route.tokens_sent = len(got["r"])
+        m = await source.start(MigrateCommand(migration_id="m1", request_id="r", dst_worker_id="dst",
+                                              dst_endpoint="inproc://dst"))
+        async with asyncio.timeout(WAIT_S):
+            await m.done.wait()
+            while not src.link.sent:  # the result goes to the scheduler from a task
+                await asyncio.sleep(0.01)
+        assert (m.outcome, m.abort_reason) == ("committed", ""), m
+        result = src.link.sent[0]
+        assert (result.blocks, result.blocks_skipped) == (m.blocks, m.blocks_skipped)  # type: ignore[attr-defined]
+        assert source.metrics.value("kvferry_migration_blocks_skipped_total") == m.blocks_skipped
+        r = got["r"] + run_to_end(dst.engine, "r")
+        t = got["t"] + run_to_end(src.engine, "t")  # its blocks, shared with r, stayed here
+        for e in (src.engine, dst.engine):
+            e.check_integrity()
+        return m, r, t, src
+    finally:
+        await source.aclose()
+        await destination.aclose()
+        threads.shutdown()
+
+
+@pytest.mark.parametrize("path", ["frames", "shm"])
+async def test_a_destination_caching_the_prompt_is_sent_only_the_blocks_it_lacks(path: str) -> None:
+    ref = make_parts("ref")
+    ref.engine.add_request("r", LONG_PROMPT, EngineSamplingParams(max_tokens=24, ignore_eos=True))
+    want = run_to_end(ref.engine, "r")
+    warm = make_parts("warm", migration_path=path)
+    warm.engine.add_request("w", LONG_PROMPT, EngineSamplingParams(max_tokens=1, ignore_eos=True))
+    run_to_end(warm.engine, "w")  # the prompt's 10 full blocks stay cached there
+    hot, r_hot, t_hot, _ = await migrate_with_a_twin(warm, path)
+    cold, r_cold, t_cold, _ = await migrate_with_a_twin(make_parts("cold", migration_path=path), path)
+    assert r_hot == t_hot == r_cold == t_cold == want  # moved and unmoved requests agree
+    assert (hot.blocks_skipped, cold.blocks_skipped) == (10, 0)
+    total = hot.blocks + hot.blocks_skipped
+    assert total == cold.blocks and hot.blocks <= total - 10 + 1  # at most its private blocks + 1
+    per_block = warm.ctx.info.kv_bytes_per_block
+    assert (hot.bytes_moved, cold.bytes_moved) == (hot.blocks * per_block, cold.blocks * per_block)
+
+
+async def test_linked_cached_blocks_go_back_to_the_cache_when_the_migration_aborts() -> None:
+    dst = make_parts("dst")
+    dst.engine.add_request("w", LONG_PROMPT, EngineSamplingParams(max_tokens=1, ignore_eos=True))
+    run_to_end(dst.engine, "w")
+    cached = dst.engine.stats().num_cached_blocks
+    assert cached >= 10 and blocks_in_use(dst.engine) == 0
+    sock = ReplySocket()
+    destination = MigrationDestination(dst.ctx, sock, CopyThreads(19), MigrationMetrics(), HOST)  # type: ignore[arg-type]
+    kv = dst.engine.kv_tensor
+
+    def reserve(mid: str, n: int, **kw: Any) -> MigrateReserve:
+        return MigrateReserve(**{"migration_id": mid, "request_id": f"req-{mid}", "src_worker_id": "src", "stage": 0,
+                                 "num_blocks": n, "block_size": dst.ctx.info.block_size,
+                                 "kv_bytes_per_block": dst.ctx.info.kv_bytes_per_block,
+                                 "kv_dtype": str(kv.dtype).removeprefix("torch."), "src_host": HOST,
+                                 "src_device": "cpu", **kw})
+
+    async def abort(mid: str) -> None:
+        await destination(Received(wire(MigrateAbort(migration_id=mid, reason="test")), [], b"p"))
+        async with asyncio.timeout(WAIT_S):
+            while mid in destination.incoming or blocks_in_use(dst.engine):
+                await asyncio.sleep(0.01)
+
+    try:
+        old = await ask(destination, sock, reserve("m0", 12), b"p")  # an older source offers no tokens
+        assert old.ok and old.cached_blocks == 0 and blocks_in_use(dst.engine) == 12
+        await abort("m0")
+        salted = await ask(destination, sock, reserve("m1", 12, token_ids=LONG_PROMPT[:40], cache_salt="t-b"), b"p")
+        assert salted.ok and salted.cached_blocks == 0  # another tenant's salt: no hit
+        await abort("m1")
+        hit = await ask(destination, sock, reserve("m2", 12, token_ids=LONG_PROMPT[:40]), b"p")
+        assert hit.ok and hit.cached_blocks == 10 and len(hit.block_ids) == 12 and blocks_in_use(dst.engine) == 12
+        assert dst.engine.stats().num_cached_blocks >= 10  # linked ones stay registered (and unevictable)
+        await abort("m2")
+        dst.engine.check_integrity()
+        assert dst.engine.stats().num_cached_blocks >= 10  # released into the cache, not dropped
+        dst.engine.add_request("again", LONG_PROMPT, EngineSamplingParams(max_tokens=1, ignore_eos=True))
+        assert dst.engine.scheduler.schedule().scheduled[0].start == 40  # still hits
+    finally:
+        await destination.aclose()
+
+
 async def test_a_frontend_that_dies_before_its_first_heartbeat_still_loses_its_requests() -> None:
     """A kvferry frontend (it sends its incarnation) is watched from its first AddRequest; a client
     that neither heartbeats nor sends one is not (its requests run until they end)."""
