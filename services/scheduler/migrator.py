@@ -180,8 +180,8 @@ class Migrator:
         entry = self.tracker.finish(m, self.clock())
         log.info("migration.result", migration_id=m.migration_id, request_id=m.request_id,
                  src_worker_id=m.src_worker_id, dst_worker_id=m.dst_worker_id, outcome=m.outcome,
-                 reason=m.reason, stages=m.stages, blocks=m.blocks, bytes_moved=m.bytes_moved,
-                 downtime_ms=m.downtime_ms, known=entry is not None,
+                 reason=m.reason, stages=m.stages, blocks=m.blocks, blocks_skipped=m.blocks_skipped,
+                 bytes_moved=m.bytes_moved, downtime_ms=m.downtime_ms, known=entry is not None,
                  took_s=round(self.clock() - entry.started, 3) if entry is not None else None,
                  in_flight=len(self.tracker), totals=self.totals())
         return entry

@@ -398,7 +398,8 @@ class MigrationSource:
             self.metrics.aborted.labels(role="out", reason=m.abort_reason).inc()
         log.info("migration.ended", migration_id=m.migration_id, request_id=m.request_id,
                  dst_worker_id=m.dst_worker_id, outcome=m.outcome, reason=m.abort_reason or None, path=m.path,
-                 stages=m.stages, blocks=m.blocks, bytes=m.bytes_moved, downtime_ms=round(m.downtime_ms, 3),
+                 stages=m.stages, blocks=m.blocks, blocks_skipped=m.blocks_skipped, bytes=m.bytes_moved,
+                 downtime_ms=round(m.downtime_ms, 3),
                  seconds=round(time.monotonic() - m.started, 4))
         m.done.set()
         self.w.link.mark_dirty()
