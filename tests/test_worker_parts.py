@@ -410,7 +410,8 @@ async def test_a_destination_refuses_what_it_cannot_hold_and_frees_an_aborted_re
 LONG_PROMPT = list(range(40, 81))  # 41 tokens: 10 full blocks of 4, and one more token
 
 
-async def migrate_with_a_twin(dst: Parts, path: str = "frames") -> tuple[Any, list[int], list[int], Parts]:
+async def migrate_with_a_twin(dst: Parts, path: str = "frames", mode: str = "live",
+                              ) -> tuple[Any, list[int], list[int], Parts]:
     """On a fresh source, `r` and its twin `t` (same prompt: t shares r's prompt blocks there)
     decode a few tokens; `r` moves to `dst`. The migration, then each one's tokens when run to the
     end (r at the destination, t at the source), and the source's parts."""
@@ -434,7 +435,7 @@ async def migrate_with_a_twin(dst: Parts, path: str = "frames") -> tuple[Any, li
         assert src.engine.block_table("t")[:10] == src.engine.block_table("r")[:10]
         route.tokens_sent = len(got["r"])
         m = await source.start(MigrateCommand(migration_id="m1", request_id="r", dst_worker_id="dst",
-                                              dst_endpoint="inproc://dst"))
+                                              dst_endpoint="inproc://dst", mode=mode))  # type: ignore[arg-type]
         async with asyncio.timeout(WAIT_S):
             await m.done.wait()
             while not src.link.sent:  # the result goes to the scheduler from a task
@@ -454,18 +455,20 @@ async def migrate_with_a_twin(dst: Parts, path: str = "frames") -> tuple[Any, li
         threads.shutdown()
 
 
-@pytest.mark.parametrize("path", ["frames", "shm"])
-async def test_a_destination_caching_the_prompt_is_sent_only_the_blocks_it_lacks(path: str) -> None:
+@pytest.mark.parametrize(("path", "mode"), [("frames", "live"), ("shm", "live"), ("frames", "blocking")])
+async def test_a_destination_caching_the_prompt_is_sent_only_the_blocks_it_lacks(path: str, mode: str) -> None:
+    """Live: stage 0 skips the cached blocks; blocking (no pre-copy): the one stop-and-copy does."""
     ref = make_parts("ref")
     ref.engine.add_request("r", LONG_PROMPT, EngineSamplingParams(max_tokens=24, ignore_eos=True))
     want = run_to_end(ref.engine, "r")
     warm = make_parts("warm", migration_path=path)
     warm.engine.add_request("w", LONG_PROMPT, EngineSamplingParams(max_tokens=1, ignore_eos=True))
     run_to_end(warm.engine, "w")  # the prompt's 10 full blocks stay cached there
-    hot, r_hot, t_hot, _ = await migrate_with_a_twin(warm, path)
-    cold, r_cold, t_cold, _ = await migrate_with_a_twin(make_parts("cold", migration_path=path), path)
+    hot, r_hot, t_hot, _ = await migrate_with_a_twin(warm, path, mode)
+    cold, r_cold, t_cold, _ = await migrate_with_a_twin(make_parts("cold", migration_path=path), path, mode)
     assert r_hot == t_hot == r_cold == t_cold == want  # moved and unmoved requests agree
     assert (hot.blocks_skipped, cold.blocks_skipped) == (10, 0)
+    assert hot.stages == cold.stages == (1 if mode == "blocking" else 2)
     total = hot.blocks + hot.blocks_skipped
     assert total == cold.blocks and hot.blocks <= total - 10 + 1  # at most its private blocks + 1
     per_block = warm.ctx.info.kv_bytes_per_block
