@@ -14,13 +14,13 @@ import contextlib
 import httpx
 import pytest
 
-from protocol import DrainInstance, SchedulerReplies, UndrainInstance
-from protocol.sockets import request_once
+from protocol import DrainInstance, UndrainInstance
 from sdk import AsyncClient
 from services.config import WorkerConfig
 from services.launcher import free_port_block
 from services.worker.engine_factory import build_engine
 from tests.test_e2e_failures import MODEL, references, start_cluster, wait_status
+from tests.test_e2e_kv_reuse import ask_scheduler
 from tests.test_e2e_migration import ctl_migrate
 from tests.test_metrics_cluster import scrape, value
 from testkit.wait import until
@@ -41,10 +41,6 @@ def cluster():
         yield c
     finally:
         c.stop()
-
-
-async def ask_scheduler(c, msg):  # noqa: ANN001, ANN201
-    return await request_once(c.scheduler_endpoint, msg, SchedulerReplies, 10.0)
 
 
 async def only(c, worker_id: str) -> None:  # noqa: ANN001

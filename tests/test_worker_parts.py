@@ -372,18 +372,22 @@ async def test_a_live_migration_moves_the_request_and_its_kv(path: str) -> None:
         threads.shutdown()
 
 
+def reserve_msg(dst: Parts, mid: str, n: int, **kw: Any) -> MigrateReserve:
+    """A source's MigrateReserve (stage 0 unless `stage` says otherwise) fitting `dst`'s KV layout."""
+    return MigrateReserve(**{"migration_id": mid, "request_id": f"req-{mid}", "src_worker_id": "src", "stage": 0,
+                             "num_blocks": n, "block_size": dst.ctx.info.block_size,
+                             "kv_bytes_per_block": dst.ctx.info.kv_bytes_per_block,
+                             "kv_dtype": str(dst.engine.kv_tensor.dtype).removeprefix("torch."), "src_host": HOST,
+                             "src_device": "cpu", **kw})
+
+
 async def test_a_destination_refuses_what_it_cannot_hold_and_frees_an_aborted_reservation() -> None:
     dst = make_parts("dst")
     sock = ReplySocket()
     destination = MigrationDestination(dst.ctx, sock, CopyThreads(19), MigrationMetrics(), HOST)  # type: ignore[arg-type]
-    kv = dst.engine.kv_tensor
 
     def reserve(mid: str, n: int, **kw: Any) -> MigrateReserve:
-        return MigrateReserve(**{"migration_id": mid, "request_id": f"req-{mid}", "src_worker_id": "src", "stage": 0,
-                                 "num_blocks": n, "block_size": dst.ctx.info.block_size,
-                                 "kv_bytes_per_block": dst.ctx.info.kv_bytes_per_block,
-                                 "kv_dtype": str(kv.dtype).removeprefix("torch."), "src_host": HOST,
-                                 "src_device": "cpu", **kw})
+        return reserve_msg(dst, mid, n, **kw)
 
     try:
         layout = await ask(destination, sock, reserve("m0", 2, block_size=8), b"p")
@@ -483,14 +487,9 @@ async def test_linked_cached_blocks_go_back_to_the_cache_when_the_migration_abor
     assert cached >= 10 and blocks_in_use(dst.engine) == 0
     sock = ReplySocket()
     destination = MigrationDestination(dst.ctx, sock, CopyThreads(19), MigrationMetrics(), HOST)  # type: ignore[arg-type]
-    kv = dst.engine.kv_tensor
 
     def reserve(mid: str, n: int, **kw: Any) -> MigrateReserve:
-        return MigrateReserve(**{"migration_id": mid, "request_id": f"req-{mid}", "src_worker_id": "src", "stage": 0,
-                                 "num_blocks": n, "block_size": dst.ctx.info.block_size,
-                                 "kv_bytes_per_block": dst.ctx.info.kv_bytes_per_block,
-                                 "kv_dtype": str(kv.dtype).removeprefix("torch."), "src_host": HOST,
-                                 "src_device": "cpu", **kw})
+        return reserve_msg(dst, mid, n, **kw)
 
     async def abort(mid: str) -> None:
         await destination(Received(wire(MigrateAbort(migration_id=mid, reason="test")), [], b"p"))
