@@ -7,6 +7,9 @@ sdk.AsyncClient streams). Prints a progress bar on stderr, then the metrics with
 serve`'s definitions (TTFT, TPOT, ITL per streamed chunk, E2E; mean, median, P90, P99; goodput
 under --goodput SLOs; per priority class). The cluster's policy is read from the scheduler's status
 (--scheduler, else the cluster config: --config / --base-port / KVFERRY_*), not given here.
+Traces with KV reuse (`--trace multi-turn` / `system-prompt`, or a JSONL file with segments) send
+prompts that share their segments' prefixes, so the cluster's prefix caches and cache-aware
+dispatch are exercised (`request_prompt`).
 """
 
 from __future__ import annotations
@@ -45,6 +48,19 @@ def prompt_ids(n: int, salt: int) -> list[int]:
     return [PROMPT_IDS[(salt * 31 + i * 7) % k] for i in range(n)]
 
 
+def request_prompt(r: Any, index: int) -> list[int]:
+    """The token ids sent for trace request `r` (the `index`-th): its segments' tokens when the trace
+    has reuse (requests that share leading segments share that prefix, so the cluster's prefix
+    caches hit), else a prompt of its own. Answer segments are made up from their ids: a replay on
+    a fixed schedule cannot know what the model answered, so a conversation's hits stop at the
+    previous turn's prompt."""
+    from workload.reuse import prompt_tokens
+
+    if not r.segments:
+        return prompt_ids(r.input_len, index)
+    return [PROMPT_IDS[t] for t in prompt_tokens(r.segments, len(PROMPT_IDS))]
+
+
 def cluster_policy(opts: Options) -> str | None:
     """The scheduler's policy (StatusReply.policy), or None with a warning when it cannot be asked."""
     from protocol import StatusRequest
@@ -81,9 +97,9 @@ class Progress:
         sys.stderr.write("\n")
 
 
-async def _http_one(client: Any, model: str, rec: Any, t0: float, timeout: float) -> None:
+async def _http_one(client: Any, model: str, rec: Any, prompt: list[int], t0: float, timeout: float) -> None:
     stream = await client.completions.create(
-        model=model, prompt=prompt_ids(rec.input_len, int(rec.request_id)), max_tokens=rec.output_len, stream=True,
+        model=model, prompt=prompt, max_tokens=rec.output_len, stream=True,
         temperature=0.0, stream_options={"include_usage": True}, timeout=timeout,
         extra_body={"ignore_eos": True, "priority": rec.priority})
     usage = None
@@ -97,8 +113,8 @@ async def _http_one(client: Any, model: str, rec: Any, t0: float, timeout: float
         rec.output_tokens = usage.completion_tokens
 
 
-async def _sdk_one(client: Any, rec: Any, t0: float, timeout: float) -> None:
-    chunks = client.stream(prompt_token_ids=prompt_ids(rec.input_len, int(rec.request_id)),
+async def _sdk_one(client: Any, rec: Any, prompt: list[int], t0: float, timeout: float) -> None:
+    chunks = client.stream(prompt_token_ids=prompt,
                            max_tokens=rec.output_len, ignore_eos=True, priority=rec.priority, timeout=timeout)
     async with contextlib.aclosing(chunks):
         async for c in chunks:
@@ -127,18 +143,18 @@ async def replay(trace: Sequence[Any], opts: Options, progress: Progress) -> tup
 
         client: Any = openai.AsyncOpenAI(base_url=opts.url.rstrip("/") + "/v1", api_key="kvferry", max_retries=0)
         model = opts.model or (await client.models.list()).data[0].id
-        one = lambda rec: _http_one(client, model, rec, t0, opts.timeout)  # noqa: E731
+        one = lambda rec, prompt: _http_one(client, model, rec, prompt, t0, opts.timeout)  # noqa: E731
     else:
         from sdk import AsyncClient
 
         client = AsyncClient(opts.sdk, timeout=opts.timeout)
-        one = lambda rec: _sdk_one(client, rec, t0, opts.timeout)  # noqa: E731
+        one = lambda rec, prompt: _sdk_one(client, rec, prompt, t0, opts.timeout)  # noqa: E731
 
-    async def send(rec: RequestRecord) -> None:
+    async def send(rec: RequestRecord, prompt: list[int]) -> None:
         progress.sent += 1
         rec.arrival_s = time.perf_counter() - t0  # the actual send time, as vllm measures
         try:
-            await one(rec)
+            await one(rec, prompt)
         except Exception as exc:  # noqa: BLE001 - any failure is a failed request with its message
             rec.error = f"{type(exc).__name__}: {exc}"
             progress.failed += 1
@@ -154,11 +170,12 @@ async def replay(trace: Sequence[Any], opts: Options, progress: Progress) -> tup
     start = trace[0].arrival_s if trace else 0.0
     t0 = time.perf_counter()
     try:
-        for r, rec in zip(trace, records):
+        for i, (r, rec) in enumerate(zip(trace, records)):
+            prompt = request_prompt(r, i)  # built before the wait, so it does not delay the send
             delay = (r.arrival_s - start) - (time.perf_counter() - t0)
             if delay > 0:
                 await asyncio.sleep(delay)
-            tasks.append(asyncio.create_task(send(rec)))
+            tasks.append(asyncio.create_task(send(rec, prompt)))
         await asyncio.gather(*tasks)
     finally:
         await client.close()

@@ -23,12 +23,18 @@ class TraceOptions:
 
 def build_trace(opts: TraceOptions) -> list:
     """The trace the options describe (workload.traces.TraceError on bad input)."""
-    from workload import traces
+    from workload import reuse, traces
 
     if opts.trace_file:
         trace = traces.load_jsonl(opts.trace_file)[: opts.requests]
+        # Cutting keeps every answer segment valid: each names an earlier request.
     elif opts.rate is None:
         raise traces.TraceError("give --rate (or --trace-file)")
+    elif opts.trace in reuse.REUSE_TRACES:
+        if opts.cv != 1.0 or opts.high_priority_fraction:
+            raise traces.TraceError(f"--trace {opts.trace}: Poisson arrivals and no priorities (leave --cv and "
+                                    "--high-priority-fraction at their defaults)")
+        trace = reuse.generate_reuse(opts.trace, opts.requests, opts.rate, opts.seed)
     else:
         trace = traces.generate(opts.requests, opts.rate, opts.cv, opts.trace, opts.high_priority_fraction, opts.seed)
     if opts.save_trace:

@@ -187,7 +187,7 @@ def _prefix(kinds: argparse._SubParsersAction) -> None:
     p = kinds.add_parser("prefix", help="KV reuse on the simulator: rr / load / prefix / kvferry on traces with reuse",
                          description=bench.prefix.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--traces", default="multi-turn,system-prompt", help="comma-separated (default: both)")
-    p.add_argument("--rates", help="comma-separated requests/s (default: 8,16,24 scaled to the instances)")
+    p.add_argument("--rates", help="comma-separated requests/s (default: multi-turn 24,32,40, system-prompt 16,24,32, scaled to the instances)")
     p.add_argument("--requests", type=positive_int, help="requests per run (default: 2000; --quick: 120)")
     p.add_argument("--instances", type=positive_int, help="instances (default: 16; --quick: 4)")
     p.add_argument("--policies", default=",".join(bench.prefix.POLICIES), help="comma-separated (default: all four)")

@@ -8,7 +8,8 @@ import argparse
 from cli.common import positive_int
 
 TRACE_HELP = ("INPUT-OUTPUT lengths: 256-256, 512-512, 128-512, 512-128, 128-128 (power law with that mean, "
-              "capped at 6144), or per side fixed:N, uniform:A:B, zipf:MEAN (default: %(default)s)")
+              "capped at 6144), or per side fixed:N, uniform:A:B, zipf:MEAN; or a trace with KV reuse: "
+              "multi-turn, system-prompt (workload/reuse.py) (default: %(default)s)")
 
 
 def add_trace_args(p: argparse.ArgumentParser, requests: int) -> None:

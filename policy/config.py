@@ -32,9 +32,11 @@ class PolicyConfig:
     priority_headroom: bool = True
     high_priority_below: int = 0  # priority < this is high priority
     headroom_fraction: float = 0.3  # an instance's blocks kept as headroom for its high-priority requests
-    # Cache-aware dispatch weighs prefill work only among instances at least this free (or as free
-    # as the freest), so a hot prefix cannot pile every request on one instance.
+    # Cache-aware dispatch weighs prefill work only among instances at least this free, or, when
+    # none is, within `affinity_freeness_band` of the freest, so a hot prefix cannot pile every
+    # request on one instance while others have room, and affinity still counts in a busy cluster.
     affinity_min_freeness: float = 10.0
+    affinity_freeness_band: float = 30.0
     migrate_out_below: float = 3.0  # freeness below this: a migration source
     migrate_in_above: float = 30.0  # freeness above this: a migration destination
     # A migration goes, among destinations at least (1 - band) x as free as the freest, to the one

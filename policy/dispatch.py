@@ -13,9 +13,12 @@
 
   prompt tokens of prefill before its first token: its own uncached tokens plus the prefill
   queued there (Q_i: the instance's last report plus what was dispatched to it since). Only
-  instances with F_i >= min(affinity_min_freeness, max_j F_j) are weighed, so a hot prefix
-  cannot pile requests on one instance past the point where it runs short of memory; the least
-  cost wins, ties by freeness. With no hit anywhere this is exactly `load`.
+  instances with F_i >= min(affinity_min_freeness, max_j F_j - affinity_freeness_band) are
+  weighed, so a hot prefix cannot pile requests on one instance while others have room; when
+  none has that much room (a busy cluster), every instance close to the freest competes on cost,
+  so a conversation keeps finding its history instead of going to whichever instance is
+  momentarily freest (and recomputing it, which makes a busy cluster busier). The least cost
+  wins, ties by freeness. With no hit anywhere this is exactly `load`.
 """
 
 from __future__ import annotations
@@ -96,7 +99,7 @@ def dispatch(policy: str | PolicyConfig, instances: Sequence[InstanceLoad], stat
             choice = max(cands, key=lambda i: (hits[i.instance_id], scores[i.instance_id]))
         else:
             best = max(s[0] for s in scores.values())
-            floor = min(cfg.affinity_min_freeness, best)
+            floor = min(cfg.affinity_min_freeness, best - cfg.affinity_freeness_band)
             room = [i for i in cands if scores[i.instance_id][0] >= floor]
 
             def cost(i: InstanceLoad) -> int:

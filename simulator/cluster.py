@@ -29,6 +29,7 @@ from engine.block_manager import KvEventBatch, blocks_for
 from engine.engine import LLMEngine
 from engine.errors import InvalidRequestError
 from engine.request import SamplingParams
+from engine.sim.executor import sim_token
 from policy import DispatchState, InstanceLoad, PolicyConfig, dispatch, plan_migrations, scaling_decision
 from policy.freeness import freeness
 from policy.migration import migration_sources
@@ -248,7 +249,9 @@ class ClusterSim:
         demand = blocks_for(rec.input_len, bs)
         segments = self.trace[int(rid[1:])].segments
         if segments and self.live:
-            prompt = prompt_tokens(segments, self.live[0].engine.vocab_size)
+            vocab = self.live[0].engine.vocab_size
+            # An answer segment is what that request generated: the sim engine's tokens for it.
+            prompt = prompt_tokens(segments, vocab, lambda j, n: [sim_token(f"r{j}", i, vocab) for i in range(n)])
             namespace = self.live[0].engine.kv_namespace
             hashes = prompt_hashes(prompt, bs, root_from_namespace(namespace, ""))
             cached = self.index.match(hashes, [i.id for i in self.live]) if self.use_index else {}

@@ -56,3 +56,42 @@ def test_bench_serve_replays_a_trace(cluster, tmp_path, via):
     # ignore_eos + max_tokens: every request produced exactly its output length
     want = sum(json.loads(line)["output_len"] for line in saved.read_text().splitlines())
     assert round(s["output_throughput"] * s["duration_s"]) == want
+
+
+def test_reuse_traces_send_prompts_that_share_their_segments() -> None:
+    from bench.serve import PROMPT_IDS, request_prompt
+    from workload.reuse import generate_reuse
+
+    trace = generate_reuse("system-prompt", 20, 5.0, seed=1)
+    a = trace[0]
+    b = next(r for r in trace[1:] if r.segments[0] == a.segments[0])
+    pa, pb = request_prompt(a, 0), request_prompt(b, 1)
+    n = a.segments[0][1]
+    assert len(pa) == a.input_len and pa[:n] == pb[:n] and pa[n:] != pb[n:]
+    assert set(pa) <= set(PROMPT_IDS)
+    turns = generate_reuse("multi-turn", 8, 2.0, seed=1)
+    later = next(r for r in turns if len(r.segments) > 2)
+    assert len(request_prompt(later, 5)) == later.input_len
+
+
+def test_bench_serve_replays_a_reuse_trace(cluster, tmp_path):
+    import asyncio
+
+    from protocol import SchedulerReplies, StatusReply, StatusRequest
+    from protocol.sockets import request_once
+
+    out = tmp_path / "serve.json"
+    proc = subprocess.run([sys.executable, "-m", "cli.main", "bench", "serve", "--sdk", cluster.sdk_endpoint,
+                           "--scheduler", cluster.scheduler_endpoint, "--trace", "system-prompt",
+                           "--rate", "20", "--requests", "12", "--json", str(out)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    d = json.loads(out.read_text())
+    assert d["trace"] == "system-prompt" and d["summary"]["completed"] == 12
+    # The workers cached the shared prefixes and told the scheduler (its prefix index).
+    st = asyncio.run(request_once(cluster.scheduler_endpoint, StatusRequest(include_requests=False),
+                                  SchedulerReplies, 10.0))
+    assert isinstance(st, StatusReply) and sum(i.indexed_blocks for i in st.instances) >= 96
+    bad = subprocess.run([sys.executable, "-m", "cli.main", "bench", "serve", "--sdk", cluster.sdk_endpoint,
+                          "--trace", "multi-turn", "--rate", "5", "--cv", "3"], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "Poisson" in bad.stderr

@@ -75,10 +75,12 @@ def test_a_hot_prefix_does_not_pile_onto_an_instance_short_of_memory() -> None:
     cached = {"a": 100}
     assert dispatch("kvferry", insts, DispatchState(), 10, prompt_tokens=1700, cached_blocks=cached) == "b"
     assert dispatch("prefix", insts, DispatchState(), 10, prompt_tokens=1700, cached_blocks=cached) == "a"
-    # When every instance is that busy, affinity decides again among the freest.
+    # When every instance is that busy, affinity decides again among those close to the freest.
     busy = [inst("a", free=50, running=10), inst("b", free=40, running=10)]
-    assert dispatch("kvferry", busy, DispatchState(), 10, prompt_tokens=1700, cached_blocks={"b": 100}) == "a"
-    cfg = named_policy("kvferry", affinity_min_freeness=4.0)
+    assert dispatch("kvferry", busy, DispatchState(), 10, prompt_tokens=1700, cached_blocks={"b": 100}) == "b"
+    cfg = named_policy("kvferry", affinity_freeness_band=0.0)  # only the freest
+    assert dispatch(cfg, busy, DispatchState(), 10, prompt_tokens=1700, cached_blocks={"b": 100}) == "a"
+    cfg = named_policy("kvferry", affinity_min_freeness=4.0, affinity_freeness_band=0.0)
     assert dispatch(cfg, busy, DispatchState(), 10, prompt_tokens=1700, cached_blocks={"b": 100}) == "b"
 
 

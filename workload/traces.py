@@ -191,8 +191,9 @@ def save_jsonl(trace: Iterable[TraceRequest], path: str | os.PathLike) -> None:
 def load_jsonl(path: str | os.PathLike) -> list[TraceRequest]:
     """Read a trace written by `save_jsonl` (or by hand): keys arrival_s (seconds, >= 0, not
     decreasing), input_len and output_len (integers >= 1), optional priority (integer, default 0),
-    optional segments ([[segment id >= 0, length >= 1], ...], lengths adding up to input_len: the
-    prompt's shared and private pieces, see workload/reuse.py).
+    optional segments ([[segment id, length >= 1], ...], lengths adding up to input_len: the
+    prompt's shared and private pieces, see workload/reuse.py; an id -j-1 is the first `length`
+    output tokens of the file's request j, which must come earlier).
     Blank lines are skipped; anything else raises TraceError naming the line."""
     out: list[TraceRequest] = []
     try:
@@ -202,13 +203,14 @@ def load_jsonl(path: str | os.PathLike) -> list[TraceRequest]:
     with f:
         for no, line in enumerate(f, 1):
             if line.strip():
-                out.append(_parse_line(line, f"{path}:{no}", out[-1].arrival_s if out else 0.0))
+                out.append(_parse_line(line, f"{path}:{no}", out))
     if not out:
         raise TraceError(f"{path}: the trace has no request")
     return out
 
 
-def _parse_line(line: str, where: str, previous_s: float) -> TraceRequest:
+def _parse_line(line: str, where: str, earlier: list[TraceRequest]) -> TraceRequest:
+    previous_s = earlier[-1].arrival_s if earlier else 0.0
     try:
         d = json.loads(line)
     except json.JSONDecodeError as exc:
@@ -236,8 +238,13 @@ def _parse_line(line: str, where: str, previous_s: float) -> TraceRequest:
     segs = d.get("segments", [])
     if (not isinstance(segs, list) or len(segs) > MAX_SEGMENTS
             or not all(isinstance(g, list) and len(g) == 2 and all(type(x) is int for x in g)
-                       and g[0] >= 0 and g[1] >= 1 for g in segs)):
-        raise TraceError(f"{where}: segments must be a list of at most {MAX_SEGMENTS} [id >= 0, length >= 1] pairs")
+                       and g[1] >= 1 for g in segs)):
+        raise TraceError(f"{where}: segments must be a list of at most {MAX_SEGMENTS} [id, length >= 1] pairs")
+    for key, n in segs:
+        # A negative id -j-1 is the answer of request j (0-based, earlier in the file): at most its output.
+        if key < 0 and not (-key - 1 < len(earlier) and n <= earlier[-key - 1].output_len):
+            raise TraceError(f"{where}: segment {key} is the answer of request {-key - 1}, which is not an earlier "
+                             f"request with at least {n} output tokens")
     if segs and sum(g[1] for g in segs) != d["input_len"]:
         raise TraceError(f"{where}: the segments' lengths add up to {sum(g[1] for g in segs)}, not input_len")
     return TraceRequest(float(t), d["input_len"], d["output_len"], pri, tuple((g[0], g[1]) for g in segs))
