@@ -48,11 +48,25 @@ def _port_free(port: int) -> bool:
     return True
 
 
+def port_slice() -> tuple[int, int]:
+    """(i, n) from KVFERRY_PORT_SLICE="i/n": this process picks ports only from the i-th of n
+    disjoint ranges, so n concurrent test runners (pytest-xdist workers, tests/conftest.py) never
+    pick the same ports between checking them and binding them. Default (0, 1): every range."""
+    raw = os.environ.get("KVFERRY_PORT_SLICE", "")
+    try:
+        i, n = (int(x) for x in raw.split("/"))
+    except ValueError:
+        return 0, 1
+    return (i, n) if 0 <= i < n else (0, 1)
+
+
 def free_ports(workers: int) -> tuple[int, int]:
     """An HTTP port and a ZeroMQ base port whose scheduler, frontend and worker ports (the layout
     of protocol.ClusterAddresses) are free on 127.0.0.1: for tests and benchmarks."""
+    i, n = port_slice()
+    bases = range(20000, 50000, 200)[i::n]
     for _ in range(200):
-        base = random.randrange(20000, 50000, 200)
+        base = random.choice(bases)
         http = base + 190
         ports = [base, base + 1, base + 2, http] + [base + 100 + k for k in range(2 * workers + 2)]
         if all(_port_free(p) for p in ports):
@@ -63,8 +77,11 @@ def free_ports(workers: int) -> tuple[int, int]:
 def free_port_block(n: int) -> int:
     """The first of `n` consecutive ports free on 127.0.0.1 (metrics endpoints: the scheduler's and
     one per worker index)."""
+    i, slices = port_slice()
+    width = 10000 // slices
+    lo = 50000 + i * width
     for _ in range(200):
-        first = random.randrange(50000, 60000 - n)
+        first = random.randrange(lo, lo + width - n)
         if all(_port_free(first + k) for k in range(n)):
             return first
     raise RuntimeError("no free port range")

@@ -22,6 +22,12 @@ TEST_THREADS = os.environ.get("KVFERRY_TEST_THREADS", "1")
 torch.set_num_threads(int(TEST_THREADS))
 os.environ.setdefault("OMP_NUM_THREADS", TEST_THREADS)
 
+# Under pytest-xdist (`make test` runs two workers), each worker and every process it starts picks
+# ports from its own range (services.launcher.port_slice), so two clusters never race for one.
+if os.environ.get("PYTEST_XDIST_WORKER", "").startswith("gw"):
+    os.environ["KVFERRY_PORT_SLICE"] = (f"{int(os.environ['PYTEST_XDIST_WORKER'][2:])}/"
+                                        f"{os.environ.get('PYTEST_XDIST_WORKER_COUNT', '1')}")
+
 
 # ---- markers ---------------------------------------------------------------------------------------
 # `e2e`: the test starts processes or a local cluster, or runs real engines behind real sockets for

@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-import random
 import signal
-import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -54,22 +52,11 @@ SLOW_STOP = {"KVFERRY_WORKER_STOP_DEADLINE_S": "60"}  # a drain would outlast ST
 
 # ---- ports ------------------------------------------------------------------------------------
 
-def _port_free(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
 def free_base_port() -> int:
     """A base port whose scheduler, frontend-0 and worker-0 ports are all free."""
-    for _ in range(200):
-        base = random.randrange(20000, 30000, 2)
-        if all(_port_free(base + off) for off in (0, 1, 2, 100, 101)):
-            return base
-    raise RuntimeError("no free port range")
+    from services.launcher import free_ports
+
+    return free_ports(1)[1]  # from this pytest worker's own ranges (tests/conftest.py)
 
 
 # ---- the fake scheduler and frontend: testkit.fakes; the worker process: testkit.worker -----------
