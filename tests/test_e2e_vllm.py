@@ -111,3 +111,29 @@ async def test_drain_moves_sdk_streams_off_a_vllm_worker(cluster):
     for (prompt, _, _), toks, ref in zip(prompts, got, refs):
         assert toks == ref["token_ids"], f"{prompt!r}: drained stream differs from kvferry's engine"
     wait_idle(cluster)
+
+
+async def test_vllm_workers_feed_the_scheduler_s_prefix_index(cluster):
+    """vLLM's KV cache events, re-hashed by each worker, reach the scheduler's prefix index: the
+    blocks of a served prompt show as indexed on the worker that served it."""
+    from protocol import SchedulerReplies, StatusRequest
+    from protocol.sockets import request_once
+    from testkit.wait import until
+
+    async def indexed() -> int:
+        st = await request_once(cluster.scheduler_endpoint, StatusRequest(include_requests=False),
+                                SchedulerReplies, 10.0)
+        return sum(i.indexed_blocks for i in st.instances if i.alive)
+
+    before = await indexed()
+    client = openai.AsyncOpenAI(base_url=f"{cluster.http_url}/v1", api_key="x", max_retries=0, timeout=120)
+    prompt = "A prompt long enough for several full blocks of thirty-two byte tokens each. " * 4
+    r = await client.completions.create(model=MODEL, prompt=prompt, max_tokens=4, extra_body={"ignore_eos": True})
+    assert r.usage.completion_tokens == 4
+    await client.close()
+    assert await until(lambda: indexed_more(indexed, before + len(prompt) // BS - 1), 30, "the prompt's blocks indexed")
+    wait_idle(cluster)
+
+
+async def indexed_more(indexed, want: int) -> bool:  # noqa: ANN001
+    return await indexed() >= want

@@ -150,6 +150,26 @@ def test_prefix_caching_reuses_blocks_and_keeps_greedy_output(engine):
     assert engine.stats().prefix_hit_tokens == other
 
 
+def test_kv_events_carry_the_frontend_s_hashes_of_what_vllm_caches(engine):
+    """vLLM's KV cache events, re-hashed (engine/vllm_backend/kv_events.py): after a request, the
+    worker reports exactly the hashes a frontend computes for the prompt's full blocks (and, with
+    the answer, the blocks completed while decoding), under the request's salt."""
+    from engine.interface import kv_event_source
+    from protocol.kv_hash import prompt_hashes, root_from_namespace
+
+    assert kv_event_source(engine) is engine and engine.kv_namespace
+    engine.enable_kv_events()
+    engine.take_kv_events()
+    prompt = [(i * 5) % 230 + 7 for i in range(3 * BS + 5)]
+    [out] = run(engine, [prompt], SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True), "kve", salt="kv-ev")
+    root = root_from_namespace(engine.kv_namespace, "kv-ev")
+    want = prompt_hashes(prompt + out[:-1], BS, root)  # the last token's KV is never computed
+    got = engine.take_kv_events()
+    assert not got.reset and got.stored[:3] == prompt_hashes(prompt, BS, root) and set(want) <= set(got.stored)
+    assert set(engine.take_kv_events(resync=True).stored) >= set(want)
+    assert engine._kv_events.untranslated == 0
+
+
 def test_destination_holding_the_prefix_loads_only_the_rest(engine):
     """A continuation whose prefix vLLM has cached here: the connector copies only the blocks after
     the local hit (counted as local_hit_tokens), and the output equals the unmigrated one."""

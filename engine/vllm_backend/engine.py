@@ -35,12 +35,14 @@ from typing import Any
 
 import torch
 
-from engine.block_manager import blocks_for
+from engine.block_manager import KvEventBatch, blocks_for
 from engine.engine import EngineStats, MigrationView, RequestLoad
 from engine.errors import ConfigError, InvalidRequestError, MigrationError, OutOfBlocksError
 from engine.request import (FinishReason, RequestOutput, RequestStatus, SamplingParams, check_version, export_state,
                             sampling_of)
 from engine.validation import check_new_request
+from engine.vllm_backend.kv_events import VllmKvEvents
+from protocol.kv_hash import namespace_hash
 from protocol.payloads import MigratableState
 
 GiB = 1 << 30
@@ -139,7 +141,7 @@ class VllmEngine:
         self._threads_in: set[int] = {threading.get_ident()}
 
         try:
-            from vllm.config import KVTransferConfig
+            from vllm.config import KVEventsConfig, KVTransferConfig
             from vllm.engine.arg_utils import EngineArgs
             from vllm.v1.engine.llm_engine import LLMEngine as VllmLLMEngine
         except ImportError as exc:
@@ -157,6 +159,10 @@ class VllmEngine:
                           enable_prefix_caching=config.prefix_caching, seed=config.seed, disable_log_stats=True,
                           scheduling_policy="priority", kv_transfer_config=kv_cfg,
                           disable_hybrid_kv_cache_manager=True,
+                          # vLLM records its prefix cache's stores and evictions; the "null" publisher
+                          # is replaced below by VllmKvEvents, which re-hashes them for the scheduler.
+                          kv_events_config=KVEventsConfig(enable_kv_cache_events=True, publisher="null")
+                          if config.prefix_caching else None,
                           num_gpu_blocks_override=(config.num_blocks + 1) if config.num_blocks else None)
         self.config = config
         self.model_name = config.model
@@ -167,6 +173,9 @@ class VllmEngine:
         core = self._llm.engine_core.engine_core
         self._scheduler = core.scheduler  # vLLM's own: the worker asks num_waiting() etc.
         self._pool = self._scheduler.kv_cache_manager.block_pool
+        self._kv_events = VllmKvEvents(self.kv_namespace, config.block_size, max_pending=4 * self._pool.num_gpu_blocks)
+        if config.prefix_caching:
+            self._scheduler.kv_event_publisher = self._kv_events
         runner = core.model_executor.driver_worker.worker.model_runner
         self.block_size = config.block_size
         if self.connector.kv is None:
@@ -187,6 +196,23 @@ class VllmEngine:
         # Continuations: tokens of their KV vLLM found cached here (not loaded from the migration).
         self.local_hit_tokens_total = 0
         self.connector.runner_requests = getattr(runner, "requests", {})  # per-request sampler state
+
+    # ---- KV events (engine.interface.KvEventSource): the scheduler's prefix index ----------------
+
+    @property
+    def kv_namespace(self) -> int:
+        """The namespace of the block hashes this worker reports (0: prefix caching off). The same
+        formula as the torch engine's: a request's hashes do not depend on which engine kind
+        serves it, only on the model, its seed and the dtype."""
+        if not self.config.prefix_caching:
+            return 0
+        return namespace_hash(f"{self.model_name}@{self.config.seed}", self.config.dtype)
+
+    def enable_kv_events(self) -> None:
+        self._kv_events.enable()
+
+    def take_kv_events(self, resync: bool = False) -> KvEventBatch:
+        return self._kv_events.take(resync)
 
     @functools.cached_property
     def tokenizer(self) -> Any:
