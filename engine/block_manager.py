@@ -16,7 +16,7 @@ blocks past its computed tokens, so a shared block is never written.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from engine.errors import OutOfBlocksError
@@ -40,6 +40,48 @@ class KvEventBatch:
         return bool(self.stored or self.removed or self.reset)
 
 
+class KvEventLog:
+    """The net KV events since the last `take`: hash → stored (True) or removed (False). Off until
+    `enable`; the first take after it, and the first after more than `max_pending` changes piled
+    up (or an `overflow()`), is a reset with the whole cache."""
+
+    def __init__(self, max_pending: int) -> None:
+        self._pending: dict[int, bool] | None = None
+        self._max_pending = max_pending
+        self._overflow = False
+
+    def enable(self) -> None:
+        if self._pending is None:
+            self._pending = {}
+            self._overflow = True
+
+    def overflow(self) -> None:
+        """The receiver must get the whole cache next (e.g. it was cleared)."""
+        self._overflow = True
+
+    def note(self, h: int, stored: bool) -> None:
+        p = self._pending
+        if p is None or self._overflow:
+            return
+        p[h] = stored
+        if len(p) > self._max_pending:
+            self._overflow = True  # the cache changed too much: resend it whole
+            p.clear()
+
+    def take(self, cached: Callable[[], list[int]], reset: bool = False) -> KvEventBatch:
+        """The changes since the last take; a reset with `cached()` when one is due or `reset`."""
+        if self._pending is None:
+            return KvEventBatch()
+        if self._overflow or reset:
+            batch = KvEventBatch(stored=cached(), reset=True)
+        else:
+            batch = KvEventBatch(stored=[h for h, on in self._pending.items() if on],
+                                 removed=[h for h, on in self._pending.items() if not on])
+        self._pending = {}
+        self._overflow = False
+        return batch
+
+
 class BlockManager:
     """Free list, cached blocks (LRU), reference counts, and one block table per owner."""
 
@@ -57,11 +99,7 @@ class BlockManager:
         self._by_hash: dict[int, int] = {}  # content hash → its registered block
         self._evictable: OrderedDict[int, None] = OrderedDict()  # registered, unowned; oldest first
         self.evictions = 0
-        # KV events (off until someone drains them): hash → True stored / False removed, net of
-        # everything since the last drain; past `_events_cap` pending hashes, the next drain resets.
-        self._events: dict[int, bool] | None = None
-        self._events_cap = 4 * num_blocks
-        self._events_overflow = False
+        self._events = KvEventLog(max_pending=4 * num_blocks)  # off until someone drains them
 
     # ---- queries ----------------------------------------------------------------------
 
@@ -174,32 +212,15 @@ class BlockManager:
 
     def enable_events(self) -> None:
         """Start recording KV events; the first drain is a reset with the whole cache."""
-        if self._events is None:
-            self._events = {}
-            self._events_overflow = True
+        self._events.enable()
 
     def drain_events(self, reset: bool = False) -> KvEventBatch:
         """The KV events since the last drain (empty when events are off); with `reset` (a
         receiver lost track), a reset with the whole cache whatever happened since."""
-        if self._events is None:
-            return KvEventBatch()
-        if self._events_overflow or reset:
-            batch = KvEventBatch(stored=self.cached_hashes(), reset=True)
-        else:
-            batch = KvEventBatch(stored=[h for h, on in self._events.items() if on],
-                                 removed=[h for h, on in self._events.items() if not on])
-        self._events = {}
-        self._events_overflow = False
-        return batch
+        return self._events.take(self.cached_hashes, reset)
 
     def _note(self, h: int, stored: bool) -> None:
-        ev = self._events
-        if ev is None or self._events_overflow:
-            return
-        ev[h] = stored
-        if len(ev) > self._events_cap:
-            self._events_overflow = True  # the cache changed too much: resend it whole
-            ev.clear()
+        self._events.note(h, stored)
 
     def free(self, owner: str) -> int:
         """Let go of all of `owner`'s blocks; returns how many it held. Blocks no other owner holds

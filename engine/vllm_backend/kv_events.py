@@ -22,7 +22,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from engine.block_manager import KvEventBatch
+from engine.block_manager import KvEventBatch, KvEventLog
 from protocol.kv_hash import block_hash, root_from_namespace
 
 
@@ -34,9 +34,7 @@ class VllmKvEvents:
         self.block_size = block_size
         self._ours: dict[Any, int] = {}  # vLLM block hash → kvferry's, for every cached block seen stored
         self._copies: dict[Any, int] = {}  # vLLM block hash → cached blocks under it (vLLM may keep duplicates)
-        self._pending: dict[int, bool] | None = None  # off until enable(): hash → stored / removed, net
-        self._overflow = False
-        self._max_pending = max_pending
+        self._log = KvEventLog(max_pending)
         self.untranslated = 0  # stored blocks left out of the index
 
     # ---- vLLM's publisher interface (called by its scheduler, once per step with events) ----------
@@ -51,7 +49,7 @@ class VllmKvEvents:
             elif kind == "AllBlocksCleared":
                 self._ours.clear()
                 self._copies.clear()
-                self._overflow = True  # the next take is a reset (with nothing in it)
+                self._log.overflow()  # the next take is a reset (with nothing in it)
 
     def shutdown(self) -> None:
         pass
@@ -60,23 +58,12 @@ class VllmKvEvents:
 
     def enable(self) -> None:
         """Start recording; the first `take` is a reset with the whole cache."""
-        if self._pending is None:
-            self._pending = {}
-            self._overflow = True
+        self._log.enable()
 
     def take(self, resync: bool = False) -> KvEventBatch:
         """The net changes since the last take; a reset with every cached hash when the pending
         changes overflowed, the cache was cleared, or `resync` asks for one."""
-        if self._pending is None:
-            return KvEventBatch()
-        if self._overflow or resync:
-            batch = KvEventBatch(stored=list(dict.fromkeys(self._ours.values())), reset=True)
-        else:
-            batch = KvEventBatch(stored=[h for h, on in self._pending.items() if on],
-                                 removed=[h for h, on in self._pending.items() if not on])
-        self._pending = {}
-        self._overflow = False
-        return batch
+        return self._log.take(self.cached_hashes, resync)
 
     def cached_hashes(self) -> list[int]:
         return list(dict.fromkeys(self._ours.values()))
@@ -119,13 +106,7 @@ class VllmKvEvents:
                 self._note(self._ours.pop(vh), False)
 
     def _note(self, h: int, stored: bool) -> None:
-        p = self._pending
-        if p is None or self._overflow:
-            return
-        p[h] = stored
-        if len(p) > self._max_pending:
-            self._overflow = True
-            p.clear()
+        self._log.note(h, stored)
 
 
 def _salt(keys: tuple[Any, ...] | None) -> str | None:
