@@ -22,7 +22,7 @@ class PrefillChunk:
     q_len: int
     start_pos: int  # tokens of this request already in the cache before this chunk
     block_table: torch.Tensor | None = None  # needed when start_pos > 0
-    mask: torch.Tensor | None = None  # [q_len, start_pos + q_len] when start_pos > 0
+    mask: torch.Tensor | None = None  # [q_len, start_pos + q_len], additive (0 / -inf), when start_pos > 0
 
 
 @dataclass
