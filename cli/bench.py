@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 import bench
+import bench.cached_prefill
 import bench.chaos
 import bench.engine
 import bench.frontend
@@ -32,7 +33,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="run a benchmark", description="Benchmarks (kvferry bench KIND --help).")
     kinds = p.add_subparsers(dest="bench_kind", metavar="KIND", title="kinds")
     kinds.required = True
-    for add in (_engine, _frontend, _migration, _transfer, _simulate, _paper, _prefix, _serve, _chaos, _restart, _overhead):
+    for add in (_engine, _cached_prefill, _frontend, _migration, _transfer, _simulate, _paper, _prefix, _serve, _chaos,
+                _restart, _overhead):
         add(kinds)
 
 
@@ -75,6 +77,20 @@ def _engine(kinds: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=positive_int, default=None,
                    help="torch intra-op threads for our engine (default: torch's choice, one per core)")
     p.set_defaults(func=_call(bench.engine.run, bench.engine.Options))
+
+
+def _cached_prefill(kinds: argparse._SubParsersAction) -> None:
+    p = kinds.add_parser("cached-prefill", help="a prefill whose prompt prefix is cached vs a cold one, on the real engine",
+                         description=bench.cached_prefill.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_args(p, default_model="smollm2")
+    p.add_argument("--prompt-len", type=positive_int, default=2048, help="tokens of the prompt (default: 2048)")
+    p.add_argument("--cached", type=positive_int, default=1920,
+                   help="leading tokens of it in the cache, a multiple of the block size (default: 1920)")
+    p.add_argument("--repeat", type=positive_int, default=8, help="timed prefills of each kind (default: 8)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random prompts (default: 0)")
+    p.add_argument("--threads", type=positive_int, default=None, help="torch intra-op threads (default: torch's)")
+    p.add_argument("--json", metavar="FILE", help="write the results as one JSON object to FILE")
+    p.set_defaults(func=_call(bench.cached_prefill.run, bench.cached_prefill.Options))
 
 
 def _frontend(kinds: argparse._SubParsersAction) -> None:
