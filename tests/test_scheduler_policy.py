@@ -246,6 +246,9 @@ def test_scaling_advice_up_to_max_then_drain_and_stop_down_to_min():
     c.report("w1", [(0, 90)])  # F = 10; average (2.5 + 10) / 2 < 10
     c.now = 5.1
     c.query("w0", "w1")  # the manager polls all along (a few times a second)
+    assert s.tick() is None  # w1 just joined: the next decision waits an interval to see its load
+    c.now = 6.1
+    c.query("w0", "w1")
     assert s.tick().kind == "up" and c.query("w0", "w1").start == 1
     c.register("w2")
     c.report("w2", [(0, 95)])
@@ -282,8 +285,8 @@ def test_scaling_advice_up_to_max_then_drain_and_stop_down_to_min():
     c.query("w2")
     c.now = 20.0
     assert s.tick() is None  # at min_instances
-    # instance-seconds: w0 0 → 10, w1 5 → 9.5, w2 5.1 → 20
-    assert c.status().instance_seconds == pytest.approx(10.0 + 4.5 + 14.9)
+    # instance-seconds: w0 0 → 10, w1 5 → 9.5, w2 6.1 → 20
+    assert c.status().instance_seconds == pytest.approx(10.0 + 4.5 + 13.9)
 
 
 def test_scaling_is_idle_without_a_manager_and_an_undrain_cancels_a_retirement():

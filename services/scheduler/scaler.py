@@ -23,9 +23,8 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from protocol import ScaleAdvice, ScaleQuery, ScalingStatus, now_ms
-
 from policy import PolicyConfig, ScaleAction, average_freeness, scaling_decision
+from protocol import ScaleAdvice, ScaleQuery, ScalingStatus, now_ms
 from services.config import SchedulerConfig
 from services.log import get_logger
 from services.scheduler.commands import CommandChannels
@@ -68,6 +67,8 @@ class Scaler:
         self.manager_id = ""
         self.manager_heard = -math.inf
         self.managed: set[str] = set()
+        self.awaited: set[str] = set()  # managed workers seen starting (listed, not serving), last tick
+        self.last_joined_s = -math.inf  # when one of them last began serving (policy.scaling_decision)
 
     @property
     def tick_s(self) -> float:
@@ -96,7 +97,12 @@ class Scaler:
             return None
         # Dead instances neither serve nor count as draining: they only wait to be forgotten.
         live = [s for s in self.registry.snapshots() if s.alive]
-        action = scaling_decision(live, self.policy, now, self.last_action_s, self.starting())
+        serving = {s.instance_id for s in live}
+        if self.awaited & serving:
+            self.last_joined_s = now
+        self.awaited = self.managed - serving
+        action = scaling_decision(live, self.policy, now, self.last_action_s, self.starting(),
+                                  last_joined_s=self.last_joined_s)
         if action is None:
             return None
         if action.kind == "down":
