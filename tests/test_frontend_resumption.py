@@ -130,3 +130,24 @@ async def test_liveness_reports_a_worker_that_answers_no_ping_and_forgets_untarg
     assert live.tick({"tcp://a": "wa"}, now=104.5) == [] and live.last_pong("tcp://b") is None
     for coro in spawned:
         coro.close()
+
+
+async def test_a_ping_loss_spares_requests_handed_to_the_worker_after_it_fell_silent() -> None:
+    # w0 was killed and came back under its id and address; the scheduler sent it a new request
+    # before this frontend's pings (still timing the old incarnation's silence) gave up on it.
+    import time
+
+    h = Harness()
+    old = h.stream([5])
+    silent_since = time.monotonic()
+    new = RequestStream("n", "w0", "tcp://127.0.0.1:1", num_prompt_tokens=2, prompt_ids=[1, 2],
+                        sampling=SamplingParams(max_tokens=4), on_lost=h.resumer.owner_let_go)
+    new.assigned_at = silent_since + 1.0
+    h.streams["n"] = new
+    assert h.resumer.resume_all("w0", "tcp://127.0.0.1:1", "no answer to pings", silent_since=silent_since) == 1
+    await h.settle()
+    assert old.worker_id == "w1" and new.worker_id == "w0" and not new.resuming
+    # Without that time (the scheduler declared w0 dead), every request of w0 goes.
+    assert h.resumer.resume_all("w0", "tcp://127.0.0.1:1", "declared dead") == 1
+    await h.settle()
+    assert new.worker_id == "w1"

@@ -71,10 +71,15 @@ class Resumer:
         """A final "error"/"abort" batch from the request's owner (RequestStream.on_lost)."""
         return self.resume(stream, why, owner_let_go=True)
 
-    def resume_all(self, worker_id: str, address: str, why: str) -> int:
-        """Resume every request of a lost worker; how many."""
+    def resume_all(self, worker_id: str, address: str, why: str, silent_since: float | None = None) -> int:
+        """Resume every request of a lost worker; how many. With `silent_since` (the worker has
+        not answered this frontend since then), requests handed to it later are left alone: the
+        scheduler that sent them there had heard from it since (a worker restarted under the same
+        id and address, whose old incarnation's silence is what the pings measured). If that new
+        owner is lost too, its pings, the scheduler's view or the silent-request check say so."""
         affected = [s for s in self.streams.values()
-                    if (s.worker_address == address or s.worker_id == worker_id) and not s.resuming]
+                    if (s.worker_address == address or s.worker_id == worker_id) and not s.resuming
+                    and (silent_since is None or s.assigned_at <= silent_since)]
         for s in affected:
             self.resume(s, f"{worker_id} lost: {why}")
         return len(affected)

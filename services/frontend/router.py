@@ -300,12 +300,13 @@ class Router:
 
     # ---- failures --------------------------------------------------------------------------------
 
-    def worker_lost(self, worker_id: str, address: str, why: str) -> None:
-        """`worker_id` at `address` is gone: forget it and resume each of its requests elsewhere."""
+    def worker_lost(self, worker_id: str, address: str, why: str, silent_since: float | None = None) -> None:
+        """`worker_id` at `address` is gone: forget it and resume each of its requests elsewhere
+        (with `silent_since`, those it had before it fell silent: Resumer.resume_all)."""
         self.known = {k: w for k, w in self.known.items() if w.address != address and k != worker_id}
         self.liveness.forget(address)
         self.links.drop(address)
-        resumed = self.resumer.resume_all(worker_id, address, why)
+        resumed = self.resumer.resume_all(worker_id, address, why, silent_since)
         log.warning("worker.lost", worker_id=worker_id, address=address, reason=why, requests=resumed)
 
     def finish(self, request_id: str) -> None:
@@ -435,8 +436,9 @@ class Router:
             for s in self.streams.values():
                 if s.worker_address and not s.resuming:
                     targets.setdefault(s.worker_address, s.worker_id)
-            for wid, address, silent_s in self.liveness.tick(targets, time.monotonic()):
-                self.worker_lost(wid, address, f"no answer to pings for {silent_s:.1f} s")
+            now = time.monotonic()
+            for wid, address, silent_s in self.liveness.tick(targets, now):
+                self.worker_lost(wid, address, f"no answer to pings for {silent_s:.1f} s", silent_since=now - silent_s)
             self.resumer.check_gaps(time.monotonic())
 
     @property

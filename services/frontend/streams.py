@@ -63,6 +63,7 @@ class RequestStream:
     resumes: int = 0
     resuming: bool = False
     progressed: float = field(default_factory=time.monotonic)  # the last in-order token (or start)
+    assigned_at: float = field(default_factory=time.monotonic)  # when the current owner got the request
     # A final "error"/"abort" batch from the current owner: return True to keep the stream open (resumed).
     on_lost: Callable[["RequestStream", str], bool] | None = None
 
@@ -125,6 +126,7 @@ class RequestStream:
     def moved_to(self, worker_id: str, worker_address: str) -> None:
         """A migration committed: `worker_id` owns the request now (its stream goes on seamlessly)."""
         self.worker_id, self.worker_address = worker_id, worker_address
+        self.assigned_at = time.monotonic()
 
     def taken_from(self, worker_id: str) -> None:
         """The request was taken away from `worker_id`: ignore its batches from now on."""
@@ -151,7 +153,7 @@ class RequestStream:
         (they came from the old owner)."""
         self.worker_id, self.worker_address = worker_id, worker_address
         self.ahead.clear()
-        self.progressed = time.monotonic()
+        self.progressed = self.assigned_at = time.monotonic()
 
     def end(self, finish_reason: str) -> None:
         """End the stream normally with no new tokens (e.g. a lost request that had delivered all
