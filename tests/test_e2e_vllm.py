@@ -131,9 +131,10 @@ async def test_vllm_workers_feed_the_scheduler_s_prefix_index(cluster):
     r = await client.completions.create(model=MODEL, prompt=prompt, max_tokens=4, extra_body={"ignore_eos": True})
     assert r.usage.completion_tokens == 4
     await client.close()
-    assert await until(lambda: indexed_more(indexed, before + len(prompt) // BS - 1), 30, "the prompt's blocks indexed")
+    want = before + len(prompt) // BS - 1
+
+    async def grown() -> bool:
+        return await indexed() >= want
+
+    assert await until(grown, 30, "the prompt's blocks indexed")
     wait_idle(cluster)
-
-
-async def indexed_more(indexed, want: int) -> bool:  # noqa: ANN001
-    return await indexed() >= want

@@ -93,7 +93,7 @@ class VllmKvEvents:
             self._copies[vh] = n + 1
             if n == 0:
                 self._ours[vh] = ours
-                self._note(ours, True)
+                self._log.note(ours, True)
             parent = ours
 
     def _removed(self, hashes: Iterable[Any]) -> None:
@@ -103,10 +103,7 @@ class VllmKvEvents:
                 self._copies[vh] = n - 1
             elif n == 1:
                 del self._copies[vh]
-                self._note(self._ours.pop(vh), False)
-
-    def _note(self, h: int, stored: bool) -> None:
-        self._log.note(h, stored)
+                self._log.note(self._ours.pop(vh), False)
 
 
 def _salt(keys: tuple[Any, ...] | None) -> str | None:
