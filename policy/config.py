@@ -31,7 +31,10 @@ class PolicyConfig:
     migrate: bool = True  # migration rounds for load balancing / de-fragmentation (draining always moves)
     priority_headroom: bool = True
     high_priority_below: int = 0  # priority < this is high priority
-    headroom_fraction: float = 0.3  # an instance's blocks kept as headroom for its high-priority requests
+    # An instance serving a high-priority request is kept at about this much load (tokens of KV)
+    # for everything else: its memory beyond the cap counts as used (policy.freeness), so normal
+    # requests keep off it and migrate away. The paper's artifact: 100 blocks of 16 tokens.
+    priority_load_cap_tokens: int = 1600
     # Cache-aware dispatch weighs prefill work only among instances at least this free, or, when
     # none is, within `affinity_freeness_band` of the freest, so a hot prefix cannot pile every
     # request on one instance while others have room, and affinity still counts in a busy cluster.
@@ -43,6 +46,9 @@ class PolicyConfig:
     # caching most of the request's prompt (its KV there is linked, not sent).
     migration_affinity_band: float = 0.25
     migration_interval_s: float = 0.05
+    # A draining instance's running requests move off by migration. False: they finish where they
+    # are (a system without migration, e.g. the paper's INFaaS++ baseline under auto-scaling).
+    drain_migrates: bool = True
     max_migrations_per_instance: int = 1
     # Scaling: keep the average freeness within [scale_up_below, scale_down_above].
     scale_up_below: float = 10.0

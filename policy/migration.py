@@ -3,7 +3,7 @@
 Pure code, no I/O and no clock, so the live scheduler and the offline simulator run the same plan.
 
 Sources are the draining instances (design §3: a draining instance counts as infinitely loaded,
-so everything moves off it) and, when the policy migrates (`PolicyConfig.migrate`), instances
+so everything moves off it; not with `drain_migrates` off, where their requests finish in place) and, when the policy migrates (`PolicyConfig.migrate`), instances
 whose freeness is below `migrate_out_below` or whose queue is blocked (queued or preempted
 work): the most loaded first. Each source is paired with the freest live, non-draining,
 compatible destination that has room for the request (for load balancing: whose freeness is
@@ -27,7 +27,7 @@ from collections.abc import Callable, Collection, Hashable, Iterable, Mapping, S
 from dataclasses import dataclass
 
 from policy.config import PolicyConfig
-from policy.freeness import freeness
+from policy.freeness import freeness, serves_high
 from policy.snapshot import InstanceLoad, RequestLoad
 
 
@@ -50,16 +50,29 @@ def migration_victim(requests: Iterable[RequestLoad], exclude: Collection[str] =
 
 def is_overloaded(inst: InstanceLoad, cfg: PolicyConfig) -> bool:
     """A load-balancing source: low freeness, or a blocked queue (its head-of-line request does
-    not fit in the free blocks; a request that merely arrived since the last step does not count)."""
+    not fit in the free blocks; a request that merely arrived since the last step does not count).
+    An instance over its priority load cap with only high-priority requests running is not one:
+    the cap moves normal requests away, not the requests it is kept for."""
     blocked = inst.num_waiting > 0 and inst.head_of_line_blocks > inst.free_blocks
-    return inst.num_running > 0 and (freeness(inst, cfg=cfg) < cfg.migrate_out_below or blocked)
+    if inst.num_running == 0:
+        return False
+    if blocked:
+        return True
+    if freeness(inst, cfg=cfg) >= cfg.migrate_out_below:
+        return False
+    if serves_high(inst, cfg):
+        high_running = sum(1 for r in inst.requests if r.running and cfg.is_high(r.priority))
+        if high_running >= inst.num_running:
+            return freeness(inst, cfg=cfg.replace(priority_headroom=False)) < cfg.migrate_out_below
+    return True
 
 
 def migration_sources(instances: Iterable[InstanceLoad], cfg: PolicyConfig | None = None) -> list[InstanceLoad]:
     """Instances to move requests off: draining ones (most running requests first), then, with a
     migrating policy, overloaded ones (least free first); ties by id."""
     insts = [i for i in instances if i.alive and i.num_running > 0]
-    drains = sorted((i for i in insts if i.draining), key=lambda i: (-i.num_running, i.instance_id))
+    drains = sorted((i for i in insts if i.draining and (cfg is None or cfg.drain_migrates)),
+                    key=lambda i: (-i.num_running, i.instance_id))
     if cfg is None or not cfg.migrate:
         return drains
     loaded = sorted((i for i in insts if not i.draining and is_overloaded(i, cfg)),

@@ -31,6 +31,7 @@ class InstanceLoad:
     alive: bool = True
     max_running: int | None = None  # instance refuses new requests beyond this many running + waiting
     queued_prefill_tokens: int = 0  # prompt tokens still to prefill (waiting requests, unfinished chunked prefills)
+    block_size: int = 16  # tokens per KV block (turns the priority load cap, in tokens, into blocks)
 
     @property
     def used_blocks(self) -> int:

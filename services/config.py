@@ -46,7 +46,9 @@ class SchedulerConfig:
     # Policy thresholds (design §3), in freeness units (decode steps the batch can still take).
     migrate_out_below: float = 3.0  # kvferry*: an instance below this is a load-balancing migration source
     migrate_in_above: float = 30.0  # ... and one above this a destination
-    headroom_fraction: float = 0.3  # kvferry: blocks an instance keeps free for its high-priority requests
+    # kvferry: an instance serving a high-priority request is kept at about this much other load
+    # (tokens of KV): normal requests keep off it and migrate away (policy.freeness)
+    priority_load_cap_tokens: int = 1600
     high_priority_below: int = 0  # a request with priority below this is high priority
     # Auto-scaling: keep the average freeness within [scale_up_below, scale_down_above]. The
     # scheduler decides; a pool manager (`kvferry up --scaling`) starts and stops the workers.
@@ -62,8 +64,8 @@ class SchedulerConfig:
         unknown policy name or inconsistent thresholds."""
         if self.migration_interval_ms <= 0 or self.scale_interval_ms <= 0:
             raise ValueError("scheduler intervals must be positive")
-        if not 0.0 <= self.headroom_fraction <= 1.0:
-            raise ValueError(f"headroom_fraction must be within [0, 1], not {self.headroom_fraction}")
+        if self.priority_load_cap_tokens < 0:
+            raise ValueError(f"priority_load_cap_tokens must be >= 0, not {self.priority_load_cap_tokens}")
         if self.migrate_out_below > self.migrate_in_above:
             raise ValueError(f"migrate_out_below ({self.migrate_out_below}) is above migrate_in_above "
                              f"({self.migrate_in_above})")
@@ -75,7 +77,7 @@ class SchedulerConfig:
                              f"({self.scale_max_instances})")
         return named_policy(
             self.policy, migrate_out_below=self.migrate_out_below, migrate_in_above=self.migrate_in_above,
-            headroom_fraction=self.headroom_fraction, high_priority_below=self.high_priority_below,
+            priority_load_cap_tokens=self.priority_load_cap_tokens, high_priority_below=self.high_priority_below,
             migration_interval_s=self.migration_interval_ms / 1000.0,
             max_migrations_per_instance=self.max_migrations_per_instance,
             scale_up_below=self.scale_up_below, scale_down_above=self.scale_down_above,

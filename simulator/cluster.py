@@ -344,11 +344,18 @@ class ClusterSim:
             return
         self.schedule(now + self.cfg.scale_check_s, self._scale, None)
         act = scaling_decision([i.report for i in self.live], self.policy, now, self.last_scale_s,
-                               starting=len(self.starting), last_joined_s=self.last_joined_s)
+                               starting=len(self.starting), last_joined_s=self.last_joined_s,
+                               retiring=[i.id for i in self.live if i.draining])
         if act is None:
             return
         self.last_scale_s = now
-        if act.kind == "up":
+        if act.kind == "cancel":
+            inst = self.by_id[act.instance_id]  # type: ignore[index]
+            inst.draining = False
+            inst.take_report(now)
+            self.scale_actions.append((now, "undrain", inst.id))
+            self._retry_pending(now)
+        elif act.kind == "up":
             inst = self._new_instance(now, now + self.cfg.startup_s)
             self.starting.append(inst)
             self.scale_actions.append((now, "start", inst.id))

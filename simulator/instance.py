@@ -82,10 +82,10 @@ class SimInstance:
                          for rid in self.high if (r := e.requests.get(rid)) is not None)
         else:
             reqs = ()
-        queued = s.queued_prefill_tokens() if self.kv_sink is not None else 0
+        queued = s.queued_prefill_tokens()
         return InstanceLoad(self.id, b.num_blocks, b.num_free, len(s.running), len(s.waiting),
                             blocks_for(head.num_tokens, b.block_size) if head else 0, reqs, draining=self.draining,
-                            queued_prefill_tokens=queued)
+                            queued_prefill_tokens=queued, block_size=b.block_size)
 
     def request_loads(self) -> tuple[RequestLoad, ...]:
         """Every request here as the policy sees it (detached ones count as not running)."""

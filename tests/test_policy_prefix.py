@@ -105,11 +105,13 @@ def test_cache_dispatch_skips_draining_dead_and_full_instances(policy: str) -> N
     assert dispatch(policy, insts[:3], DispatchState(), 1, prompt_tokens=900, cached_blocks=cached) is None
 
 
-def test_high_priority_headroom_still_applies_to_cache_dispatch() -> None:
+def test_the_priority_load_cap_still_applies_to_cache_dispatch() -> None:
     from policy import RequestLoad
     hi = RequestLoad("h", priority=-1, num_blocks=10, num_tokens=160)
-    # a already serves a high-priority request (so carries its headroom) and holds the prefix.
+    # a already serves a high-priority request (so is capped at 100 blocks) and holds the prefix.
     insts = [inst("a", free=800, requests=(hi,)), inst("b", free=800)]
-    cfg = named_policy("kvferry", affinity_min_freeness=800.0)
+    cfg = named_policy("kvferry", affinity_min_freeness=100.0)
+    got = dispatch(cfg, insts, DispatchState(), 4, priority=0, prompt_tokens=500, cached_blocks={"a": 30})
+    assert got == "b"  # a normal request: capped, a falls under the floor whatever it caches
     got = dispatch(cfg, insts, DispatchState(), 4, priority=-1, prompt_tokens=500, cached_blocks={"a": 30})
-    assert got == "b"  # judged by high-priority freeness, a falls under the floor
+    assert got == "a"  # a high-priority one sees a's memory whole, and its cache

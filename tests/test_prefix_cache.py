@@ -292,7 +292,7 @@ def test_the_sim_engine_prefills_only_uncached_tokens() -> None:
     e.generate([prompt], SamplingParams(max_tokens=2))
     e.add_request("b", prompt, SamplingParams(max_tokens=2))
     e.step()
-    assert e.executor.last_step_seconds == pytest.approx(LLAMA7B_A10.step_seconds(1, 200 - 192, 200))
+    assert e.executor.last_step_seconds == pytest.approx(LLAMA7B_A10.step_seconds(1, 200 - 192, 200, 8 * (192 + 4)))
 
 
 # ---- cache_salt through the frontend ------------------------------------------------------------

@@ -80,8 +80,8 @@ class Core:
 def test_scheduler_config_maps_onto_the_named_policies():
     pc = SchedulerConfig().policy_config()
     assert (pc.name, pc.dispatch, pc.migrate, pc.priority_headroom) == ("kvferry", "cache", True, True)
-    assert (pc.migrate_out_below, pc.migrate_in_above, pc.headroom_fraction, pc.high_priority_below) == \
-        (3.0, 30.0, 0.3, 0)
+    assert (pc.migrate_out_below, pc.migrate_in_above, pc.priority_load_cap_tokens, pc.high_priority_below) == \
+        (3.0, 30.0, 1600, 0)
     assert pc.migration_interval_s == 0.05 and pc.scale_interval_s == 10.0
     flags = {name: (p.dispatch, p.migrate, p.priority_headroom) for name in ("rr", "load", "prefix", "kvferry", "kvferry-nopri")
              for p in [SchedulerConfig(policy=name).policy_config()]}
@@ -89,13 +89,13 @@ def test_scheduler_config_maps_onto_the_named_policies():
                      "kvferry": ("cache", True, True), "kvferry-nopri": ("cache", True, False)}
     cfg = load_config(env={"KVFERRY_SCHEDULER_POLICY": "kvferry-nopri", "KVFERRY_SCHEDULER_MIGRATE_OUT_BELOW": "5",
                            "KVFERRY_SCHEDULER_SCALE_MAX_INSTANCES": "6", "KVFERRY_SCHEDULER_SCALING": "true"},
-                      overrides={"scheduler": {"headroom_fraction": 0.5, "scale_interval_ms": 2500,
+                      overrides={"scheduler": {"priority_load_cap_tokens": 800, "scale_interval_ms": 2500,
                                                "high_priority_below": -3}})
     pc = cfg.scheduler.policy_config()
-    assert (pc.name, pc.migrate_out_below, pc.headroom_fraction, pc.high_priority_below) == \
-        ("kvferry-nopri", 5.0, 0.5, -3)
+    assert (pc.name, pc.migrate_out_below, pc.priority_load_cap_tokens, pc.high_priority_below) == \
+        ("kvferry-nopri", 5.0, 800, -3)
     assert (pc.max_instances, pc.scale_interval_s, cfg.scheduler.scaling) == (6, 2.5, True)
-    for bad, match in [(dict(policy="random"), "unknown policy"), (dict(headroom_fraction=1.5), "headroom_fraction"),
+    for bad, match in [(dict(policy="random"), "unknown policy"), (dict(priority_load_cap_tokens=-1), "priority_load_cap_tokens"),
                        (dict(scale_up_below=70.0), "flap"), (dict(migrate_out_below=40.0), "migrate_out_below"),
                        (dict(scale_min_instances=3, scale_max_instances=2), "scale_min_instances")]:
         with pytest.raises(ValueError, match=match):
@@ -151,14 +151,13 @@ def test_up_and_scheduler_flags(monkeypatch):
 # ---- dispatch: the request's priority and the headroom ------------------------------------------------
 
 def test_dispatch_uses_the_requests_priority_and_the_headroom():
-    """Normal requests keep off the headroom of an instance serving a high-priority request; a high-priority
-    request goes where high-priority load is lowest, and away from an instance busy with normal requests
-    when that is a tie."""
-    c = Core()
+    """Normal requests keep off an instance serving a high-priority request (capped at 70 blocks of its
+    100 here); a high-priority request joins the instance kept light for them, or opens the least loaded."""
+    c = Core(priority_load_cap_tokens=70 * 16)
     c.register("w0", "w1")
     c.report("w0", [(0, 30), (0, 30)])  # busy with normal requests: F = 40/2 = 20
     c.report("w1", [(0, 10)])  # F = 90
-    assert c.dispatch(HIGH) == "w1"  # no high-priority load anywhere: the freer overall
+    assert c.dispatch(HIGH) == "w1"  # no high-priority load anywhere: capped, w1 (70-10)/1 over w0 (70-60)/2
     c.report("w0", [(0, 30)])  # F = 70
     c.report("w1", [(HIGH, 20)])  # F = (100 - 20 - 30 headroom) / 1 = 50 with kvferry, 80 without
     # the dispatch snapshots carry the high-priority entries the headroom needs, and only those
@@ -166,7 +165,7 @@ def test_dispatch_uses_the_requests_priority_and_the_headroom():
     assert c.core.registry.get("w0").snapshot.requests == ()
     assert c.dispatch(0) == "w0"  # 70 > 50: away from the high-priority request's headroom
     c.report("w0", [(0, 30)])
-    assert c.dispatch(HIGH) == "w0"  # no high-priority load on w0: it keeps away from the other one
+    assert c.dispatch(HIGH) == "w1"  # w1's memory is kept for high-priority work: F 80, w0 capped (70-30)/1
     st = {i.worker_id: i.freeness for i in c.status().instances}
     assert st == {"w0": pytest.approx(70.0), "w1": pytest.approx(50.0)}  # status shows the policy's view
 
@@ -276,17 +275,20 @@ def test_scaling_advice_up_to_max_then_drain_and_stop_down_to_min():
     c.handle(Deregister(worker_id="w1", reason="sigterm"))  # the manager stopped it
     assert c.query("w0", "w2").retiring == []
     c.now = 10.0
-    assert s.tick().instance_id == "w0"  # w0 5 blocks, w2 10: w0
-    c.report("w0", [(0, 5)], draining=True)
+    # w0 and w2 hold 5 and 10 blocks: without w0 the cluster would read (100 - 15) / 2 < 60, kept
+    assert s.tick() is None
+    c.report("w2", [])
+    assert s.tick().instance_id == "w2"  # without w2: (100 - 5) / 1 = 95
+    c.report("w2", [(0, 5)], draining=True)
     assert c.query("w0", "w2").stop == []  # still holds a request (the migration round moves it)
-    c.report("w0", [], draining=True)
-    assert c.query("w0", "w2").stop == ["w0"]
-    c.handle(Deregister(worker_id="w0"))
-    c.query("w2")
+    c.report("w2", [], draining=True)
+    assert c.query("w0", "w2").stop == ["w2"]
+    c.handle(Deregister(worker_id="w2"))
+    c.query("w0")
     c.now = 20.0
     assert s.tick() is None  # at min_instances
-    # instance-seconds: w0 0 → 10, w1 5 → 9.5, w2 6.1 → 20
-    assert c.status().instance_seconds == pytest.approx(10.0 + 4.5 + 13.9)
+    # instance-seconds: w0 0 → 20, w1 5 → 9.5, w2 6.1 → 10
+    assert c.status().instance_seconds == pytest.approx(20.0 + 4.5 + 3.9)
 
 
 def test_scaling_is_idle_without_a_manager_and_an_undrain_cancels_a_retirement():

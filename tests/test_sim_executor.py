@@ -50,11 +50,12 @@ def test_virtual_clock_reports_the_latency_model_without_sleeping(monkeypatch):
     eng = sim()
     eng.add_request("a", list(range(100)), SamplingParams(max_tokens=5))
     eng.step()  # prefill of 100 tokens
-    assert eng.executor.last_step_seconds == pytest.approx(LLAMA7B_A10.step_seconds(1, 100, 100))
-    assert eng.executor.last_step_seconds == pytest.approx((27.0 + 0.15 + 100 * 0.20 + 100 * 0.0009) / 1000)
+    assert eng.executor.last_step_seconds == pytest.approx(LLAMA7B_A10.step_seconds(1, 100, 100, 100 * 50))
+    # a 100-token prefill: 100 x 50 query-key pairs of causal attention (13 ns each)
+    assert eng.executor.last_step_seconds == pytest.approx((27.0 + 0.3 + 100 * 0.22 + 100 * 0.003 + 5000 * 13e-6) / 1000)
     eng.add_request("b", list(range(200, 230)), SamplingParams(max_tokens=5))  # no prefix in common with a
     eng.step()  # a decodes (context 101), b prefills 30
-    assert eng.executor.last_step_seconds == pytest.approx(LLAMA7B_A10.step_seconds(2, 30, 101 + 30))
+    assert eng.executor.last_step_seconds == pytest.approx(LLAMA7B_A10.step_seconds(2, 30, 101 + 30, 30 * 15))
     eng.step()  # two decodes: contexts 102 and 31
     assert eng.executor.last_step_seconds == pytest.approx(LLAMA7B_A10.step_seconds(2, 0, 102 + 31))
     assert slept == []
@@ -68,9 +69,9 @@ def test_virtual_clock_reports_the_latency_model_without_sleeping(monkeypatch):
 
 def test_latency_profiles_and_bad_clock():
     assert PROFILES["llama7b-a10"] is LLAMA7B_A10 and PROFILES["smollm2-cpu"] is SMOLLM2_CPU
-    assert LLAMA7B_A10.to_dict()["kv_capacity_tokens"] == 14000
+    assert LLAMA7B_A10.to_dict()["kv_capacity_tokens"] == 12672
     eng = LLMEngine.sim(LLAMA7B_A10, EngineConfig(block_size=16), clock="virtual")
-    assert eng.stats().num_blocks == 14000 // 16  # pool sized from the profile's KV capacity
+    assert eng.stats().num_blocks == 12672 // 16  # pool sized from the profile's KV capacity
     with pytest.raises(ValueError, match="clock"):
         SimExecutor(LLAMA7B_A10, 16, clock="wall")
 

@@ -15,7 +15,7 @@ from simulator.instance import SimInstance
 from workload import traces
 
 
-def small(policy="kvferry", n=150, rate=0.6, trace="512-512", seed=0, instances=2, **cfg):
+def small(policy="kvferry", n=150, rate=0.4, trace="512-512", seed=0, instances=2, **cfg):
     t = traces.generate(n, rate, 1.0, trace, seed=seed)
     return ClusterSim(t, named_policy(policy), SimConfig(instances=instances, **cfg))
 

@@ -39,9 +39,14 @@ class SimExecutor:
         self.last_step_seconds = 0.0
 
     def execute(self, sched: SchedulerOutput, table: Callable[[str], list[int]]) -> dict[str, int]:
-        prefill = sum(s.num_new_tokens for s in sched.scheduled if s.num_new_tokens > 1)
+        prefill = pairs = 0
+        for s in sched.scheduled:
+            if s.num_new_tokens > 1:
+                prefill += s.num_new_tokens
+                # causal attention of a prefill chunk: each new token attends to the context before it
+                pairs += s.num_new_tokens * (s.start + (s.num_new_tokens + 1) // 2)
         context = sum(s.start + s.num_new_tokens for s in sched.scheduled)
-        self.last_step_seconds = self.latency.step_seconds(len(sched.scheduled), prefill, context)
+        self.last_step_seconds = self.latency.step_seconds(len(sched.scheduled), prefill, context, pairs)
         if self.clock == "real":
             time.sleep(self.last_step_seconds)
         vocab = self.latency.vocab_size

@@ -24,7 +24,8 @@ def instance_load(info: RegisterWorker, report: LoadReport | None, *, alive: boo
     if report is None:
         return InstanceLoad(
             instance_id=info.worker_id, total_blocks=info.total_blocks, free_blocks=info.total_blocks,
-            num_running=0, num_waiting=0, draining=draining, alive=alive, max_running=info.max_running)
+            num_running=0, num_waiting=0, draining=draining, alive=alive, max_running=info.max_running,
+            block_size=info.block_size)
     requests: tuple[RequestLoad, ...] = ()
     if include_requests:
         requests = tuple(RequestLoad(r.request_id, r.priority, r.num_blocks, r.num_tokens, r.running)
@@ -43,5 +44,6 @@ def instance_load(info: RegisterWorker, report: LoadReport | None, *, alive: boo
         requests=requests,
         draining=draining or report.draining,
         alive=alive,
+        block_size=info.block_size,
         max_running=report.max_running if report.max_running is not None else info.max_running,
     )

@@ -102,10 +102,18 @@ class Scaler:
             self.last_joined_s = now
         self.awaited = self.managed - serving
         action = scaling_decision(live, self.policy, now, self.last_action_s, self.starting(),
-                                  last_joined_s=self.last_joined_s)
+                                  last_joined_s=self.last_joined_s, retiring=self.retiring.keys())
         if action is None:
             return None
-        if action.kind == "down":
+        if action.kind == "cancel":
+            wid = action.instance_id
+            assert wid is not None
+            self.registry.set_draining(wid, False)
+            if self.commands is not None:
+                self.commands.send_drain(wid, False)
+            self.cancel(wid)
+            self.scale_ups += 1
+        elif action.kind == "down":
             wid = action.instance_id
             assert wid is not None
             if wid not in self.managed:  # its process is not the manager's to stop
