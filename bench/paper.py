@@ -1,17 +1,12 @@
-"""`kvferry bench paper`: the Llumnix paper's comparisons, on the simulator (`bench simulate`).
+"""`kvferry bench paper`: the Llumnix paper's Figures 11, 13, 14 and 15 on the simulator, at the
+settings of the paper's artifact (bench.paper_runs), each table with the paper's numbers beside ours
+(bench.paper_claims).
 
-1. serving: kvferry vs load (the paper's INFaaS++: freeness dispatch, no migration) vs rr on the
-   traces 256-256, 512-512, 128-512 and 512-128, Poisson and Gamma (CV 4) arrivals, three request
-   rates each from light load to about the memory-bound capacity of the cluster;
-2. priorities: 10 % high-priority requests, Gamma arrivals with CV 2, 4, 6, 8; kvferry vs
-   kvferry-nopri, per class;
-3. scaling: 512-512, auto-scaling between 1 and 16 instances for several threshold pairs; kvferry
-   vs load, instance-seconds against P99 TTFT.
-
-16 `llama7b-a10` instances (LLaMA-7B on one A10), 3,000 requests per run by default (the paper
-used 10,000: `--requests 10000`, about 3x longer). Runs are independent and deterministic for the
-seed; `--jobs` runs them in parallel processes with identical results. Tables on stdout; `--json`
-writes the list of runs; `--plots DIR` draws latency-vs-rate, CDF, priority and scaling PNGs.
+16 `llama7b-a10` instances, 10,000 requests per run (`--requests`), the runs in `--jobs` parallel
+processes (default: the CPU count; results identical for the seed). Tables on stdout; `--json`
+writes the list of runs; `--plots DIR` draws the paper's forms: latency CDFs (Fig 11), priority
+bars (Fig 13), latency and cost against rate and CV (Fig 14), P99 prefill against average
+instances (Fig 15). `--quick`: 4 instances, 150 requests, a few points per figure (the tests).
 """
 
 from __future__ import annotations
@@ -31,10 +26,11 @@ class Options:
     json: str | None
     plots: str | None
     quick: bool
-    requests: int | None  # None: 3000 (--quick: 150)
+    requests: int | None  # None: 10000 (--quick: 150)
     instances: int | None  # None: 16 (--quick: 4)
     seed: int
-    jobs: int
+    jobs: int | None  # None: the CPU count
+    all_rates: bool = False
 
 
 def execute(specs: Sequence[Any], jobs: int) -> list[dict[str, Any]]:
@@ -131,36 +127,52 @@ def priority_table(rows: Sequence[dict[str, Any]]) -> str:
 
 
 def scaling_table(rows: Sequence[dict[str, Any]]) -> str:
+    from bench.paper_plots import arrival_name
     from workload.report import table
 
     r0 = rows[0]
-    return (f"\nauto-scaling: {r0['trace']} at {r0['rate']:g} req/s (Poisson), 1..{r0['instances']} instances\n"
-            + table([[f"{r['scale_up_below']:g} / {r['scale_down_above']:g}", r["policy"],
-                      f"{r['instance_seconds']:,.0f}", _s(r["ttft_mean"], 3), _s(r["ttft_p99"]),
+    return (f"\n{r0['experiment']}: {r0['trace']}, {r0.get('start_instances') or r0['instances']} instances at start, "
+            f"1..{r0['instances']}\n"
+            + table([[arrival_name(r["cv"]), f"{r['rate']:g}", f"{r['scale_up_below']:g} / {r['scale_down_above']:g}",
+                      r["policy"], f"{r['avg_instances']:.2f}", _s(r["ttft_mean"], 3), _s(r["ttft_p99"]),
                       _s(r["e2e_p99"], 1), str(r["max_instances_live"]), str(r["migrations"])] for r in rows],
-                    ["up/down freeness", "policy", "instance-s", "TTFT mean s", "TTFT P99 s", "E2E P99 s",
-                     "max live", "migrations"]))
+                    ["arrivals", "req/s", "up/down", "policy", "avg instances", "TTFT mean s", "TTFT P99 s",
+                     "E2E P99 s", "max live", "migrations"]))
 
 
 def run(opts: Options) -> int:
+    import os
+
+    from bench import paper_claims as claims
     from bench.paper_runs import plan
 
-    requests = opts.requests or (150 if opts.quick else 3000)
+    requests = opts.requests or (150 if opts.quick else 10000)
     instances = opts.instances or (4 if opts.quick else 16)
-    specs = plan(requests, instances, opts.seed, quick=opts.quick)
+    jobs = opts.jobs or os.cpu_count() or 1
+    specs = plan(requests, instances, opts.seed, quick=opts.quick, all_rates=opts.all_rates)
     t0 = time.perf_counter()
-    rows = execute(specs, opts.jobs)
+    rows = execute(specs, jobs)
     wall = time.perf_counter() - t0
     print(f"bench paper: {len(rows)} simulated runs, {instances} x llama7b-a10, {requests} requests each, "
-          f"seed {opts.seed}; {wall:.0f} s wall")
-    groups = {e: [r for r in rows if r["experiment"] == e] for e in ("serving", "priority", "scaling")}
+          f"seed {opts.seed}, {jobs} jobs; {wall:.0f} s wall")
+    groups = {e: [r for r in rows if r["experiment"] == e] for e in ("serving", "priority", "scaling", "threshold")}
     if groups["serving"]:
         print(serving_tables(groups["serving"]))
         print(versus_table(groups["serving"]))
+        print(claims.fig11_table(groups["serving"]))
     if groups["priority"]:
         print(priority_table(groups["priority"]))
+        print(claims.fig13_table(groups["priority"]))
     if groups["scaling"]:
         print(scaling_table(groups["scaling"]))
+        print(claims.fig14_table(groups["scaling"]))
+    if groups["threshold"]:
+        print(scaling_table(groups["threshold"]))
+        print(claims.fig15_table(groups["threshold"]))
+        below = claims.below_curve(groups["threshold"])
+        if below is not None:
+            print(f"kvferry below load's curve (P99 prefill at the same average instances): {below[0]} of the "
+                  f"{below[1]} points inside load's instance range ({below[2]} outside it)")
     if opts.plots:
         from bench.paper_plots import plot_all
 

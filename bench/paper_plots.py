@@ -12,6 +12,7 @@ STYLE = {"kvferry": ("tab:red", "o"), "load": ("tab:blue", "s"), "rr": ("tab:gra
          "kvferry-nopri": ("tab:orange", "D")}
 
 
+
 def _plt():  # noqa: ANN202 - matplotlib.pyplot
     import matplotlib
 
@@ -42,6 +43,9 @@ def plot_all(rows: Sequence[dict[str, Any]], out_dir: str) -> list[str]:
     sc = [r for r in rows if r["experiment"] == "scaling"]
     if sc:
         files.append(scaling(sc, out_dir))
+    th = [r for r in rows if r["experiment"] == "threshold"]
+    if th:
+        files.append(thresholds(th, out_dir))
     return files
 
 
@@ -105,42 +109,81 @@ def _rate(rows: Sequence[dict[str, Any]], cv: float) -> float:
 
 
 def priorities(rows: Sequence[dict[str, Any]], out_dir: str) -> str:
-    """Per class (high, normal) and policy: mean TTFT, P99 TTFT, mean E2E against the arrival CV."""
+    """Fig 13's form: bars per CV of mean E2E, mean prefill and mean decode, high and normal
+    requests, kvferry against kvferry-nopri."""
     plt = _plt()
-    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
-    for ax, (key, title) in zip(axes, (("ttft_mean", "mean TTFT"), ("ttft_p99", "P99 TTFT"), ("e2e_mean", "mean E2E"))):
-        for pol in dict.fromkeys(r["policy"] for r in rows):
-            color, marker = STYLE.get(pol, (None, "x"))
-            for cls, ls in (("high", "-"), ("normal", "--")):
-                pts = sorted((r["cv"], r["classes"][cls][key]) for r in rows if r["policy"] == pol and "classes" in r)
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], ls, marker=marker, color=color, label=f"{pol} {cls}")
-        ax.set_title(title)
-        ax.set_xlabel("CV of inter-arrival times (Gamma)")
-        ax.set_ylabel("seconds")
-        ax.set_yscale("log")
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
+    fig, axes = plt.subplots(2, 3, figsize=(14, 7))
+    cvs = sorted(dict.fromkeys(r["cv"] for r in rows))
+    pols = list(dict.fromkeys(r["policy"] for r in rows))
+    width = 0.8 / max(1, len(pols))
+    for i, cls in enumerate(("high", "normal")):
+        for j, (key, title) in enumerate((("e2e_mean", "mean E2E"), ("ttft_mean", "mean prefill"),
+                                          ("decode_mean", "mean decode"))):
+            ax = axes[i][j]
+            for k, pol in enumerate(pols):
+                by = {r["cv"]: r["classes"][cls][key] for r in rows if r["policy"] == pol and "classes" in r}
+                color, _ = STYLE.get(pol, (None, "x"))
+                ax.bar([c + (k - (len(pols) - 1) / 2) * width for c in range(len(cvs))],
+                       [by.get(cv) or 0.0 for cv in cvs], width, color=color, label=pol)
+            ax.set_xticks(range(len(cvs)), [f"CV {cv:g}" for cv in cvs])
+            ax.set_title(f"{cls} priority: {title}")
+            ax.set_ylabel("seconds")
+            ax.grid(alpha=0.3, axis="y")
+    axes[0][0].legend(fontsize=8)
     r0 = rows[0]
-    fig.suptitle(f"priorities: {r0['trace']} at {r0['rate']:g} req/s, {100 * r0['high_priority_fraction']:g} % high priority")
+    fig.suptitle(f"Fig 13: priorities, {r0['trace']} at {r0['rate']:g} req/s (Gamma), "
+                 f"{100 * r0['high_priority_fraction']:g} % high priority")
     return _save(plt, fig, out_dir, "priority.png")
 
 
 def scaling(rows: Sequence[dict[str, Any]], out_dir: str) -> str:
-    """Instance-seconds against P99 TTFT, one point per threshold pair, one line per policy."""
+    """Fig 14's form: P99 prefill, mean E2E and average instances against the rate (Poisson) and
+    the CV (Gamma), one line per policy."""
+    plt = _plt()
+    kinds = [k for k in ("poisson", "gamma") if any((r["cv"] == 1.0) == (k == "poisson") for r in rows)]
+    fig, axes = plt.subplots(len(kinds), 3, figsize=(13, 3.6 * len(kinds)), squeeze=False)
+    for i, kind in enumerate(kinds):
+        part = [r for r in rows if (r["cv"] == 1.0) == (kind == "poisson")]
+        xkey = "rate" if kind == "poisson" else "cv"
+        for j, (key, title) in enumerate((("ttft_p99", "P99 prefill (s)"), ("e2e_mean", "mean E2E (s)"),
+                                          ("avg_instances", "average instances"))):
+            ax = axes[i][j]
+            for pol in dict.fromkeys(r["policy"] for r in part):
+                color, marker = STYLE.get(pol, (None, "x"))
+                pts = sorted((r[xkey], r[key]) for r in part if r["policy"] == pol)
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker, color=color, label=pol)
+            ax.set_title(f"{'Poisson' if kind == 'poisson' else 'Gamma'}: {title}")
+            ax.set_xlabel("request rate (req/s)" if kind == "poisson" else "CV")
+            ax.grid(alpha=0.3)
+    axes[0][0].legend()
+    r0 = rows[0]
+    fig.suptitle(f"Fig 14: auto-scaling, {r0['trace']}, scale up below {r0['scale_up_below']:g}, "
+                 f"down above {r0['scale_down_above']:g}")
+    return _save(plt, fig, out_dir, "scaling.png")
+
+
+def thresholds(rows: Sequence[dict[str, Any]], out_dir: str) -> str:
+    """Fig 15's form: P99 prefill against average instances, one point per threshold; the paper's
+    curves dashed."""
+    from bench.paper_claims import FIG15
+
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    for pol in dict.fromkeys(r["policy"] for r in rows):
+    for pol, paper_name in (("load", "INFaaS++"), ("kvferry", "Llumnix")):
         color, marker = STYLE.get(pol, (None, "x"))
-        pts = sorted((r["ttft_p99"], r["instance_seconds"], r["scale_up_below"], r["scale_down_above"])
-                     for r in rows if r["policy"] == pol)
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker, color=color, label=pol)
-        for x, y, up, down in pts:
-            ax.annotate(f"{up:g}/{down:g}", (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
-    ax.set_xscale("log")
-    ax.set_xlabel("P99 TTFT (s)")
-    ax.set_ylabel("instance-seconds")
+        pts = sorted((r["avg_instances"], r["ttft_p99"], r["scale_up_below"]) for r in rows if r["policy"] == pol)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker, color=color, label=f"{pol} (ours)")
+        for x, y, up in pts:
+            ax.annotate(f"{up:g}", (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        paper = sorted(FIG15[pol].values())
+        ax.plot([p[0] for p in paper], [p[1] for p in paper], "--", marker=marker, color=color, alpha=0.5,
+                label=f"{paper_name} (paper)")
+    ax.set_yscale("log")
+    ax.set_xlabel("average instances")
+    ax.set_ylabel("P99 prefill (s)")
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=8)
     r0 = rows[0]
-    ax.set_title(f"auto-scaling: {r0['trace']} at {r0['rate']:g} req/s (labels: scale-up/down freeness)")
-    return _save(plt, fig, out_dir, "scaling.png")
+    ax.set_title(f"Fig 15: {r0['trace']}, Gamma CV {r0['cv']:g} at {r0['rate']:g} req/s (labels: scale-up threshold)",
+                 fontsize=9)
+    return _save(plt, fig, out_dir, "thresholds.png")

@@ -19,7 +19,7 @@ from typing import Any
 
 POLICIES = ("rr", "load", "prefix", "kvferry")
 # Requests/s on 16 instances (scaled with --instances), up to about where `load` saturates.
-RATES = {"multi-turn": (24.0, 32.0, 40.0), "system-prompt": (16.0, 24.0, 32.0)}
+RATES = {"multi-turn": (16.0, 20.0, 24.0), "system-prompt": (8.0, 12.0, 16.0)}
 
 
 @dataclass

@@ -191,11 +191,13 @@ def _paper(kinds: argparse._SubParsersAction) -> None:
     p.add_argument("--json", metavar="FILE", help="write the runs as a JSON list to FILE")
     p.add_argument("--plots", metavar="DIR", help="write PNG plots into DIR")
     p.add_argument("--quick", action="store_true",
-                   help="a small version: 4 instances, 150 requests, one trace, two points per sweep")
-    p.add_argument("--requests", type=positive_int, help="requests per run (default: 3000; --quick: 150)")
+                   help="a small version: 4 instances, 150 requests, one trace, a few points per figure")
+    p.add_argument("--requests", type=positive_int, help="requests per run (default: 10000, the paper's; --quick: 150)")
     p.add_argument("--instances", type=positive_int, help="instances (default: 16; --quick: 4); rates scale with it")
+    p.add_argument("--all-rates", action="store_true",
+                   help="Fig 11 at every rate of the paper's ranges (default: lowest, middle, highest)")
     p.add_argument("--seed", type=int, default=0, help="trace seed (default: 0)")
-    p.add_argument("--jobs", type=positive_int, default=1, help="runs in parallel processes (default: 1)")
+    p.add_argument("--jobs", type=positive_int, help="runs in parallel processes (default: the CPU count)")
     p.set_defaults(func=_call(bench.paper.run, bench.paper.Options))
 
 
@@ -203,7 +205,7 @@ def _prefix(kinds: argparse._SubParsersAction) -> None:
     p = kinds.add_parser("prefix", help="KV reuse on the simulator: rr / load / prefix / kvferry on traces with reuse",
                          description=bench.prefix.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--traces", default="multi-turn,system-prompt", help="comma-separated (default: both)")
-    p.add_argument("--rates", help="comma-separated requests/s (default: multi-turn 24,32,40, system-prompt 16,24,32, scaled to the instances)")
+    p.add_argument("--rates", help="comma-separated requests/s (default: multi-turn 16,20,24, system-prompt 8,12,16, scaled to the instances)")
     p.add_argument("--requests", type=positive_int, help="requests per run (default: 2000; --quick: 120)")
     p.add_argument("--instances", type=positive_int, help="instances (default: 16; --quick: 4)")
     p.add_argument("--policies", default=",".join(bench.prefix.POLICIES), help="comma-separated (default: all four)")

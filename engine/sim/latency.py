@@ -17,12 +17,13 @@ Three profiles:
   Gamma CV 2 at 2 req/s, 8 instances at start, 1..16, `load` dispatch without migration, the
   artifact's pooled freeness scaler). Chosen 0.3 ms and 0.003 ms (a full A10, 12,672 tokens of
   context and ~30 sequences, steps ~74 ms against 27 ms alone). Average instances, paper vs this
-  profile (5,000 requests): 11.61 vs 12.18 at threshold 5, 13.33 vs 13.37 at 45, 15.1 vs 14.92 at
-  85 (residuals +4.9 %, +0.3 %, -1.2 %); the previous profile (0.15 ms, 0.0009 ms, 875 blocks)
+  profile (`bench paper`, 10,000 requests): 11.61 vs 12.22 at threshold 5, 12.61 vs 13.12 at 25,
+  13.33 vs 13.63 at 45, 14.25 vs 14.75 at 65, 15.1 vs 14.79 at 85 (residuals +5.3, +4.0, +2.3,
+  +3.5, -2.1 %); the previous profile (0.15 ms, 0.0009 ms, 875 blocks)
   was 7.85 / 8.88 / 10.04 there, i.e. a simulated A10 ~1.5x too capable. At the artifact's rates
   `load` now saturates where the paper's INFaaS++ did (256-256 at 7.4 req/s: P99 TTFT 30.6 s).
   Not matched: the paper's INFaaS++ P99 prefill with plenty of instances (14.3 s at threshold 45,
-  3.42 s at 85; here 1.6 and 1.5 s). No value of these parameters reaches it (a slower prefill,
+  3.42 s at 85; here 1.5 s at both). No value of these parameters reaches it (a slower prefill,
   0.35 ms/token, gives 2.3 s); it comes from something this model lacks (vLLM 0.2's queueing
   and preemption details, the real cluster's load-report lag), so P99 prefill ratios at the
   threshold sweep's light end are not comparable with the paper's.
