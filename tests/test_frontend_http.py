@@ -203,6 +203,10 @@ async def test_bad_requests_get_openai_errors(frontend):
             ({"model": "tiny", "prompt": ""}, 400, "invalid_value", "prompt"),
             ({"model": "gpt-4", "prompt": "x"}, 400, "model_not_found", "model"),
             ({"model": "tiny", "prompt": "x", "n": 2}, 400, "invalid_value", "n"),
+            ({"model": "tiny", "prompt": "x", "logit_bias": {"5": 100}}, 400, "unsupported_parameter", "logit_bias"),
+            ({"model": "tiny", "prompt": "x", "response_format": {"type": "json_object"}}, 400,
+             "unsupported_parameter", "response_format"),
+            ({"model": "tiny", "prompt": "x", "stop_token_ids": [-3]}, 400, "invalid_value", "stop_token_ids"),
             ({"model": "tiny", "prompt": "x" * 5000}, 413, "request_too_large", None),
         ]
         for body, status, code, param in cases:
@@ -221,6 +225,10 @@ async def test_bad_requests_get_openai_errors(frontend):
         assert r.status_code == 400 and r.json()["error"]["param"] == "messages[0].content"
         r = await h.post("/v1/chat/completions", json={"model": "tiny", "messages": "hi"})
         assert r.status_code == 400
+        tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+        r = await h.post("/v1/chat/completions", json={"model": "tiny", "messages": [{"role": "user", "content": "hi"}],
+                                                       "tools": [tool], "tool_choice": "auto"})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "tools"  # not a 200 without tool calls
         r = await h.post("/v1/completions", json={"prompt": "overload me"})
         assert r.status_code == 429 and r.json()["error"]["code"] == "overloaded" and r.headers["retry-after"]
         r = await h.get("/nope")

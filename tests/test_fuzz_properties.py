@@ -177,7 +177,8 @@ EDGE_VALUES = [float("nan"), float("inf"), float("-inf"), -0.0, 0, 1, -1, 2, 2.0
 EDGES = st.sampled_from(EDGE_VALUES)
 KEYS = ["model", "prompt", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "seed",
         "priority", "ignore_eos", "stop", "stream", "stream_options", "n", "best_of", "logprobs", "top_logprobs",
-        "echo", "suffix", "presence_penalty", "frequency_penalty", "user"]
+        "echo", "suffix", "presence_penalty", "frequency_penalty", "user", "tools", "tool_choice", "response_format",
+        "logit_bias", "min_p", "min_tokens", "repetition_penalty", "stop_token_ids", "add_generation_prompt"]
 VALID_COMPLETION = {"model": "tiny", "prompt": "Once upon a time", "max_tokens": 8, "temperature": 0.5,
                     "top_p": 0.9, "seed": 1, "stop": ["\n"], "stream": True,
                     "stream_options": {"include_usage": True}}

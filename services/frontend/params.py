@@ -1,8 +1,13 @@
 """OpenAI request bodies → validated generation parameters, or an `ApiError` (OpenAI error body).
 
-Checks JSON shape, field types and ranges the way OpenAI documents them; unknown fields are
-ignored (clients send extras such as `user`). Extensions: `priority` (int, lower is served
-first), `ignore_eos` (bool), `top_k` (int).
+Checks JSON shape, field types and ranges the way OpenAI documents them. A field of OpenAI's or
+vLLM's request that asks for something this server does not do is refused with a 400 naming it
+(code `unsupported_parameter`), never accepted and ignored: a caller must be able to tell that its
+tools, grammar or sampling control did not apply (`UNSUPPORTED`). Fields that ask for nothing
+(the default value, `tool_choice: "none"`, `response_format: {"type": "text"}`) and fields without
+an effect on the answer (`user`, `metadata`, `store`, `parallel_tool_calls` without tools) are
+accepted; other unknown fields are ignored. Extensions: `priority` (int, lower is served first),
+`ignore_eos` (bool), `top_k` (int), `cache_salt` (str), `stop_token_ids` (list of token ids).
 """
 
 from __future__ import annotations
@@ -12,7 +17,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from protocol.fields import INT64_MAX, MAX_NAME_LEN, MAX_TOKEN_ID
+from protocol.fields import INT64_MAX, MAX_NAME_LEN, MAX_STOP_TOKENS, MAX_TOKEN_ID
 from protocol.payloads import SamplingParams
 from services.config import FrontendConfig
 
@@ -43,6 +48,60 @@ def api_key_matches(given: str | None, expected: str) -> bool:
 
 def bad(message: str, param: str | None = None, code: str | None = None) -> ApiError:
     return ApiError(400, message, param, code or "invalid_value")
+
+
+def _empty(v: Any) -> bool:
+    return v is None or v == [] or v == {}
+
+
+# field -> whether a value asks for nothing (absent, null or the default), and what it would ask for
+UNSUPPORTED: dict[str, tuple[Any, str]] = {
+    "tools": (_empty, "tool calling"),
+    "tool_choice": (lambda v: v in (None, "none"), "tool calling"),
+    "functions": (_empty, "function calling"),
+    "function_call": (lambda v: v in (None, "none"), "function calling"),
+    "response_format": (lambda v: v is None or v == {"type": "text"}, "structured output (response_format)"),
+    "guided_json": (lambda v: v is None, "structured output (guided_json)"),
+    "guided_regex": (lambda v: v is None, "structured output (guided_regex)"),
+    "guided_choice": (lambda v: v is None, "structured output (guided_choice)"),
+    "guided_grammar": (lambda v: v is None, "structured output (guided_grammar)"),
+    "structured_outputs": (lambda v: v is None, "structured output"),
+    "structural_tag": (lambda v: v is None, "structured output (structural_tag)"),
+    "logit_bias": (_empty, "logit_bias"),
+    "repetition_penalty": (lambda v: v is None or v == 1, "repetition_penalty"),
+    "min_p": (lambda v: v is None or v == 0, "min_p"),
+    "min_tokens": (lambda v: v is None or v == 0, "min_tokens"),
+    "include_stop_str_in_output": (lambda v: v in (None, False), "include_stop_str_in_output"),
+    "bad_words": (_empty, "bad_words"),
+    "allowed_token_ids": (lambda v: v is None, "allowed_token_ids"),
+    "prompt_logprobs": (lambda v: v is None, "prompt_logprobs"),
+    "use_beam_search": (lambda v: v in (None, False), "beam search"),
+    "length_penalty": (lambda v: v is None or v == 1, "length_penalty (beam search)"),
+    "truncate_prompt_tokens": (lambda v: v is None, "truncate_prompt_tokens"),
+    "skip_special_tokens": (lambda v: v in (None, True), "skip_special_tokens=false"),
+    "spaces_between_special_tokens": (lambda v: v in (None, True), "spaces_between_special_tokens=false"),
+    "return_tokens_as_token_ids": (lambda v: v in (None, False), "return_tokens_as_token_ids"),
+    "continue_final_message": (lambda v: v in (None, False), "continue_final_message"),
+    "add_generation_prompt": (lambda v: v in (None, True), "add_generation_prompt=false"),
+    "chat_template": (lambda v: v is None, "a request's own chat_template"),
+    "chat_template_kwargs": (_empty, "chat_template_kwargs"),
+    "documents": (_empty, "documents"),
+    "mm_processor_kwargs": (_empty, "multimodal inputs"),
+    "audio": (lambda v: v is None, "audio output"),
+    "modalities": (lambda v: v is None or v == ["text"], "modalities other than text"),
+    "prediction": (lambda v: v is None, "predicted outputs"),
+}
+
+
+def refuse_unsupported(body: dict) -> None:
+    """The 400 for the first field of `body` that asks for something unsupported (UNSUPPORTED)."""
+    for name, (asks_nothing, what) in UNSUPPORTED.items():
+        if name in body and not asks_nothing(body[name]):
+            raise bad(f"'{name}' is not supported by this server ({what})", name, "unsupported_parameter")
+    so = body.get("stream_options")
+    if isinstance(so, dict) and so.get("continuous_usage_stats") not in (None, False):
+        raise bad("'stream_options.continuous_usage_stats' is not supported by this server", "stream_options",
+                  "unsupported_parameter")
 
 
 @dataclass
@@ -129,6 +188,7 @@ class RequestParser:
             raise bad("echo is not supported", "echo")
         if body.get("suffix") not in (None, ""):
             raise bad("suffix is not supported", "suffix")
+        refuse_unsupported(body)
         stream = _opt(body, "stream", "bool") or False
         include_usage = False
         so = body.get("stream_options")
@@ -172,6 +232,16 @@ class RequestParser:
         if any(len(s) > 1024 for s in stops):
             raise bad("stop strings are limited to 1024 characters", "stop")
 
+        stop_ids = body.get("stop_token_ids")  # vLLM's: token ids that end the answer (kept in it)
+        if stop_ids is None:
+            stop_ids = []
+        if not isinstance(stop_ids, list) or not all(_is_int(t) for t in stop_ids):
+            raise bad("'stop_token_ids' must be a list of token ids", "stop_token_ids", "invalid_type")
+        if len(stop_ids) > MAX_STOP_TOKENS:
+            raise bad(f"at most {MAX_STOP_TOKENS} stop_token_ids", "stop_token_ids")
+        if any(t < 0 or t >= self.tokenizer.vocab_size for t in stop_ids):
+            raise bad(f"stop_token_ids must be in [0, {self.tokenizer.vocab_size})", "stop_token_ids")
+
         prompt_ids = prompt_ids_of(body)
         if len(prompt_ids) > self.cfg.max_prompt_tokens:
             raise ApiError(400, f"the prompt has {len(prompt_ids)} tokens, more than the limit of "
@@ -189,7 +259,8 @@ class RequestParser:
                                 f"model's context of {self.max_context}", "max_tokens", "context_length_exceeded")
         sampling = SamplingParams(max_tokens=max_tokens, temperature=1.0 if temperature is None else float(temperature),
                                   top_p=1.0 if top_p is None else float(top_p),
-                                  top_k=0 if top_k in (None, -1) else top_k, seed=seed, ignore_eos=ignore_eos)
+                                  top_k=0 if top_k in (None, -1) else top_k, seed=seed, ignore_eos=ignore_eos,
+                                  stop_token_ids=list(dict.fromkeys(stop_ids)))
         return ParsedRequest(prompt_ids, sampling, stops, priority, stream, include_usage, cache_salt or "")
 
     # ---- completions -----------------------------------------------------------------------------
@@ -234,6 +305,9 @@ class RequestParser:
         for i, m in enumerate(messages):
             if not isinstance(m, dict) or not isinstance(m.get("role"), str):
                 raise bad(f"messages[{i}] must be an object with a string 'role'", f"messages[{i}]", "invalid_type")
+            if not _empty(m.get("tool_calls")) or not _empty(m.get("function_call")):
+                raise bad(f"messages[{i}]: tool calls in messages are not supported by this server (tool calling)",
+                          f"messages[{i}].tool_calls", "unsupported_parameter")
             content = m.get("content")
             if isinstance(content, list):  # content parts: text only
                 parts = []

@@ -1,0 +1,92 @@
+"""A request field is implemented or refused with a 400 naming it, never accepted and ignored
+(services.frontend.params.UNSUPPORTED): each field of OpenAI's and vLLM's request that asks for
+something this server does not do, on completions and chat; the values that ask for nothing pass."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from services.config import FrontendConfig
+from services.frontend.params import UNSUPPORTED, ApiError, RequestParser
+from tests.test_frontend_http import TOK
+
+PARSER = RequestParser(FrontendConfig(), TOK, "tiny", (), max_context=1024)
+COMPLETION = {"model": "tiny", "prompt": "Once upon a time", "max_tokens": 8}
+CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 8}
+TOOL = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {}}}}
+
+# field -> a value that asks for something (as real clients send it)
+ASKING: dict[str, Any] = {
+    "tools": [TOOL], "tool_choice": "required", "functions": [TOOL["function"]], "function_call": "auto",
+    "response_format": {"type": "json_object"}, "guided_json": {"type": "object"}, "guided_regex": "[a-z]+",
+    "guided_choice": ["yes", "no"], "guided_grammar": "root ::= \"a\"", "structured_outputs": {"json": {}},
+    "structural_tag": "{}", "logit_bias": {"5": 100}, "repetition_penalty": 1.2, "min_p": 0.1, "min_tokens": 4,
+    "include_stop_str_in_output": True, "bad_words": ["x"], "allowed_token_ids": [1, 2], "prompt_logprobs": 1,
+    "use_beam_search": True, "length_penalty": 0.5, "truncate_prompt_tokens": 5, "skip_special_tokens": False,
+    "spaces_between_special_tokens": False, "return_tokens_as_token_ids": True, "continue_final_message": True,
+    "add_generation_prompt": False, "chat_template": "{{ messages }}", "chat_template_kwargs": {"x": 1},
+    "documents": [{"text": "d"}], "mm_processor_kwargs": {"a": 1}, "audio": {"voice": "alloy"},
+    "modalities": ["text", "audio"], "prediction": {"type": "content", "content": "x"},
+}
+# field -> values that ask for nothing
+NOTHING: dict[str, list[Any]] = {
+    "tools": [None, []], "tool_choice": [None, "none"], "response_format": [None, {"type": "text"}],
+    "logit_bias": [None, {}], "repetition_penalty": [None, 1, 1.0], "min_p": [None, 0, 0.0], "min_tokens": [None, 0],
+    "include_stop_str_in_output": [None, False], "skip_special_tokens": [True], "add_generation_prompt": [True],
+    "modalities": [["text"]], "continue_final_message": [False],
+}
+
+
+def test_the_table_covers_every_asking_value():
+    assert set(ASKING) == set(UNSUPPORTED)
+
+
+@pytest.mark.parametrize("name", sorted(ASKING))
+@pytest.mark.parametrize("endpoint", ["completion", "chat"])
+def test_a_field_that_asks_for_what_is_not_done_is_refused_by_name(name: str, endpoint: str):
+    body = {**(COMPLETION if endpoint == "completion" else CHAT), name: ASKING[name]}
+    with pytest.raises(ApiError) as err:
+        getattr(PARSER, endpoint)(body)
+    e = err.value
+    assert e.status == 400 and e.param == name and e.code == "unsupported_parameter"
+    assert f"'{name}'" in e.message and "not supported" in e.message
+    assert set(e.body()["error"]) == {"message", "type", "param", "code"}
+
+
+@pytest.mark.parametrize("name", sorted(NOTHING))
+def test_a_field_that_asks_for_nothing_is_accepted(name: str):
+    for value in NOTHING[name]:
+        assert PARSER.chat({**CHAT, name: value}).sampling.max_tokens == 8
+        assert PARSER.completion({**COMPLETION, name: value}).prompt_ids
+
+
+def test_fields_without_an_effect_on_the_answer_pass():
+    body = {**CHAT, "user": "u-1", "metadata": {"k": "v"}, "store": False, "parallel_tool_calls": True}
+    assert PARSER.chat(body).prompt_ids
+
+
+def test_continuous_usage_stats_and_tool_calls_in_messages_are_refused():
+    with pytest.raises(ApiError) as err:
+        PARSER.chat({**CHAT, "stream": True, "stream_options": {"include_usage": True, "continuous_usage_stats": True}})
+    assert err.value.param == "stream_options" and err.value.code == "unsupported_parameter"
+    msgs = [{"role": "user", "content": "weather?"},
+            {"role": "assistant", "content": None, "tool_calls": [{"id": "c1", "type": "function",
+                                                                    "function": {"name": "f", "arguments": "{}"}}]},
+            {"role": "tool", "tool_call_id": "c1", "content": "sunny"}]
+    with pytest.raises(ApiError) as err:
+        PARSER.chat({**CHAT, "messages": msgs})
+    assert err.value.param == "messages[1].tool_calls" and err.value.code == "unsupported_parameter"
+
+
+def test_stop_token_ids_are_implemented():
+    p = PARSER.completion({**COMPLETION, "stop_token_ids": [10, 11, 10]})
+    assert p.sampling.stop_token_ids == [10, 11]
+    assert PARSER.chat({**CHAT, "stop_token_ids": []}).sampling.stop_token_ids == []
+    for bad_value, code in (("10", "invalid_type"), ([1.5], "invalid_type"), ([True], "invalid_type"),
+                            ([-1], "invalid_value"), ([TOK.vocab_size], "invalid_value"),
+                            (list(range(1025)), "invalid_value")):
+        with pytest.raises(ApiError) as err:
+            PARSER.completion({**COMPLETION, "stop_token_ids": bad_value})
+        assert err.value.param == "stop_token_ids" and err.value.code == code, bad_value
