@@ -201,7 +201,7 @@ async def test_bad_requests_get_openai_errors(frontend):
             ({"model": "tiny", "prompt": "x", "stop": [1]}, 400, "invalid_type", "stop"),
             ({"model": "tiny", "prompt": [1, 99999]}, 400, "invalid_value", "prompt"),
             ({"model": "tiny", "prompt": ""}, 400, "invalid_value", "prompt"),
-            ({"model": "gpt-4", "prompt": "x"}, 400, "model_not_found", "model"),
+            ({"model": "gpt-4", "prompt": "x"}, 404, "model_not_found", "model"),
             ({"model": "tiny", "prompt": "x", "n": 2}, 400, "invalid_value", "n"),
             ({"model": "tiny", "prompt": "x", "logit_bias": {"5": 100}}, 400, "unsupported_parameter", "logit_bias"),
             ({"model": "tiny", "prompt": "x", "response_format": {"type": "json_object"}}, 400,
@@ -236,6 +236,39 @@ async def test_bad_requests_get_openai_errors(frontend):
         # still serving
         r = await h.post("/v1/completions", json={"model": "tiny", "prompt": "ok", "max_tokens": 64})
         assert r.status_code == 200 and r.json()["choices"][0]["text"] == ANSWER
+
+
+async def test_models_tokenize_detokenize_and_version(frontend):
+    """vLLM's shapes: /v1/models with max_model_len, /v1/models/{id} (404 for another), /tokenize
+    of a prompt and of chat messages, /detokenize back, /version; bad bodies get OpenAI errors."""
+    async with httpx.AsyncClient(base_url=frontend.http_url, timeout=5) as h:
+        card = (await h.get("/v1/models")).json()["data"][0]
+        assert card["id"] == "tiny" and card["max_model_len"] == 4096 and card["object"] == "model"
+        assert (await h.get("/v1/models/tiny")).json() == card
+        r = await h.get("/v1/models/gpt-4")
+        assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+        r = await h.post("/tokenize", json={"model": "tiny", "prompt": "hello", "return_token_strs": True})
+        tok = r.json()
+        assert r.status_code == 200 and tok["tokens"] == TOK.encode("hello") and tok["count"] == len(tok["tokens"])
+        assert tok["max_model_len"] == 4096 and len(tok["token_strs"]) == tok["count"]
+        r = await h.post("/detokenize", json={"model": "tiny", "tokens": tok["tokens"]})
+        assert r.status_code == 200 and r.json() == {"prompt": "hello"}
+        chat = (await h.post("/tokenize", json={"messages": [{"role": "user", "content": "hi"}]})).json()
+        assert chat["tokens"] == TOK.encode_chat([{"role": "user", "content": "hi"}]) and chat["token_strs"] is None
+        for path, body, status, param in (("/tokenize", {"prompt": 5}, 400, "prompt"),
+                                          ("/tokenize", {"prompt": "x", "model": "gpt-4"}, 404, "model"),
+                                          ("/tokenize", {"prompt": "x", "messages": []}, 400, "messages"),
+                                          ("/tokenize", {"messages": [{"role": "user", "content": "x"}],
+                                                         "add_generation_prompt": False}, 400, "add_generation_prompt"),
+                                          ("/detokenize", {"tokens": [1, -1]}, 400, "tokens"),
+                                          ("/detokenize", {"tokens": "abc"}, 400, "tokens"),
+                                          ("/detokenize", {}, 400, "tokens")):
+            r = await h.post(path, json=body)
+            assert r.status_code == status and r.json()["error"]["param"] == param, (path, body, r.text)
+        r = await h.post("/tokenize", content=b"{oops", headers={"content-type": "application/json"})
+        assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json"
+        v = (await h.get("/version")).json()
+        assert isinstance(v["version"], str) and v["version"]
 
 
 async def test_api_key(cluster):

@@ -1,4 +1,5 @@
-"""The OpenAI-compatible HTTP API (FastAPI): completions, chat completions, models, health, metrics.
+"""The OpenAI-compatible HTTP API (FastAPI): completions, chat completions, models (and one model by
+id), vLLM's /tokenize, /detokenize and /version, health, metrics.
 
 Every error is an OpenAI error body. A streaming response is SSE (`data: {...}\\n\\n` chunks, then
 `data: [DONE]`); with `stream_options.include_usage` a last chunk has empty `choices` and the
@@ -30,6 +31,19 @@ from services.frontend.router import Router, new_request_id
 from services.log import get_logger
 
 log = get_logger("kvferry.frontend.http")
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as dist_version
+
+    try:
+        return dist_version("kvferry")
+    except PackageNotFoundError:  # run from a source tree without an install
+        return "0+unknown"
+
+
+KVFERRY_VERSION = _version()
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
@@ -121,11 +135,38 @@ def create_app(ctx: ApiContext) -> FastAPI:
     async def chat_completions(request: Request) -> Response:
         return await generate(request, await parse(request, chat=True), chat=True)
 
+    def model_card() -> dict[str, Any]:
+        card = {"id": ctx.model_name, "object": "model", "created": ctx.created, "owned_by": "kvferry",
+                "root": ctx.model_name, "parent": None}
+        if ctx.parser.max_context is not None:
+            card["max_model_len"] = ctx.parser.max_context
+        return card
+
     @app.get("/v1/models")
     async def models(request: Request) -> JSONResponse:
         auth(request)
-        return JSONResponse({"object": "list", "data": [
-            {"id": ctx.model_name, "object": "model", "created": ctx.created, "owned_by": "kvferry"}]})
+        return JSONResponse({"object": "list", "data": [model_card()]})
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(request: Request, model_id: str) -> JSONResponse:
+        auth(request)
+        if model_id not in ctx.parser.model_names:
+            raise ctx.parser.unknown_model(model_id)
+        return JSONResponse(model_card())
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request) -> JSONResponse:
+        auth(request)
+        return JSONResponse(ctx.parser.tokenize(await read_json(request)))
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request) -> JSONResponse:
+        auth(request)
+        return JSONResponse(ctx.parser.detokenize(await read_json(request)))
+
+    @app.get("/version")
+    async def version() -> JSONResponse:
+        return JSONResponse({"version": KVFERRY_VERSION})
 
     @app.get("/health")
     async def health() -> JSONResponse:

@@ -166,7 +166,8 @@ class RequestParser:
 
     # ---- shared ----------------------------------------------------------------------------------
 
-    def _common(self, body: Any, prompt_ids_of, chat: bool) -> ParsedRequest:  # noqa: ANN001
+    def check_model(self, body: Any) -> None:
+        """A JSON object whose `model`, if given, is served here (404 otherwise, as OpenAI and vLLM)."""
         if not isinstance(body, dict):
             raise bad("the request body must be a JSON object", None, "invalid_type")
         model = body.get("model")
@@ -175,8 +176,58 @@ class RequestParser:
         if model is not None:
             _text(model, "model")  # echoed in the error below: must encode as UTF-8
         if model is not None and model not in self.model_names:
-            raise ApiError(400, f"the model '{model[:256]}' does not exist; this server serves "
-                                f"'{sorted(self.model_names)[0]}'", "model", "model_not_found")
+            raise self.unknown_model(model)
+
+    def unknown_model(self, model: str) -> ApiError:
+        return ApiError(404, f"the model '{model[:256]}' does not exist; this server serves "
+                             f"'{sorted(self.model_names)[0]}'", "model", "model_not_found")
+
+    # ---- /tokenize and /detokenize (vLLM's shapes) -----------------------------------------------
+
+    def tokenize(self, body: Any) -> dict[str, Any]:
+        """vLLM's POST /tokenize: a `prompt` (text or token ids) or chat `messages` → `tokens`,
+        `count`, `max_model_len` and, with `return_token_strs`, each token's string."""
+        self.check_model(body)
+        refuse_unsupported(body)
+        add_special = _opt(body, "add_special_tokens", "bool")
+        if add_special is False and getattr(self.tokenizer, "add_bos", False):
+            raise bad("'add_special_tokens': false is not supported by this server (its tokenizer adds a BOS)",
+                      "add_special_tokens", "unsupported_parameter")
+        strs = _opt(body, "return_token_strs", "bool") or False
+        if "messages" in body and "prompt" in body:
+            raise bad("send either 'prompt' or 'messages', not both", "messages")
+        ids = self._chat_ids(body) if "messages" in body else self._prompt_ids(body)
+        if len(ids) > self.cfg.max_prompt_tokens:
+            raise ApiError(400, f"the prompt has {len(ids)} tokens, more than the limit of {self.cfg.max_prompt_tokens}",
+                           "messages" if "messages" in body else "prompt", "context_length_exceeded")
+        out: dict[str, Any] = {"count": len(ids), "max_model_len": self.max_context, "tokens": ids, "token_strs": None}
+        if strs:
+            out["token_strs"] = [self.token_str(t) for t in ids]
+        return out
+
+    def detokenize(self, body: Any) -> dict[str, Any]:
+        """vLLM's POST /detokenize: `tokens` → the `prompt` text."""
+        self.check_model(body)
+        tokens = body.get("tokens")
+        if tokens is None:
+            raise bad("'tokens' is required", "tokens", "missing_required_parameter")
+        if not isinstance(tokens, list) or not all(_is_int(t) for t in tokens):
+            raise bad("'tokens' must be a list of token ids", "tokens", "invalid_type")
+        if len(tokens) > self.cfg.max_prompt_tokens:
+            raise bad(f"at most {self.cfg.max_prompt_tokens} tokens", "tokens")
+        vocab = self.tokenizer.vocab_size
+        if any(t < 0 or t >= vocab for t in tokens):
+            raise bad(f"token ids must be in [0, {vocab})", "tokens")
+        return {"prompt": self.tokenizer.decode(list(tokens))}
+
+    def token_str(self, token_id: int) -> str:
+        """A token's own string (the vocabulary's, e.g. 'Ġthe'), or its decoded text."""
+        to_token = getattr(self.tokenizer, "id_to_token", None)
+        s = to_token(token_id) if to_token is not None else None
+        return s if s is not None else self.tokenizer.decode([token_id], skip_special_tokens=False)
+
+    def _common(self, body: Any, prompt_ids_of, chat: bool) -> ParsedRequest:  # noqa: ANN001
+        self.check_model(body)
         n = _opt(body, "n", "int")
         if n is not None and n != 1:
             raise bad("n>1 is not supported" if n > 1 else "'n' must be >= 1", "n")
