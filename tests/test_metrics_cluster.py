@@ -174,6 +174,12 @@ def test_every_service_serves_its_documented_metrics_and_they_move(up):
               "kvferry_dispatch_latency_seconds"):
         grew("frontend", f"{h}_count", 9)
     grew("frontend", "kvferry_inter_token_latency_seconds_count", 100)
+    # ... and under vLLM's names, for dashboards and autoscalers written for vLLM
+    for h in ("vllm:time_to_first_token_seconds", "vllm:e2e_request_latency_seconds"):
+        grew("frontend", f"{h}_count", 9, model_name=MODEL)
+    grew("frontend", "vllm:inter_token_latency_seconds_count", 100, model_name=MODEL)
+    grew("frontend", "vllm:generation_tokens_total", 4 * LONG_TOKENS, model_name=MODEL)
+    grew("frontend", "vllm:prompt_tokens_total", 9, model_name=MODEL)
     # scheduler
     grew("scheduler", "kvferry_scheduler_dispatches_total", 9, outcome="dispatched")
     grew("scheduler", "kvferry_scheduler_dispatch_decision_seconds_count", 9)
@@ -197,6 +203,10 @@ def test_every_service_serves_its_documented_metrics_and_they_move(up):
         assert value(s, "kvferry_worker_capacity_blocks") == 512
         assert value(s, "kvferry_worker_registered") == 1
         assert value(s, "kvferry_worker_used_blocks") + value(s, "kvferry_worker_free_blocks") == 512
+        usage = value(s, "vllm:kv_cache_usage_perc", model_name="llama7b-a10")
+        assert usage == pytest.approx(value(s, "kvferry_worker_used_blocks") / 512)
+        assert value(s, "vllm:num_requests_running", model_name="llama7b-a10") == value(s, "kvferry_worker_running_requests")
+        assert ("vllm:num_requests_waiting", (("model_name", "llama7b-a10"),)) in s
 
 
 def test_kvferry_up_metrics_port_flag_and_off():

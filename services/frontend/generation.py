@@ -132,6 +132,7 @@ class Generator:
             except RouteError as exc:
                 outcome = "rejected" if exc.status < 500 else "unavailable"
                 raise
+            self.metrics.prompt_tokens.inc(len(p.prompt_ids))
             detok = IncrementalDetokenizer(self.tokenizer, p.prompt_ids)
             stops = StopMatcher(p.stop)
             n_out = 0

@@ -51,7 +51,7 @@ class Frontend:
         self.model_name = fcfg.served_model_name or model_name or fcfg.model
         aliases = tuple(n for n in (fcfg.model, model_name) if n)
         self.ctx = use_curve(zmq.asyncio.Context(), curve_keys(cfg.cluster, "frontend"))  # Curve when configured
-        self.metrics = FrontendMetrics()
+        self.metrics = FrontendMetrics(self.model_name)
         self.router = Router(cfg, self.ctx, on_dispatch=self.metrics.dispatch.observe,
                              on_resume=lambda outcome: self.metrics.resumes.labels(outcome=outcome).inc())
         self.generator = Generator(self.router, tokenizer, self.metrics)

@@ -48,6 +48,12 @@ ENGINE_METRICS = {
     "kvferry_worker_prefix_cache_hits_total": "Of those, tokens whose KV was found cached (not prefilled again)",
     "kvferry_worker_cached_blocks": "KV blocks registered in the prefix cache (unowned ones count as free)",
 }
+# vLLM's names of the engine gauges dashboards and autoscalers key on (labelled `model_name`)
+VLLM_NAMED = {
+    "vllm:num_requests_running": "Requests in the running batch (vLLM's name)",
+    "vllm:num_requests_waiting": "Requests queued for admission (vLLM's name)",
+    "vllm:kv_cache_usage_perc": "KV cache usage, 0 to 1 (vLLM's name)",
+}
 # Only vLLM workers have these: how migrated requests' KV entered vLLM (the kvferry KV connector).
 VLLM_METRICS = {
     "kvferry_worker_vllm_continuations_total": "Migrated (or reattached) requests that started in vLLM",
@@ -117,6 +123,12 @@ class EngineCollector(Collector):
             ("kvferry_worker_cached_blocks", stats.num_cached_blocks),
         ):
             yield GaugeMetricFamily(name, h[name], value=float(value))
+        used = (stats.num_blocks - stats.num_free_blocks) / stats.num_blocks if stats.num_blocks else 0.0
+        for name, value in (("vllm:num_requests_running", stats.num_running),
+                            ("vllm:num_requests_waiting", stats.num_waiting), ("vllm:kv_cache_usage_perc", used)):
+            g = GaugeMetricFamily(name, VLLM_NAMED[name], labels=["model_name"])
+            g.add_metric([w.info.model], float(value))
+            yield g
         for name, value in (("kvferry_worker_prefix_cache_queries_total", stats.prefix_query_tokens),
                             ("kvferry_worker_prefix_cache_hits_total", stats.prefix_hit_tokens)):
             yield CounterMetricFamily(name.removesuffix("_total"), h[name], value=float(value))
