@@ -202,7 +202,9 @@ async def test_bad_requests_get_openai_errors(frontend):
             ({"model": "tiny", "prompt": [1, 99999]}, 400, "invalid_value", "prompt"),
             ({"model": "tiny", "prompt": ""}, 400, "invalid_value", "prompt"),
             ({"model": "gpt-4", "prompt": "x"}, 404, "model_not_found", "model"),
-            ({"model": "tiny", "prompt": "x", "n": 2}, 400, "invalid_value", "n"),
+            ({"model": "tiny", "prompt": "x", "n": 0}, 400, "invalid_value", "n"),
+            ({"model": "tiny", "prompt": "x", "n": 65}, 400, "invalid_value", "n"),
+            ({"model": "tiny", "prompt": ["a", "b"], "n": 40}, 400, "invalid_value", "n"),
             ({"model": "tiny", "prompt": "x", "logit_bias": {"5": 100}}, 400, "unsupported_parameter", "logit_bias"),
             ({"model": "tiny", "prompt": "x", "response_format": {"type": "json_object"}}, 400,
              "unsupported_parameter", "response_format"),
@@ -219,8 +221,6 @@ async def test_bad_requests_get_openai_errors(frontend):
                 assert err["code"] == code, (body, err)
             if param:
                 assert err["param"] == param, (body, err)
-        r = await h.post("/v1/completions", json={"model": "tiny", "prompt": "x", "n": 2})
-        assert r.json()["error"]["message"] == "n>1 is not supported"
         r = await h.post("/v1/chat/completions", json={"model": "tiny", "messages": [{"role": "user", "content": 3}]})
         assert r.status_code == 400 and r.json()["error"]["param"] == "messages[0].content"
         r = await h.post("/v1/chat/completions", json={"model": "tiny", "messages": "hi"})
@@ -338,6 +338,56 @@ async def test_openai_client_streams_and_non_streams(frontend, cluster):
     assert add.priority == -2 and add.sampling.seed == 3 and add.sampling.temperature == 0.5
     assert add.first_index == 0 and add.reply_address == frontend.router.reply_address
     await client.close()
+
+
+async def test_n_choices_and_batched_prompts_are_engine_requests_of_their_own(frontend, cluster):
+    """n > 1 and a list of prompts: one engine request per choice (`{id}-{index}`), choices indexed
+    prompt by prompt, usage summed (each prompt counted once); seeded samples differ and repeat;
+    streamed choices carry their index."""
+    client = openai.AsyncOpenAI(base_url=frontend.http_url + "/v1", api_key="none", max_retries=0)
+    before = len(cluster.added)
+    out = await client.completions.create(model="tiny", prompt="Say hi", max_tokens=64, n=3, seed=7)
+    assert [c.index for c in out.choices] == [0, 1, 2] and all(c.text == ANSWER for c in out.choices)
+    assert out.usage.prompt_tokens == len(TOK.encode("Say hi"))
+    assert out.usage.completion_tokens == 3 * len(ANSWER_IDS)
+    adds = cluster.added[before:]
+    assert sorted(a.request_id for a in adds) == [f"{out.id}-{k}" for k in range(3)]
+    assert sorted(a.sampling.seed for a in adds) == [7, 8, 9]  # seed + sample index: distinct, repeatable
+
+    before = len(cluster.added)
+    out = await client.completions.create(model="tiny", prompt=["one", "three", [5, 6]], max_tokens=64, n=2)
+    assert len(out.choices) == 6 and all(c.text == ANSWER for c in out.choices)
+    assert out.usage.prompt_tokens == len(TOK.encode("one")) + len(TOK.encode("three")) + 2
+    by_id = {a.request_id: a.prompt_token_ids for a in cluster.added[before:]}
+    assert [by_id[f"{out.id}-{k}"] for k in range(6)] == [TOK.encode("one")] * 2 + [TOK.encode("three")] * 2 + [[5, 6]] * 2
+
+    msgs = [{"role": "user", "content": "hello"}]
+    chat = await client.chat.completions.create(model="tiny", messages=msgs, max_completion_tokens=64, n=2)
+    assert [c.message.content for c in chat.choices] == [ANSWER, ANSWER] and chat.usage.completion_tokens == 2 * len(ANSWER_IDS)
+
+    texts: dict[int, str] = {0: "", 1: ""}
+    finish: dict[int, str] = {}
+    usage = None
+    stream = await client.chat.completions.create(model="tiny", messages=msgs, stream=True, max_tokens=64, n=2,
+                                                  stream_options={"include_usage": True})
+    async for ch in stream:
+        for c in ch.choices:
+            texts[c.index] += c.delta.content or ""
+            if c.finish_reason:
+                finish[c.index] = c.finish_reason
+        if not ch.choices:
+            usage = ch.usage
+    assert texts == {0: ANSWER, 1: ANSWER} and set(finish) == {0, 1}
+    assert usage.completion_tokens == 2 * len(ANSWER_IDS) and usage.prompt_tokens == len(TOK.encode_chat(msgs))
+    await client.close()
+
+
+async def test_a_choice_that_cannot_start_fails_the_request_and_aborts_the_others(frontend, cluster):
+    async with httpx.AsyncClient(base_url=frontend.http_url, timeout=10) as h:
+        r = await h.post("/v1/completions", json={"model": "tiny", "prompt": ["fine", "overload me"], "max_tokens": 64})
+        assert r.status_code == 429 and r.json()["error"]["code"] == "overloaded"
+        r = await h.post("/v1/completions", json={"model": "tiny", "prompt": "ok", "max_tokens": 64, "n": 2})
+        assert r.status_code == 200 and len(r.json()["choices"]) == 2  # still serving
 
 
 async def test_stop_string_aborts_on_worker(frontend, cluster):

@@ -90,3 +90,20 @@ def test_stop_token_ids_are_implemented():
         with pytest.raises(ApiError) as err:
             PARSER.completion({**COMPLETION, "stop_token_ids": bad_value})
         assert err.value.param == "stop_token_ids" and err.value.code == code, bad_value
+
+
+def test_n_and_a_batch_of_prompts_make_one_choice_each():
+    p = PARSER.completion({**COMPLETION, "prompt": ["a", [5, 6], "bc"], "n": 2, "seed": 40})
+    ch = p.choices()
+    assert [ids for ids, _ in ch] == [TOK.encode("a")] * 2 + [[5, 6]] * 2 + [TOK.encode("bc")] * 2
+    assert [sp.seed for _, sp in ch] == [40, 41] * 3
+    assert [sp.seed for _, sp in PARSER.chat({**CHAT, "n": 3}).choices()] == [None] * 3  # unseeded stays unseeded
+    assert len(PARSER.completion(COMPLETION).choices()) == 1
+    top = PARSER.completion({**COMPLETION, "n": 2, "seed": (1 << 63) - 1}).choices()
+    assert [sp.seed for _, sp in top] == [(1 << 63) - 1, 0]  # wraps within the seed's range
+    for body, param in (({**COMPLETION, "n": 0}, "n"), ({**COMPLETION, "n": 65}, "n"),
+                        ({**COMPLETION, "prompt": ["a"] * 65}, "prompt"), ({**COMPLETION, "prompt": ["a", 5]}, "prompt"),
+                        ({**COMPLETION, "prompt": ["a", ""]}, "prompt"), ({**COMPLETION, "prompt": ["a"] * 9, "n": 8}, "n")):
+        with pytest.raises(ApiError) as err:
+            PARSER.completion(body)
+        assert err.value.status == 400 and err.value.param == param, body

@@ -23,7 +23,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from services.config import FrontendConfig
-from services.frontend.generation import Delta, GenerateParams, GenerationError, Generator
+from services.frontend.generation import Delta, GenerateParams, GenerationError, Generator, Usage
 from services.frontend.metrics import FrontendMetrics
 from services.frontend.params import ApiError, ParsedRequest, RequestParser, api_key_matches, bad
 from services.frontend.errors import RouteError
@@ -187,6 +187,8 @@ def create_app(ctx: ApiContext) -> FastAPI:
             raise ApiError(429, f"more than {ctx.cfg.max_inflight} requests in flight; retry later",
                            code="too_many_requests", headers={"Retry-After": "1"})
         rid = new_request_id("chatcmpl" if chat else "cmpl")
+        if parsed.n > 1 or len(parsed.prompts) > 1:
+            return await _many(request, parsed, rid, chat)
         params = GenerateParams(rid, parsed.prompt_ids, parsed.sampling, parsed.stop, parsed.priority,
                                 ctx.cfg.request_timeout_s, parsed.cache_salt)
         deltas = ctx.generator.run(params)
@@ -206,6 +208,155 @@ def create_app(ctx: ApiContext) -> FastAPI:
             return StreamingResponse(_sse(first, deltas, rid, chat, parsed.include_usage), media_type="text/event-stream",
                                      headers=SSE_HEADERS)
         return await _whole(request, first, deltas, rid, chat)
+
+    # ---- several choices (n > 1, a batch of prompts): one engine request each ------------------------
+
+    async def _many(request: Request, parsed: ParsedRequest, rid: str, chat: bool) -> Response:
+        """Start every choice's request (`{rid}-{index}`), each routed, migrated and resumed on its own;
+        a choice that cannot start fails the whole request (the others are aborted)."""
+        subs = [GenerateParams(f"{rid}-{k}", ids, sp, parsed.stop, parsed.priority, ctx.cfg.request_timeout_s,
+                               parsed.cache_salt) for k, (ids, sp) in enumerate(parsed.choices())]
+        if ctx.generator.active + len(subs) > ctx.cfg.max_inflight:
+            ctx.metrics.requests.labels(outcome="rejected").inc()
+            raise ApiError(429, f"{len(subs)} choices would put more than {ctx.cfg.max_inflight} requests in flight; "
+                                "retry later", code="too_many_requests", headers={"Retry-After": "1"})
+        gens = [ctx.generator.run(p) for p in subs]
+        ids = [p.request_id for p in subs]
+        try:
+            # return_exceptions: every start has settled before any generator is closed
+            firsts = await _watch_disconnect_all(
+                request, asyncio.gather(*(g.__anext__() for g in gens), return_exceptions=True), ids)
+        except BaseException:
+            await _close_all(gens)
+            raise
+        failed = next((f for f in firsts if isinstance(f, BaseException)), None)
+        if failed is not None:
+            await _close_all(gens)
+            if isinstance(failed, (RouteError, GenerationError)):
+                headers = {"Retry-After": "1"} if failed.status in (429, 503) else None
+                raise ApiError(failed.status, failed.message, code=failed.code, headers=headers) from None
+            raise failed
+        prompt_tokens = sum(len(p) for p in parsed.prompts or [parsed.prompt_ids])
+        if parsed.stream:
+            return StreamingResponse(_sse_many(firsts, gens, rid, chat, parsed.include_usage, prompt_tokens),
+                                     media_type="text/event-stream", headers=SSE_HEADERS)
+        try:
+            outs = await _watch_disconnect_all(
+                request, asyncio.gather(*(_rest(f, g) for f, g in zip(firsts, gens)), return_exceptions=True), ids)
+        finally:
+            await _close_all(gens)
+        failed = next((o for o in outs if isinstance(o, BaseException)), None)
+        if isinstance(failed, GenerationError):
+            raise ApiError(failed.status, failed.message, code=failed.code)
+        if failed is not None:
+            raise failed
+        choices = [_choice(k, o.text, o.finish_reason, chat) for k, o in enumerate(outs)]
+        done = sum(o.usage.completion_tokens for o in outs if o.usage)
+        return JSONResponse({"id": rid, "object": "chat.completion" if chat else "text_completion",
+                             "created": int(time.time()), "model": ctx.model_name, "choices": choices,
+                             "usage": Usage(prompt_tokens, done).to_dict()})
+
+    async def _rest(first: Delta, deltas: AsyncIterator[Delta]) -> Delta:
+        if first.finish_reason:
+            return first
+        text, last = [first.text], first
+        async for d in deltas:
+            text.append(d.text)
+            last = d
+        return Delta("".join(text), [], 0, last.finish_reason, last.usage)
+
+    async def _close_all(gens: list[AsyncIterator[Delta]]) -> None:
+        for g in gens:
+            with contextlib.suppress(BaseException):
+                await g.aclose()  # type: ignore[attr-defined]
+
+    async def _watch_disconnect_all(request: Request, awaitable: Any, rids: list[str]) -> Any:
+        """Await `awaitable`; abort every request of `rids` if the client disconnects first."""
+        task = asyncio.ensure_future(awaitable)
+        watcher = asyncio.ensure_future(_disconnected(request))
+        try:
+            done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+            if task in done:
+                return task.result()
+            log.info("request.client_disconnected", request_id=rids[0].rsplit("-", 1)[0], choices=len(rids))
+            for r in rids:
+                ctx.router.abort(r, "client disconnected")
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                await task
+            raise ApiError(499, "client disconnected")
+        finally:
+            watcher.cancel()
+            if not task.done():
+                task.cancel()
+
+    def _choice(index: int, text: str, finish: str | None, chat: bool) -> dict[str, Any]:
+        if chat:
+            return {"index": index, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                    "finish_reason": finish}
+        return {"index": index, "text": text, "logprobs": None, "finish_reason": finish}
+
+    async def _sse_many(firsts: list[Delta], gens: list[AsyncIterator[Delta]], rid: str, chat: bool,
+                        include_usage: bool, prompt_tokens: int) -> AsyncIterator[str]:
+        """The choices' chunks as they come, each with its index; one usage chunk for all at the end."""
+        created = int(time.time())
+        obj = "chat.completion.chunk" if chat else "text_completion"
+        queue: asyncio.Queue[tuple[int, Delta | BaseException | None]] = asyncio.Queue()
+
+        async def pump(k: int, first: Delta, g: AsyncIterator[Delta]) -> None:
+            try:
+                await queue.put((k, first))
+                if not first.finish_reason:
+                    async for d in g:
+                        await queue.put((k, d))
+                await queue.put((k, None))
+            except GenerationError as exc:
+                await queue.put((k, exc))
+            except Exception as exc:  # noqa: BLE001 - one choice's failure ends that choice, not the stream
+                await queue.put((k, GenerationError("error", f"{type(exc).__name__}: {exc}")))
+
+        def chunk(k: int, d: Delta | None, role: bool = False) -> str:
+            if chat:
+                delta: dict[str, Any] = {"role": "assistant", "content": ""} if role else {"content": d.text if d else ""}
+                choice: dict[str, Any] = {"index": k, "delta": delta, "logprobs": None,
+                                          "finish_reason": d.finish_reason if d else None}
+            else:
+                choice = {"index": k, "text": d.text if d else "", "logprobs": None,
+                          "finish_reason": d.finish_reason if d else None}
+            body: dict[str, Any] = {"id": rid, "object": obj, "created": created, "model": ctx.model_name,
+                                    "choices": [choice]}
+            if include_usage:
+                body["usage"] = None
+            return f"data: {_dumps(body)}\n\n"
+
+        tasks = [asyncio.ensure_future(pump(k, f, g)) for k, (f, g) in enumerate(zip(firsts, gens))]
+        completion = 0
+        try:
+            if chat:
+                for k in range(len(gens)):
+                    yield chunk(k, None, role=True)
+            left = len(gens)
+            while left:
+                k, item = await queue.get()
+                if item is None:
+                    left -= 1
+                elif isinstance(item, GenerationError):
+                    yield f"data: {_dumps(ApiError(item.status, item.message, code=item.code).body())}\n\n"
+                    left -= 1
+                else:
+                    if item.text or item.finish_reason:
+                        yield chunk(k, item)
+                    if item.usage is not None:
+                        completion += item.usage.completion_tokens
+        finally:
+            for t in tasks:
+                t.cancel()
+            await _close_all(gens)
+        if include_usage:
+            body = {"id": rid, "object": obj, "created": created, "model": ctx.model_name, "choices": [],
+                    "usage": Usage(prompt_tokens, completion).to_dict()}
+            yield f"data: {_dumps(body)}\n\n"
+        yield "data: [DONE]\n\n"
 
     async def _first(request: Request, deltas: AsyncIterator[Delta], rid: str) -> Delta:
         return await _watch_disconnect(request, deltas.__anext__(), rid)

@@ -23,6 +23,7 @@ from services.config import FrontendConfig
 
 MAX_STOP = 16
 INT32 = 1 << 31
+MAX_CHOICES = 64  # n x prompts of one request: each choice is an engine request of its own
 
 
 class ApiError(Exception):
@@ -106,7 +107,9 @@ def refuse_unsupported(body: dict) -> None:
 
 @dataclass
 class ParsedRequest:
-    """What the API layer needs besides the prompt."""
+    """What the API layer needs besides the prompt. A completion with a list of prompts has them all
+    in `prompts` (`prompt_ids` is the first); each prompt gets `n` choices, indexed prompt by
+    prompt (prompt i, sample j: index i * n + j), each its own engine request."""
 
     prompt_ids: list[int]
     sampling: SamplingParams
@@ -115,6 +118,22 @@ class ParsedRequest:
     stream: bool = False
     include_usage: bool = False
     cache_salt: str = ""
+    n: int = 1
+    prompts: list[list[int]] = field(default_factory=list)
+
+    def choices(self) -> list[tuple[list[int], SamplingParams]]:
+        """(prompt, sampling) per choice, in index order. With a seed, sample j of a prompt uses
+        seed + j: the n samples differ, and a request with the same seed repeats them all."""
+        import msgspec
+
+        out = []
+        for ids in self.prompts or [self.prompt_ids]:
+            for j in range(self.n):
+                sp = self.sampling
+                if j and sp.seed is not None:
+                    sp = msgspec.structs.replace(sp, seed=(sp.seed + j) % (INT64_MAX + 1))
+                out.append((ids, sp))
+        return out
 
 
 def _is_int(v: Any) -> bool:
@@ -228,9 +247,8 @@ class RequestParser:
 
     def _common(self, body: Any, prompt_ids_of, chat: bool) -> ParsedRequest:  # noqa: ANN001
         self.check_model(body)
-        n = _opt(body, "n", "int")
-        if n is not None and n != 1:
-            raise bad("n>1 is not supported" if n > 1 else "'n' must be >= 1", "n")
+        n = _opt(body, "n", "int", 1, MAX_CHOICES)
+        n = 1 if n is None else n
         if body.get("best_of") not in (None, 1):
             raise bad("best_of>1 is not supported", "best_of")
         if body.get("logprobs") not in (None, False) or body.get("top_logprobs") is not None:
@@ -293,36 +311,55 @@ class RequestParser:
         if any(t < 0 or t >= self.tokenizer.vocab_size for t in stop_ids):
             raise bad(f"stop_token_ids must be in [0, {self.tokenizer.vocab_size})", "stop_token_ids")
 
-        prompt_ids = prompt_ids_of(body)
-        if len(prompt_ids) > self.cfg.max_prompt_tokens:
-            raise ApiError(400, f"the prompt has {len(prompt_ids)} tokens, more than the limit of "
-                                f"{self.cfg.max_prompt_tokens}", "messages" if chat else "prompt",
-                           "context_length_exceeded")
-        if self.max_context is not None and len(prompt_ids) >= self.max_context:
-            raise ApiError(400, f"the prompt has {len(prompt_ids)} tokens; the model's context is "
-                                f"{self.max_context}", "messages" if chat else "prompt", "context_length_exceeded")
+        prompts = prompt_ids_of(body)
+        if len(prompts) * n > MAX_CHOICES:
+            raise bad(f"{len(prompts)} prompts x n={n} make {len(prompts) * n} choices; at most {MAX_CHOICES}",
+                      "n" if n > 1 else "prompt")
+        param = "messages" if chat else "prompt"
+        for prompt_ids in prompts:
+            if len(prompt_ids) > self.cfg.max_prompt_tokens:
+                raise ApiError(400, f"the prompt has {len(prompt_ids)} tokens, more than the limit of "
+                                    f"{self.cfg.max_prompt_tokens}", param, "context_length_exceeded")
+            if self.max_context is not None and len(prompt_ids) >= self.max_context:
+                raise ApiError(400, f"the prompt has {len(prompt_ids)} tokens; the model's context is "
+                                    f"{self.max_context}", param, "context_length_exceeded")
+        longest = max(len(p) for p in prompts)
         if max_tokens is None:
             max_tokens = 16 if not chat else limit
             if self.max_context is not None:
-                max_tokens = max(1, min(max_tokens, self.max_context - len(prompt_ids)))
-        elif self.max_context is not None and len(prompt_ids) + max_tokens > self.max_context:
-            raise ApiError(400, f"prompt ({len(prompt_ids)} tokens) + max_tokens ({max_tokens}) exceed the "
+                max_tokens = max(1, min(max_tokens, self.max_context - longest))
+        elif self.max_context is not None and longest + max_tokens > self.max_context:
+            raise ApiError(400, f"prompt ({longest} tokens) + max_tokens ({max_tokens}) exceed the "
                                 f"model's context of {self.max_context}", "max_tokens", "context_length_exceeded")
         sampling = SamplingParams(max_tokens=max_tokens, temperature=1.0 if temperature is None else float(temperature),
                                   top_p=1.0 if top_p is None else float(top_p),
                                   top_k=0 if top_k in (None, -1) else top_k, seed=seed, ignore_eos=ignore_eos,
                                   stop_token_ids=list(dict.fromkeys(stop_ids)))
-        return ParsedRequest(prompt_ids, sampling, stops, priority, stream, include_usage, cache_salt or "")
+        return ParsedRequest(prompts[0], sampling, stops, priority, stream, include_usage, cache_salt or "", n,
+                             prompts if len(prompts) > 1 else [])
 
     # ---- completions -----------------------------------------------------------------------------
 
     def completion(self, body: Any) -> ParsedRequest:
-        return self._common(body, self._prompt_ids, chat=False)
+        return self._common(body, self._prompts, chat=False)
+
+    def _prompts(self, body: dict) -> list[list[int]]:
+        """A completion's prompts: one (text or token ids), or a batch (a list of texts or of
+        token-id lists)."""
+        prompt = body.get("prompt")
+        if isinstance(prompt, list) and prompt and all(isinstance(p, (str, list)) for p in prompt):
+            if len(prompt) > MAX_CHOICES:
+                raise bad(f"at most {MAX_CHOICES} prompts in a batch", "prompt")
+            return [self._one_prompt(p) for p in prompt]
+        return [self._prompt_ids(body)]
 
     def _prompt_ids(self, body: dict) -> list[int]:
         prompt = body.get("prompt")
         if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
             prompt = prompt[0]  # a batch of one
+        return self._one_prompt(prompt)
+
+    def _one_prompt(self, prompt: Any) -> list[int]:
         if isinstance(prompt, str):
             ids = self.tokenizer.encode(_text(prompt, "prompt"))
         elif isinstance(prompt, list) and prompt and all(_is_int(t) for t in prompt):
@@ -330,8 +367,6 @@ class RequestParser:
             if any(t < 0 or t >= vocab for t in prompt):
                 raise bad(f"token ids must be in [0, {vocab})", "prompt")
             ids = list(prompt)
-        elif isinstance(prompt, list) and len(prompt) > 1:
-            raise bad("batched prompts are not supported; send one prompt per request", "prompt")
         elif prompt is None:
             raise bad("'prompt' is required", "prompt", "missing_required_parameter")
         else:
@@ -344,7 +379,7 @@ class RequestParser:
     # ---- chat ------------------------------------------------------------------------------------
 
     def chat(self, body: Any) -> ParsedRequest:
-        return self._common(body, self._chat_ids, chat=True)
+        return self._common(body, lambda b: [self._chat_ids(b)], chat=True)
 
     def _chat_ids(self, body: dict) -> list[int]:
         messages = body.get("messages")
