@@ -91,9 +91,11 @@ async def check_twins(c: MigrationCluster, rid: str) -> list[int]:
 async def test_migrated_requests_continue_with_identical_tokens(make_cluster, path):
     c = await make_cluster(2, overrides={"migration_path": path})
     fe = c.frontend
-    # right after prefill (greedy, seeded) and late in decoding (greedy)
-    await twins(c, "early-greedy", 60)
-    await twins(c, "early-seeded", 60, temperature=1.0, seed=1234)
+    # right after prefill (greedy, seeded) and late in decoding (greedy). The early ones are long
+    # enough that a slow machine does not finish them before their migration commits (60 tokens did,
+    # once: aborted, reason "finished").
+    await twins(c, "early-greedy", 240)
+    await twins(c, "early-seeded", 240, temperature=1.0, seed=1234)
     await twins(c, "late", 400)
     await fe.until(lambda: fe.count("early-greedy") >= 1 and fe.count("early-seeded") >= 1)
     for rid in ("early-greedy", "early-seeded"):
