@@ -35,7 +35,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--base-port", type=int, default=None, help="first ZeroMQ port (default 17100)")
     p.add_argument("--policy", default=None, choices=POLICY_NAMES,
                    help="scheduling policy: rr, load (no migration), kvferry (default: migration, priority "
-                        "headroom), kvferry-nopri (no priority headroom)")
+                        "load cap), kvferry-nopri (no priority load cap)")
     p.add_argument("--scaling", action="store_true", default=None,
                    help="auto-scale the worker pool between --min-workers and --max-workers")
     p.add_argument("--min-workers", type=int, default=None, metavar="A",

@@ -19,8 +19,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", metavar="FILE", help="TOML config file ([cluster], [scheduler] sections)")
     p.add_argument("--policy", choices=POLICY_NAMES,
                    help="scheduling policy: rr (round-robin), load (freest instance, no migration), kvferry "
-                        "(freeness dispatch, load-balancing migration, priority headroom; the default), "
-                        "kvferry-nopri (kvferry without the priority headroom)")
+                        "(freeness dispatch, load-balancing migration, priority load cap; the default), "
+                        "kvferry-nopri (kvferry without the priority load cap)")
     p.add_argument("--base-port", type=int, metavar="P", help="cluster base port; the scheduler listens on P "
                    "(default: 17100)")
     p.add_argument("--bind", metavar="HOST", help="interface to bind (default: 127.0.0.1)")
