@@ -349,13 +349,15 @@ async def test_scheduler_cancel_keeps_the_request_on_the_source(make_cluster):
 
 
 async def test_unanswered_commit_is_taken_back_and_the_request_runs_once(make_cluster):
-    c = await make_cluster(2, overrides={"migration_timeout_s": 1.0})
+    # The commit itself gets 2 s before the source gives up on its answer (a slow machine once took
+    # over 1 s: the source took the request back before the destination had announced itself).
+    c = await make_cluster(2, overrides={"migration_timeout_s": 2.0})
     dest = c.workers[1].migration.destination
     orig = dest._commit
 
     async def slow_commit(rec):  # noqa: ANN001 - commits, then answers too late
         reply = await orig(rec)
-        await asyncio.sleep(1.5)
+        await asyncio.sleep(3.0)
         return reply
 
     dest._commit = slow_commit
