@@ -224,8 +224,8 @@ def create_app(ctx: ApiContext) -> FastAPI:
         ids = [p.request_id for p in subs]
         try:
             # return_exceptions: every start has settled before any generator is closed
-            firsts = await _watch_disconnect_all(
-                request, asyncio.gather(*(g.__anext__() for g in gens), return_exceptions=True), ids)
+            firsts = await _watch_disconnect(
+                request, asyncio.gather(*(g.__anext__() for g in gens), return_exceptions=True), *ids)
         except BaseException:
             await _close_all(gens)
             raise
@@ -241,8 +241,8 @@ def create_app(ctx: ApiContext) -> FastAPI:
             return StreamingResponse(_sse_many(firsts, gens, rid, chat, parsed.include_usage, prompt_tokens),
                                      media_type="text/event-stream", headers=SSE_HEADERS)
         try:
-            outs = await _watch_disconnect_all(
-                request, asyncio.gather(*(_rest(f, g) for f, g in zip(firsts, gens)), return_exceptions=True), ids)
+            outs = await _watch_disconnect(
+                request, asyncio.gather(*(_rest(f, g) for f, g in zip(firsts, gens)), return_exceptions=True), *ids)
         finally:
             await _close_all(gens)
         failed = next((o for o in outs if isinstance(o, BaseException)), None)
@@ -270,31 +270,28 @@ def create_app(ctx: ApiContext) -> FastAPI:
             with contextlib.suppress(BaseException):
                 await g.aclose()  # type: ignore[attr-defined]
 
-    async def _watch_disconnect_all(request: Request, awaitable: Any, rids: list[str]) -> Any:
-        """Await `awaitable`; abort every request of `rids` if the client disconnects first."""
-        task = asyncio.ensure_future(awaitable)
-        watcher = asyncio.ensure_future(_disconnected(request))
-        try:
-            done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
-            if task in done:
-                return task.result()
-            log.info("request.client_disconnected", request_id=rids[0].rsplit("-", 1)[0], choices=len(rids))
-            for r in rids:
-                ctx.router.abort(r, "client disconnected")
-            task.cancel()
-            with contextlib.suppress(BaseException):
-                await task
-            raise ApiError(499, "client disconnected")
-        finally:
-            watcher.cancel()
-            if not task.done():
-                task.cancel()
-
     def _choice(index: int, text: str, finish: str | None, chat: bool) -> dict[str, Any]:
+        """One choice of a whole (not streamed) answer."""
         if chat:
             return {"index": index, "message": {"role": "assistant", "content": text}, "logprobs": None,
                     "finish_reason": finish}
         return {"index": index, "text": text, "logprobs": None, "finish_reason": finish}
+
+    def _chunk(rid: str, obj: str, created: int, chat: bool, include_usage: bool, index: int, d: Delta | None,
+               role: bool = False) -> str:
+        """One SSE event carrying choice `index`'s delta `d` (`role`: chat's opening role event)."""
+        if chat:
+            delta: dict[str, Any] = {"role": "assistant", "content": ""} if role else {"content": d.text if d else ""}
+            choice: dict[str, Any] = {"index": index, "delta": delta, "logprobs": None,
+                                      "finish_reason": d.finish_reason if d else None}
+        else:
+            choice = {"index": index, "text": d.text if d else "", "logprobs": None,
+                      "finish_reason": d.finish_reason if d else None}
+        body: dict[str, Any] = {"id": rid, "object": obj, "created": created, "model": ctx.model_name,
+                                "choices": [choice]}
+        if include_usage:
+            body["usage"] = None
+        return f"data: {_dumps(body)}\n\n"
 
     async def _sse_many(firsts: list[Delta], gens: list[AsyncIterator[Delta]], rid: str, chat: bool,
                         include_usage: bool, prompt_tokens: int) -> AsyncIterator[str]:
@@ -316,18 +313,7 @@ def create_app(ctx: ApiContext) -> FastAPI:
                 await queue.put((k, GenerationError("error", f"{type(exc).__name__}: {exc}")))
 
         def chunk(k: int, d: Delta | None, role: bool = False) -> str:
-            if chat:
-                delta: dict[str, Any] = {"role": "assistant", "content": ""} if role else {"content": d.text if d else ""}
-                choice: dict[str, Any] = {"index": k, "delta": delta, "logprobs": None,
-                                          "finish_reason": d.finish_reason if d else None}
-            else:
-                choice = {"index": k, "text": d.text if d else "", "logprobs": None,
-                          "finish_reason": d.finish_reason if d else None}
-            body: dict[str, Any] = {"id": rid, "object": obj, "created": created, "model": ctx.model_name,
-                                    "choices": [choice]}
-            if include_usage:
-                body["usage"] = None
-            return f"data: {_dumps(body)}\n\n"
+            return _chunk(rid, obj, created, chat, include_usage, k, d, role)
 
         tasks = [asyncio.ensure_future(pump(k, f, g)) for k, (f, g) in enumerate(zip(firsts, gens))]
         completion = 0
@@ -361,16 +347,18 @@ def create_app(ctx: ApiContext) -> FastAPI:
     async def _first(request: Request, deltas: AsyncIterator[Delta], rid: str) -> Delta:
         return await _watch_disconnect(request, deltas.__anext__(), rid)
 
-    async def _watch_disconnect(request: Request, awaitable: Any, rid: str) -> Any:
-        """Await `awaitable`; abort the request if the client disconnects first."""
+    async def _watch_disconnect(request: Request, awaitable: Any, *rids: str) -> Any:
+        """Await `awaitable`; abort the requests `rids` (a request's choices) if the client
+        disconnects first."""
         task = asyncio.ensure_future(awaitable)
         watcher = asyncio.ensure_future(_disconnected(request))
         try:
             done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
             if task in done:
                 return task.result()
-            log.info("request.client_disconnected", request_id=rid)
-            ctx.router.abort(rid, "client disconnected")
+            log.info("request.client_disconnected", request_id=rids[0], choices=len(rids))
+            for r in rids:
+                ctx.router.abort(r, "client disconnected")
             task.cancel()
             with contextlib.suppress(BaseException):
                 await task
@@ -381,30 +369,16 @@ def create_app(ctx: ApiContext) -> FastAPI:
                 task.cancel()
 
     async def _whole(request: Request, first: Delta, deltas: AsyncIterator[Delta], rid: str, chat: bool) -> Response:
-        async def rest() -> Delta:
-            text, ids, last = [first.text], list(first.token_ids), first
-            async for d in deltas:
-                text.append(d.text)
-                ids.extend(d.token_ids)
-                last = d
-            return Delta("".join(text), ids, 0, last.finish_reason, last.usage)
-
         try:
-            out = first if first.finish_reason else await _watch_disconnect(request, rest(), rid)
+            out = first if first.finish_reason else await _watch_disconnect(request, _rest(first, deltas), rid)
         except GenerationError as exc:
             raise ApiError(exc.status, exc.message, code=exc.code) from None
         finally:
             await deltas.aclose()
         usage = out.usage.to_dict() if out.usage else None
-        if chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": out.text}, "logprobs": None,
-                      "finish_reason": out.finish_reason}
-            obj = "chat.completion"
-        else:
-            choice = {"index": 0, "text": out.text, "logprobs": None, "finish_reason": out.finish_reason}
-            obj = "text_completion"
-        return JSONResponse({"id": rid, "object": obj, "created": int(time.time()), "model": ctx.model_name,
-                             "choices": [choice], "usage": usage})
+        return JSONResponse({"id": rid, "object": "chat.completion" if chat else "text_completion",
+                             "created": int(time.time()), "model": ctx.model_name,
+                             "choices": [_choice(0, out.text, out.finish_reason, chat)], "usage": usage})
 
     async def _sse(first: Delta, deltas: AsyncIterator[Delta], rid: str, chat: bool,
                    include_usage: bool) -> AsyncIterator[str]:
@@ -412,18 +386,7 @@ def create_app(ctx: ApiContext) -> FastAPI:
         obj = "chat.completion.chunk" if chat else "text_completion"
 
         def chunk(d: Delta | None, role: bool = False) -> str:
-            if chat:
-                delta: dict[str, Any] = {"role": "assistant", "content": ""} if role else {"content": d.text if d else ""}
-                choice: dict[str, Any] = {"index": 0, "delta": delta, "logprobs": None,
-                                          "finish_reason": d.finish_reason if d else None}
-            else:
-                choice = {"index": 0, "text": d.text if d else "", "logprobs": None,
-                          "finish_reason": d.finish_reason if d else None}
-            body: dict[str, Any] = {"id": rid, "object": obj, "created": created, "model": ctx.model_name,
-                                    "choices": [choice]}
-            if include_usage:
-                body["usage"] = None
-            return f"data: {_dumps(body)}\n\n"
+            return _chunk(rid, obj, created, chat, include_usage, 0, d, role)
 
         last: Delta | None = None
         try:

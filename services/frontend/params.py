@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import hmac
 import math
+
+import msgspec
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -124,8 +126,6 @@ class ParsedRequest:
     def choices(self) -> list[tuple[list[int], SamplingParams]]:
         """(prompt, sampling) per choice, in index order. With a seed, sample j of a prompt uses
         seed + j: the n samples differ, and a request with the same seed repeats them all."""
-        import msgspec
-
         out = []
         for ids in self.prompts or [self.prompt_ids]:
             for j in range(self.n):
