@@ -109,8 +109,8 @@ class LLMEngine:
         max_len = min(config.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
         per_block = KVCache.bytes_per_block(cfg, config.block_size, dtype)
         num_blocks = config.num_blocks or max(1, config.kv_cache_bytes // per_block)
-        runner = ModelRunner(net, cfg, num_blocks, config.block_size, dtype, device)
         eos = cfg.eos_token_ids or (source.tokenizer.eos_token_ids if source.tokenizer else ())
+        runner = ModelRunner(net, cfg, num_blocks, config.block_size, dtype, device, tuple(eos))
         return cls(runner, num_blocks, config, max_len, cfg.vocab_size, eos, cfg, source.tokenizer, source.name)
 
     @classmethod
@@ -130,6 +130,8 @@ class LLMEngine:
         sampling = sampling or SamplingParams()
         check_new_request(request_id, prompt_token_ids, sampling, priority, self.requests, self.max_model_len,
                           self.vocab_size)
+        if self.executor.kind == "sim" and (sampling.logprobs is not None or sampling.prompt_logprobs is not None):
+            raise InvalidRequestError("logprobs need a model; the sim engine draws made-up tokens")
         if not self.scheduler.fits_pool(len(prompt_token_ids) + 1):
             raise InvalidRequestError(f"the prompt has {len(prompt_token_ids)} tokens, more than this instance's "
                                       "KV cache holds")
@@ -385,6 +387,9 @@ class LLMEngine:
     def detach_request(self, request_id: str) -> MigratableState:
         """Take a request out of the batch, keeping its blocks; returns its state."""
         req = self._get(request_id)
+        if req.needs_prompt_logprobs and req.num_computed_tokens:
+            # The prompt logprobs so far live only here; it can move once its prefill is done.
+            raise MigrationError(f"{request_id!r} is computing its prompt logprobs")
         self.scheduler.detach(req)
         req.status = RequestStatus.WAITING
         self.detached.add(request_id)

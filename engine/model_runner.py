@@ -12,8 +12,8 @@ from engine.kv_cache import KVCache
 from engine.model import paged_decode_cpu
 from engine.model.attention import AttentionMetadata, PrefillChunk
 from engine.model.llama import LlamaForCausalLM
-from engine.sampler import sample
-from engine.scheduler import SchedulerOutput
+from engine.sampler import prompt_logprobs, sample, token_logprobs
+from engine.scheduler import ModelOutput, ScheduledRequest, SchedulerOutput
 
 
 class ModelRunner:
@@ -22,8 +22,9 @@ class ModelRunner:
     kind = "torch"
 
     def __init__(self, model: LlamaForCausalLM, cfg: ModelConfig, num_blocks: int, block_size: int,
-                 dtype: torch.dtype, device: torch.device) -> None:
+                 dtype: torch.dtype, device: torch.device, eos_token_ids: tuple[int, ...] = ()) -> None:
         self.model = model
+        self.eos_token_ids = eos_token_ids  # masked until a request's min_tokens
         self.cfg = cfg
         self.block_size = block_size
         self.device = device
@@ -33,7 +34,7 @@ class ModelRunner:
         if self.device.type == "cpu":
             paged_decode_cpu.available()  # build / load the fused decode kernel now, not in the first step
 
-    def execute(self, sched: SchedulerOutput, table: Callable[[str], list[int]]) -> dict[str, int]:
+    def execute(self, sched: SchedulerOutput, table: Callable[[str], list[int]]) -> ModelOutput:
         bs = self.block_size
         decodes = [s for s in sched.scheduled if s.num_new_tokens == 1]
         prefills = [s for s in sched.scheduled if s.num_new_tokens > 1]
@@ -81,17 +82,39 @@ class ModelRunner:
         meta.slot_mapping = torch.cat(flat_slots).to(self.device)
 
         hidden = self.model(input_ids, pos_t, meta, self.kv.layers)
+        out = ModelOutput()
         rows, reqs = [], []
         offset = 0
         for s in decodes + prefills:
+            if s.num_new_tokens > 1 and s.request.needs_prompt_logprobs:
+                self._prompt_logprobs(s, hidden[offset : offset + s.num_new_tokens], out)
             offset += s.num_new_tokens
             if s.samples:
                 rows.append(offset - 1)
                 reqs.append(s.request)
         if not rows:
-            return {}
+            return out
         logits = self.model.compute_logits(hidden[torch.tensor(rows, device=self.device)])
-        return {r.request_id: tok for r, tok in zip(reqs, sample(logits, reqs))}
+        tokens = sample(logits, reqs, self.eos_token_ids)
+        for r, tok, lp in zip(reqs, tokens, token_logprobs(logits, reqs, tokens)):
+            out.tokens[r.request_id] = tok
+            if lp is not None:
+                out.logprobs[r.request_id] = lp
+        return out
+
+    def _prompt_logprobs(self, s: ScheduledRequest, hidden: torch.Tensor, out: ModelOutput) -> None:
+        """The logprobs of the prompt tokens this chunk predicts and the request does not have yet
+        (a prefill recomputed after preemption repeats none)."""
+        req = s.request
+        have = max(1, len(req.prompt_logprobs))  # entries so far (the first prompt token's is None)
+        first = max(s.start, have - 1)  # the first position whose prediction is new
+        last = min(s.start + s.num_new_tokens, req.num_prompt_tokens - 1)  # exclusive
+        if first >= last:
+            return
+        targets = req.token_ids[first + 1 : last + 1]
+        rows = hidden[first - s.start : last - s.start]
+        out.prompt_logprobs[req.request_id] = prompt_logprobs(
+            self.model.compute_logits, rows, targets, req.sampling.prompt_logprobs or 0)
 
     def read_blocks(self, block_ids: list[int]) -> torch.Tensor:
         return self.kv.read_blocks(block_ids)

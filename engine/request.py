@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from engine.errors import InvalidRequestError, MigrationError
-from protocol.payloads import MigratableState
+from protocol.payloads import MigratableState, TokenLogprobs
 from protocol.payloads import SamplingParams as WireSamplingParams
 
 STATE_VERSION = 1
@@ -30,9 +30,16 @@ class FinishReason(str, enum.Enum):
     ERROR = "error"  # failed inside the engine
 
 
+MAX_LOGPROBS = 20
+
+
 @dataclass(frozen=True)
 class SamplingParams:
-    """How tokens are chosen and when generation stops. temperature 0 means greedy."""
+    """How tokens are chosen and when generation stops. temperature 0 means greedy (the argmax
+    after penalties, bias and min_tokens). `logprobs` / `prompt_logprobs`: how many top
+    alternatives to report per generated / prompt token (None: none). `prior_output_tokens`:
+    trailing prompt tokens generated earlier (a resumed request): the penalties and min_tokens
+    count them as output."""
 
     max_tokens: int = 16
     temperature: float = 0.0
@@ -41,6 +48,15 @@ class SamplingParams:
     seed: int | None = None
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+    presence_penalty: float = 0.0  # OpenAI's: subtracted once from every token already in the output
+    frequency_penalty: float = 0.0  # OpenAI's: subtracted per occurrence in the output
+    repetition_penalty: float = 1.0  # vLLM's (CTRL's): divides positive logits of prompt and output tokens
+    min_p: float = 0.0  # drop tokens below min_p x the most likely token's probability
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    min_tokens: int = 0  # EOS and stop tokens are masked until this many were generated
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
+    prior_output_tokens: int = 0
 
     def validate(self) -> None:
         if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
@@ -53,10 +69,31 @@ class SamplingParams:
             raise InvalidRequestError(f"top_k must be >= 0, got {self.top_k!r}")
         if self.seed is not None and not 0 <= self.seed < 2**63:
             raise InvalidRequestError(f"seed must be in [0, 2**63), got {self.seed!r}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2.0 <= getattr(self, name) <= 2.0:
+                raise InvalidRequestError(f"{name} must be in [-2, 2], got {getattr(self, name)!r}")
+        if not 0.0 < self.repetition_penalty <= 100.0:
+            raise InvalidRequestError(f"repetition_penalty must be in (0, 100], got {self.repetition_penalty!r}")
+        if not 0.0 <= self.min_p <= 1.0:
+            raise InvalidRequestError(f"min_p must be in [0, 1], got {self.min_p!r}")
+        if not 0 <= self.min_tokens <= self.max_tokens + self.prior_output_tokens:
+            raise InvalidRequestError(f"min_tokens must be in [0, max_tokens], got {self.min_tokens!r}")
+        for name in ("logprobs", "prompt_logprobs"):
+            v = getattr(self, name)
+            if v is not None and not 0 <= v <= MAX_LOGPROBS:
+                raise InvalidRequestError(f"{name} must be in [0, {MAX_LOGPROBS}], got {v!r}")
+        if any(not -100.0 <= b <= 100.0 for b in self.logit_bias.values()):
+            raise InvalidRequestError("logit_bias values must be in [-100, 100]")
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0 or self.top_k == 1
+
+    @property
+    def shapes_logits(self) -> bool:
+        """Whether the logits change before sampling (penalties, bias; min_tokens is per step)."""
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0
+                    or self.logit_bias or self.min_tokens)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -67,6 +104,7 @@ class SamplingParams:
     def from_dict(cls, d: dict[str, Any]) -> "SamplingParams":
         d = dict(d)
         d["stop_token_ids"] = tuple(d.get("stop_token_ids", ()))
+        d["logit_bias"] = {int(k): float(v) for k, v in (d.get("logit_bias") or {}).items()}
         return cls(**d)
 
 
@@ -94,6 +132,14 @@ class Request:
     hash_root: int | None = None
     block_hashes: list[int] = field(default_factory=list)
     num_registered_blocks: int = 0
+    # sampling.prompt_logprobs: one entry per prompt token computed so far (the first None),
+    # handed out with the first output token.
+    prompt_logprobs: list[TokenLogprobs | None] = field(default_factory=list)
+
+    @property
+    def needs_prompt_logprobs(self) -> bool:
+        """Prompt logprobs asked for and not handed out yet (its prefill must compute every token)."""
+        return self.sampling.prompt_logprobs is not None and self.num_output_tokens == 0
 
     @property
     def num_tokens(self) -> int:
@@ -205,3 +251,5 @@ class RequestOutput:
     finished: bool = False
     finish_reason: FinishReason | None = None
     error: str | None = None
+    logprobs: list[TokenLogprobs] | None = None  # one per new token, when the request asked
+    prompt_logprobs: list[TokenLogprobs | None] | None = None  # with the first token, when asked

@@ -15,6 +15,7 @@ from protocol.kv_hash import extend_hashes
 from engine.block_manager import BlockManager, blocks_for
 from engine.config import EngineConfig
 from engine.request import FinishReason, Request, RequestOutput, RequestStatus
+from protocol.payloads import TokenLogprobs
 
 
 @dataclass
@@ -43,6 +44,17 @@ class SchedulerOutput:
     @property
     def empty(self) -> bool:
         return not self.scheduled
+
+
+@dataclass
+class ModelOutput:
+    """What an executor returns for one step: the token each sampling request drew, its logprobs
+    (requests that asked), and the prompt logprobs the step's prefill chunks computed (requests
+    that asked: entries for the next prompt tokens, in order)."""
+
+    tokens: dict[str, int] = field(default_factory=dict)
+    logprobs: dict[str, TokenLogprobs] = field(default_factory=dict)
+    prompt_logprobs: dict[str, list[TokenLogprobs]] = field(default_factory=dict)
 
 
 class Scheduler:
@@ -179,8 +191,8 @@ class Scheduler:
     def _cached_prefix(self, req: Request) -> list[int]:
         """The cached blocks a waiting request can start from: the longest run of its full blocks
         in the cache, short of its last token (a prefill must compute at least one to sample)."""
-        if req.hash_root is None or req.num_computed_tokens:
-            return []
+        if req.hash_root is None or req.num_computed_tokens or req.needs_prompt_logprobs:
+            return []  # (prompt logprobs need every prompt token's logits: nothing may be skipped)
         full = (req.num_tokens - 1) // self.blocks.block_size
         extend_hashes(req.block_hashes, req.token_ids, self.blocks.block_size, full, req.hash_root)
         return self.blocks.cached_prefix(req.block_hashes[:full])
@@ -214,7 +226,7 @@ class Scheduler:
 
     # ---- after the model ran ----------------------------------------------------------
 
-    def update(self, sched: SchedulerOutput, sampled: dict[str, int]) -> list[RequestOutput]:
+    def update(self, sched: SchedulerOutput, result: ModelOutput) -> list[RequestOutput]:
         outputs: list[RequestOutput] = []
         for s in sched.scheduled:
             req = s.request
@@ -223,15 +235,25 @@ class Scheduler:
             samples = s.samples
             req.num_computed_tokens += s.num_new_tokens
             self.register_computed(req)
+            new_prompt_lps = result.prompt_logprobs.get(req.request_id)
+            if new_prompt_lps:
+                if not req.prompt_logprobs:
+                    req.prompt_logprobs.append(None)  # the first prompt token has no context
+                req.prompt_logprobs.extend(new_prompt_lps)
             if not samples:
                 continue
-            tok = sampled[req.request_id]
+            tok = result.tokens[req.request_id]
+            first = req.num_output_tokens == 0
             req.token_ids.append(tok)
             reason = self._stop_reason(req, tok)
             if reason is not None:
                 self.finish(req, reason)
-            outputs.append(RequestOutput(req.request_id, [tok], req.num_output_tokens - 1,
-                                         finished=reason is not None, finish_reason=reason))
+            lp = result.logprobs.get(req.request_id)
+            out = RequestOutput(req.request_id, [tok], req.num_output_tokens - 1, finished=reason is not None,
+                                finish_reason=reason, logprobs=[lp] if lp is not None else None)
+            if first and req.sampling.prompt_logprobs is not None:
+                out.prompt_logprobs = req.prompt_logprobs or [None]
+            outputs.append(out)
         return outputs
 
     def _stop_reason(self, req: Request, tok: int) -> FinishReason | None:

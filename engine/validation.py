@@ -28,3 +28,7 @@ def check_new_request(request_id: object, prompt_token_ids: list[int], sampling:
             f"(at most {max_model_len - 1} prompt tokens)")
     if any(type(t) is not int or not 0 <= t < vocab_size for t in ids):
         raise InvalidRequestError(f"prompt token ids must be integers in [0, {vocab_size})")
+    if any(not 0 <= t < vocab_size for t in sampling.logit_bias):
+        raise InvalidRequestError(f"logit_bias token ids must be in [0, {vocab_size})")
+    if any(not 0 <= t < vocab_size for t in sampling.stop_token_ids):
+        raise InvalidRequestError(f"stop_token_ids must be in [0, {vocab_size})")

@@ -26,11 +26,21 @@ from protocol.fields import (
 )
 
 
+MAX_LOGPROBS = 20  # top logprobs per token (OpenAI's limit)
+MAX_LOGIT_BIAS = 1024  # entries of one request's logit_bias
+Penalty = Annotated[float, Meta(ge=-2.0, le=2.0)]
+TopLogprobs = Annotated[int, Meta(ge=0, le=MAX_LOGPROBS)]
+
+
 class SamplingParams(msgspec.Struct, kw_only=True, frozen=True, omit_defaults=True):
     """Mirror of engine.request.SamplingParams with its value ranges enforced on decode.
 
     temperature 0 means greedy; top_k 0 disables top-k. Convert with `to_dict()` /
     `engine.request.SamplingParams.from_dict(...)` (the protocol does not import the engine).
+    `logit_bias` maps token ids to additive biases; `logprobs` / `prompt_logprobs` ask for that
+    many top alternatives per generated / prompt token (None: no logprobs). `prior_output_tokens`:
+    how many trailing prompt tokens were generated earlier (a request resumed by recompute), which
+    the penalties and min_tokens count as output.
     """
 
     max_tokens: Annotated[int, Meta(ge=1, le=MAX_PROMPT_TOKENS)] = 16
@@ -40,6 +50,16 @@ class SamplingParams(msgspec.Struct, kw_only=True, frozen=True, omit_defaults=Tr
     seed: Annotated[int, Meta(ge=0, le=INT64_MAX)] | None = None
     stop_token_ids: Annotated[list[TokenId], Meta(max_length=MAX_STOP_TOKENS)] = []
     ignore_eos: bool = False
+    presence_penalty: Penalty = 0.0
+    frequency_penalty: Penalty = 0.0
+    repetition_penalty: Annotated[float, Meta(gt=0.0, le=100.0)] = 1.0
+    min_p: Annotated[float, Meta(ge=0.0, le=1.0)] = 0.0
+    logit_bias: Annotated[dict[TokenId, Annotated[float, Meta(ge=-100.0, le=100.0)]],
+                          Meta(max_length=MAX_LOGIT_BIAS)] = {}
+    min_tokens: Annotated[int, Meta(ge=0, le=MAX_PROMPT_TOKENS)] = 0
+    logprobs: TopLogprobs | None = None
+    prompt_logprobs: TopLogprobs | None = None
+    prior_output_tokens: Annotated[int, Meta(ge=0, le=MAX_PROMPT_TOKENS)] = 0
 
     def to_dict(self) -> dict[str, Any]:
         """The keyword arguments of engine.request.SamplingParams (stop_token_ids as a list)."""
@@ -50,7 +70,26 @@ class SamplingParams(msgspec.Struct, kw_only=True, frozen=True, omit_defaults=Tr
         """From an engine.request.SamplingParams (or anything with the same attributes)."""
         return cls(max_tokens=params.max_tokens, temperature=params.temperature, top_p=params.top_p,
                    top_k=params.top_k, seed=params.seed, stop_token_ids=list(params.stop_token_ids),
-                   ignore_eos=params.ignore_eos)
+                   ignore_eos=params.ignore_eos, presence_penalty=params.presence_penalty,
+                   frequency_penalty=params.frequency_penalty, repetition_penalty=params.repetition_penalty,
+                   min_p=params.min_p, logit_bias=dict(params.logit_bias), min_tokens=params.min_tokens,
+                   logprobs=params.logprobs, prompt_logprobs=params.prompt_logprobs,
+                   prior_output_tokens=params.prior_output_tokens)
+
+
+class TokenLogprobs(msgspec.Struct, frozen=True, array_like=True):
+    """One token's log-probability (of the model's raw distribution: log_softmax of the logits,
+    before temperature, penalties and masks, vLLM's `raw_logprobs`), its rank in that
+    distribution (1: the most likely), and the top alternatives, most likely first."""
+
+    logprob: float
+    rank: Annotated[int, Meta(ge=1, le=MAX_TOKEN_ID + 1)]
+    top_ids: Annotated[list[TokenId], Meta(max_length=MAX_LOGPROBS)] = []
+    top_logprobs: Annotated[list[float], Meta(max_length=MAX_LOGPROBS)] = []
+
+    def __post_init__(self) -> None:
+        if len(self.top_ids) != len(self.top_logprobs):
+            raise ValueError("top_ids and top_logprobs differ in length")
 
 
 class MigratableState(msgspec.Struct, kw_only=True, frozen=True, omit_defaults=True):

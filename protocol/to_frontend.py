@@ -18,6 +18,7 @@ from protocol.common import Ack, ErrorReply, Pong
 from protocol.fields import (
     MAX_BATCHES_PER_MESSAGE,
     MAX_INSTANCES,
+    MAX_PROMPT_TOKENS,
     MAX_REQUESTS_PER_INSTANCE,
     BlockHash,
     Count,
@@ -30,7 +31,7 @@ from protocol.fields import (
     Text,
     TokenIds,
 )
-from protocol.payloads import WorkerEndpoints
+from protocol.payloads import TokenLogprobs, WorkerEndpoints
 
 FinishReason = Literal["stop", "length", "abort", "error"]  # engine.request.FinishReason values
 
@@ -39,7 +40,9 @@ class TokenBatch(Message, kw_only=True, frozen=True):
     """New tokens of one request. `first_index` is the output index of token_ids[0]: the frontend
     appends only when first_index == tokens received so far, so streams stay gapless and
     duplicate-free across migrations and resumptions. A final batch has `finish_reason` set
-    (and `error` when it is "error"); it may carry no tokens."""
+    (and `error` when it is "error"); it may carry no tokens. `logprobs`, when the request asked
+    for them, has one entry per token of `token_ids`; `prompt_logprobs` (with the request's first
+    token) one per prompt token, the first None."""
 
     request_id: Id
     first_index: Count
@@ -47,6 +50,12 @@ class TokenBatch(Message, kw_only=True, frozen=True):
     finish_reason: FinishReason | None = None
     error: Text | None = None
     worker_id: Id
+    logprobs: Annotated[list[TokenLogprobs], Meta(max_length=MAX_PROMPT_TOKENS)] | None = None
+    prompt_logprobs: Annotated[list[TokenLogprobs | None], Meta(max_length=MAX_PROMPT_TOKENS)] | None = None
+
+    def __post_init__(self) -> None:
+        if self.logprobs is not None and len(self.logprobs) != len(self.token_ids):
+            raise ValueError("logprobs and token_ids differ in length")
 
     @property
     def finished(self) -> bool:

@@ -120,6 +120,57 @@ async def test_ctl_migrate_moves_openai_streams_without_a_seam(cluster):
     wait_idle(cluster)
 
 
+SHAPED = {"temperature": 0.9, "seed": 21, "presence_penalty": 0.4, "frequency_penalty": 0.3, "logprobs": 3,
+          "extra_body": {"ignore_eos": True, "repetition_penalty": 1.1, "min_p": 0.02, "logit_bias": {"65": 1.5},
+                         "min_tokens": 10}}
+SHAPED_LONG = 1500
+
+
+async def shaped_stream(client: openai.AsyncOpenAI, prompt: str, ids: asyncio.Queue) -> tuple[str, list, list]:
+    """A streamed completion with penalties, bias, min-p and logprobs: (text, token logprobs, top logprobs)."""
+    s = await client.completions.create(model=MODEL, prompt=prompt, max_tokens=SHAPED_LONG, stream=True, **SHAPED)
+    text, lps, tops, sent = [], [], [], False
+    async for chunk in s:
+        if not sent:
+            await ids.put(chunk.id)
+            sent = True
+        if chunk.choices:
+            text.append(chunk.choices[0].text)
+            if chunk.choices[0].logprobs:
+                lps += chunk.choices[0].logprobs.token_logprobs
+                tops += chunk.choices[0].logprobs.top_logprobs
+    return "".join(text), lps, tops
+
+
+async def test_sampling_controls_and_logprobs_survive_ctl_migrate(cluster):
+    """Penalties count the request's own tokens, which move with it; the destination computes the
+    logprobs of what it samples: a stream migrated twice equals an unmigrated one, logprobs too."""
+    client = openai.AsyncOpenAI(base_url=f"{cluster.http_url}/v1", api_key="x", timeout=300)
+    ids: asyncio.Queue = asyncio.Queue()
+    task = asyncio.ensure_future(shaped_stream(client, "The harbour", ids))
+    rid = await asyncio.wait_for(ids.get(), 60)
+    twin = asyncio.ensure_future(shaped_stream(client, "The harbour", asyncio.Queue()))
+    try:
+        found = await locate(cluster, rid)
+        assert found is not None, f"{rid} is on no worker"
+        worker_rid, src = found
+        for _ in range(2):
+            dst = next(w for w in ("worker-0", "worker-1", "worker-2") if w != src)
+            await ctl_migrate(cluster, worker_rid, dst)
+            src = dst
+        text, lps, tops = await asyncio.wait_for(task, 300)
+        ref_text, ref_lps, ref_tops = await asyncio.wait_for(twin, 300)
+    finally:
+        for t in (task, twin):
+            t.cancel()
+        await asyncio.gather(task, twin, return_exceptions=True)
+        await client.close()
+    assert text == ref_text and len(lps) == SHAPED_LONG
+    assert lps == pytest.approx(ref_lps, abs=1e-4)
+    assert [list(t) for t in tops] == [list(t) for t in ref_tops]
+    wait_idle(cluster)
+
+
 async def drain_busiest_worker(cluster: LocalCluster, prompts: list[tuple[str, float, int | None]],
                                max_tokens: int) -> tuple[str, dict, list[list[int]]]:
     """Stream `prompts` through the SDK, `ctl drain --wait` the worker holding most of them (it

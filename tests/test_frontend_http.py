@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import json
 import socket
 
 import httpx
@@ -37,6 +38,7 @@ from protocol import (
     WorkerControlInbound,
     WorkerEndpoints,
 )
+from protocol.payloads import TokenLogprobs
 from protocol.sockets import MessageSocket, serve
 from sdk import AsyncClient, Client, InvalidRequest, Overloaded
 from services.config import KvferryConfig
@@ -139,9 +141,16 @@ class FakeCluster:
         reason = "length" if len(ids) < len(ANSWER_IDS) else "stop"
 
         def b(i, j, fin=None):
+            lps = plps = None
+            if m.sampling.logprobs is not None:  # made-up but checkable: token k has logprob -(k + 1) / 10
+                lps = [fake_logprobs(k, ids[k], m.sampling.logprobs) for k in range(i, min(j, n))]
+            if m.sampling.prompt_logprobs is not None and i == 0:
+                p = m.prompt_token_ids
+                plps = [None] + [fake_logprobs(100 + k, p[k], m.sampling.prompt_logprobs) for k in range(1, len(p))]
             return TokenBatch(request_id=rid, first_index=i, token_ids=ids[i:j], worker_id="worker-0",
-                              finish_reason=fin)
+                              finish_reason=fin, logprobs=lps, prompt_logprobs=plps)
 
+        n = len(ids)
         if slow:
             await push.send(b(0, 3))
             while rid not in self.aborted:
@@ -158,6 +167,13 @@ class FakeCluster:
                     b(n - 1, n, reason)):
             await push.send(msg)
             await asyncio.sleep(0.01)
+
+
+def fake_logprobs(k: int, token: int, top: int) -> TokenLogprobs:
+    """The fake worker's logprobs of its k-th token: -(k + 1) / 10, ranked first, alternatives below it."""
+    lp = -(k + 1) / 10
+    return TokenLogprobs(lp, 1, ([token] + [(token + d) % 256 for d in range(1, top)])[:top],
+                         [lp - d for d in range(top)])
 
 
 @pytest.fixture
@@ -205,7 +221,7 @@ async def test_bad_requests_get_openai_errors(frontend):
             ({"model": "tiny", "prompt": "x", "n": 0}, 400, "invalid_value", "n"),
             ({"model": "tiny", "prompt": "x", "n": 65}, 400, "invalid_value", "n"),
             ({"model": "tiny", "prompt": ["a", "b"], "n": 40}, 400, "invalid_value", "n"),
-            ({"model": "tiny", "prompt": "x", "logit_bias": {"5": 100}}, 400, "unsupported_parameter", "logit_bias"),
+            ({"model": "tiny", "prompt": "x", "logit_bias": {"5": 1000}}, 400, "invalid_value", "logit_bias"),
             ({"model": "tiny", "prompt": "x", "response_format": {"type": "json_object"}}, 400,
              "unsupported_parameter", "response_format"),
             ({"model": "tiny", "prompt": "x", "stop_token_ids": [-3]}, 400, "invalid_value", "stop_token_ids"),
@@ -338,6 +354,120 @@ async def test_openai_client_streams_and_non_streams(frontend, cluster):
     assert add.priority == -2 and add.sampling.seed == 3 and add.sampling.temperature == 0.5
     assert add.first_index == 0 and add.reply_address == frontend.router.reply_address
     await client.close()
+
+
+def tok_text(t: int) -> str:
+    return TOK.decode([t], skip_special_tokens=False)
+
+
+async def test_logprobs_in_openai_shapes_whole_and_streamed(frontend, cluster):
+    """Completions' {tokens, token_logprobs, top_logprobs, text_offset} and chat's content entries
+    carry the worker's logprobs, in order through the fake worker's gap, duplicate and overlap, the
+    same whole and streamed; the official client parses both."""
+    client = openai.AsyncOpenAI(base_url=frontend.http_url + "/v1", api_key="none", max_retries=0)
+    n = len(ANSWER_IDS)
+    want = [-(k + 1) / 10 for k in range(n)]
+    out = await client.completions.create(model="tiny", prompt="Say hi", max_tokens=64, logprobs=2)
+    lp = out.choices[0].logprobs
+    assert lp.token_logprobs == pytest.approx(want) and lp.tokens == [tok_text(t) for t in ANSWER_IDS]
+    assert lp.text_offset == [sum(len(tok_text(t)) for t in ANSWER_IDS[:k]) for k in range(n)]
+    assert all(len(top) >= 1 and top[tok_text(t)] == pytest.approx(v)
+               for top, t, v in zip(lp.top_logprobs, ANSWER_IDS, want))
+    assert cluster.added[-1].sampling.logprobs == 2 and cluster.added[-1].sampling.prompt_logprobs is None
+
+    streamed: list[float] = []
+    stream = await client.completions.create(model="tiny", prompt="Say hi", max_tokens=64, logprobs=1, stream=True)
+    async for ch in stream:
+        if ch.choices and ch.choices[0].logprobs:
+            streamed += ch.choices[0].logprobs.token_logprobs
+    assert streamed == pytest.approx(want)
+
+    msgs = [{"role": "user", "content": "hello"}]
+    chat = await client.chat.completions.create(model="tiny", messages=msgs, logprobs=True, top_logprobs=3)
+    content = chat.choices[0].logprobs.content
+    assert [c.logprob for c in content] == pytest.approx(want) and [c.token for c in content] == \
+        [tok_text(t) for t in ANSWER_IDS]
+    assert all(len(c.top_logprobs) == 3 and c.top_logprobs[0].token == c.token for c in content)
+    assert content[0].bytes == list(content[0].token.encode())
+    streamed = []
+    stream = await client.chat.completions.create(model="tiny", messages=msgs, logprobs=True, stream=True)
+    async for ch in stream:
+        if ch.choices and ch.choices[0].logprobs:
+            streamed += [c.logprob for c in ch.choices[0].logprobs.content]
+    assert streamed == pytest.approx(want)
+    plain = await client.chat.completions.create(model="tiny", messages=msgs)
+    assert plain.choices[0].logprobs is None and cluster.added[-1].sampling.logprobs is None
+    await client.close()
+
+
+async def test_echo_with_logprobs_gives_the_prompt_first_as_lm_eval_reads_it(frontend, cluster):
+    """echo + logprobs (+ max_tokens 0): the prompt's text and tokens first, its first token's
+    logprob null; lm-evaluation-harness sums token_logprobs[ctxlen:-1] of exactly this answer."""
+    async with httpx.AsyncClient(base_url=frontend.http_url) as h:
+        prompt = [5, 6, 7, 8]
+        r = await h.post("/v1/completions", json={"model": "tiny", "prompt": prompt, "max_tokens": 1, "echo": True,
+                                                  "logprobs": 1, "temperature": 0})
+        assert r.status_code == 200, r.text
+        c = r.json()["choices"][0]
+        assert c["text"] == TOK.decode(prompt) + TOK.decode(ANSWER_IDS[:1])
+        lp = c["logprobs"]
+        assert lp["tokens"] == [tok_text(t) for t in prompt + ANSWER_IDS[:1]]
+        assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+        assert lp["token_logprobs"][1:] == pytest.approx([-(100 + k + 1) / 10 for k in range(1, 4)] + [-0.1])
+        assert cluster.added[-1].sampling.prompt_logprobs == 1
+
+        r = await h.post("/v1/completions", json={"model": "tiny", "prompt": "abc", "max_tokens": 0, "echo": True,
+                                                  "logprobs": 0})
+        body = r.json()
+        c = body["choices"][0]
+        assert c["text"] == "abc" and len(c["logprobs"]["tokens"]) == 3 and c["finish_reason"] == "length"
+        assert body["usage"]["completion_tokens"] == 0 and cluster.added[-1].sampling.max_tokens == 1
+
+        r = await h.post("/v1/completions", json={"model": "tiny", "prompt": "abc", "max_tokens": 3, "echo": True})
+        assert r.json()["choices"][0]["text"] == "abc" + TOK.decode(ANSWER_IDS[:3])
+        assert r.json()["choices"][0]["logprobs"] is None
+
+        events = []
+        async with h.stream("POST", "/v1/completions", json={"model": "tiny", "prompt": "abc", "max_tokens": 2,
+                                                             "echo": True, "logprobs": 0, "stream": True}) as s:
+            async for line in s.aiter_lines():
+                if line.startswith("data: {"):
+                    events.append(json.loads(line[6:])["choices"][0])
+        assert "".join(e["text"] for e in events) == "abc" + TOK.decode(ANSWER_IDS[:2])
+        assert [v for e in events if e["logprobs"] for v in e["logprobs"]["token_logprobs"]][0] is None
+
+        r = await h.post("/v1/completions", json={"model": "tiny", "prompt": [9, 10, 11], "max_tokens": 2,
+                                                  "prompt_logprobs": 0})
+        plp = r.json()["choices"][0]["prompt_logprobs"]
+        assert plp[0] is None and list(plp[1]) == ["10"] and plp[1]["10"]["logprob"] == pytest.approx(-10.2)
+        r = await h.post("/v1/chat/completions", json={"model": "tiny", "messages": [{"role": "user", "content": "x"}],
+                                                       "prompt_logprobs": 1, "max_tokens": 2})
+        assert r.json()["prompt_logprobs"][0] is None and "prompt_logprobs" not in r.json()["choices"][0]
+
+
+async def test_best_of_answers_the_most_likely_samples(frontend, cluster):
+    """best_of 3, n 1: three engine requests whose logprobs rank them; the answer is one choice."""
+    async with httpx.AsyncClient(base_url=frontend.http_url) as h:
+        r = await h.post("/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 4, "best_of": 3,
+                                                  "temperature": 1.0})
+        body = r.json()
+        assert r.status_code == 200 and len(body["choices"]) == 1 and body["choices"][0]["index"] == 0
+        assert body["choices"][0]["logprobs"] is None and body["usage"]["completion_tokens"] == 12
+        assert [a.sampling.logprobs for a in cluster.added[-3:]] == [0, 0, 0]
+
+
+async def test_include_stop_str_in_output_keeps_the_stop_string(frontend, cluster):
+    async with httpx.AsyncClient(base_url=frontend.http_url) as h:
+        for include, want in ((False, "Hi é日本😀 "), (True, "Hi é日本😀 there")):
+            r = await h.post("/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 64,
+                                                      "stop": ["there"], "include_stop_str_in_output": include})
+            assert r.json()["choices"][0]["text"] == want and r.json()["choices"][0]["finish_reason"] == "stop"
+        # min_tokens: a stop string completed within the first min_tokens tokens does not count ("é"
+        # is the 4th and 5th byte token)
+        for min_tokens, want in ((5, "Hi "), (6, ANSWER)):
+            r = await h.post("/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 64, "stop": ["é"],
+                                                      "min_tokens": min_tokens})
+            assert r.json()["choices"][0]["text"] == want
 
 
 async def test_n_choices_and_batched_prompts_are_engine_requests_of_their_own(frontend, cluster):

@@ -21,7 +21,11 @@ BLOCK = 4
 NEW = 24
 GREEDY = SamplingParams(max_tokens=NEW, ignore_eos=True)
 SEEDED = SamplingParams(max_tokens=NEW, temperature=0.8, top_p=0.9, seed=1234, ignore_eos=True)
-SAMPLINGS = {"greedy": GREEDY, "seeded": SEEDED}
+# Penalties, bias, min-p and min_tokens depend on the request's own tokens only: they move with it.
+SHAPED = SamplingParams(max_tokens=NEW, temperature=0.9, seed=77, presence_penalty=0.6, frequency_penalty=0.4,
+                        repetition_penalty=1.2, min_p=0.02, logit_bias={3: 2.5, 7: -50.0}, min_tokens=4,
+                        ignore_eos=True, logprobs=2)
+SAMPLINGS = {"greedy": GREEDY, "seeded": SEEDED, "shaped": SHAPED}
 
 
 def config(**kw) -> EngineConfig:
@@ -128,7 +132,7 @@ def migrate(a: LLMEngine, b: LLMEngine, rid: str, streams, precopy_steps: int = 
     assert rid not in a.requests and a.blocks.num_owned(rid) == 0
 
 
-@pytest.mark.parametrize("kind", ["greedy", "seeded"])
+@pytest.mark.parametrize("kind", ["greedy", "seeded", "shaped"])
 @pytest.mark.parametrize("at,precopy", [(1, 0), (1, 2), (10, 3), (22, 0)],
                          ids=["after-prefill", "after-prefill-precopy", "mid-decode-precopy", "late"])
 def test_migrated_request_produces_the_uninterrupted_tokens(ab, model, drain, make_streams, kind, at, precopy):

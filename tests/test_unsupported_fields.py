@@ -22,8 +22,7 @@ ASKING: dict[str, Any] = {
     "tools": [TOOL], "tool_choice": "required", "functions": [TOOL["function"]], "function_call": "auto",
     "response_format": {"type": "json_object"}, "guided_json": {"type": "object"}, "guided_regex": "[a-z]+",
     "guided_choice": ["yes", "no"], "guided_grammar": "root ::= \"a\"", "structured_outputs": {"json": {}},
-    "structural_tag": "{}", "logit_bias": {"5": 100}, "repetition_penalty": 1.2, "min_p": 0.1, "min_tokens": 4,
-    "include_stop_str_in_output": True, "bad_words": ["x"], "allowed_token_ids": [1, 2], "prompt_logprobs": 1,
+    "structural_tag": "{}", "bad_words": ["x"], "allowed_token_ids": [1, 2],
     "use_beam_search": True, "length_penalty": 0.5, "truncate_prompt_tokens": 5, "skip_special_tokens": False,
     "spaces_between_special_tokens": False, "return_tokens_as_token_ids": True, "continue_final_message": True,
     "add_generation_prompt": False, "chat_template": "{{ messages }}", "chat_template_kwargs": {"x": 1},
@@ -33,8 +32,7 @@ ASKING: dict[str, Any] = {
 # field -> values that ask for nothing
 NOTHING: dict[str, list[Any]] = {
     "tools": [None, []], "tool_choice": [None, "none"], "response_format": [None, {"type": "text"}],
-    "logit_bias": [None, {}], "repetition_penalty": [None, 1, 1.0], "min_p": [None, 0, 0.0], "min_tokens": [None, 0],
-    "include_stop_str_in_output": [None, False], "skip_special_tokens": [True], "add_generation_prompt": [True],
+    "skip_special_tokens": [True], "add_generation_prompt": [True],
     "modalities": [["text"]], "continue_final_message": [False],
 }
 
@@ -107,3 +105,57 @@ def test_n_and_a_batch_of_prompts_make_one_choice_each():
         with pytest.raises(ApiError) as err:
             PARSER.completion(body)
         assert err.value.status == 400 and err.value.param == param, body
+
+
+def test_sampling_controls_reach_the_engine_parameters():
+    body = {**COMPLETION, "presence_penalty": 0.5, "frequency_penalty": -1, "repetition_penalty": 1.3, "min_p": 0.05,
+            "min_tokens": 3, "logit_bias": {"5": 100, "7": -2.5}, "include_stop_str_in_output": True,
+            "logprobs": 4, "echo": True, "prompt_logprobs": 2}
+    p = PARSER.completion(body)
+    sp = p.sampling
+    assert (sp.presence_penalty, sp.frequency_penalty, sp.repetition_penalty, sp.min_p, sp.min_tokens) == \
+        (0.5, -1.0, 1.3, 0.05, 3)
+    assert sp.logit_bias == {5: 100.0, 7: -2.5} and p.include_stop_str
+    assert (p.logprobs, p.echo, sp.logprobs, sp.prompt_logprobs, p.prompt_logprobs) == (4, True, 4, 4, 2)
+    c = PARSER.chat({**CHAT, "logprobs": True, "top_logprobs": 3})
+    assert (c.logprobs, c.sampling.logprobs, c.sampling.prompt_logprobs) == (3, 3, None)
+    assert PARSER.chat({**CHAT, "logprobs": True}).logprobs == 0
+    assert PARSER.chat({**CHAT, "logprobs": False}).sampling.logprobs is None
+    zero = PARSER.completion({**COMPLETION, "max_tokens": 0, "echo": True, "logprobs": 1})
+    assert zero.no_output and zero.sampling.max_tokens == 1 and zero.sampling.prompt_logprobs == 1
+    best = PARSER.completion({**COMPLETION, "n": 2, "best_of": 5})
+    assert (best.n, best.best_of, best.sampling.logprobs, len(best.choices())) == (2, 5, 0, 5)
+    assert best.logprobs is None  # computed to rank the samples, not answered
+
+
+@pytest.mark.parametrize("endpoint,extra,param", [
+    ("completion", {"presence_penalty": 2.5}, "presence_penalty"),
+    ("completion", {"frequency_penalty": "high"}, "frequency_penalty"),
+    ("completion", {"repetition_penalty": 0}, "repetition_penalty"),
+    ("completion", {"min_p": 1.5}, "min_p"),
+    ("completion", {"min_tokens": 9}, "min_tokens"),  # > max_tokens
+    ("completion", {"min_tokens": -1}, "min_tokens"),
+    ("completion", {"logit_bias": {"x": 1}}, "logit_bias"),
+    ("completion", {"logit_bias": {"5": 101}}, "logit_bias"),
+    ("completion", {"logit_bias": {str(10**7): 1}}, "logit_bias"),
+    ("completion", {"logit_bias": [1, 2]}, "logit_bias"),
+    ("completion", {"logit_bias": {str(i): 1 for i in range(1025)}}, "logit_bias"),
+    ("completion", {"logprobs": 21}, "logprobs"),
+    ("completion", {"logprobs": True}, "logprobs"),
+    ("completion", {"echo": "yes"}, "echo"),
+    ("completion", {"max_tokens": 0}, "max_tokens"),  # only with echo
+    ("completion", {"best_of": 1, "n": 2}, "best_of"),
+    ("completion", {"best_of": 3, "stream": True}, "best_of"),
+    ("completion", {"prompt_logprobs": 30}, "prompt_logprobs"),
+    ("completion", {"include_stop_str_in_output": 1}, "include_stop_str_in_output"),
+    ("completion", {"suffix": "end"}, "suffix"),
+    ("chat", {"logprobs": 5}, "logprobs"),
+    ("chat", {"top_logprobs": 3}, "top_logprobs"),
+    ("chat", {"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+    ("chat", {"echo": True}, "echo"),
+])
+def test_bad_sampling_values_get_a_400_naming_the_field(endpoint: str, extra: dict, param: str):
+    body = {**(COMPLETION if endpoint == "completion" else CHAT), **extra}
+    with pytest.raises(ApiError) as err:
+        getattr(PARSER, endpoint)(body)
+    assert err.value.status == 400 and err.value.param == param, err.value.message

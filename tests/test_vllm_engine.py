@@ -205,6 +205,50 @@ def test_seeded_sampling_continues_identically_after_a_move(engine):
     assert got == want
 
 
+def _outputs(e, rid: str, prompt: list[int], sp: SamplingParams) -> list:
+    e.add_request(rid, prompt, sp)
+    outs = []
+    for _ in range(2000):
+        if rid not in e.requests:
+            return outs
+        outs += [o for o in e.step() if o.request_id == rid]
+    raise AssertionError(f"{rid} never finished")
+
+
+def test_logprobs_and_sampling_controls_equal_the_kvferry_engine(engine):
+    """The same HF folder in both engines: vLLM's raw logprobs (its default mode), prompt logprobs
+    and the shaped greedy tokens (repetition penalty, logit_bias, min_tokens, min_p) equal ours."""
+    folder = resolve_model_folder("tiny")
+    ours = LLMEngine.from_model(str(folder), EngineConfig(dtype="float32", num_blocks=256))
+    sp = SamplingParams(max_tokens=12, logprobs=3, prompt_logprobs=2, repetition_penalty=1.4,
+                        logit_bias={40: 4.0}, min_tokens=3, min_p=0.1)
+    a, b = _outputs(engine, "vlp", PROMPTS[1], sp), _outputs(ours, "tlp", PROMPTS[1], sp)
+    assert [t for o in a for t in o.new_token_ids] == [t for o in b for t in o.new_token_ids]
+    la = [lp for o in a for lp in o.logprobs]
+    lb = [lp for o in b for lp in o.logprobs]
+    assert [x.logprob for x in la] == pytest.approx([x.logprob for x in lb], abs=1e-3)
+    assert [x.top_ids for x in la] == [x.top_ids for x in lb] and [x.rank for x in la] == [x.rank for x in lb]
+    pa, pb = a[0].prompt_logprobs, b[0].prompt_logprobs
+    assert pa[0] is None and pb[0] is None and len(pa) == len(pb) == len(PROMPTS[1])
+    assert [x.logprob for x in pa[1:]] == pytest.approx([x.logprob for x in pb[1:]], abs=1e-3)
+
+
+def test_presence_and_frequency_penalties_keep_a_request_in_place(engine):
+    """vLLM counts them over its own request's output: a continuation elsewhere would reset them,
+    so such a request does not migrate (and a resumed one is refused with a clear error)."""
+    sp = SamplingParams(max_tokens=30, frequency_penalty=0.5, ignore_eos=True)
+    engine.add_request("pen", PROMPTS[0], sp)
+    for _ in range(5):
+        engine.step()
+    with pytest.raises(MigrationError, match="presence/frequency"):
+        engine.detach_request("pen")
+    while "pen" in engine.requests:
+        engine.step()
+    with pytest.raises(InvalidRequestError, match="presence or frequency"):
+        engine.add_request("pen2", PROMPTS[0], SamplingParams(max_tokens=4, presence_penalty=1.0,
+                                                             prior_output_tokens=2))
+
+
 def test_eos_stops_like_the_kvferry_engine(engine):
     folder = resolve_model_folder("tiny")
     torch_engine = LLMEngine.from_model(str(folder), EngineConfig(dtype="float32", num_blocks=256))

@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 import torch
 
-from engine.scheduler import SchedulerOutput
+from engine.scheduler import ModelOutput, SchedulerOutput
 from engine.sim.latency import LatencyModel
 
 
@@ -38,7 +38,7 @@ class SimExecutor:
         self.bytes_per_block = latency.kv_bytes_per_token * block_size
         self.last_step_seconds = 0.0
 
-    def execute(self, sched: SchedulerOutput, table: Callable[[str], list[int]]) -> dict[str, int]:
+    def execute(self, sched: SchedulerOutput, table: Callable[[str], list[int]]) -> ModelOutput:
         prefill = pairs = 0
         for s in sched.scheduled:
             if s.num_new_tokens > 1:
@@ -50,8 +50,9 @@ class SimExecutor:
         if self.clock == "real":
             time.sleep(self.last_step_seconds)
         vocab = self.latency.vocab_size
-        return {s.request.request_id: sim_token(s.request.request_id, s.request.num_output_tokens, vocab)
-                for s in sched.scheduled if s.samples}
+        return ModelOutput(tokens={s.request.request_id: sim_token(s.request.request_id, s.request.num_output_tokens,
+                                                                   vocab)
+                                   for s in sched.scheduled if s.samples})
 
     def read_blocks(self, block_ids: list[int]) -> torch.Tensor:
         return torch.empty((len(block_ids), 0), dtype=torch.uint8)

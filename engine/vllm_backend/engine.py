@@ -43,10 +43,19 @@ from engine.request import (FinishReason, RequestOutput, RequestStatus, Sampling
 from engine.validation import check_new_request
 from engine.vllm_backend.kv_events import VllmKvEvents
 from protocol.kv_hash import namespace_hash
-from protocol.payloads import MigratableState
+from protocol.payloads import MigratableState, TokenLogprobs
 
 GiB = 1 << 30
 _FINISH = {"stop": FinishReason.STOP, "length": FinishReason.LENGTH, "abort": FinishReason.ABORT}
+
+
+def _entry(d: Any, token: int, k: int) -> TokenLogprobs:
+    """vLLM's logprobs of one position ({token id: Logprob(logprob, rank, ...)}: the chosen token
+    and the top k) as a TokenLogprobs."""
+    chosen = d[token]
+    top = sorted((lp.rank, int(t), float(lp.logprob)) for t, lp in d.items() if lp.rank is not None and lp.rank <= k)
+    return TokenLogprobs(float(chosen.logprob), int(chosen.rank or 1), [t for _, t, _ in top][:k],
+                         [v for _, _, v in top][:k])
 
 
 @dataclass
@@ -230,6 +239,9 @@ class VllmEngine:
         check_new_request(request_id, ids, sampling, priority, self.requests, self.max_model_len, self.vocab_size)
         if blocks_for(len(ids) + 1, self.block_size) > self.num_blocks:
             raise InvalidRequestError(f"the prompt has {len(ids)} tokens, more than this instance's KV cache holds")
+        if sampling.prior_output_tokens and self._counts_output_only(sampling):
+            raise InvalidRequestError("vLLM workers cannot continue a request with presence or frequency penalties "
+                                      "(vLLM counts only its own output)")
         rec = VllmRequest(request_id, "", ids, len(ids), sampling, priority, cache_salt=cache_salt)
         self._submit(rec)
         return rec
@@ -242,9 +254,21 @@ class VllmEngine:
         left = min(s.max_tokens - rec.num_output_tokens, self.max_model_len - rec.num_tokens)
         stop = list(s.stop_token_ids) + ([] if s.ignore_eos else list(self.eos_token_ids))
         extra = {"kv_transfer_params": {"kvferry_load": load_key}} if load_key else None
+        done = rec.num_output_tokens + s.prior_output_tokens  # output generated before this vLLM request
         return VSP(max_tokens=max(1, left), temperature=s.temperature, top_p=s.top_p, top_k=s.top_k or 0,
                    seed=s.seed, stop_token_ids=stop or None, ignore_eos=True, detokenize=False,
-                   output_kind=RequestOutputKind.DELTA, extra_args=extra)
+                   output_kind=RequestOutputKind.DELTA, extra_args=extra,
+                   presence_penalty=s.presence_penalty, frequency_penalty=s.frequency_penalty,
+                   repetition_penalty=s.repetition_penalty, min_p=s.min_p,
+                   logit_bias=dict(s.logit_bias) or None, min_tokens=max(0, s.min_tokens - done),
+                   logprobs=s.logprobs,
+                   prompt_logprobs=s.prompt_logprobs if rec.num_output_tokens == 0 else None)
+
+    @staticmethod
+    def _counts_output_only(s: SamplingParams) -> bool:
+        """vLLM's presence and frequency penalties count the output of its own request: one that
+        continues a request (migrated, reattached, resumed) would forget the earlier output."""
+        return bool(s.presence_penalty or s.frequency_penalty)
 
     def _submit(self, rec: VllmRequest, load_key: str | None = None) -> None:
         """Hand `rec` (its tokens so far) to vLLM, loading `load_key`'s KV if given."""
@@ -308,7 +332,19 @@ class VllmEngine:
             reason = _FINISH.get(str(c.finish_reason)) if o.finished else None
             if o.finished and reason is None:
                 reason = FinishReason.ERROR
-            results.append(RequestOutput(rec.request_id, new, first, finished=o.finished, finish_reason=reason))
+            out = RequestOutput(rec.request_id, new, first, finished=o.finished, finish_reason=reason)
+            k = rec.sampling.logprobs
+            if k is not None and new:
+                out.logprobs = [_entry(d, t, k) for d, t in zip(c.logprobs or (), new)]
+                if len(out.logprobs) != len(new):
+                    out.logprobs = None
+                    out.error = "vLLM returned no logprobs"
+            pk = rec.sampling.prompt_logprobs
+            if pk is not None and first == 0 and new:
+                plps = getattr(o, "prompt_logprobs", None) or [None]
+                out.prompt_logprobs = [None if d is None or i == 0 else _entry(d, rec.token_ids[i], pk)
+                                       for i, d in enumerate(plps)]
+            results.append(out)
             if o.finished:
                 self._forget(rec)
         self._after_step()
@@ -463,7 +499,11 @@ class VllmEngine:
         rec, v = self._live(request_id)
         if rec.load_key is not None:
             raise MigrationError(f"{request_id!r} has not started here yet")
+        if self._counts_output_only(rec.sampling):
+            raise MigrationError(f"{request_id!r} has presence/frequency penalties, which vLLM would reset")
         computed = int(v.num_computed_tokens)
+        if computed and rec.sampling.prompt_logprobs is not None and rec.num_output_tokens == 0:
+            raise MigrationError(f"{request_id!r} is computing its prompt logprobs")
         held = self._block_table(rec)
         rec.num_preemptions += int(getattr(v, "num_preemptions", 0))  # the state carries them on
         state = self._state(rec, computed)

@@ -82,23 +82,26 @@ class StopMatcher:
     stopped); after a stop, the emitted text ends right before the stop string. `flush()` returns
     what is held back when the stream ends without a stop."""
 
-    def __init__(self, stops: Sequence[str]) -> None:
+    def __init__(self, stops: Sequence[str], include: bool = False) -> None:
         self.stops = [s for s in stops if s]
+        self.include = include  # vLLM's include_stop_str_in_output: the text ends with the stop string
         self.hold = max((len(s) for s in self.stops), default=1) - 1
         self.pending = ""
         self.stopped = False
 
-    def feed(self, text: str) -> tuple[str, bool]:
+    def feed(self, text: str, match: bool = True) -> tuple[str, bool]:
+        """`match` False: take the text without looking for stops yet (min_tokens not reached)."""
         if self.stopped:
             return "", True
         if not self.stops:
             return text, False
         buf = self.pending + text
-        hits = [i for i in (buf.find(s) for s in self.stops) if i >= 0]
+        hits = [(i, -len(s)) for s, i in ((s, buf.find(s)) for s in self.stops) if i >= 0] if match else []
         if hits:
             self.stopped = True
             self.pending = ""
-            return buf[:min(hits)], True
+            at, neg_len = min(hits)  # the earliest stop; of those starting there, the longest
+            return buf[:at - neg_len if self.include else at], True
         cut = max(0, len(buf) - self.hold)
         self.pending = buf[cut:]
         return buf[:cut], False

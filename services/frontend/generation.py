@@ -21,7 +21,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from protocol.common import ErrorCode
-from protocol.payloads import SamplingParams
+from protocol.payloads import SamplingParams, TokenLogprobs
 from services.frontend.detokenizer import IncrementalDetokenizer, StopMatcher
 from services.frontend.metrics import FrontendMetrics
 from services.frontend.errors import RouteError
@@ -45,6 +45,7 @@ class GenerateParams:
     priority: int = 0
     timeout_s: float = 600.0
     cache_salt: str = ""  # prefix-cache namespace (design §4)
+    include_stop_str: bool = False  # keep the matched stop string at the end of the text (vLLM's)
 
 
 @dataclass(slots=True)
@@ -70,6 +71,8 @@ class Delta:
     first_index: int
     finish_reason: str | None = None
     usage: Usage | None = None
+    logprobs: list[TokenLogprobs] | None = None  # one per token of token_ids, when asked for
+    prompt_logprobs: list[TokenLogprobs | None] | None = None  # on the first delta, when asked for
 
 
 class GenerationError(Exception):
@@ -91,13 +94,16 @@ async def _next_event(queue: asyncio.Queue[StreamEvent], timeout_s: float) -> St
         ev = queue.get_nowait()
     if ev.finish_reason is not None or queue.empty():
         return ev
-    ids = list(ev.token_ids)
-    while not queue.empty():
-        nxt = queue.get_nowait()
-        ids.extend(nxt.token_ids)
-        if nxt.finish_reason is not None:
-            return StreamEvent(ids, nxt.finish_reason, nxt.error)
-    return StreamEvent(ids)
+    events = [ev]
+    while not queue.empty() and events[-1].finish_reason is None:
+        events.append(queue.get_nowait())
+    merged = StreamEvent([t for e in events for t in e.token_ids], events[-1].finish_reason, events[-1].error)
+    # Logprobs stay aligned with the tokens: all of them, or none when an event with tokens lacks them.
+    if all(e.logprobs is not None for e in events if e.token_ids) and any(e.logprobs for e in events):
+        merged.logprobs = [lp for e in events for lp in (e.logprobs or ())]
+    merged.prompt_logprobs = next((e.prompt_logprobs for e in events if e.prompt_logprobs is not None), None)
+    return merged
+    return merged
 
 
 class Generator:
@@ -134,7 +140,9 @@ class Generator:
                 raise
             self.metrics.prompt_tokens.inc(len(p.prompt_ids))
             detok = IncrementalDetokenizer(self.tokenizer, p.prompt_ids)
-            stops = StopMatcher(p.stop)
+            stops = StopMatcher(p.stop, include=p.include_stop_str)
+            want_logprobs = p.sampling.logprobs is not None
+            prompt_lps: list[TokenLogprobs | None] | None = None
             n_out = 0
             last_token_t: float | None = None
             try:
@@ -157,22 +165,28 @@ class Generator:
                         raise GenerationError("cancelled", ev.error or "cancelled", 499)
                     if ev.finish_reason in ("abort", "error"):
                         raise GenerationError("worker_" + ev.finish_reason, ev.error or f"request {ev.finish_reason}ed")
+                    if want_logprobs and ev.token_ids and ev.logprobs is None:
+                        raise GenerationError("worker_error", "the worker sent tokens without the logprobs asked for")
+                    if ev.prompt_logprobs is not None:
+                        prompt_lps = ev.prompt_logprobs
                     # Per token only when stop strings need the exact token that completes them.
                     groups = [[t] for t in ev.token_ids] if stops.stops else [ev.token_ids]
                     text, ids, first, stopped = "", [], n_out, False
                     for g in groups:
                         if not g:
                             continue
-                        piece, stopped = stops.feed(detok.push(g))
+                        # vLLM's min_tokens: stop strings count only once that many tokens were generated
+                        piece, stopped = stops.feed(detok.push(g), match=n_out + len(g) >= p.sampling.min_tokens)
                         text += piece
                         ids.extend(g)
                         n_out += len(g)
                         if stopped:
                             break
+                    lps = ev.logprobs[: len(ids)] if want_logprobs and ev.logprobs is not None else None
                     if stopped:
                         self.router.abort(p.request_id, "stop string")
                         outcome = "stop"
-                        yield Delta(text, ids, first, "stop", Usage(len(p.prompt_ids), n_out))
+                        yield Delta(text, ids, first, "stop", Usage(len(p.prompt_ids), n_out), lps, prompt_lps)
                         return
                     if ev.finish_reason is not None:
                         tail, stopped = stops.feed(detok.flush())
@@ -180,10 +194,11 @@ class Generator:
                         self.router.finish(p.request_id)
                         reason = "length" if ev.finish_reason == "length" and not stopped else "stop"
                         outcome = reason
-                        yield Delta(text, ids, first, reason, Usage(len(p.prompt_ids), n_out))
+                        yield Delta(text, ids, first, reason, Usage(len(p.prompt_ids), n_out), lps, prompt_lps)
                         return
                     if text or ids:
-                        yield Delta(text, ids, first)
+                        yield Delta(text, ids, first, logprobs=lps, prompt_logprobs=prompt_lps)
+                        prompt_lps = None
             except TimeoutError:
                 outcome = "timeout"
                 self.router.abort(p.request_id, "deadline passed")
@@ -209,12 +224,19 @@ class Generator:
 
     async def collect(self, p: GenerateParams) -> Delta:
         """The whole output as one Delta."""
-        text: list[str] = []
-        ids: list[int] = []
-        last: Delta | None = None
-        async for d in self.run(p):
-            text.append(d.text)
-            ids.extend(d.token_ids)
-            last = d
-        assert last is not None and last.finish_reason is not None
-        return Delta("".join(text), ids, 0, last.finish_reason, last.usage)
+        return await join_deltas(self.run(p))
+
+
+async def join_deltas(deltas: AsyncIterator[Delta], first: Delta | None = None) -> Delta:
+    """The rest of a generation (after `first`, if given) joined into one Delta."""
+    parts = [first] if first is not None else []
+    if first is None or first.finish_reason is None:
+        async for d in deltas:
+            parts.append(d)
+    assert parts and parts[-1].finish_reason is not None
+    lps = None
+    if all(d.logprobs is not None for d in parts if d.token_ids) and any(d.logprobs for d in parts):
+        lps = [lp for d in parts for lp in (d.logprobs or ())]
+    return Delta("".join(d.text for d in parts), [t for d in parts for t in d.token_ids], 0,
+                 parts[-1].finish_reason, parts[-1].usage, lps,
+                 next((d.prompt_logprobs for d in parts if d.prompt_logprobs is not None), None))

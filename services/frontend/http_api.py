@@ -23,7 +23,8 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from services.config import FrontendConfig
-from services.frontend.generation import Delta, GenerateParams, GenerationError, Generator, Usage
+from services.frontend.choices import ChoiceRenderer, TokenTexts
+from services.frontend.generation import Delta, GenerateParams, GenerationError, Generator, Usage, join_deltas
 from services.frontend.metrics import FrontendMetrics
 from services.frontend.params import ApiError, ParsedRequest, RequestParser, api_key_matches, bad
 from services.frontend.errors import RouteError
@@ -78,6 +79,7 @@ def create_app(ctx: ApiContext) -> FastAPI:
     """The FastAPI app over a running Router/Generator."""
     app = FastAPI(title="kvferry", docs_url=None, redoc_url=None, openapi_url=None)
     ctx.created = ctx.created or int(time.time())
+    texts = TokenTexts(ctx.parser.tokenizer)
 
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
@@ -187,10 +189,11 @@ def create_app(ctx: ApiContext) -> FastAPI:
             raise ApiError(429, f"more than {ctx.cfg.max_inflight} requests in flight; retry later",
                            code="too_many_requests", headers={"Retry-After": "1"})
         rid = new_request_id("chatcmpl" if chat else "cmpl")
-        if parsed.n > 1 or len(parsed.prompts) > 1:
+        if parsed.samples_per_prompt > 1 or len(parsed.prompts) > 1:
             return await _many(request, parsed, rid, chat)
         params = GenerateParams(rid, parsed.prompt_ids, parsed.sampling, parsed.stop, parsed.priority,
-                                ctx.cfg.request_timeout_s, parsed.cache_salt)
+                                ctx.cfg.request_timeout_s, parsed.cache_salt, parsed.include_stop_str)
+        renderer = ChoiceRenderer(texts, parsed, chat, 0)
         deltas = ctx.generator.run(params)
         try:
             first = await _first(request, deltas, rid)
@@ -205,9 +208,9 @@ def create_app(ctx: ApiContext) -> FastAPI:
             await deltas.aclose()
             raise
         if parsed.stream:
-            return StreamingResponse(_sse(first, deltas, rid, chat, parsed.include_usage), media_type="text/event-stream",
+            return StreamingResponse(_sse(first, deltas, rid, chat, parsed, renderer), media_type="text/event-stream",
                                      headers=SSE_HEADERS)
-        return await _whole(request, first, deltas, rid, chat)
+        return await _whole(request, first, deltas, rid, chat, parsed, renderer)
 
     # ---- several choices (n > 1, a batch of prompts): one engine request each ------------------------
 
@@ -215,7 +218,8 @@ def create_app(ctx: ApiContext) -> FastAPI:
         """Start every choice's request (`{rid}-{index}`), each routed, migrated and resumed on its own;
         a choice that cannot start fails the whole request (the others are aborted)."""
         subs = [GenerateParams(f"{rid}-{k}", ids, sp, parsed.stop, parsed.priority, ctx.cfg.request_timeout_s,
-                               parsed.cache_salt) for k, (ids, sp) in enumerate(parsed.choices())]
+                               parsed.cache_salt, parsed.include_stop_str) for k, (ids, sp) in enumerate(parsed.choices())]
+        per = parsed.samples_per_prompt
         if ctx.generator.active + len(subs) > ctx.cfg.max_inflight:
             ctx.metrics.requests.labels(outcome="rejected").inc()
             raise ApiError(429, f"{len(subs)} choices would put more than {ctx.cfg.max_inflight} requests in flight; "
@@ -237,8 +241,9 @@ def create_app(ctx: ApiContext) -> FastAPI:
                 raise ApiError(failed.status, failed.message, code=failed.code, headers=headers) from None
             raise failed
         prompt_tokens = sum(len(p) for p in parsed.prompts or [parsed.prompt_ids])
-        if parsed.stream:
-            return StreamingResponse(_sse_many(firsts, gens, rid, chat, parsed.include_usage, prompt_tokens),
+        if parsed.stream:  # (best_of > n is not streamed: samples are choices here)
+            renderers = [ChoiceRenderer(texts, parsed, chat, k, k // per) for k in range(len(gens))]
+            return StreamingResponse(_sse_many(firsts, gens, rid, chat, parsed, renderers, prompt_tokens),
                                      media_type="text/event-stream", headers=SSE_HEADERS)
         try:
             outs = await _watch_disconnect(
@@ -250,51 +255,46 @@ def create_app(ctx: ApiContext) -> FastAPI:
             raise ApiError(failed.status, failed.message, code=failed.code)
         if failed is not None:
             raise failed
-        choices = [_choice(k, o.text, o.finish_reason, chat) for k, o in enumerate(outs)]
-        done = sum(o.usage.completion_tokens for o in outs if o.usage)
-        return JSONResponse({"id": rid, "object": "chat.completion" if chat else "text_completion",
-                             "created": int(time.time()), "model": ctx.model_name, "choices": choices,
-                             "usage": Usage(prompt_tokens, done).to_dict()})
+        choices = []
+        for i in range(0, len(outs), per):  # per prompt: its n samples, or the n most likely of best_of
+            group = outs[i:i + per]
+            if per > parsed.n:
+                group = sorted(group, key=lambda o: -sum(lp.logprob for lp in o.logprobs or ()))[:parsed.n]
+            for o in group:
+                k = len(choices)
+                choices.append(ChoiceRenderer(texts, parsed, chat, k, i // per).whole(o))
+        done = 0 if parsed.no_output else sum(o.usage.completion_tokens for o in outs if o.usage)
+        return JSONResponse(_answer(rid, chat, choices, Usage(prompt_tokens, done).to_dict()))
+
+    def _answer(rid: str, chat: bool, choices: list[dict[str, Any]], usage: dict[str, int] | None) -> dict[str, Any]:
+        body: dict[str, Any] = {"id": rid, "object": "chat.completion" if chat else "text_completion",
+                                "created": int(time.time()), "model": ctx.model_name, "choices": choices,
+                                "usage": usage}
+        if chat and choices and "prompt_logprobs" in choices[0]:  # vLLM's chat answer has them at the top
+            body["prompt_logprobs"] = choices[0].pop("prompt_logprobs")
+            for c in choices[1:]:
+                c.pop("prompt_logprobs", None)
+        return body
 
     async def _rest(first: Delta, deltas: AsyncIterator[Delta]) -> Delta:
-        if first.finish_reason:
-            return first
-        text, last = [first.text], first
-        async for d in deltas:
-            text.append(d.text)
-            last = d
-        return Delta("".join(text), [], 0, last.finish_reason, last.usage)
+        return await join_deltas(deltas, first)
 
     async def _close_all(gens: list[AsyncIterator[Delta]]) -> None:
         for g in gens:
             with contextlib.suppress(BaseException):
                 await g.aclose()  # type: ignore[attr-defined]
 
-    def _choice(index: int, text: str, finish: str | None, chat: bool) -> dict[str, Any]:
-        """One choice of a whole (not streamed) answer."""
-        if chat:
-            return {"index": index, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                    "finish_reason": finish}
-        return {"index": index, "text": text, "logprobs": None, "finish_reason": finish}
-
-    def _chunk(rid: str, obj: str, created: int, chat: bool, include_usage: bool, index: int, d: Delta | None,
+    def _chunk(rid: str, obj: str, created: int, include_usage: bool, renderer: ChoiceRenderer, d: Delta | None,
                role: bool = False) -> str:
-        """One SSE event carrying choice `index`'s delta `d` (`role`: chat's opening role event)."""
-        if chat:
-            delta: dict[str, Any] = {"role": "assistant", "content": ""} if role else {"content": d.text if d else ""}
-            choice: dict[str, Any] = {"index": index, "delta": delta, "logprobs": None,
-                                      "finish_reason": d.finish_reason if d else None}
-        else:
-            choice = {"index": index, "text": d.text if d else "", "logprobs": None,
-                      "finish_reason": d.finish_reason if d else None}
+        """One SSE event carrying the renderer's choice's delta `d` (`role`: chat's opening role event)."""
         body: dict[str, Any] = {"id": rid, "object": obj, "created": created, "model": ctx.model_name,
-                                "choices": [choice]}
+                                "choices": [renderer.chunk(d, role)]}
         if include_usage:
             body["usage"] = None
         return f"data: {_dumps(body)}\n\n"
 
     async def _sse_many(firsts: list[Delta], gens: list[AsyncIterator[Delta]], rid: str, chat: bool,
-                        include_usage: bool, prompt_tokens: int) -> AsyncIterator[str]:
+                        parsed: ParsedRequest, renderers: list[ChoiceRenderer], prompt_tokens: int) -> AsyncIterator[str]:
         """The choices' chunks as they come, each with its index; one usage chunk for all at the end."""
         created = int(time.time())
         obj = "chat.completion.chunk" if chat else "text_completion"
@@ -312,8 +312,10 @@ def create_app(ctx: ApiContext) -> FastAPI:
             except Exception as exc:  # noqa: BLE001 - one choice's failure ends that choice, not the stream
                 await queue.put((k, GenerationError("error", f"{type(exc).__name__}: {exc}")))
 
+        include_usage = parsed.include_usage
+
         def chunk(k: int, d: Delta | None, role: bool = False) -> str:
-            return _chunk(rid, obj, created, chat, include_usage, k, d, role)
+            return _chunk(rid, obj, created, include_usage, renderers[k], d, role)
 
         tasks = [asyncio.ensure_future(pump(k, f, g)) for k, (f, g) in enumerate(zip(firsts, gens))]
         completion = 0
@@ -330,9 +332,9 @@ def create_app(ctx: ApiContext) -> FastAPI:
                     yield f"data: {_dumps(ApiError(item.status, item.message, code=item.code).body())}\n\n"
                     left -= 1
                 else:
-                    if item.text or item.finish_reason:
+                    if item.text or item.finish_reason or renderers[k].wants(item):
                         yield chunk(k, item)
-                    if item.usage is not None:
+                    if item.usage is not None and not parsed.no_output:
                         completion += item.usage.completion_tokens
         finally:
             for t in tasks:
@@ -368,25 +370,30 @@ def create_app(ctx: ApiContext) -> FastAPI:
             if not task.done():
                 task.cancel()
 
-    async def _whole(request: Request, first: Delta, deltas: AsyncIterator[Delta], rid: str, chat: bool) -> Response:
+    async def _whole(request: Request, first: Delta, deltas: AsyncIterator[Delta], rid: str, chat: bool,
+                     parsed: ParsedRequest, renderer: ChoiceRenderer) -> Response:
         try:
             out = first if first.finish_reason else await _watch_disconnect(request, _rest(first, deltas), rid)
         except GenerationError as exc:
             raise ApiError(exc.status, exc.message, code=exc.code) from None
         finally:
             await deltas.aclose()
-        usage = out.usage.to_dict() if out.usage else None
-        return JSONResponse({"id": rid, "object": "chat.completion" if chat else "text_completion",
-                             "created": int(time.time()), "model": ctx.model_name,
-                             "choices": [_choice(0, out.text, out.finish_reason, chat)], "usage": usage})
+        usage = _usage(out.usage, parsed)
+        return JSONResponse(_answer(rid, chat, [renderer.whole(out)], usage.to_dict() if usage else None))
+
+    def _usage(usage: Usage | None, parsed: ParsedRequest) -> Usage | None:
+        if usage is not None and parsed.no_output:  # the one token generated for max_tokens 0 is not answered
+            return Usage(usage.prompt_tokens, 0)
+        return usage
 
     async def _sse(first: Delta, deltas: AsyncIterator[Delta], rid: str, chat: bool,
-                   include_usage: bool) -> AsyncIterator[str]:
+                   parsed: ParsedRequest, renderer: ChoiceRenderer) -> AsyncIterator[str]:
         created = int(time.time())
         obj = "chat.completion.chunk" if chat else "text_completion"
+        include_usage = parsed.include_usage
 
         def chunk(d: Delta | None, role: bool = False) -> str:
-            return _chunk(rid, obj, created, chat, include_usage, 0, d, role)
+            return _chunk(rid, obj, created, include_usage, renderer, d, role)
 
         last: Delta | None = None
         try:
@@ -394,7 +401,7 @@ def create_app(ctx: ApiContext) -> FastAPI:
                 yield chunk(None, role=True)
             d: Delta | None = first
             while d is not None:
-                if d.text or d.finish_reason:
+                if d.text or d.finish_reason or renderer.wants(d):
                     yield chunk(d)
                 last = d
                 d = None if d.finish_reason else await deltas.__anext__()
@@ -406,7 +413,7 @@ def create_app(ctx: ApiContext) -> FastAPI:
             await deltas.aclose()
         if include_usage and last is not None and last.usage is not None:
             body = {"id": rid, "object": obj, "created": created, "model": ctx.model_name, "choices": [],
-                    "usage": last.usage.to_dict()}
+                    "usage": _usage(last.usage, parsed).to_dict()}
             yield f"data: {_dumps(body)}\n\n"
         yield "data: [DONE]\n\n"
 

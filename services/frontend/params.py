@@ -7,7 +7,8 @@ tools, grammar or sampling control did not apply (`UNSUPPORTED`). Fields that as
 (the default value, `tool_choice: "none"`, `response_format: {"type": "text"}`) and fields without
 an effect on the answer (`user`, `metadata`, `store`, `parallel_tool_calls` without tools) are
 accepted; other unknown fields are ignored. Extensions: `priority` (int, lower is served first),
-`ignore_eos` (bool), `top_k` (int), `cache_salt` (str), `stop_token_ids` (list of token ids).
+`ignore_eos` (bool), `top_k` (int), `cache_salt` (str), and vLLM's `stop_token_ids`,
+`repetition_penalty`, `min_p`, `min_tokens`, `include_stop_str_in_output`, `prompt_logprobs`.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from protocol.fields import INT64_MAX, MAX_NAME_LEN, MAX_STOP_TOKENS, MAX_TOKEN_ID
-from protocol.payloads import SamplingParams
+from protocol.payloads import MAX_LOGIT_BIAS, MAX_LOGPROBS, SamplingParams
 from services.config import FrontendConfig
 
 MAX_STOP = 16
@@ -70,14 +71,8 @@ UNSUPPORTED: dict[str, tuple[Any, str]] = {
     "guided_grammar": (lambda v: v is None, "structured output (guided_grammar)"),
     "structured_outputs": (lambda v: v is None, "structured output"),
     "structural_tag": (lambda v: v is None, "structured output (structural_tag)"),
-    "logit_bias": (_empty, "logit_bias"),
-    "repetition_penalty": (lambda v: v is None or v == 1, "repetition_penalty"),
-    "min_p": (lambda v: v is None or v == 0, "min_p"),
-    "min_tokens": (lambda v: v is None or v == 0, "min_tokens"),
-    "include_stop_str_in_output": (lambda v: v in (None, False), "include_stop_str_in_output"),
     "bad_words": (_empty, "bad_words"),
     "allowed_token_ids": (lambda v: v is None, "allowed_token_ids"),
-    "prompt_logprobs": (lambda v: v is None, "prompt_logprobs"),
     "use_beam_search": (lambda v: v in (None, False), "beam search"),
     "length_penalty": (lambda v: v is None or v == 1, "length_penalty (beam search)"),
     "truncate_prompt_tokens": (lambda v: v is None, "truncate_prompt_tokens"),
@@ -122,13 +117,25 @@ class ParsedRequest:
     cache_salt: str = ""
     n: int = 1
     prompts: list[list[int]] = field(default_factory=list)
+    logprobs: int | None = None  # top alternatives to report per token (None: no logprobs in the answer)
+    echo: bool = False  # completions: the prompt (its text, and its logprobs with `logprobs`) first
+    prompt_texts: list[str | None] = field(default_factory=list)  # per prompt: the text it came as
+    no_output: bool = False  # max_tokens 0 with echo: the prompt only (one token is generated and dropped)
+    include_stop_str: bool = False
+    best_of: int = 1  # samples per prompt, of which the n most likely are answered
+    prompt_logprobs: int | None = None  # vLLM's prompt_logprobs extra
+
+    @property
+    def samples_per_prompt(self) -> int:
+        return max(self.n, self.best_of)
 
     def choices(self) -> list[tuple[list[int], SamplingParams]]:
-        """(prompt, sampling) per choice, in index order. With a seed, sample j of a prompt uses
-        seed + j: the n samples differ, and a request with the same seed repeats them all."""
+        """(prompt, sampling) per sample, in index order (samples_per_prompt per prompt). With a
+        seed, sample j of a prompt uses seed + j: the samples differ, and a request with the same
+        seed repeats them all."""
         out = []
         for ids in self.prompts or [self.prompt_ids]:
-            for j in range(self.n):
+            for j in range(self.samples_per_prompt):
                 sp = self.sampling
                 if j and sp.seed is not None:
                     sp = msgspec.structs.replace(sp, seed=(sp.seed + j) % (INT64_MAX + 1))
@@ -249,16 +256,30 @@ class RequestParser:
         self.check_model(body)
         n = _opt(body, "n", "int", 1, MAX_CHOICES)
         n = 1 if n is None else n
-        if body.get("best_of") not in (None, 1):
-            raise bad("best_of>1 is not supported", "best_of")
-        if body.get("logprobs") not in (None, False) or body.get("top_logprobs") is not None:
-            raise bad("logprobs are not supported", "logprobs")
-        if body.get("echo") not in (None, False):
-            raise bad("echo is not supported", "echo")
+        best_of = _opt(body, "best_of", "int", 1, MAX_CHOICES)
+        best_of = n if best_of is None else best_of
+        if best_of < n:
+            raise bad(f"'best_of' ({best_of}) must be >= n ({n})", "best_of")
         if body.get("suffix") not in (None, ""):
-            raise bad("suffix is not supported", "suffix")
+            raise bad("'suffix' is not supported by this server (fill-in-the-middle)", "suffix",
+                      "unsupported_parameter")
+        if chat and body.get("echo") not in (None, False):
+            raise bad("'echo' is not supported by this server for chat", "echo", "unsupported_parameter")
         refuse_unsupported(body)
+        if chat:
+            want = _opt(body, "logprobs", "bool")
+            top = _opt(body, "top_logprobs", "int", 0, MAX_LOGPROBS)
+            if top is not None and not want:
+                raise bad("'top_logprobs' needs 'logprobs': true", "top_logprobs")
+            logprobs = (top or 0) if want else None
+            echo = False
+        else:
+            logprobs = _opt(body, "logprobs", "int", 0, MAX_LOGPROBS)
+            echo = _opt(body, "echo", "bool") or False
+        prompt_logprobs = _opt(body, "prompt_logprobs", "int", 0, MAX_LOGPROBS)
         stream = _opt(body, "stream", "bool") or False
+        if best_of > n and stream:
+            raise bad("'best_of' > n cannot be streamed (the best samples are known only at the end)", "best_of")
         include_usage = False
         so = body.get("stream_options")
         if so is not None:
@@ -269,7 +290,9 @@ class RequestParser:
                 raise bad("'stream_options.include_usage' must be a boolean", "stream_options", "invalid_type")
             include_usage = bool(iu)
         limit = self.cfg.max_tokens_limit
-        max_tokens = _opt(body, "max_tokens", "int", 1, limit)
+        max_tokens = _opt(body, "max_tokens", "int", 0 if echo else 1, limit)
+        no_output = max_tokens == 0  # echo only: the prompt's text (and logprobs), no completion
+        max_tokens = 1 if no_output else max_tokens
         if chat:
             mct = _opt(body, "max_completion_tokens", "int", 1, limit)
             max_tokens = mct if mct is not None else max_tokens
@@ -282,10 +305,13 @@ class RequestParser:
         if cache_salt is not None and (not isinstance(cache_salt, str) or not 0 < len(cache_salt) <= MAX_NAME_LEN):
             raise bad(f"'cache_salt' must be a non-empty string of at most {MAX_NAME_LEN} characters", "cache_salt")
         ignore_eos = _opt(body, "ignore_eos", "bool") or False
-        for name in ("presence_penalty", "frequency_penalty"):
-            v = _opt(body, name, "num", -2, 2)
-            if v not in (None, 0):
-                raise bad(f"'{name}' is not supported", name)
+        presence = _opt(body, "presence_penalty", "num", -2, 2) or 0.0
+        frequency = _opt(body, "frequency_penalty", "num", -2, 2) or 0.0
+        repetition = _opt(body, "repetition_penalty", "num", 0, 100, lo_open=True)
+        min_p = _opt(body, "min_p", "num", 0, 1) or 0.0
+        min_tokens = _opt(body, "min_tokens", "int", 0, limit) or 0
+        include_stop = _opt(body, "include_stop_str_in_output", "bool") or False
+        logit_bias = self._logit_bias(body.get("logit_bias"))
         stop = body.get("stop")
         if stop is None:
             stops: list[str] = []
@@ -331,12 +357,51 @@ class RequestParser:
         elif self.max_context is not None and longest + max_tokens > self.max_context:
             raise ApiError(400, f"prompt ({longest} tokens) + max_tokens ({max_tokens}) exceed the "
                                 f"model's context of {self.max_context}", "max_tokens", "context_length_exceeded")
+        if min_tokens > max_tokens:
+            raise bad(f"'min_tokens' ({min_tokens}) must be <= max_tokens ({max_tokens})", "min_tokens")
+        if len(prompts) * best_of > MAX_CHOICES:
+            raise bad(f"{len(prompts)} prompts x best_of={best_of} make {len(prompts) * best_of} samples; at most "
+                      f"{MAX_CHOICES}", "best_of")
+        # The engine computes the prompt's logprobs for echo + logprobs, and each sample's for best_of.
+        engine_prompt_lps = max((v for v in (prompt_logprobs, logprobs if echo else None) if v is not None),
+                                default=None)
+        engine_lps = logprobs if logprobs is not None else (0 if best_of > n else None)
         sampling = SamplingParams(max_tokens=max_tokens, temperature=1.0 if temperature is None else float(temperature),
                                   top_p=1.0 if top_p is None else float(top_p),
                                   top_k=0 if top_k in (None, -1) else top_k, seed=seed, ignore_eos=ignore_eos,
-                                  stop_token_ids=list(dict.fromkeys(stop_ids)))
+                                  stop_token_ids=list(dict.fromkeys(stop_ids)), presence_penalty=float(presence),
+                                  frequency_penalty=float(frequency),
+                                  repetition_penalty=1.0 if repetition is None else float(repetition),
+                                  min_p=float(min_p), logit_bias=logit_bias, min_tokens=min_tokens,
+                                  logprobs=engine_lps, prompt_logprobs=engine_prompt_lps)
+        texts = body.get("prompt") if not chat else None
+        texts = texts if isinstance(texts, list) and texts and isinstance(texts[0], (str, list)) else [texts]
         return ParsedRequest(prompts[0], sampling, stops, priority, stream, include_usage, cache_salt or "", n,
-                             prompts if len(prompts) > 1 else [])
+                             prompts if len(prompts) > 1 else [], logprobs=logprobs, echo=echo,
+                             prompt_texts=[t if isinstance(t, str) else None for t in texts], no_output=no_output,
+                             include_stop_str=include_stop, best_of=best_of, prompt_logprobs=prompt_logprobs)
+
+    def _logit_bias(self, v: Any) -> dict[int, float]:
+        """OpenAI's logit_bias: {"token id": bias in [-100, 100]} (JSON keys are strings)."""
+        if _empty(v):
+            return {}
+        if not isinstance(v, dict):
+            raise bad("'logit_bias' must be an object of token id -> bias", "logit_bias", "invalid_type")
+        if len(v) > MAX_LOGIT_BIAS:
+            raise bad(f"at most {MAX_LOGIT_BIAS} logit_bias entries", "logit_bias")
+        out: dict[int, float] = {}
+        vocab = self.tokenizer.vocab_size
+        for key, bias in v.items():
+            try:
+                tok = int(key)
+            except (TypeError, ValueError):
+                raise bad(f"logit_bias key {str(key)[:32]!r} is not a token id", "logit_bias") from None
+            if not 0 <= tok < vocab:
+                raise bad(f"logit_bias token ids must be in [0, {vocab})", "logit_bias")
+            if not _is_num(bias) or not math.isfinite(bias) or not -100 <= bias <= 100:
+                raise bad("logit_bias values must be numbers in [-100, 100]", "logit_bias")
+            out[tok] = float(bias)
+        return out
 
     # ---- completions -----------------------------------------------------------------------------
 

@@ -95,7 +95,11 @@ class Resumer:
                 return
             if not stream.count_resume(self.fcfg.max_resumes):
                 raise RouteError(ErrorCode.UNAVAILABLE, f"resumed {stream.resumes} times already (max_resumes)")
-            sampling = msgspec.structs.replace(stream.sampling, max_tokens=left)
+            # The delivered tokens end the new prompt; the penalties and min_tokens still count them
+            # as output, and the prompt's logprobs (if asked) came with the first of them.
+            sampling = msgspec.structs.replace(
+                stream.sampling, max_tokens=left, prior_output_tokens=stream.sampling.prior_output_tokens + delivered,
+                prompt_logprobs=stream.sampling.prompt_logprobs if not delivered else None)
             await self._start(stream, stream.prompt_ids + stream.output, sampling, delivered, set(stream.dead))
         except RouteError as exc:
             log.warning("request.resume_failed", request_id=rid, lost_worker_id=old_id, reason=why, error=exc.message)

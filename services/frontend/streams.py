@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 
 from protocol.payloads import SamplingParams
 from services.frontend.prompt_hashes import PromptHashes
+from protocol.payloads import TokenLogprobs
 from protocol.to_frontend import TokenBatch
 
 MAX_BUFFERED_BATCHES = 4096
@@ -35,6 +36,8 @@ class StreamEvent:
     token_ids: list[int]
     finish_reason: str | None = None
     error: str | None = None
+    logprobs: list[TokenLogprobs] | None = None  # one per token, when the request asked for them
+    prompt_logprobs: list[TokenLogprobs | None] | None = None  # once, with the first tokens
 
 
 @dataclass
@@ -62,6 +65,7 @@ class RequestStream:
     dead: set[str] = field(default_factory=set)  # workers it was taken away from: their batches are ignored
     resumes: int = 0
     resuming: bool = False
+    prompt_logprobs_seen: bool = False
     progressed: float = field(default_factory=time.monotonic)  # the last in-order token (or start)
     assigned_at: float = field(default_factory=time.monotonic)  # when the current owner got the request
     # A final "error"/"abort" batch from the current owner: return True to keep the stream open (resumed).
@@ -87,6 +91,16 @@ class RequestStream:
                 if b is not None and b.worker_id not in self.dead:
                     self._apply(b)
 
+    def _event(self, batch: TokenBatch, new: list[int], finish_reason: str | None = None,
+               error: str | None = None) -> StreamEvent:
+        ev = StreamEvent(new, finish_reason, error)
+        if batch.logprobs is not None:
+            ev.logprobs = batch.logprobs[len(batch.token_ids) - len(new):]
+        if batch.prompt_logprobs is not None and batch.first_index == 0 and not self.prompt_logprobs_seen and new:
+            self.prompt_logprobs_seen = True
+            ev.prompt_logprobs = batch.prompt_logprobs
+        return ev
+
     def _apply(self, batch: TokenBatch) -> None:
         if self.finished:
             return
@@ -101,25 +115,26 @@ class RequestStream:
         if batch.finish_reason in ("abort", "error") and batch.worker_id != self.worker_id:
             # A former owner letting go after a migration: its tokens count, its finish does not.
             batch = TokenBatch(request_id=batch.request_id, first_index=batch.first_index,
-                               token_ids=batch.token_ids, worker_id=batch.worker_id)
+                               token_ids=batch.token_ids, worker_id=batch.worker_id, logprobs=batch.logprobs,
+                               prompt_logprobs=batch.prompt_logprobs)
         if batch.finish_reason is not None:
             end = batch.first_index + len(batch.token_ids)
             if end < self.next_index:
                 # A finish for a shorter stream than we have (e.g. the old owner aborted after a
                 # migration): the new owner's stream decides; ignore it.
                 if new:
-                    self.queue.put_nowait(StreamEvent(new))
+                    self.queue.put_nowait(self._event(batch, new))
                 return
             if (batch.finish_reason in ("error", "abort") and self.on_lost is not None
                     and self.on_lost(self, batch.error or f"request {batch.finish_reason}ed on {batch.worker_id}")):
                 if new:  # the owner failed it (stopping, lost frontend, step error): it goes on elsewhere
-                    self.queue.put_nowait(StreamEvent(new))
+                    self.queue.put_nowait(self._event(batch, new))
                 return
             self.finished = True
             self.ahead.clear()
-            self.queue.put_nowait(StreamEvent(new, batch.finish_reason, batch.error))
+            self.queue.put_nowait(self._event(batch, new, batch.finish_reason, batch.error))
         elif new:
-            self.queue.put_nowait(StreamEvent(new))
+            self.queue.put_nowait(self._event(batch, new))
 
     # ---- ownership (the router's and the resumer's calls; nothing else sets these fields) ----
 

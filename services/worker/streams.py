@@ -115,6 +115,7 @@ class TokenStreamer:
                 token_ids=list(out.new_token_ids),
                 finish_reason=out.finish_reason.value if out.finish_reason is not None else None,
                 error=out.error[:4096] if out.error else None, worker_id=self.worker_id,
+                logprobs=out.logprobs, prompt_logprobs=out.prompt_logprobs,
             )
             route.tokens_sent += len(out.new_token_ids)
             per_frontend.setdefault(route.reply_address, []).append(batch)
@@ -125,6 +126,10 @@ class TokenStreamer:
                          tokens=route.index_offset + out.first_index + len(out.new_token_ids),
                          error=out.error, frontend_id=route.frontend_id)
         for address, batches in per_frontend.items():
+            # Prompt logprobs can be megabytes (a long prompt x 20 alternatives): one message each.
+            for big in [b for b in batches if b.prompt_logprobs]:
+                self._send(address, TokenBatches(worker_id=self.worker_id, batches=[big]))
+            batches = [b for b in batches if not b.prompt_logprobs]
             for i in range(0, len(batches), MAX_BATCHES_PER_MESSAGE):
                 self._send(address, TokenBatches(worker_id=self.worker_id,
                                                  batches=batches[i:i + MAX_BATCHES_PER_MESSAGE]))
