@@ -9,12 +9,14 @@ The engine is single-threaded: its owner serialises calls (the worker runs it on
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 from protocol.kv_hash import namespace_hash, prompt_hashes, root_from_namespace
 from engine.block_manager import BlockManager, KvEventBatch, blocks_for
 from engine.config import EngineConfig, ModelConfig
+from engine.grammar import Grammars
 from engine.errors import InvalidRequestError, MigrationError, OutOfBlocksError
 from engine.kv_cache import KVCache
 from engine.model_runner import ModelRunner
@@ -96,6 +98,10 @@ class LLMEngine:
         self.requests: dict[str, Request] = {}  # live requests: waiting, running or detached
         self.detached: set[str] = set()  # out of the batch, blocks kept (last stage of a migration)
         self.reservations: set[str] = set()
+        # Structured output needs the tokenizer's strings (the sim engine has made-up tokens).
+        backend = getattr(tokenizer, "backend", None)
+        self.grammars = (Grammars(backend.to_str(), vocab_size, tuple(eos_token_ids))
+                         if backend is not None and executor.kind != "sim" else None)
 
     # ---- construction -----------------------------------------------------------------
 
@@ -132,15 +138,25 @@ class LLMEngine:
                           self.vocab_size)
         if self.executor.kind == "sim" and (sampling.logprobs is not None or sampling.prompt_logprobs is not None):
             raise InvalidRequestError("logprobs need a model; the sim engine draws made-up tokens")
+        prior = sampling.prior_output_tokens
+        matcher = self._matcher(sampling, prompt_token_ids[len(prompt_token_ids) - prior:] if prior else [])
         if not self.scheduler.fits_pool(len(prompt_token_ids) + 1):
             raise InvalidRequestError(f"the prompt has {len(prompt_token_ids)} tokens, more than this instance's "
                                       "KV cache holds")
         req = Request(request_id, list(prompt_token_ids), len(prompt_token_ids), sampling, priority=priority,
-                      generator=make_generator(sampling, self.device), cache_salt=cache_salt)
+                      generator=make_generator(sampling, self.device), cache_salt=cache_salt, matcher=matcher)
         req.hash_root = self._hash_root(cache_salt)
         self.requests[request_id] = req
         self.scheduler.add_waiting(req)
         return req
+
+    def _matcher(self, sampling: SamplingParams, replay: list[int]) -> Any:  # noqa: ANN401 - llguidance.LLMatcher
+        """The grammar's matcher having consumed `replay` (None without a grammar)."""
+        if sampling.grammar is None:
+            return None
+        if self.grammars is None:
+            raise InvalidRequestError("structured output needs a model with a tokenizer (this engine has none)")
+        return self.grammars.matcher(sampling.grammar, replay)
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
         req = self.requests.pop(request_id, None)
@@ -351,6 +367,11 @@ class LLMEngine:
             raise MigrationError(f"request {req.request_id!r} is already here")
         if req.num_tokens > self.max_model_len or any(not 0 <= t < self.vocab_size for t in req.token_ids):
             raise MigrationError("request state does not fit this model")
+        try:  # the grammar's state is its output so far: replay it
+            req.matcher = self._matcher(req.sampling, req.token_ids[req.num_prompt_tokens -
+                                                                  req.sampling.prior_output_tokens:])
+        except InvalidRequestError as exc:
+            raise MigrationError(f"cannot rebuild the grammar of {req.request_id!r}: {exc}") from exc
         need = blocks_for(req.num_computed_tokens, self.blocks.block_size)
         have = self.blocks.num_owned(reservation) if reservation else 0
         if have < need:

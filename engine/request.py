@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from engine.errors import InvalidRequestError, MigrationError
-from protocol.payloads import MigratableState, TokenLogprobs
+from protocol.payloads import Grammar, MigratableState, TokenLogprobs
 from protocol.payloads import SamplingParams as WireSamplingParams
 
 STATE_VERSION = 1
@@ -57,6 +57,7 @@ class SamplingParams:
     logprobs: int | None = None
     prompt_logprobs: int | None = None
     prior_output_tokens: int = 0
+    grammar: Grammar | None = None  # structured output (engine/grammar.py)
 
     def validate(self) -> None:
         if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
@@ -93,7 +94,7 @@ class SamplingParams:
     def shapes_logits(self) -> bool:
         """Whether the logits change before sampling (penalties, bias; min_tokens is per step)."""
         return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0
-                    or self.logit_bias or self.min_tokens)
+                    or self.logit_bias or self.min_tokens or self.grammar is not None)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -105,6 +106,9 @@ class SamplingParams:
         d = dict(d)
         d["stop_token_ids"] = tuple(d.get("stop_token_ids", ()))
         d["logit_bias"] = {int(k): float(v) for k, v in (d.get("logit_bias") or {}).items()}
+        g = d.get("grammar")
+        if isinstance(g, dict):
+            d["grammar"] = Grammar(**g)
         return cls(**d)
 
 
@@ -135,6 +139,9 @@ class Request:
     # sampling.prompt_logprobs: one entry per prompt token computed so far (the first None),
     # handed out with the first output token.
     prompt_logprobs: list[TokenLogprobs | None] = field(default_factory=list)
+    # sampling.grammar: its llguidance matcher, advanced by every output token (rebuilt by replay
+    # wherever the request goes: engine/grammar.py)
+    matcher: Any = None
 
     @property
     def needs_prompt_logprobs(self) -> bool:

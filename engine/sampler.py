@@ -1,6 +1,6 @@
 """Token sampling and logprobs.
 
-Per request, in vLLM's order: the logits are shaped (logit_bias, EOS and stop tokens masked until
+Per request, in vLLM's order: the logits are shaped (the grammar's mask for structured output, logit_bias, EOS and stop tokens masked until
 min_tokens, then the repetition penalty over prompt and output and the presence and frequency
 penalties over the output), then the token is the argmax (greedy) or drawn from the request's own generator
 after temperature, min-p, top-k and top-p. Everything shaping depends on is in the request's
@@ -17,6 +17,7 @@ from collections.abc import Callable, Collection
 
 import torch
 
+from engine.grammar import allowed
 from engine.request import Request
 from protocol.payloads import TokenLogprobs
 
@@ -26,6 +27,8 @@ PROMPT_LOGPROB_ROWS = 256  # prompt positions turned into full-vocabulary logits
 def shape_logits(x: torch.Tensor, req: Request, eos_token_ids: Collection[int]) -> torch.Tensor:
     """`x` ([vocab], a copy the caller owns) with the request's penalties, bias and min_tokens mask applied."""
     sp = req.sampling
+    if req.matcher is not None:  # structured output: only what the grammar allows next
+        x.masked_fill_(~allowed(req.matcher, x.shape[-1]), float("-inf"))
     # vLLM's order: logit_bias and the min_tokens mask first, then the penalties over what they left.
     if sp.logit_bias:
         ids = torch.tensor(list(sp.logit_bias), dtype=torch.long, device=x.device)

@@ -246,11 +246,19 @@ class Scheduler:
             first = req.num_output_tokens == 0
             req.token_ids.append(tok)
             reason = self._stop_reason(req, tok)
+            if req.matcher is not None and reason is None:
+                # The mask let only allowed tokens through; a finished grammar ends the answer.
+                if not req.matcher.consume_token(tok):
+                    reason = FinishReason.ERROR
+                elif req.matcher.is_stopped():
+                    reason = FinishReason.STOP
             if reason is not None:
                 self.finish(req, reason)
             lp = result.logprobs.get(req.request_id)
             out = RequestOutput(req.request_id, [tok], req.num_output_tokens - 1, finished=reason is not None,
-                                finish_reason=reason, logprobs=[lp] if lp is not None else None)
+                                finish_reason=reason, logprobs=[lp] if lp is not None else None,
+                                error="the sampled token does not match the grammar" if reason is FinishReason.ERROR
+                                else None)
             if first and req.sampling.prompt_logprobs is not None:
                 out.prompt_logprobs = req.prompt_logprobs or [None]
             outputs.append(out)

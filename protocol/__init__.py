@@ -52,7 +52,7 @@ from protocol.errors import (
     VersionMismatch,
 )
 from protocol.fields import DEFAULT_MAX_FRAME_BYTES, DEFAULT_MAX_MESSAGE_BYTES, PROTOCOL_VERSION
-from protocol.payloads import (MigratableState, RequestLoadEntry, SamplingParams, TensorSpec, TokenLogprobs,
+from protocol.payloads import (Grammar, MigratableState, RequestLoadEntry, SamplingParams, TensorSpec, TokenLogprobs,
                                WorkerEndpoints)
 from protocol.to_frontend import (
     DispatchReply,

@@ -32,6 +32,18 @@ Penalty = Annotated[float, Meta(ge=-2.0, le=2.0)]
 TopLogprobs = Annotated[int, Meta(ge=0, le=MAX_LOGPROBS)]
 
 
+MAX_GRAMMAR_BYTES = 1 << 20
+
+
+class Grammar(msgspec.Struct, kw_only=True, frozen=True):
+    """Structured output: what the answer must match. `kind` "json_schema" (spec: the schema as
+    JSON text), "regex" (the whole answer), or "lark" (llguidance's Lark dialect, which can embed
+    JSON schemas with %json). The engine enforces it as a token mask (engine/grammar.py)."""
+
+    kind: Literal["json_schema", "regex", "lark"]
+    spec: Annotated[str, Meta(max_length=MAX_GRAMMAR_BYTES)]
+
+
 class SamplingParams(msgspec.Struct, kw_only=True, frozen=True, omit_defaults=True):
     """Mirror of engine.request.SamplingParams with its value ranges enforced on decode.
 
@@ -60,6 +72,7 @@ class SamplingParams(msgspec.Struct, kw_only=True, frozen=True, omit_defaults=Tr
     logprobs: TopLogprobs | None = None
     prompt_logprobs: TopLogprobs | None = None
     prior_output_tokens: Annotated[int, Meta(ge=0, le=MAX_PROMPT_TOKENS)] = 0
+    grammar: Grammar | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The keyword arguments of engine.request.SamplingParams (stop_token_ids as a list)."""
@@ -74,7 +87,7 @@ class SamplingParams(msgspec.Struct, kw_only=True, frozen=True, omit_defaults=Tr
                    frequency_penalty=params.frequency_penalty, repetition_penalty=params.repetition_penalty,
                    min_p=params.min_p, logit_bias=dict(params.logit_bias), min_tokens=params.min_tokens,
                    logprobs=params.logprobs, prompt_logprobs=params.prompt_logprobs,
-                   prior_output_tokens=params.prior_output_tokens)
+                   prior_output_tokens=params.prior_output_tokens, grammar=params.grammar)
 
 
 class TokenLogprobs(msgspec.Struct, frozen=True, array_like=True):

@@ -222,8 +222,10 @@ async def test_bad_requests_get_openai_errors(frontend):
             ({"model": "tiny", "prompt": "x", "n": 65}, 400, "invalid_value", "n"),
             ({"model": "tiny", "prompt": ["a", "b"], "n": 40}, 400, "invalid_value", "n"),
             ({"model": "tiny", "prompt": "x", "logit_bias": {"5": 1000}}, 400, "invalid_value", "logit_bias"),
-            ({"model": "tiny", "prompt": "x", "response_format": {"type": "json_object"}}, 400,
-             "unsupported_parameter", "response_format"),
+            ({"model": "tiny", "prompt": "x", "response_format": {"type": "json_schema"}}, 400,
+             "invalid_value", "response_format"),
+            ({"model": "tiny", "prompt": "x", "tools": [{"type": "function", "function": {"name": "f"}}]}, 400,
+             "unsupported_parameter", "tools"),
             ({"model": "tiny", "prompt": "x", "stop_token_ids": [-3]}, 400, "invalid_value", "stop_token_ids"),
             ({"model": "tiny", "prompt": "x" * 5000}, 413, "request_too_large", None),
         ]
@@ -243,8 +245,8 @@ async def test_bad_requests_get_openai_errors(frontend):
         assert r.status_code == 400
         tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
         r = await h.post("/v1/chat/completions", json={"model": "tiny", "messages": [{"role": "user", "content": "hi"}],
-                                                       "tools": [tool], "tool_choice": "auto"})
-        assert r.status_code == 400 and r.json()["error"]["param"] == "tools"  # not a 200 without tool calls
+                                                       "tools": [tool], "tool_choice": {"function": {"name": "g"}}})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "tool_choice"
         r = await h.post("/v1/completions", json={"prompt": "overload me"})
         assert r.status_code == 429 and r.json()["error"]["code"] == "overloaded" and r.headers["retry-after"]
         r = await h.get("/nope")

@@ -19,10 +19,7 @@ TOOL = {"type": "function", "function": {"name": "get_weather", "parameters": {"
 
 # field -> a value that asks for something (as real clients send it)
 ASKING: dict[str, Any] = {
-    "tools": [TOOL], "tool_choice": "required", "functions": [TOOL["function"]], "function_call": "auto",
-    "response_format": {"type": "json_object"}, "guided_json": {"type": "object"}, "guided_regex": "[a-z]+",
-    "guided_choice": ["yes", "no"], "guided_grammar": "root ::= \"a\"", "structured_outputs": {"json": {}},
-    "structural_tag": "{}", "bad_words": ["x"], "allowed_token_ids": [1, 2],
+    "functions": [TOOL["function"]], "function_call": "auto", "structural_tag": "{}", "bad_words": ["x"], "allowed_token_ids": [1, 2],
     "use_beam_search": True, "length_penalty": 0.5, "truncate_prompt_tokens": 5, "skip_special_tokens": False,
     "spaces_between_special_tokens": False, "return_tokens_as_token_ids": True, "continue_final_message": True,
     "add_generation_prompt": False, "chat_template": "{{ messages }}", "chat_template_kwargs": {"x": 1},
@@ -32,7 +29,7 @@ ASKING: dict[str, Any] = {
 # field -> values that ask for nothing
 NOTHING: dict[str, list[Any]] = {
     "tools": [None, []], "tool_choice": [None, "none"], "response_format": [None, {"type": "text"}],
-    "skip_special_tokens": [True], "add_generation_prompt": [True],
+    "guided_json": [None], "structured_outputs": [None, {}, {"json": None}], "skip_special_tokens": [True], "add_generation_prompt": [True],
     "modalities": [["text"]], "continue_final_message": [False],
 }
 
@@ -65,17 +62,15 @@ def test_fields_without_an_effect_on_the_answer_pass():
     assert PARSER.chat(body).prompt_ids
 
 
-def test_continuous_usage_stats_and_tool_calls_in_messages_are_refused():
+def test_continuous_usage_stats_and_legacy_function_calls_in_messages_are_refused():
     with pytest.raises(ApiError) as err:
         PARSER.chat({**CHAT, "stream": True, "stream_options": {"include_usage": True, "continuous_usage_stats": True}})
     assert err.value.param == "stream_options" and err.value.code == "unsupported_parameter"
     msgs = [{"role": "user", "content": "weather?"},
-            {"role": "assistant", "content": None, "tool_calls": [{"id": "c1", "type": "function",
-                                                                    "function": {"name": "f", "arguments": "{}"}}]},
-            {"role": "tool", "tool_call_id": "c1", "content": "sunny"}]
+            {"role": "assistant", "content": None, "function_call": {"name": "f", "arguments": "{}"}}]
     with pytest.raises(ApiError) as err:
         PARSER.chat({**CHAT, "messages": msgs})
-    assert err.value.param == "messages[1].tool_calls" and err.value.code == "unsupported_parameter"
+    assert err.value.param == "messages[1].function_call" and err.value.code == "unsupported_parameter"
 
 
 def test_stop_token_ids_are_implemented():
@@ -159,3 +154,108 @@ def test_bad_sampling_values_get_a_400_naming_the_field(endpoint: str, extra: di
     with pytest.raises(ApiError) as err:
         getattr(PARSER, endpoint)(body)
     assert err.value.status == 400 and err.value.param == param, err.value.message
+
+
+def test_structured_output_fields_become_one_grammar():
+    import json
+
+    from protocol.payloads import Grammar
+
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
+    cases = [
+        ({"response_format": {"type": "json_object"}}, Grammar(kind="json_schema", spec='{"type": "object"}')),
+        ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": schema, "strict": True}}},
+         Grammar(kind="json_schema", spec=json.dumps(schema))),
+        ({"guided_json": json.dumps(schema)}, Grammar(kind="json_schema", spec=json.dumps(schema))),
+        ({"guided_regex": "[a-z]+"}, Grammar(kind="regex", spec="[a-z]+")),
+        ({"guided_choice": ["yes", 'say "no"']}, Grammar(kind="lark", spec='start: "yes" | "say \\"no\\""')),
+        ({"guided_grammar": 'start: "a"'}, Grammar(kind="lark", spec='start: "a"')),
+        ({"structured_outputs": {"regex": "x+"}}, Grammar(kind="regex", spec="x+")),
+        ({"structured_outputs": {"json_object": True}}, Grammar(kind="json_schema", spec='{"type": "object"}')),
+    ]
+    for extra, want in cases:
+        assert PARSER.chat({**CHAT, **extra}).sampling.grammar == want, extra
+        assert PARSER.completion({**COMPLETION, **extra}).sampling.grammar == want, extra
+
+
+@pytest.mark.parametrize("extra,param", [
+    ({"response_format": {"type": "xml"}}, "response_format"),
+    ({"response_format": {"type": "json_schema"}}, "response_format"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"schema": "{bad"}}}, "response_format"),
+    ({"guided_regex": "[a-z"}, "guided_regex"),
+    ({"guided_choice": []}, "guided_choice"),
+    ({"guided_grammar": "start: nothing_here"}, "guided_grammar"),
+    ({"guided_json": 5}, "guided_json"),
+    ({"guided_regex": "a", "guided_choice": ["b"]}, "guided_choice"),
+    ({"structured_outputs": {"regex": "a", "choice": ["b"]}}, "structured_outputs"),
+    ({"structured_outputs": {"whitespace_pattern": " "}}, "structured_outputs"),
+])
+def test_bad_structured_output_gets_a_400_naming_the_field(extra, param):
+    with pytest.raises(ApiError) as err:
+        PARSER.chat({**CHAT, **extra})
+    assert err.value.status == 400 and err.value.param == param, err.value.message
+
+
+WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Weather of a city",
+                                            "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                                                           "required": ["city"]}}}
+
+
+def test_tools_go_into_the_prompt_and_forced_choices_into_a_grammar():
+    from services.frontend.tools import OPEN
+
+    auto = PARSER.chat({**CHAT, "tools": [WEATHER]})
+    prompt = TOK.decode(auto.prompt_ids)
+    assert "get_weather" in prompt and "<tools>" in prompt and auto.sampling.grammar is None
+    assert auto.tools.names == {"get_weather"} and auto.tools.choice == "auto"
+    for choice in ("required", {"type": "function", "function": {"name": "get_weather"}}):
+        p = PARSER.chat({**CHAT, "tools": [WEATHER], "tool_choice": choice})
+        assert p.sampling.grammar.kind == "lark" and OPEN in p.sampling.grammar.spec and "%json" in p.sampling.grammar.spec
+    none = PARSER.chat({**CHAT, "tools": [WEATHER], "tool_choice": "none"})
+    assert none.tools is None and "get_weather" not in TOK.decode(none.prompt_ids)
+    history = [{"role": "user", "content": "weather in Oslo?"},
+               {"role": "assistant", "content": None, "tool_calls": [
+                   {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}}]},
+               {"role": "tool", "tool_call_id": "c1", "content": "sunny"}]
+    text = TOK.decode(PARSER.chat({**CHAT, "messages": history, "tools": [WEATHER]}).prompt_ids)
+    assert '"name": "get_weather", "arguments": {"city": "Oslo"}' in text and "<tool_response>\nsunny" in text
+
+
+@pytest.mark.parametrize("extra,param", [
+    ({"tools": "x"}, "tools"),
+    ({"tools": [{"type": "function", "function": {"name": "bad name"}}]}, "tools[0]"),
+    ({"tools": [WEATHER, WEATHER]}, "tools"),
+    ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "other"}}}, "tool_choice"),
+    ({"tools": [WEATHER], "tool_choice": "sometimes"}, "tool_choice"),
+    ({"tool_choice": "required"}, "tool_choice"),
+    ({"tools": [WEATHER], "tool_choice": "required", "response_format": {"type": "json_object"}}, "tool_choice"),
+    ({"messages": [{"role": "assistant", "content": "", "tool_calls": [{"function": {"name": "f", "arguments": "{x"}}]}]},
+     "messages[0].tool_calls"),
+])
+def test_bad_tools_get_a_400_naming_the_field(extra, param):
+    with pytest.raises(ApiError) as err:
+        PARSER.chat({**CHAT, **extra})
+    assert err.value.status == 400 and err.value.param == param, err.value.message
+
+
+def test_tool_calls_are_parsed_out_of_whole_and_streamed_answers():
+    from services.frontend.tools import ToolCallStream, split_calls
+
+    names = {"get_weather"}
+    text = 'Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call>'
+    content, calls = split_calls(text, names)
+    assert content == "Let me check." and len(calls) == 1
+    assert calls[0]["function"] == {"name": "get_weather", "arguments": '{"city": "Oslo"}'}
+    assert calls[0]["id"].startswith("call_") and calls[0]["type"] == "function"
+    assert split_calls("no calls <tool_call>{oops}</tool_call>", names) == ("no calls <tool_call>{oops}</tool_call>", [])
+    assert split_calls('<tool_call>{"name": "unknown", "arguments": {}}</tool_call>', names)[1] == []
+    for step in (1, 3, 7, len(text)):  # any split of the stream gives the same content and calls
+        s = ToolCallStream(names)
+        got, got_calls = "", []
+        for i in range(0, len(text), step):
+            c, cs = s.feed(text[i:i + step])
+            got += c
+            got_calls += cs
+        got += s.finish()
+        assert got.strip() == "Let me check." and [c["function"] for c in got_calls] == [calls[0]["function"]]
+        assert got_calls[0]["index"] == 0

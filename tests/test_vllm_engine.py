@@ -249,6 +249,30 @@ def test_presence_and_frequency_penalties_keep_a_request_in_place(engine):
                                                              prior_output_tokens=2))
 
 
+def test_structured_output_equals_the_kvferry_engine(engine):
+    """The same grammar through vLLM's llguidance backend and ours: the same greedy answer; such a
+    request stays on its vLLM worker (vLLM's grammar would restart in a continuation)."""
+    from protocol.payloads import Grammar
+
+    folder = resolve_model_folder("tiny")
+    ours = LLMEngine.from_model(str(folder), EngineConfig(dtype="float32", num_blocks=256))
+    for g in (Grammar(kind="regex", spec="[a-e]{3,8}!"), Grammar(kind="lark", spec='start: "ab" | "cd" /[0-9]+/'),
+              Grammar(kind="json_schema", spec='{"type": "object", "properties": {"k": {"type": "integer"}}, '
+                                               '"required": ["k"]}')):
+        sp = SamplingParams(max_tokens=40, grammar=g)
+        a = [t for o in _outputs(engine, "vg", PROMPTS[1], sp) for t in o.new_token_ids]
+        b = [t for o in _outputs(ours, "tg", PROMPTS[1], sp) for t in o.new_token_ids]
+        eos = set(engine.eos_token_ids)
+        # vLLM also samples the EOS that a finished grammar forces; ours stops there
+        assert [t for t in a if t not in eos] == [t for t in b if t not in eos], g
+    engine.add_request("gm", PROMPTS[0], SamplingParams(max_tokens=30, grammar=Grammar(kind="regex", spec="[a-z]+")))
+    engine.step()
+    with pytest.raises(MigrationError, match="grammar"):
+        engine.detach_request("gm")
+    while "gm" in engine.requests:
+        engine.step()
+
+
 def test_eos_stops_like_the_kvferry_engine(engine):
     folder = resolve_model_folder("tiny")
     torch_engine = LLMEngine.from_model(str(folder), EngineConfig(dtype="float32", num_blocks=256))

@@ -43,10 +43,22 @@ from engine.request import (FinishReason, RequestOutput, RequestStatus, Sampling
 from engine.validation import check_new_request
 from engine.vllm_backend.kv_events import VllmKvEvents
 from protocol.kv_hash import namespace_hash
-from protocol.payloads import MigratableState, TokenLogprobs
+from protocol.payloads import Grammar, MigratableState, TokenLogprobs
 
 GiB = 1 << 30
 _FINISH = {"stop": FinishReason.STOP, "length": FinishReason.LENGTH, "abort": FinishReason.ABORT}
+
+
+def _structured(g: Grammar | None) -> Any:  # noqa: ANN401 - vllm StructuredOutputsParams
+    if g is None:
+        return None
+    from vllm.sampling_params import StructuredOutputsParams
+
+    if g.kind == "json_schema":
+        return StructuredOutputsParams(json=g.spec)
+    if g.kind == "regex":
+        return StructuredOutputsParams(regex=g.spec)
+    return StructuredOutputsParams(grammar=g.spec)
 
 
 def _entry(d: Any, token: int, k: int) -> TokenLogprobs:
@@ -162,7 +174,12 @@ class VllmEngine:
         self.connector = state_for(self.engine_id)
         kv_cfg = KVTransferConfig(kv_connector="KVFerryConnector", kv_role="kv_both", engine_id=self.engine_id,
                                   kv_connector_module_path="engine.vllm_backend.connector")
-        args = EngineArgs(model=str(folder), dtype=config.dtype, enforce_eager=True, skip_tokenizer_init=True,
+        from vllm.config import StructuredOutputsConfig
+
+        # The tokenizer only for structured output (llguidance, as the torch engine); ids in and out.
+        args = EngineArgs(model=str(folder), dtype=config.dtype, enforce_eager=True,
+                          skip_tokenizer_init=not (folder / "tokenizer.json").exists(),
+                          structured_outputs_config=StructuredOutputsConfig(backend="guidance"),
                           block_size=config.block_size, max_model_len=max_len, max_num_seqs=config.max_num_seqs,
                           max_num_batched_tokens=config.max_num_batched_tokens,  # chunked prefill beyond
                           enable_prefix_caching=config.prefix_caching, seed=config.seed, disable_log_stats=True,
@@ -241,7 +258,7 @@ class VllmEngine:
             raise InvalidRequestError(f"the prompt has {len(ids)} tokens, more than this instance's KV cache holds")
         if sampling.prior_output_tokens and self._counts_output_only(sampling):
             raise InvalidRequestError("vLLM workers cannot continue a request with presence or frequency penalties "
-                                      "(vLLM counts only its own output)")
+                                      "or a grammar (vLLM counts only its own output)")
         rec = VllmRequest(request_id, "", ids, len(ids), sampling, priority, cache_salt=cache_salt)
         self._submit(rec)
         return rec
@@ -262,13 +279,15 @@ class VllmEngine:
                    repetition_penalty=s.repetition_penalty, min_p=s.min_p,
                    logit_bias=dict(s.logit_bias) or None, min_tokens=max(0, s.min_tokens - done),
                    logprobs=s.logprobs,
-                   prompt_logprobs=s.prompt_logprobs if rec.num_output_tokens == 0 else None)
+                   prompt_logprobs=s.prompt_logprobs if rec.num_output_tokens == 0 else None,
+                   structured_outputs=_structured(s.grammar))
 
     @staticmethod
     def _counts_output_only(s: SamplingParams) -> bool:
-        """vLLM's presence and frequency penalties count the output of its own request: one that
-        continues a request (migrated, reattached, resumed) would forget the earlier output."""
-        return bool(s.presence_penalty or s.frequency_penalty)
+        """vLLM's presence and frequency penalties count the output of its own request, and its
+        grammar starts at that request's first output token: one that continues a request
+        (migrated, reattached, resumed) would forget the earlier output."""
+        return bool(s.presence_penalty or s.frequency_penalty or s.grammar is not None)
 
     def _submit(self, rec: VllmRequest, load_key: str | None = None) -> None:
         """Hand `rec` (its tokens so far) to vLLM, loading `load_key`'s KV if given."""
@@ -500,7 +519,8 @@ class VllmEngine:
         if rec.load_key is not None:
             raise MigrationError(f"{request_id!r} has not started here yet")
         if self._counts_output_only(rec.sampling):
-            raise MigrationError(f"{request_id!r} has presence/frequency penalties, which vLLM would reset")
+            raise MigrationError(f"{request_id!r} has presence/frequency penalties or a grammar, which vLLM would "
+                                 "reset")
         computed = int(v.num_computed_tokens)
         if computed and rec.sampling.prompt_logprobs is not None and rec.num_output_tokens == 0:
             raise MigrationError(f"{request_id!r} is computing its prompt logprobs")

@@ -16,6 +16,7 @@ from typing import Any
 from protocol.payloads import TokenLogprobs
 from services.frontend.generation import Delta
 from services.frontend.params import ParsedRequest
+from services.frontend.tools import ToolCallStream, split_calls
 
 
 class TokenTexts:
@@ -46,6 +47,7 @@ class ChoiceRenderer:
         self._prompt_text = parsed.prompt_texts[prompt_index] if prompt_index < len(parsed.prompt_texts) else None
         self._echo_pending = parsed.echo
         self._offset = 0  # completions' text_offset of the next token
+        self._calls = ToolCallStream(parsed.tools.names) if chat and parsed.tools is not None else None
 
     def wants(self, d: Delta) -> bool:
         """Whether a delta without text still needs a chunk: its tokens' logprobs, or the echo."""
@@ -135,8 +137,14 @@ class ChoiceRenderer:
         finish = "length" if self.parsed.no_output else out.finish_reason
         choice: dict[str, Any]
         if self.chat:
-            choice = {"index": self.index, "message": {"role": "assistant", "content": text},
-                      "logprobs": self._logprobs(ids, entries), "finish_reason": finish}
+            message: dict[str, Any] = {"role": "assistant", "content": text}
+            if self.parsed.tools is not None:
+                message["content"], calls = split_calls(text, self.parsed.tools.names)
+                if calls:
+                    message["tool_calls"] = calls
+                    finish = "tool_calls"
+            choice = {"index": self.index, "message": message, "logprobs": self._logprobs(ids, entries),
+                      "finish_reason": finish}
         else:
             choice = {"index": self.index, "text": text, "logprobs": self._logprobs(ids, entries),
                       "finish_reason": finish}
@@ -157,6 +165,13 @@ class ChoiceRenderer:
         choice: dict[str, Any]
         if self.chat:
             delta: dict[str, Any] = {"role": "assistant", "content": ""} if role else {"content": text}
+            if self._calls is not None and not role:
+                delta["content"], calls = self._calls.feed(text)
+                if finish:
+                    delta["content"] += self._calls.finish()
+                    finish = "tool_calls" if self._calls.calls else finish
+                if calls:
+                    delta["tool_calls"] = calls
             choice = {"index": self.index, "delta": delta, "logprobs": self._logprobs(ids, entries),
                       "finish_reason": finish}
         else:

@@ -14,6 +14,7 @@ accepted; other unknown fields are ignored. Extensions: `priority` (int, lower i
 from __future__ import annotations
 
 import hmac
+import json
 import math
 
 import msgspec
@@ -60,16 +61,8 @@ def _empty(v: Any) -> bool:
 
 # field -> whether a value asks for nothing (absent, null or the default), and what it would ask for
 UNSUPPORTED: dict[str, tuple[Any, str]] = {
-    "tools": (_empty, "tool calling"),
-    "tool_choice": (lambda v: v in (None, "none"), "tool calling"),
-    "functions": (_empty, "function calling"),
-    "function_call": (lambda v: v in (None, "none"), "function calling"),
-    "response_format": (lambda v: v is None or v == {"type": "text"}, "structured output (response_format)"),
-    "guided_json": (lambda v: v is None, "structured output (guided_json)"),
-    "guided_regex": (lambda v: v is None, "structured output (guided_regex)"),
-    "guided_choice": (lambda v: v is None, "structured output (guided_choice)"),
-    "guided_grammar": (lambda v: v is None, "structured output (guided_grammar)"),
-    "structured_outputs": (lambda v: v is None, "structured output"),
+    "functions": (_empty, "the legacy 'functions' (send 'tools')"),
+    "function_call": (lambda v: v in (None, "none"), "the legacy 'function_call' (send 'tool_choice')"),
     "structural_tag": (lambda v: v is None, "structured output (structural_tag)"),
     "bad_words": (_empty, "bad_words"),
     "allowed_token_ids": (lambda v: v is None, "allowed_token_ids"),
@@ -124,6 +117,7 @@ class ParsedRequest:
     include_stop_str: bool = False
     best_of: int = 1  # samples per prompt, of which the n most likely are answered
     prompt_logprobs: int | None = None  # vLLM's prompt_logprobs extra
+    tools: Any = None  # chat: services.frontend.tools.ToolSet (the answer's tool calls are parsed out)
 
     @property
     def samples_per_prompt(self) -> int:
@@ -252,7 +246,7 @@ class RequestParser:
         s = to_token(token_id) if to_token is not None else None
         return s if s is not None else self.tokenizer.decode([token_id], skip_special_tokens=False)
 
-    def _common(self, body: Any, prompt_ids_of, chat: bool) -> ParsedRequest:  # noqa: ANN001
+    def _common(self, body: Any, prompt_ids_of, chat: bool, tools: Any = None) -> ParsedRequest:  # noqa: ANN001
         self.check_model(body)
         n = _opt(body, "n", "int", 1, MAX_CHOICES)
         n = 1 if n is None else n
@@ -366,6 +360,14 @@ class RequestParser:
         engine_prompt_lps = max((v for v in (prompt_logprobs, logprobs if echo else None) if v is not None),
                                 default=None)
         engine_lps = logprobs if logprobs is not None else (0 if best_of > n else None)
+        from services.frontend.structured import grammar_of
+
+        grammar = grammar_of(body)
+        if tools is not None and tools.grammar() is not None:
+            if grammar is not None:
+                raise bad("a forced tool call ('tool_choice') and a response format cannot both constrain the answer",
+                          "tool_choice")
+            grammar = tools.grammar()
         sampling = SamplingParams(max_tokens=max_tokens, temperature=1.0 if temperature is None else float(temperature),
                                   top_p=1.0 if top_p is None else float(top_p),
                                   top_k=0 if top_k in (None, -1) else top_k, seed=seed, ignore_eos=ignore_eos,
@@ -373,13 +375,14 @@ class RequestParser:
                                   frequency_penalty=float(frequency),
                                   repetition_penalty=1.0 if repetition is None else float(repetition),
                                   min_p=float(min_p), logit_bias=logit_bias, min_tokens=min_tokens,
-                                  logprobs=engine_lps, prompt_logprobs=engine_prompt_lps)
+                                  logprobs=engine_lps, prompt_logprobs=engine_prompt_lps, grammar=grammar)
         texts = body.get("prompt") if not chat else None
         texts = texts if isinstance(texts, list) and texts and isinstance(texts[0], (str, list)) else [texts]
         return ParsedRequest(prompts[0], sampling, stops, priority, stream, include_usage, cache_salt or "", n,
                              prompts if len(prompts) > 1 else [], logprobs=logprobs, echo=echo,
                              prompt_texts=[t if isinstance(t, str) else None for t in texts], no_output=no_output,
-                             include_stop_str=include_stop, best_of=best_of, prompt_logprobs=prompt_logprobs)
+                             include_stop_str=include_stop, best_of=best_of, prompt_logprobs=prompt_logprobs,
+                             tools=tools)
 
     def _logit_bias(self, v: Any) -> dict[int, float]:
         """OpenAI's logit_bias: {"token id": bias in [-100, 100]} (JSON keys are strings)."""
@@ -406,6 +409,10 @@ class RequestParser:
     # ---- completions -----------------------------------------------------------------------------
 
     def completion(self, body: Any) -> ParsedRequest:
+        if isinstance(body, dict):
+            for name in ("tools", "tool_choice"):
+                if body.get(name) not in (None, [], "none"):
+                    raise bad(f"'{name}' is for chat completions", name, "unsupported_parameter")
         return self._common(body, self._prompts, chat=False)
 
     def _prompts(self, body: dict) -> list[list[int]]:
@@ -444,9 +451,13 @@ class RequestParser:
     # ---- chat ------------------------------------------------------------------------------------
 
     def chat(self, body: Any) -> ParsedRequest:
-        return self._common(body, lambda b: [self._chat_ids(b)], chat=True)
+        from services.frontend.tools import tool_set
 
-    def _chat_ids(self, body: dict) -> list[int]:
+        self.check_model(body)
+        tools = tool_set(body)
+        return self._common(body, lambda b: [self._chat_ids(b, tools)], chat=True, tools=tools)
+
+    def _chat_ids(self, body: dict, tools: Any = None) -> list[int]:
         messages = body.get("messages")
         if messages is None:
             raise bad("'messages' is required", "messages", "missing_required_parameter")
@@ -456,9 +467,10 @@ class RequestParser:
         for i, m in enumerate(messages):
             if not isinstance(m, dict) or not isinstance(m.get("role"), str):
                 raise bad(f"messages[{i}] must be an object with a string 'role'", f"messages[{i}]", "invalid_type")
-            if not _empty(m.get("tool_calls")) or not _empty(m.get("function_call")):
-                raise bad(f"messages[{i}]: tool calls in messages are not supported by this server (tool calling)",
-                          f"messages[{i}].tool_calls", "unsupported_parameter")
+            if not _empty(m.get("function_call")):
+                raise bad(f"messages[{i}]: the legacy 'function_call' is not supported by this server (send "
+                          "'tool_calls')", f"messages[{i}].function_call", "unsupported_parameter")
+            calls = self._message_calls(m.get("tool_calls"), i)
             content = m.get("content")
             if isinstance(content, list):  # content parts: text only
                 parts = []
@@ -471,9 +483,36 @@ class RequestParser:
                 content = ""
             elif not isinstance(content, str):
                 raise bad(f"messages[{i}].content must be a string", f"messages[{i}].content", "invalid_type")
-            norm.append({"role": _text(m["role"], f"messages[{i}].role"),
-                         "content": _text(content, f"messages[{i}].content")})
-        return self.encode_chat(norm)
+            msg: dict[str, Any] = {"role": _text(m["role"], f"messages[{i}].role"),
+                                   "content": _text(content, f"messages[{i}].content")}
+            if calls:
+                msg["tool_calls"] = calls
+            norm.append(msg)
+        from services.frontend.tools import render_messages
+
+        return self.encode_chat(render_messages(norm, tools))
+
+    @staticmethod
+    def _message_calls(calls: Any, i: int) -> list[dict[str, Any]]:
+        """An assistant message's earlier tool calls as {"name", "arguments"} (arguments parsed)."""
+        if _empty(calls):
+            return []
+        param = f"messages[{i}].tool_calls"
+        if not isinstance(calls, list):
+            raise bad(f"'{param}' must be a list", param, "invalid_type")
+        out = []
+        for c in calls:
+            f = c.get("function") if isinstance(c, dict) else None
+            if not isinstance(f, dict) or not isinstance(f.get("name"), str):
+                raise bad(f"'{param}' entries must be {{'type': 'function', 'function': {{'name', 'arguments'}}}}",
+                          param, "invalid_type")
+            args = f.get("arguments", "{}")
+            try:
+                args = json.loads(args) if isinstance(args, str) else args
+            except ValueError:
+                raise bad(f"'{param}': arguments must be JSON", param) from None
+            out.append({"name": f["name"], "arguments": args})
+        return out
 
     def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
         from engine.errors import InvalidRequestError

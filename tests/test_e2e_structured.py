@@ -1,0 +1,150 @@
+"""Structured output and tool calls end to end: SmolLM2 on 2 torch workers behind the frontend, the
+official openai client asking for `json_schema` answers, guided choices and tool calls (auto,
+required, named; whole and streamed), and the same again with `kvferry ctl migrate` moving the
+stream to the other worker halfway: the grammar's state is rebuilt there by replaying the output,
+so the answer is identical."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import jsonschema
+import openai
+import pytest
+
+from tests.test_e2e_cluster import wait_idle
+from tests.test_e2e_failures import start_cluster
+from tests.test_e2e_migration import ctl_migrate, locate
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
+
+MODEL = "smollm2"
+WORKERS = ("worker-0", "worker-1")
+PEOPLE = {"type": "object", "properties": {
+    "people": {"type": "array", "minItems": 12, "maxItems": 12, "items": {
+        "type": "object", "properties": {"name": {"type": "string", "maxLength": 12},
+                                         "age": {"type": "integer", "minimum": 1, "maximum": 99}},
+        "required": ["name", "age"], "additionalProperties": False}}},
+    "required": ["people"], "additionalProperties": False}
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "Get the current weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"},
+                                                    "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]}},
+                   "required": ["city"]}}}
+ASK_WEATHER = [{"role": "user", "content": "What is the weather like in Paris today?"}]
+
+
+@pytest.fixture(scope="module")
+def smol2():
+    c = start_cluster(2, {"engine": "torch", "model": MODEL, "dtype": "float32", "num_blocks": 512,
+                          "max_num_seqs": 8}, frontend={"model": MODEL})
+    try:
+        yield c
+    finally:
+        c.stop()
+
+
+@pytest.fixture
+async def client(smol2):
+    cl = openai.AsyncOpenAI(base_url=f"{smol2.http_url}/v1", api_key="x", timeout=300, max_retries=0)
+    yield cl
+    await cl.close()
+
+
+async def test_json_schema_answers_validate_whole_and_streamed(client):
+    fmt = {"type": "json_schema", "json_schema": {"name": "people", "schema": PEOPLE, "strict": True}}
+    msgs = [{"role": "user", "content": "List twelve people with their ages as JSON."}]
+    out = await client.chat.completions.create(model=MODEL, messages=msgs, response_format=fmt, max_tokens=400,
+                                               temperature=0)
+    jsonschema.validate(json.loads(out.choices[0].message.content), PEOPLE)
+    assert out.choices[0].finish_reason == "stop"
+    parts = []
+    async for ch in await client.chat.completions.create(model=MODEL, messages=msgs, response_format=fmt,
+                                                         max_tokens=400, temperature=0, stream=True):
+        if ch.choices:
+            parts.append(ch.choices[0].delta.content or "")
+    assert "".join(parts) == out.choices[0].message.content
+    obj = await client.completions.create(model=MODEL, prompt="A JSON object describing a cat:", max_tokens=300,
+                                          extra_body={"response_format": {"type": "json_object"}}, temperature=0)
+    text = obj.choices[0].text
+    if obj.choices[0].finish_reason == "stop":  # (it may run out of tokens inside a long string)
+        assert isinstance(json.loads(text), dict)
+    else:
+        assert text.lstrip().startswith("{")
+    choice = await client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Pick one."}],
+                                                  extra_body={"guided_choice": ["red", "green", "blue"]})
+    assert choice.choices[0].message.content in ("red", "green", "blue")
+
+
+async def test_tool_calls_come_back_as_tool_calls(client):
+    for choice in ("required", {"type": "function", "function": {"name": "get_weather"}}):
+        out = await client.chat.completions.create(model=MODEL, messages=ASK_WEATHER, tools=[WEATHER],
+                                                   tool_choice=choice, max_tokens=80, temperature=0)
+        msg = out.choices[0].message
+        assert out.choices[0].finish_reason == "tool_calls" and len(msg.tool_calls) == 1, msg
+        call = msg.tool_calls[0]
+        assert call.type == "function" and call.function.name == "get_weather" and call.id.startswith("call_")
+        jsonschema.validate(json.loads(call.function.arguments), WEATHER["function"]["parameters"])
+    streamed = []
+    finish = None
+    async for ch in await client.chat.completions.create(model=MODEL, messages=ASK_WEATHER, tools=[WEATHER],
+                                                         tool_choice="required", max_tokens=80, temperature=0,
+                                                         stream=True):
+        if ch.choices:
+            streamed += ch.choices[0].delta.tool_calls or []
+            finish = ch.choices[0].finish_reason or finish
+    assert finish == "tool_calls" and len(streamed) == 1 and streamed[0].index == 0
+    assert streamed[0].function.arguments == call.function.arguments
+    # The answer to the call goes back as a tool message; the model then answers in words.
+    follow = ASK_WEATHER + [{"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+                            {"role": "tool", "tool_call_id": call.id, "content": '{"temperature": 21, "sky": "clear"}'}]
+    out = await client.chat.completions.create(model=MODEL, messages=follow, tools=[WEATHER], max_tokens=40,
+                                               temperature=0)
+    assert out.choices[0].message.content and not out.choices[0].message.tool_calls
+
+
+async def test_a_migrated_json_schema_stream_equals_an_unmigrated_one(smol2, client):
+    fmt = {"type": "json_schema", "json_schema": {"name": "people", "schema": PEOPLE}}
+    msgs = [{"role": "user", "content": "Twelve people and their ages, as JSON, please."}]
+    kw = dict(model=MODEL, messages=msgs, response_format=fmt, max_tokens=400, temperature=0.7, seed=11)
+    ref = (await client.chat.completions.create(**kw)).choices[0].message.content
+    ids: asyncio.Queue = asyncio.Queue()
+
+    async def stream() -> str:
+        parts, sent = [], False
+        async for ch in await client.chat.completions.create(**kw, stream=True):
+            if not sent:
+                await ids.put(ch.id)
+                sent = True
+            if ch.choices:
+                parts.append(ch.choices[0].delta.content or "")
+        return "".join(parts)
+
+    task = asyncio.ensure_future(stream())
+    try:
+        rid = await asyncio.wait_for(ids.get(), 60)
+        found = None
+        for _ in range(100):
+            found = await locate(smol2, rid)
+            if found:
+                break
+            await asyncio.sleep(0.05)
+        assert found is not None, f"{rid} is on no worker"
+        worker_rid, src = found
+        await ctl_migrate(smol2, worker_rid, next(w for w in WORKERS if w != src))
+        text = await asyncio.wait_for(task, 300)
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    assert text == ref
+    jsonschema.validate(json.loads(text), PEOPLE)
+    wait_idle(smol2)
+
+
+async def test_a_bad_schema_is_a_400_and_the_cluster_keeps_serving(client):
+    with pytest.raises(openai.BadRequestError) as err:
+        await client.chat.completions.create(model=MODEL, messages=ASK_WEATHER, extra_body={"guided_regex": "[a-"})
+    assert err.value.body["param"] == "guided_regex"
+    out = await client.chat.completions.create(model=MODEL, messages=ASK_WEATHER, max_tokens=4)
+    assert out.choices[0].message.content
