@@ -148,3 +148,14 @@ async def test_a_bad_schema_is_a_400_and_the_cluster_keeps_serving(client):
     assert err.value.body["param"] == "guided_regex"
     out = await client.chat.completions.create(model=MODEL, messages=ASK_WEATHER, max_tokens=4)
     assert out.choices[0].message.content
+
+
+async def test_responses_api_with_a_json_schema_format(client):
+    schema = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 30}},
+              "required": ["city"], "additionalProperties": False}
+    r = await client.responses.create(model=MODEL, input="Name the capital of France as JSON.",
+                                      instructions="Answer in JSON.", max_output_tokens=60, temperature=0,
+                                      text={"format": {"type": "json_schema", "name": "capital", "schema": schema,
+                                                       "strict": True}})
+    assert r.status == "completed"
+    jsonschema.validate(json.loads(r.output_text), schema)

@@ -472,6 +472,40 @@ async def test_include_stop_str_in_output_keeps_the_stop_string(frontend, cluste
             assert r.json()["choices"][0]["text"] == want
 
 
+async def test_responses_api_text_subset_with_the_openai_client(frontend, cluster):
+    """/v1/responses: input + instructions become the chat prompt; the answer is a Response (output_text),
+    streamed as the Responses event sequence; max_output_tokens cuts it to status incomplete."""
+    client = openai.AsyncOpenAI(base_url=frontend.http_url + "/v1", api_key="none", max_retries=0)
+    r = await client.responses.create(model="tiny", input="Say hi", instructions="Be brief.")
+    assert r.output_text == ANSWER and r.status == "completed" and r.id.startswith("resp_")
+    assert r.usage.output_tokens == len(ANSWER_IDS)
+    want = TOK.encode_chat([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Say hi"}])
+    assert cluster.added[-1].prompt_token_ids == want
+    short = await client.responses.create(model="tiny", input=[{"role": "user", "content": [
+        {"type": "input_text", "text": "Say"}, {"type": "input_text", "text": " hi"}]}], max_output_tokens=5)
+    assert short.status == "incomplete" and short.incomplete_details.reason == "max_output_tokens"
+    assert short.output_text == TOK.decode(ANSWER_IDS[:5])
+    kinds, deltas, final = [], [], None
+    async for ev in await client.responses.create(model="tiny", input="Say hi", stream=True):
+        kinds.append(ev.type)
+        if ev.type == "response.output_text.delta":
+            deltas.append(ev.delta)
+        if ev.type == "response.completed":
+            final = ev.response
+    assert kinds[:4] == ["response.created", "response.in_progress", "response.output_item.added",
+                         "response.content_part.added"]
+    assert kinds[-4:] == ["response.output_text.done", "response.content_part.done", "response.output_item.done",
+                          "response.completed"]
+    assert "".join(deltas) == ANSWER and final.output_text == ANSWER
+    for extra, param in (({"tools": [{"type": "web_search"}]}, "tools"), ({"max_output_tokens": 0}, "max_output_tokens"),
+                         ({"previous_response_id": "resp_1"}, "previous_response_id"), ({"input": 5}, "input"),
+                         ({"text": {"format": {"type": "xml"}}}, "text")):
+        with pytest.raises(openai.BadRequestError) as err:
+            await client.responses.create(model="tiny", **{"input": "x", **extra})
+        assert err.value.body["param"] == param, (extra, err.value.body)
+    await client.close()
+
+
 async def test_n_choices_and_batched_prompts_are_engine_requests_of_their_own(frontend, cluster):
     """n > 1 and a list of prompts: one engine request per choice (`{id}-{index}`), choices indexed
     prompt by prompt, usage summed (each prompt counted once); seeded samples differ and repeat;

@@ -1,5 +1,6 @@
-"""The OpenAI-compatible HTTP API (FastAPI): completions, chat completions, models (and one model by
-id), vLLM's /tokenize, /detokenize and /version, health, metrics.
+"""The OpenAI-compatible HTTP API (FastAPI): completions, chat completions, responses (the text subset:
+services/frontend/responses_api.py), models (and one model by id), vLLM's /tokenize, /detokenize and
+/version, health, metrics.
 
 Every error is an OpenAI error body. A streaming response is SSE (`data: {...}\\n\\n` chunks, then
 `data: [DONE]`); with `stream_options.include_usage` a last chunk has empty `choices` and the
@@ -28,6 +29,7 @@ from services.frontend.generation import Delta, GenerateParams, GenerationError,
 from services.frontend.metrics import FrontendMetrics
 from services.frontend.params import ApiError, ParsedRequest, RequestParser, api_key_matches, bad
 from services.frontend.errors import RouteError
+from services.frontend.responses_api import ResponseBuilder, renamed, to_chat_body
 from services.frontend.router import Router, new_request_id
 from services.log import get_logger
 
@@ -137,6 +139,64 @@ def create_app(ctx: ApiContext) -> FastAPI:
     async def chat_completions(request: Request) -> Response:
         return await generate(request, await parse(request, chat=True), chat=True)
 
+    @app.post("/v1/responses")
+    async def responses(request: Request) -> Response:
+        auth(request)
+        body = await read_json(request)
+        try:
+            ctx.parser.check_model(body)
+            parsed = ctx.parser.chat(to_chat_body(body))
+        except ApiError as exc:
+            ctx.metrics.requests.labels(outcome="invalid").inc()
+            raise renamed(exc) from None
+        if parsed.n > 1:
+            raise bad("'n' is not part of the Responses API", "n", "unsupported_parameter")
+        if ctx.generator.active >= ctx.cfg.max_inflight:
+            ctx.metrics.requests.labels(outcome="rejected").inc()
+            raise ApiError(429, f"more than {ctx.cfg.max_inflight} requests in flight; retry later",
+                           code="too_many_requests", headers={"Retry-After": "1"})
+        builder = ResponseBuilder(ctx.model_name, body)
+        params = GenerateParams(builder.id, parsed.prompt_ids, parsed.sampling, parsed.stop, parsed.priority,
+                                ctx.cfg.request_timeout_s, parsed.cache_salt, parsed.include_stop_str)
+        deltas = ctx.generator.run(params)
+        first = await _start(request, deltas, builder.id)
+        if parsed.stream:
+            return StreamingResponse(_response_events(first, deltas, builder), media_type="text/event-stream",
+                                     headers=SSE_HEADERS)
+        try:
+            out = first if first.finish_reason else await _watch_disconnect(request, _rest(first, deltas), builder.id)
+        except GenerationError as exc:
+            raise ApiError(exc.status, exc.message, code=exc.code) from None
+        finally:
+            await deltas.aclose()
+        status, why = ("incomplete", "max_output_tokens") if out.finish_reason == "length" else ("completed", None)
+        return JSONResponse(builder.response(status, out.text, out.usage, why))
+
+    async def _response_events(first: Delta, deltas: AsyncIterator[Delta], b: ResponseBuilder) -> AsyncIterator[str]:
+        def sse(ev: dict[str, Any]) -> str:
+            return f"event: {ev['type']}\ndata: {_dumps(ev)}\n\n"
+
+        text: list[str] = []
+        try:
+            for ev in b.opening():
+                yield sse(ev)
+            d: Delta | None = first
+            while d is not None:
+                if d.text:
+                    text.append(d.text)
+                    yield sse(b.delta(d.text))
+                if d.finish_reason:
+                    for ev in b.closing("".join(text), d.finish_reason, d.usage):
+                        yield sse(ev)
+                    return
+                d = await deltas.__anext__()
+        except GenerationError as exc:
+            yield sse(b.event("error", code=exc.code, message=exc.message, param=None))
+        except StopAsyncIteration:
+            pass
+        finally:
+            await deltas.aclose()
+
     def model_card() -> dict[str, Any]:
         card = {"id": ctx.model_name, "object": "model", "created": ctx.created, "owned_by": "kvferry",
                 "root": ctx.model_name, "parent": None}
@@ -195,18 +255,7 @@ def create_app(ctx: ApiContext) -> FastAPI:
                                 ctx.cfg.request_timeout_s, parsed.cache_salt, parsed.include_stop_str)
         renderer = ChoiceRenderer(texts, parsed, chat, 0)
         deltas = ctx.generator.run(params)
-        try:
-            first = await _first(request, deltas, rid)
-        except RouteError as exc:
-            await deltas.aclose()
-            raise ApiError(exc.status, exc.message, code=exc.code,
-                           headers={"Retry-After": "1"} if exc.status in (429, 503) else None) from None
-        except GenerationError as exc:
-            await deltas.aclose()
-            raise ApiError(exc.status, exc.message, code=exc.code) from None
-        except BaseException:
-            await deltas.aclose()
-            raise
+        first = await _start(request, deltas, rid)
         if parsed.stream:
             return StreamingResponse(_sse(first, deltas, rid, chat, parsed, renderer), media_type="text/event-stream",
                                      headers=SSE_HEADERS)
@@ -346,8 +395,20 @@ def create_app(ctx: ApiContext) -> FastAPI:
             yield f"data: {_dumps(body)}\n\n"
         yield "data: [DONE]\n\n"
 
-    async def _first(request: Request, deltas: AsyncIterator[Delta], rid: str) -> Delta:
-        return await _watch_disconnect(request, deltas.__anext__(), rid)
+    async def _start(request: Request, deltas: AsyncIterator[Delta], rid: str) -> Delta:
+        """The first delta; a request that cannot start or fails first is an OpenAI error."""
+        try:
+            return await _watch_disconnect(request, deltas.__anext__(), rid)
+        except RouteError as exc:
+            await deltas.aclose()  # type: ignore[attr-defined]
+            raise ApiError(exc.status, exc.message, code=exc.code,
+                           headers={"Retry-After": "1"} if exc.status in (429, 503) else None) from None
+        except GenerationError as exc:
+            await deltas.aclose()  # type: ignore[attr-defined]
+            raise ApiError(exc.status, exc.message, code=exc.code) from None
+        except BaseException:
+            await deltas.aclose()  # type: ignore[attr-defined]
+            raise
 
     async def _watch_disconnect(request: Request, awaitable: Any, *rids: str) -> Any:
         """Await `awaitable`; abort the requests `rids` (a request's choices) if the client
