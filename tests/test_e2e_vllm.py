@@ -138,3 +138,28 @@ async def test_vllm_workers_feed_the_scheduler_s_prefix_index(cluster):
 
     assert await until(grown, 30, "the prompt's blocks indexed")
     wait_idle(cluster)
+
+
+async def test_logprobs_echo_sampling_controls_and_grammars_on_vllm_workers(cluster):
+    """The same request fields as on torch workers, answered by vLLM: logprobs and echo in OpenAI's
+    shapes, vLLM's penalties, and a regex / choice grammar through vLLM's guidance backend."""
+    client = openai.AsyncOpenAI(base_url=f"{cluster.http_url}/v1", api_key="x", timeout=300, max_retries=0)
+    try:
+        out = await client.completions.create(model=MODEL, prompt=[5, 6, 7, 8], max_tokens=6, logprobs=2, echo=True,
+                                              temperature=0, extra_body={"ignore_eos": True})
+        lp = out.choices[0].logprobs
+        assert len(lp.tokens) == 10 and lp.token_logprobs[0] is None
+        assert all(v <= 0 for v in lp.token_logprobs[1:]) and all(len(t) >= 1 for t in lp.top_logprobs[1:])
+        pen = await client.completions.create(model=MODEL, prompt="abc", max_tokens=12, temperature=0,
+                                              frequency_penalty=1.5, extra_body={"ignore_eos": True,
+                                                                                 "repetition_penalty": 1.3})
+        assert pen.choices[0].text
+        rx = await client.completions.create(model=MODEL, prompt="abc", max_tokens=20,
+                                             extra_body={"guided_regex": "[a-e]{3,6}!"})
+        assert re.fullmatch("[a-e]{3,6}!", rx.choices[0].text), rx.choices[0].text
+        ch = await client.completions.create(model=MODEL, prompt="abc", max_tokens=20,
+                                             extra_body={"guided_choice": ["left", "right"]})
+        assert ch.choices[0].text in ("left", "right")
+    finally:
+        await client.close()
+    wait_idle(cluster)

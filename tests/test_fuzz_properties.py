@@ -178,7 +178,9 @@ EDGES = st.sampled_from(EDGE_VALUES)
 KEYS = ["model", "prompt", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "seed",
         "priority", "ignore_eos", "stop", "stream", "stream_options", "n", "best_of", "logprobs", "top_logprobs",
         "echo", "suffix", "presence_penalty", "frequency_penalty", "user", "tools", "tool_choice", "response_format",
-        "logit_bias", "min_p", "min_tokens", "repetition_penalty", "stop_token_ids", "add_generation_prompt"]
+        "logit_bias", "min_p", "min_tokens", "repetition_penalty", "stop_token_ids", "add_generation_prompt",
+        "include_stop_str_in_output", "prompt_logprobs", "guided_json", "guided_regex", "guided_choice",
+        "structured_outputs"]
 VALID_COMPLETION = {"model": "tiny", "prompt": "Once upon a time", "max_tokens": 8, "temperature": 0.5,
                     "top_p": 0.9, "seed": 1, "stop": ["\n"], "stream": True,
                     "stream_options": {"include_usage": True}}
@@ -225,6 +227,12 @@ def check_parse(body: Any, chat: bool) -> None:
     # Whatever the API accepts, a worker's decoder accepts: no request dies later on the wire.
     validate(AddRequest(request_id="cmpl-x", prompt_token_ids=parsed.prompt_ids, sampling=parsed.sampling,
                         priority=parsed.priority, frontend_id="fe", reply_address="tcp://127.0.0.1:1"))
+    # ... and the engine: its own checks of the sampling fields pass (no request fails on the worker)
+    from engine.request import SamplingParams as EngineSampling
+
+    for _, sp in parsed.choices():
+        EngineSampling.from_dict(sp.to_dict()).validate()
+        assert all(0 <= t < TOK.vocab_size for t in sp.logit_bias)
     for s in parsed.stop:
         s.encode("utf-8")
 

@@ -268,3 +268,16 @@ def test_a_bad_grammar_is_an_invalid_request_and_nothing_is_queued(smol_engine):
         with pytest.raises(InvalidRequestError):
             eng.add_request("bad", [1, 2, 3], SamplingParams(grammar=g))
     assert not eng.requests and eng.blocks.num_used == 0
+
+
+def test_a_resumed_grammar_request_replays_its_earlier_output(smol_engine):
+    """Resumption by recompute: the delivered tokens end the new prompt (prior_output_tokens); the
+    matcher consumes them first, so the rest of the answer is the uninterrupted one's."""
+    eng = smol_engine
+    sp = SamplingParams(max_tokens=60, grammar=grammar("json_schema", SCHEMA))
+    p = chat_ids(eng, "A person, in JSON.")
+    whole = eng.generate([p], sp)[0].output_token_ids
+    k = 4
+    rest = eng.generate([p + whole[:k]], SamplingParams(max_tokens=60 - k, grammar=sp.grammar,
+                                                        prior_output_tokens=k))[0].output_token_ids
+    assert whole[:k] + rest == whole

@@ -121,7 +121,11 @@ def grammar_of(body: dict) -> Grammar | None:
 
 def check(g: Grammar, param: str) -> None:
     """400 naming `param` if `g` does not compile (or is too large)."""
-    if len(g.spec.encode()) > MAX_GRAMMAR_BYTES:
+    try:
+        size = len(g.spec.encode("utf-8"))
+    except UnicodeEncodeError:  # JSON can carry lone surrogates (\ud800) that no grammar takes
+        raise bad(f"'{param}' is not valid Unicode (a lone surrogate)", param) from None
+    if size > MAX_GRAMMAR_BYTES:
         raise bad(f"'{param}' is larger than {MAX_GRAMMAR_BYTES} bytes", param)
     try:
         check_grammar(g)
