@@ -43,7 +43,13 @@ class Tokenizer:
     def id_to_token(self, token_id: int) -> str | None:
         return self.backend.id_to_token(token_id)
 
-    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
+    @property
+    def template_has_tools(self) -> bool:
+        """Whether the chat template renders `tools` itself (else the caller writes them into a message)."""
+        return bool(self.chat_template) and "tools" in self.chat_template
+
+    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
+                            tools: list[dict[str, Any]] | None = None) -> str:
         if self._template is None:
             raise InvalidRequestError("this model has no chat template; send a plain prompt instead")
         if not isinstance(messages, list) or not messages:
@@ -53,10 +59,11 @@ class Tokenizer:
                 raise InvalidRequestError("each message needs a string 'role' and a string 'content'")
         bos = self.id_to_token(self.bos_token_id) if self.bos_token_id is not None else ""
         eos = self.id_to_token(self.eos_token_ids[0]) if self.eos_token_ids else ""
+        extra = {"tools": tools} if tools is not None else {}
         return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                     bos_token=bos, eos_token=eos)
+                                     bos_token=bos, eos_token=eos, **extra)
 
-    def encode_chat(self, messages: list[dict[str, Any]]) -> list[int]:
-        text = self.apply_chat_template(messages)
+    def encode_chat(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> list[int]:
+        text = self.apply_chat_template(messages, tools=tools)
         # Templates write the BOS themselves where the model wants one.
         return self.backend.encode(text, add_special_tokens=False).ids

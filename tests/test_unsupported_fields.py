@@ -259,3 +259,20 @@ def test_tool_calls_are_parsed_out_of_whole_and_streamed_answers():
         got += s.finish()
         assert got.strip() == "Let me check." and [c["function"] for c in got_calls] == [calls[0]["function"]]
         assert got_calls[0]["index"] == 0
+
+
+def test_a_template_with_a_tools_section_renders_tools_and_calls_itself():
+    from engine.tokenizer import Tokenizer
+
+    template = ("{% if tools %}<tools>{% for t in tools %}{{ t.function.name }};{% endfor %}</tools>{% endif %}"
+                "{% for m in messages %}[{{ m.role }}]{{ m.content }}{% for c in m.tool_calls or [] %}"
+                "CALL {{ c.function.name }} {{ c.function.arguments | tojson }}{% endfor %}{% endfor %}")
+    tok = Tokenizer(TOK.backend, TOK.eos_token_ids, chat_template=template)
+    parser = RequestParser(FrontendConfig(), tok, "tiny", (), max_context=4096)
+    history = [{"role": "user", "content": "weather in Oslo?"},
+               {"role": "assistant", "content": None, "tool_calls": [
+                   {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}}]},
+               {"role": "tool", "tool_call_id": "c1", "content": "sunny"}]
+    text = tok.decode(parser.chat({**CHAT, "messages": history, "tools": [WEATHER]}).prompt_ids)
+    assert text == ('<tools>get_weather;</tools>[user]weather in Oslo?[assistant]CALL get_weather {"city": "Oslo"}'
+                    "[tool]sunny")

@@ -490,7 +490,11 @@ class RequestParser:
             norm.append(msg)
         from services.frontend.tools import render_messages
 
-        return self.encode_chat(render_messages(norm, tools))
+        native = getattr(self.tokenizer, "template_has_tools", False)
+        if not native:
+            return self.encode_chat(render_messages(norm, tools))
+        schemas = [{"type": "function", "function": f} for f in tools.functions] if tools is not None else None
+        return self.encode_chat(render_messages(norm, tools, native=True), schemas)
 
     @staticmethod
     def _message_calls(calls: Any, i: int) -> list[dict[str, Any]]:
@@ -514,10 +518,11 @@ class RequestParser:
             out.append({"name": f["name"], "arguments": args})
         return out
 
-    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
+    def encode_chat(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> list[int]:
         from engine.errors import InvalidRequestError
 
         try:
-            return self.tokenizer.encode_chat(messages)
+            return self.tokenizer.encode_chat(messages, tools) if tools is not None else \
+                self.tokenizer.encode_chat(messages)
         except InvalidRequestError as exc:
             raise bad(str(exc), "messages") from None

@@ -1,7 +1,8 @@
 """Tool calling, Hermes-style: tools into the prompt, `<tool_call>{json}</tool_call>` out of the answer.
 
-A model whose chat template has a tools section gets the tools through it (`tools` in the
-template's context). Otherwise (SmolLM2's GGUF template has none) the tool schemas go into the
+A model whose chat template has a tools section gets the tools and earlier calls through it
+(`tools` in the template's context, `tool_calls` on its messages; the answer is still parsed for
+`<tool_call>` blocks, the convention of such templates). Otherwise (SmolLM2's GGUF template has none) the tool schemas go into the
 system message in the Hermes convention, and the model answers a call as
 `<tool_call>\n{"name": ..., "arguments": {...}}\n</tool_call>`, parsed back into OpenAI's
 `message.tool_calls` (streamed as `delta.tool_calls`, each call whole in one chunk) with
@@ -102,18 +103,27 @@ def tool_set(body: dict) -> ToolSet | None:
     return ToolSet(fns, name)
 
 
-def render_messages(messages: list[dict[str, Any]], tools: ToolSet | None) -> list[dict[str, str]]:
-    """Chat messages with tool calls and tool results as text, and the tools' system prompt first."""
-    out: list[dict[str, str]] = []
+def render_messages(messages: list[dict[str, Any]], tools: ToolSet | None,
+                    native: bool = False) -> list[dict[str, Any]]:
+    """Chat messages with tool calls and tool results as text, and the tools' system prompt first.
+    `native`: the chat template renders tools and calls itself; the messages keep their tool_calls
+    ({"type": "function", "function": {"name", "arguments"}}) and nothing is added."""
+    out: list[dict[str, Any]] = []
     for m in messages:
         content = m["content"]
+        if native:
+            msg: dict[str, Any] = {"role": m["role"], "content": content}
+            if m.get("tool_calls"):
+                msg["tool_calls"] = [{"type": "function", "function": c} for c in m["tool_calls"]]
+            out.append(msg)
+            continue
         if m.get("tool_calls"):
             calls = "\n".join(f"{OPEN}\n{json.dumps(c)}\n{CLOSE}" for c in m["tool_calls"])
             content = f"{content}\n{calls}" if content else calls
         if m["role"] == "tool":
             content = f"<tool_response>\n{content}\n</tool_response>"
         out.append({"role": m["role"], "content": content})
-    if tools is not None:
+    if tools is not None and not native:
         if out and out[0]["role"] == "system":
             out[0] = {"role": "system", "content": tools.system_prompt() + "\n\n" + out[0]["content"]}
         else:
