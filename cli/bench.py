@@ -20,6 +20,7 @@ import bench.frontend
 import bench.migration
 import bench.overhead
 import bench.paper
+import bench.pd
 import bench.prefix
 import bench.restart
 import bench.serve
@@ -33,8 +34,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="run a benchmark", description="Benchmarks (kvferry bench KIND --help).")
     kinds = p.add_subparsers(dest="bench_kind", metavar="KIND", title="kinds")
     kinds.required = True
-    for add in (_engine, _cached_prefill, _frontend, _migration, _transfer, _simulate, _paper, _prefix, _serve, _chaos,
-                _restart, _overhead):
+    for add in (_engine, _cached_prefill, _frontend, _migration, _transfer, _simulate, _paper, _prefix, _pd, _serve,
+                _chaos, _restart, _overhead):
         add(kinds)
 
 
@@ -213,6 +214,25 @@ def _prefix(kinds: argparse._SubParsersAction) -> None:
     p.add_argument("--quick", action="store_true", help="a small version: 4 instances, 120 requests, one rate")
     p.add_argument("--json", metavar="FILE", help="write one row per (trace, rate, policy) as a JSON list to FILE")
     p.set_defaults(func=_call(bench.prefix.run, bench.prefix.Options))
+
+
+def _pd(kinds: argparse._SubParsersAction) -> None:
+    p = kinds.add_parser("pd", help="prefill/decode disaggregation on the simulator: colocated vs P:D vs adaptive",
+                         description=bench.pd.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--traces", default=",".join(bench.pd.TRACES), help="comma-separated (default: all three)")
+    p.add_argument("--rates", help="comma-separated requests/s (default: 2048-256 4, 1024-128 9, shift 4, scaled "
+                                   "to the instances)")
+    p.add_argument("--modes", default=",".join(bench.pd.MODES),
+                   help="comma-separated: colocated, pd-P:D, adaptive (default: %(default)s, its splits scaled to the instances)")
+    p.add_argument("--requests", type=positive_int, help="requests per run (default: 1500; --quick: 200)")
+    p.add_argument("--instances", type=positive_int, help="instances (default: 16; --quick: 4)")
+    p.add_argument("--ttft-slo", type=float, default=10.0, help="goodput's TTFT bound, s (default: 10)")
+    p.add_argument("--tpot-slo", type=float, default=0.1, help="goodput's TPOT bound, s (default: 0.1)")
+    p.add_argument("--seed", type=int, default=0, help="trace seed (default: 0)")
+    p.add_argument("--quick", action="store_true", help="a small version: 4 instances, 200 requests")
+    p.add_argument("--jobs", type=positive_int, help="runs in parallel processes (default: the CPU count)")
+    p.add_argument("--json", metavar="FILE", help="write one row per (trace, rate, mode) as a JSON list to FILE")
+    p.set_defaults(func=_call(bench.pd.run, bench.pd.Options))
 
 
 def _serve(kinds: argparse._SubParsersAction) -> None:

@@ -56,6 +56,12 @@ class PolicyConfig:
     scale_interval_s: float = 10.0
     min_instances: int = 1
     max_instances: int = 1
+    # Prefill/decode disaggregation (policy.pd): "off" (every instance mixed), "fixed" (the
+    # configured roles), "adaptive" (decode instances lend themselves to prefill under a backlog).
+    pd_mode: str = "off"
+    pd_prefill_backlog_tokens: int = 8192  # queued prefill tokens per prefill instance that call for help
+    pd_decode_room: float = 30.0  # ... lent only while the decode instances are this free on average
+    pd_role_interval_s: float = 2.0
 
     def is_high(self, priority: int) -> bool:
         return priority < self.high_priority_below

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 
 from policy.config import POLICY_NAMES, PolicyConfig, named_policy
 from policy.freeness import freeness
+from policy.pd import dispatch_candidates
 from policy.snapshot import InstanceLoad
 
 POLICIES = POLICY_NAMES
@@ -73,7 +74,7 @@ def dispatch(policy: str | PolicyConfig, instances: Sequence[InstanceLoad], stat
     leading blocks (of `block_size` tokens) of the request's `prompt_tokens`-token prompt it holds
     (policy.PrefixIndex.match); absent instances hold none. Updates `state` with the choice."""
     cfg = policy if isinstance(policy, PolicyConfig) else named_policy(policy)
-    cands = sorted(eligible(instances), key=lambda i: i.instance_id)
+    cands = sorted(dispatch_candidates(eligible(instances), cfg), key=lambda i: i.instance_id)
     if not cands:
         return None
     hits = {i.instance_id: hit_tokens(cached_blocks.get(i.instance_id, 0), prompt_tokens, block_size)

@@ -27,6 +27,7 @@ from collections.abc import Callable, Collection, Hashable, Iterable, Mapping, S
 from dataclasses import dataclass
 
 from policy.config import PolicyConfig
+from policy.pd import hands_off, takes_decode
 from policy.freeness import freeness, serves_high
 from policy.snapshot import InstanceLoad, RequestLoad
 
@@ -75,7 +76,8 @@ def migration_sources(instances: Iterable[InstanceLoad], cfg: PolicyConfig | Non
                     key=lambda i: (-i.num_running, i.instance_id))
     if cfg is None or not cfg.migrate:
         return drains
-    loaded = sorted((i for i in insts if not i.draining and is_overloaded(i, cfg)),
+    # A prefill instance's requests leave by hand-off (policy.pd), not by load balancing.
+    loaded = sorted((i for i in insts if not i.draining and not hands_off(i, cfg) and is_overloaded(i, cfg)),
                     key=lambda i: (freeness(i, cfg=cfg), i.instance_id))
     return drains + loaded
 
@@ -111,7 +113,7 @@ def plan_migrations(instances: Sequence[InstanceLoad], in_flight: Iterable[tuple
     for src, dst in in_flight:
         out_n[src] += 1
         in_n[dst] += 1
-    dests = {i.instance_id: i for i in instances if i.alive and not i.draining}
+    dests = {i.instance_id: i for i in instances if i.alive and not i.draining and takes_decode(i, cfg)}
     taken = set(busy_requests)
     plans: list[PlannedMigration] = []
     for src in migration_sources(instances, cfg):

@@ -32,6 +32,7 @@ class InstanceLoad:
     max_running: int | None = None  # instance refuses new requests beyond this many running + waiting
     queued_prefill_tokens: int = 0  # prompt tokens still to prefill (waiting requests, unfinished chunked prefills)
     block_size: int = 16  # tokens per KV block (turns the priority load cap, in tokens, into blocks)
+    role: str = "mixed"  # prefill | decode | mixed (policy.pd; honoured when PolicyConfig.pd_mode is not "off")
 
     @property
     def used_blocks(self) -> int:

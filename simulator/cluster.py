@@ -28,9 +28,10 @@ from typing import Any
 from engine.block_manager import KvEventBatch, blocks_for
 from engine.engine import LLMEngine
 from engine.errors import InvalidRequestError
-from engine.request import SamplingParams
+from engine.request import RequestStatus, SamplingParams
 from engine.sim.executor import sim_token
-from policy import DispatchState, InstanceLoad, PolicyConfig, dispatch, plan_migrations, scaling_decision
+from policy import DispatchState, InstanceLoad, PlannedMigration, PolicyConfig, dispatch, plan_migrations, scaling_decision
+from policy.pd import RoleState, hands_off, handoff_target, role_changes
 from policy.freeness import freeness
 from policy.migration import migration_sources
 from policy.prefix_index import PrefixIndex
@@ -107,6 +108,9 @@ class ClusterSim:
         self.last_joined_s = -math.inf  # when the newest started instance began serving
         self.scale_actions: list[tuple[float, str, str]] = []
         self._n_inst = 0
+        self.pd = policy.pd_mode != "off"
+        self.roles = RoleState({})
+        self.handoffs = {"started": 0, "no_target": 0, "role_changes": 0}
 
     # ---- event plumbing (the Host protocol of simulator.migration) ---------------------------------
 
@@ -141,6 +145,8 @@ class ClusterSim:
     def _new_instance(self, now: float, ready_s: float) -> SimInstance:
         engine = LLMEngine.sim(self.latency, self.engine_config, clock="virtual", max_model_len=self.max_model_len)
         inst = SimInstance(f"i{self._n_inst:02d}", engine, now, ready_s)
+        inst.role = self.cfg.role(self._n_inst)
+        self.roles.configured[inst.id] = inst.role
         if self.use_index:
             engine.enable_kv_events()
             inst.kv_sink = self._kv_events
@@ -220,6 +226,8 @@ class ClusterSim:
             if o.new_token_ids:
                 if rec.first_token_s is None:
                     rec.first_token_s = now
+                    if self.pd and not o.finished and hands_off(inst.report, self.policy):
+                        self._hand_off(inst, rid, now)
                 else:
                     rec.itl.append(now - rec.last_token_s)
                 rec.last_token_s = now
@@ -233,6 +241,24 @@ class ClusterSim:
                 inst.high.pop(rid, None)
                 self.req_prefixes.forget(rid)
                 self.done += 1
+
+    def _hand_off(self, inst: SimInstance, rid: str, now: float, retry: bool = False) -> None:
+        """A prefilled request on a prefill instance moves to a decode instance (policy.pd) at
+        once: the live worker starts the move itself, toward the target the scheduler keeps fresh."""
+        if rid in self.migrator.in_flight:
+            return
+        need = inst.engine.blocks.num_owned(rid) + 1
+        snaps = [i.report for i in self.live]
+        target = handoff_target(snaps, self.policy, need, exclude={inst.id})
+        if target is None:
+            if not retry:
+                self.handoffs["no_target"] += 1
+            return
+        dst = self.by_id[target]
+        if self.migrator.start(PlannedMigration(inst.id, target, rid, "handoff"), inst, dst, now):
+            self.handoffs["started"] += 1
+            r = dst.report  # count it there until the destination reports
+            dst.report = replace(r, free_blocks=max(0, r.free_blocks - need), num_running=r.num_running + 1)
 
     # ---- arrivals and dispatch ---------------------------------------------------------------------
 
@@ -298,6 +324,20 @@ class ClusterSim:
             return
         self.schedule(now + self.policy.migration_interval_s, self._round, None)
         snaps = [i.report for i in self.live]
+        for iid, role in role_changes(snaps, self.policy, self.roles, now):
+            inst = self.by_id[iid]
+            inst.role = role
+            inst.take_report(now)
+            self.handoffs["role_changes"] += 1
+            snaps = [i.report for i in self.live]
+        if self.pd:  # hand-offs that found no room when their prefill finished: try again
+            for inst in self.live:
+                if hands_off(inst.report, self.policy):
+                    for rid, req in list(inst.engine.requests.items()):
+                        if req.num_output_tokens and req.status is RequestStatus.RUNNING \
+                                and rid not in inst.engine.detached:
+                            self._hand_off(inst, rid, now, retry=True)
+            snaps = [i.report for i in self.live]
         sources = migration_sources(snaps, self.policy)
         if not sources:
             return
@@ -377,7 +417,7 @@ class ClusterSim:
         for _ in range(n0):
             inst = self._new_instance(0.0, 0.0)
             self.live.append(inst)
-        if self.policy.migrate or self.cfg.scaling:
+        if self.policy.migrate or self.cfg.scaling or self.pd:
             self.schedule(self.policy.migration_interval_s, self._round, None)
         if self.cfg.scaling:
             self.schedule(self.cfg.scale_check_s, self._scale, None)
@@ -424,6 +464,8 @@ class ClusterSim:
         s["wall_s"] = wall_s
         if self.cfg.scaling:
             s["scale_actions"] = len(self.scale_actions)
+        if self.pd:
+            s["pd"] = dict(self.handoffs)
         return SimResult(records, s, lifetimes, wall_s)
 
     @staticmethod

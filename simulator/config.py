@@ -45,6 +45,17 @@ class SimConfig:
     scaling: bool = False  # run policy.scaling_decision (its bounds and thresholds: PolicyConfig)
     scale_check_s: float = 1.0  # how often scaling is evaluated (PolicyConfig.scale_interval_s spaces actions)
     startup_s: float = 10.0  # from starting an instance until it serves (it is paid for meanwhile)
+    # Prefill/decode roles (policy.pd; honoured with PolicyConfig.pd_mode "fixed" or "adaptive"):
+    # the first `prefill_instances` instances are prefill, the next `decode_instances` decode, the rest mixed.
+    prefill_instances: int = 0
+    decode_instances: int = 0
+
+    def role(self, index: int) -> str:
+        if index < self.prefill_instances:
+            return "prefill"
+        if index < self.prefill_instances + self.decode_instances:
+            return "decode"
+        return "mixed"
 
     def __post_init__(self) -> None:
         if self.instances < 1:
@@ -54,6 +65,9 @@ class SimConfig:
         for name in ("report_interval_s", "sample_interval_s", "scale_check_s"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be positive")
+        if self.prefill_instances < 0 or self.decode_instances < 0 or \
+                self.prefill_instances + self.decode_instances > self.instances:
+            raise ConfigError("prefill + decode instances must be within the instances")
         if self.startup_s < 0 or not self.transfer.gb_per_s > 0 or self.transfer.overhead_s < 0:
             raise ConfigError("startup_s and the transfer overhead must be >= 0, the bandwidth positive")
 

@@ -23,7 +23,7 @@ class SimInstance:
 
     __slots__ = ("id", "engine", "started_s", "ready_s", "stopped_s", "busy", "outputs", "draining",
                  "high", "detach_queue", "migrations", "report", "last_report_s", "preemptions_seen", "steps",
-                 "kv_sink")
+                 "kv_sink", "role")
 
     def __init__(self, instance_id: str, engine: LLMEngine, started_s: float, ready_s: float) -> None:
         self.id = instance_id
@@ -43,6 +43,7 @@ class SimInstance:
         # Traces with reuse: the cluster's prefix index, fed the engine's KV events with each report
         # (as a live worker publishes them with its load reports).
         self.kv_sink: Callable[[str, KvEventBatch], None] | None = None
+        self.role = "mixed"  # policy.pd
         self.report = self.snapshot()
 
     def step(self) -> float:
@@ -85,7 +86,7 @@ class SimInstance:
         queued = s.queued_prefill_tokens()
         return InstanceLoad(self.id, b.num_blocks, b.num_free, len(s.running), len(s.waiting),
                             blocks_for(head.num_tokens, b.block_size) if head else 0, reqs, draining=self.draining,
-                            queued_prefill_tokens=queued, block_size=b.block_size)
+                            queued_prefill_tokens=queued, block_size=b.block_size, role=self.role)
 
     def request_loads(self) -> tuple[RequestLoad, ...]:
         """Every request here as the policy sees it (detached ones count as not running)."""
