@@ -9,6 +9,8 @@
                                                  off (the worker is told to drain); with --wait, until
                                                  it reports no requests
     kvferry ctl undrain ID                       dispatch to it again (stops the drain migrations)
+    kvferry ctl role ID ROLE                     serve as prefill, decode or mixed from now on
+                                                 (prefill/decode disaggregation)
 
 The scheduler is found at --scheduler ENDPOINT, else from --base-port / --config / KVFERRY_*. With
 CurveZMQ on, ctl connects with the `client` keypair of --curve-keys DIR (or [cluster] curve_keys_dir).
@@ -73,6 +75,13 @@ def register(sub: argparse._SubParsersAction) -> None:
                            "reports no requests (exit 1 if not)")
         common(d)
         d.set_defaults(func=run_drain, draining=name == "drain")
+    r = ctl.add_parser("role", help="change an instance's prefill/decode role",
+                       description="Serve as prefill (new requests, handed off to a decode instance once "
+                                   "prefilled), decode (hand-offs only) or mixed (both) from now on.")
+    r.add_argument("instance", metavar="ID", help="the instance (worker) id")
+    r.add_argument("role", choices=("mixed", "prefill", "decode"))
+    common(r)
+    r.set_defaults(func=run_role)
 
 
 async def _wait_until(ask: Callable[[Any], Awaitable[Any]], include_requests: bool, wait_s: float,
@@ -153,7 +162,8 @@ def format_status(reply: Any, now_ms: int | None = None) -> str:
     for i in reply.instances:
         age = f"{(now_ms - i.last_report_ms) / 1000:.1f}s ago" if i.last_report_ms else "never"
         registered = _fmt_ago(now_ms, i.registered_ms) if i.registered_ms else "-"
-        rows.append([i.worker_id, "yes" if i.alive else "NO", "yes" if i.draining else "no", i.engine,
+        rows.append([i.worker_id, "yes" if i.alive else "NO", "yes" if i.draining else "no",
+                     getattr(i, "role", "mixed"), i.engine,
                      f"{i.used_blocks}/{i.total_blocks}", str(i.free_blocks),
                      f"{i.cached_blocks}/{i.indexed_blocks}", str(i.num_running),
                      str(i.num_waiting), _fmt_freeness(i.freeness), age, registered, str(i.pid or "-"),
@@ -170,7 +180,8 @@ def format_status(reply: Any, now_ms: int | None = None) -> str:
                    f"{sc.scale_downs}  retiring {', '.join(sc.retiring) or '-'}  manager {sc.manager_id or '-'}")
     out.append("")
     if rows:
-        out.append(_table(rows, ["INSTANCE", "ALIVE", "DRAINING", "ENGINE", "USED/TOTAL", "FREE", "CACHED/INDEXED",
+        out.append(_table(rows, ["INSTANCE", "ALIVE", "DRAINING", "ROLE", "ENGINE", "USED/TOTAL", "FREE",
+                                 "CACHED/INDEXED",
                                  "RUNNING",
                                  "WAITING", "FREENESS", "LAST REPORT", "REGISTERED", "PID", "CONTROL"]))
     else:
@@ -194,6 +205,23 @@ def run_status(args: argparse.Namespace) -> int:
         print(json.dumps(status_to_json(reply), indent=2))
     else:
         print(format_status(reply))
+    return 0
+
+
+# ---- role ---------------------------------------------------------------------------------------
+
+def run_role(args: argparse.Namespace) -> int:
+    from protocol import SetInstanceRole
+
+    msg = SetInstanceRole(worker_id=args.instance, role=args.role)
+    if not _valid(msg, f"instance id {args.instance!r}"):
+        return 2
+    try:
+        reply = ask(args, msg)
+    except AskFailed as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.status
+    print(reply.detail, flush=True)
     return 0
 
 

@@ -42,6 +42,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="with --scaling: workers at start and at least (default: --workers, else 1)")
     p.add_argument("--max-workers", type=int, default=None, metavar="B", help="with --scaling: at most (default 4)")
     p.add_argument("--num-blocks", type=int, default=None, help="KV blocks per worker (default: from memory)")
+    p.add_argument("--prefill-workers", type=int, default=0, metavar="P",
+                   help="prefill/decode disaggregation: the first P workers prefill (and hand requests off)")
+    p.add_argument("--decode-workers", type=int, default=0, metavar="D",
+                   help="... the next D decode (the rest are mixed)")
+    p.add_argument("--pd-mode", default=None, choices=("off", "fixed", "adaptive"),
+                   help="[scheduler] pd_mode: fixed roles (default), adaptive roles, or off (roles ignored)")
     p.add_argument("--metrics-port", type=int, default=None, metavar="P",
                    help="Prometheus /metrics: scheduler on P, worker i on P+1+i (default: [scheduler] / [worker] "
                         "metrics_port from the config, else free ports; 0: off); the frontend's is on --http-port")
@@ -59,7 +65,7 @@ def cluster_from_args(args: argparse.Namespace):  # noqa: ANN201 - LocalCluster,
     if args.scaling and args.workers is not None and args.min_workers is not None:
         raise ValueError("with --scaling, give --min-workers (the workers at start), not --workers")
     min_workers = args.min_workers if args.min_workers is not None else args.workers
-    scheduler: dict[str, object] = {"policy": args.policy}
+    scheduler: dict[str, object] = {"policy": args.policy, "pd_mode": args.pd_mode}
     if args.scaling:
         scheduler.update(scaling=True, scale_min_instances=min_workers if min_workers is not None else 1,
                          scale_max_instances=args.max_workers if args.max_workers is not None else None)
@@ -84,8 +90,11 @@ def cluster_from_args(args: argparse.Namespace):  # noqa: ANN201 - LocalCluster,
         workers = args.workers if args.workers is not None else 2
     if workers < 1:
         raise ValueError("--workers must be at least 1")
+    p, d = args.prefill_workers, args.decode_workers
+    if p < 0 or d < 0 or p + d > workers:
+        raise ValueError(f"--prefill-workers and --decode-workers must be >= 0 and add up to at most {workers} workers")
     return LocalCluster(ClusterSpec(cfg, num_workers=workers, config_path=args.config,
-                                    ready_timeout_s=args.ready_timeout))
+                                    ready_timeout_s=args.ready_timeout, prefill_workers=p, decode_workers=d))
 
 
 def _metrics_ports(cfg, flag: int | None) -> None:  # noqa: ANN001 - KvferryConfig, imported lazily

@@ -26,6 +26,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--num-blocks", type=positive_int, help="KV cache blocks (default: from kv_cache_bytes)")
     p.add_argument("--max-num-seqs", type=positive_int, help="requests in one batch at most (default: 64)")
     p.add_argument("--threads", type=positive_int, help="torch intra-op threads (default: torch's)")
+    p.add_argument("--role", choices=("mixed", "prefill", "decode"),
+                   help="prefill/decode disaggregation: prefill (new requests, handed off once prefilled), "
+                        "decode (hand-offs only) or mixed (both; the default)")
     p.add_argument("--scheduler", help="the scheduler's endpoint, e.g. tcp://127.0.0.1:17100")
     p.add_argument("--base-port", type=int, help="the cluster's base port (default: 17100)")
     p.add_argument("--log-level", help="DEBUG, INFO, WARNING (default: KVFERRY_LOG_LEVEL or INFO)")
@@ -35,7 +38,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def overrides_from_args(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     worker = {"index": args.index, "worker_id": args.worker_id, "engine": args.engine, "model": args.model,
               "device": args.device, "dtype": args.dtype, "num_blocks": args.num_blocks,
-              "max_num_seqs": args.max_num_seqs, "threads": args.threads}
+              "max_num_seqs": args.max_num_seqs, "threads": args.threads, "role": args.role}
     cluster: dict[str, Any] = {"base_port": args.base_port}
     return {"worker": worker, "cluster": cluster}
 

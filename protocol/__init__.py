@@ -78,6 +78,7 @@ from protocol.to_scheduler import (
     RegisterWorker,
     ScaleQuery,
     SchedulerInbound,
+    SetInstanceRole,
     StatusRequest,
     UndrainInstance,
 )
@@ -87,6 +88,7 @@ from protocol.to_worker import (
     BlocksAck,
     CancelMigration,
     CommitAck,
+    DecodeTarget,
     Drain,
     MigrateAbort,
     MigrateBlocks,
@@ -96,6 +98,7 @@ from protocol.to_worker import (
     RegisterReply,
     ReserveReply,
     ResyncKvEvents,
+    SetRole,
     Shutdown,
     WorkerControlInbound,
     WorkerMigrationInbound,

@@ -31,6 +31,7 @@ from protocol.to_scheduler import (
     MigrationResult,
     RegisterWorker,
     ScaleQuery,
+    SetInstanceRole,
     StatusRequest,
     UndrainInstance,
 )
@@ -40,6 +41,7 @@ from protocol.to_worker import (
     BlocksAck,
     CancelMigration,
     CommitAck,
+    DecodeTarget,
     Drain,
     MigrateAbort,
     MigrateBlocks,
@@ -49,6 +51,7 @@ from protocol.to_worker import (
     RegisterReply,
     ReserveReply,
     ResyncKvEvents,
+    SetRole,
     Shutdown,
 )
 
@@ -91,6 +94,7 @@ def example_messages() -> list[Message]:
         StatusRequest(include_requests=True, deadline_ms=dl),
         MigrateRequestTo(request_id="cmpl-1", dst_worker_id="worker-1", deadline_ms=dl),
         DrainInstance(worker_id="worker-0", deadline_ms=dl),
+        SetInstanceRole(worker_id="worker-1", role="prefill", deadline_ms=dl),
         UndrainInstance(worker_id="worker-0", deadline_ms=dl),
         # to workers
         AddRequest(request_id="cmpl-1", prompt_token_ids=[1, 2, 3], sampling=SAMPLING, priority=0,
@@ -102,6 +106,8 @@ def example_messages() -> list[Message]:
                        dst_endpoint=ENDPOINTS.migration, reason="load", deadline_ms=dl),
         CancelMigration(migration_id="mig-1", deadline_ms=dl),
         Drain(draining=True, deadline_ms=dl),
+        SetRole(role="decode", deadline_ms=dl),
+        DecodeTarget(worker_id="worker-1", migration_endpoint=ENDPOINTS.migration, deadline_ms=dl),
         Shutdown(drain_first=True, reason="scale-in", deadline_ms=dl),
         MigrateReserve(migration_id="mig-1", request_id="cmpl-1", src_worker_id="worker-0", stage=0,
                        num_blocks=24, block_size=16, kv_bytes_per_block=65536, deadline_ms=dl),

@@ -7,7 +7,7 @@ arrive in range. The limits are deliberately generous for honest traffic.
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 from msgspec import Meta
 
@@ -66,3 +66,5 @@ BlockIds = Annotated[list[Annotated[int, Meta(ge=0, le=MAX_BLOCKS)]], Meta(max_l
 IdList = Annotated[list[Id], Meta(max_length=MAX_INSTANCES)]
 KvEventHashes = Annotated[list[BlockHash], Meta(max_length=MAX_KV_EVENT_HASHES)]
 BlockHashes = Annotated[list[BlockHash], Meta(max_length=MAX_BLOCK_HASHES)]
+
+InstanceRole = Literal["mixed", "prefill", "decode"]  # prefill/decode disaggregation (policy.pd)

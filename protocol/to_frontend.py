@@ -26,6 +26,7 @@ from protocol.fields import (
     Endpoint,
     Id,
     IdList,
+    InstanceRole,
     Name,
     Priority,
     Text,
@@ -113,6 +114,7 @@ class InstanceStatus(msgspec.Struct, kw_only=True, frozen=True):
     pid: Count = 0  # its process id, as it registered
     cached_blocks: Count = 0  # blocks in its prefix cache, as it reported
     indexed_blocks: Count = 0  # of its cached blocks, those the scheduler's prefix index holds
+    role: InstanceRole = "mixed"
 
     @property
     def used_blocks(self) -> int:

@@ -24,6 +24,7 @@ from protocol.fields import (
     EpochMs,
     Id,
     IdList,
+    InstanceRole,
     KvEventHashes,
     Name,
     NonNegInt,
@@ -55,6 +56,7 @@ class RegisterWorker(RequestMessage, kw_only=True, frozen=True):
     # The namespace of its block hashes (protocol.kv_hash.namespace_hash): with block_size, what a
     # frontend hashes prompts with; 0: no prefix caching (it sends no KvEvents).
     kv_namespace: BlockHash = 0
+    role: InstanceRole = "mixed"  # its configured role (prefill/decode disaggregation)
 
 
 class LoadReport(Message, kw_only=True, frozen=True):
@@ -79,6 +81,7 @@ class LoadReport(Message, kw_only=True, frozen=True):
     max_running: Count | None = None
     num_migrations_in: Count = 0
     num_migrations_out: Count = 0
+    role: InstanceRole = "mixed"  # its role now (SetRole changes it)
 
     def __post_init__(self) -> None:
         if self.free_blocks > self.total_blocks:
@@ -161,6 +164,13 @@ class MigrateRequestTo(RequestMessage, kw_only=True, frozen=True):
     dst_worker_id: Id
 
 
+class SetInstanceRole(RequestMessage, kw_only=True, frozen=True):
+    """`kvferry ctl role INSTANCE ROLE`: the instance serves in that role from now on. Answered by Ack."""
+
+    worker_id: Id
+    role: InstanceRole
+
+
 class DrainInstance(RequestMessage, kw_only=True, frozen=True):
     """`kvferry ctl drain INSTANCE`: stop dispatching to it and migrate everything off it."""
 
@@ -187,6 +197,7 @@ class ScaleQuery(RequestMessage, kw_only=True, frozen=True):
 
 SchedulerInbound = Union[
     RegisterWorker, LoadReport, KvEvents, Heartbeat, Deregister, MigrationResult,
-    DispatchRequest, StatusRequest, MigrateRequestTo, DrainInstance, UndrainInstance, ScaleQuery, Ping,
+    DispatchRequest, StatusRequest, MigrateRequestTo, DrainInstance, UndrainInstance, ScaleQuery, SetInstanceRole,
+    Ping,
 ]
 """Everything the scheduler's ROUTER socket accepts: pass as `allowed` to decode / sockets."""

@@ -26,6 +26,7 @@ from msgspec import Meta
 from protocol.base import Message, ReplyMessage, RequestMessage
 from protocol.common import Ack, ErrorReply, Heartbeat, Ping, Pong
 from protocol.fields import (
+    InstanceRole,
     MAX_PROMPT_TOKENS,
     MAX_TENSORS,
     BlockIds,
@@ -123,6 +124,21 @@ class Drain(RequestMessage, kw_only=True, frozen=True):
     """Start (draining=True) or stop (False) draining: report `draining` and accept no new requests."""
 
     draining: bool = True
+
+
+class SetRole(RequestMessage, kw_only=True, frozen=True):
+    """Serve in `role` from now on (ctl role, adaptive roles). Answered by Ack."""
+
+    role: InstanceRole
+
+
+class DecodeTarget(RequestMessage, kw_only=True, frozen=True):
+    """To a prefill worker: hand prefilled requests to this decode worker (its migration socket)
+    from now on; `worker_id` None: none has room, keep them. The scheduler sends it whenever the
+    target changes, and again now and then. Answered by Ack."""
+
+    worker_id: Id | None = None
+    migration_endpoint: Endpoint | None = None
 
 
 class Shutdown(RequestMessage, kw_only=True, frozen=True):
@@ -232,7 +248,8 @@ class MigrateAbort(Message, kw_only=True, frozen=True):
 
 
 WorkerControlInbound = Union[
-    AddRequest, AbortRequest, Heartbeat, MigrateCommand, CancelMigration, Drain, Shutdown, Ping,
+    AddRequest, AbortRequest, Heartbeat, MigrateCommand, CancelMigration, Drain, SetRole, DecodeTarget, Shutdown,
+    Ping,
 ]
 """Everything a worker's control ROUTER accepts."""
 

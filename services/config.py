@@ -58,6 +58,11 @@ class SchedulerConfig:
     scale_interval_ms: int = 10_000  # at least this long between two scaling actions
     scale_min_instances: int = 1
     scale_max_instances: int = 1
+    # Prefill/decode disaggregation by the workers' roles ([worker] role): "fixed" honours them
+    # (with every worker mixed, as by default, that is today's behaviour), "adaptive" also lends
+    # decode workers to prefill under a backlog and back (policy.pd), "off" ignores them.
+    pd_mode: str = "fixed"
+    pd_prefill_backlog_tokens: int = 8192
 
     def policy_config(self) -> PolicyConfig:
         """The PolicyConfig of the named `policy` with these thresholds. Raises ValueError on an
@@ -75,8 +80,11 @@ class SchedulerConfig:
         if not 1 <= self.scale_min_instances <= self.scale_max_instances:
             raise ValueError(f"need 1 <= scale_min_instances ({self.scale_min_instances}) <= scale_max_instances "
                              f"({self.scale_max_instances})")
+        if self.pd_mode not in ("off", "fixed", "adaptive"):
+            raise ValueError(f"pd_mode must be off, fixed or adaptive, not {self.pd_mode!r}")
         return named_policy(
-            self.policy, migrate_out_below=self.migrate_out_below, migrate_in_above=self.migrate_in_above,
+            self.policy, pd_mode=self.pd_mode, pd_prefill_backlog_tokens=self.pd_prefill_backlog_tokens,
+            migrate_out_below=self.migrate_out_below, migrate_in_above=self.migrate_in_above,
             priority_load_cap_tokens=self.priority_load_cap_tokens, high_priority_below=self.high_priority_below,
             migration_interval_s=self.migration_interval_ms / 1000.0,
             max_migrations_per_instance=self.max_migrations_per_instance,
@@ -90,6 +98,7 @@ class WorkerConfig:
     index: int = 0  # picks the worker's endpoints from [cluster]
     worker_id: str = ""  # default: worker-<index>
     engine: str = "torch"  # torch | vllm | sim
+    role: str = "mixed"  # mixed | prefill (new requests, handed off once prefilled) | decode (hand-offs only)
     model: str = "tiny"  # tiny | smollm2 | a model folder | a .gguf file (sim: a latency profile name)
     device: str = "cpu"
     dtype: str = "bfloat16"

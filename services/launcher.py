@@ -121,6 +121,9 @@ class ClusterSpec:
     config_path: str | None = None
     ready_timeout_s: float = 180.0
     extra_env: dict[str, str] = field(default_factory=dict)
+    # Prefill/decode roles: workers 0..P-1 prefill, the next D decode, the rest [worker] role.
+    prefill_workers: int = 0
+    decode_workers: int = 0
     # Called every PROGRESS_EVERY_S while the start waits, with what it waits for (`kvferry up`: print).
     on_progress: Callable[[str], None] | None = None
 
@@ -284,6 +287,9 @@ class LocalCluster:
         """Spawn worker `index` (its id and ports follow from the index); does not wait for READY."""
         cfg = self.spec.config
         w = dict(cfg.worker.__dict__, index=index, worker_id=f"worker-{index}", device=self._device_for(index))
+        p, d = self.spec.prefill_workers, self.spec.decode_workers
+        if index < p + d:
+            w["role"] = "prefill" if index < p else "decode"
         threads = self._threads_per_worker()
         if threads and not w.get("threads"):
             w["threads"] = threads

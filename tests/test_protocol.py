@@ -114,7 +114,7 @@ def test_sampling_params_mirror_the_engine():
     from engine.request import SamplingParams as EngineSampling
 
     assert [f.name for f in dataclasses.fields(EngineSampling)] == list(SamplingParams.__struct_fields__)
-    ours = example_messages()[14].sampling
+    ours = next(m for m in example_messages() if type(m).__name__ == "AddRequest").sampling
     eng = EngineSampling.from_dict(ours.to_dict())
     eng.validate()
     assert SamplingParams.from_engine(eng) == ours

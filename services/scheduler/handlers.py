@@ -45,6 +45,7 @@ from protocol import (
     DispatchReply,
     DispatchRequest,
     DrainInstance,
+    SetInstanceRole,
     ErrorCode,
     ErrorReply,
     Heartbeat,
@@ -73,6 +74,7 @@ from services.log import get_logger
 from services.scheduler.commands import CommandChannels
 from services.scheduler.kv_index import KvIndex
 from services.scheduler.migrator import Migrator
+from services.scheduler.roles import Roles
 from services.scheduler.registry import Registry, ReportOutcome, WorkerRecord
 from services.scheduler.scaler import Scaler
 
@@ -115,6 +117,7 @@ class SchedulerCore:
         self.migrator = Migrator(cfg, self.registry, commands, clock, policy=pc,
                                  prefix_lookup=lambda: self.prefixes.prefix_blocks(self.kv.match))
         self.scaler = Scaler(cfg, pc, self.registry, self.migrator, commands, clock)
+        self.roles = Roles(pc, self.registry, commands, clock)
         self._unknown_logged: dict[str, float] = {}
         self._handlers: dict[type, Callable[[Received], Any]] = {
             RegisterWorker: self.on_register,
@@ -129,6 +132,7 @@ class SchedulerCore:
             DrainInstance: self.on_drain,
             UndrainInstance: self.on_undrain,
             ScaleQuery: self.on_scale_query,
+            SetInstanceRole: self.on_set_role,
             Ping: self.on_ping,
         }
 
@@ -325,7 +329,7 @@ class SchedulerCore:
                 freeness=freeness(snap, cfg=self.policy_cfg), alive=r.alive, draining=snap.draining,
                 last_report_ms=r.last_report_ms, registered_ms=r.registered_ms, pid=info.pid,
                 cached_blocks=r.report.num_cached_blocks if r.report is not None else 0,
-                indexed_blocks=self.kv.entries(info.worker_id)))
+                indexed_blocks=self.kv.entries(info.worker_id), role=r.role))  # type: ignore[arg-type]
             if include_requests and r.alive and r.report is not None:
                 requests.extend(RequestLocation(request_id=e.request_id, worker_id=info.worker_id,
                                                 priority=e.priority, num_tokens=e.num_tokens, running=e.running)
@@ -359,9 +363,14 @@ class SchedulerCore:
         source worker has answered (services.scheduler.migrator)."""
         return self.migrator.on_ctl(rec.msg, rec.peer)
 
+    def on_set_role(self, rec: Received) -> Message:
+        return self.roles.on_ctl(rec.msg)
+
     def migration_round(self) -> None:
         """Called on a timer (`migration_interval_ms`): move requests off draining instances and,
-        with a migrating policy, from overloaded instances to free ones."""
+        with a migrating policy, from overloaded instances to free ones; keep the prefill workers'
+        decode targets fresh (and, adaptive, the roles)."""
+        self.roles.round()
         self.migrator.round()
 
     def scale_round(self) -> None:

@@ -11,7 +11,7 @@ from policy import InstanceLoad, RequestLoad
 
 def instance_load(info: RegisterWorker, report: LoadReport | None, *, alive: bool = True,
                   draining: bool = False, include_requests: bool = False,
-                  keep_priority: Callable[[int], bool] | None = None) -> InstanceLoad:
+                  keep_priority: Callable[[int], bool] | None = None, role: str | None = None) -> InstanceLoad:
     """The InstanceLoad of a worker registered with `info` whose latest report is `report`.
 
     Before its first report a worker counts as empty (all its registered blocks free). It is
@@ -25,7 +25,7 @@ def instance_load(info: RegisterWorker, report: LoadReport | None, *, alive: boo
         return InstanceLoad(
             instance_id=info.worker_id, total_blocks=info.total_blocks, free_blocks=info.total_blocks,
             num_running=0, num_waiting=0, draining=draining, alive=alive, max_running=info.max_running,
-            block_size=info.block_size)
+            block_size=info.block_size, role=role or info.role)
     requests: tuple[RequestLoad, ...] = ()
     if include_requests:
         requests = tuple(RequestLoad(r.request_id, r.priority, r.num_blocks, r.num_tokens, r.running)
@@ -46,4 +46,5 @@ def instance_load(info: RegisterWorker, report: LoadReport | None, *, alive: boo
         alive=alive,
         block_size=info.block_size,
         max_running=report.max_running if report.max_running is not None else info.max_running,
+        role=role or report.role,
     )

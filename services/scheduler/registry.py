@@ -43,9 +43,11 @@ class WorkerRecord:
     # Which requests the dispatch snapshot lists (by priority): the high-priority ones when the
     # policy has priority headroom, else none.
     keep_priority: Callable[[int], bool] | None = None
+    role: str = ""  # its role as the scheduler sees it ("": the registered one; ctl role / adaptive change it)
     snapshot: InstanceLoad = field(init=False)
 
     def __post_init__(self) -> None:
+        self.role = self.role or self.info.role
         self.refresh()
 
     @property
@@ -55,14 +57,14 @@ class WorkerRecord:
     def refresh(self) -> None:
         """Recompute the dispatch snapshot after any change."""
         self.snapshot = instance_load(self.info, self.report, alive=self.alive, draining=self.draining,
-                                      keep_priority=self.keep_priority)
+                                      keep_priority=self.keep_priority, role=self.role)
 
     def load(self, include_requests: bool = False) -> InstanceLoad:
         """The InstanceLoad, optionally with every per-request entry (for status and migration)."""
         if not include_requests:
             return self.snapshot
         return instance_load(self.info, self.report, alive=self.alive, draining=self.draining,
-                             include_requests=True)
+                             include_requests=True, role=self.role)
 
 
 class Registry:
@@ -161,6 +163,14 @@ class Registry:
         return True
 
     # ---- scheduler decisions -------------------------------------------------------------------
+
+    def set_role(self, worker_id: str, role: str) -> WorkerRecord | None:
+        rec = self._workers.get(worker_id)
+        if rec is not None and rec.role != role:
+            rec.role = role
+            rec.refresh()
+            self._changed()
+        return rec
 
     def set_draining(self, worker_id: str, draining: bool) -> WorkerRecord | None:
         rec = self._workers.get(worker_id)

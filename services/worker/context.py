@@ -28,6 +28,8 @@ class WorkerState:
 
     draining: bool = False  # takes no new requests; the scheduler moves the running ones away
     stopping: bool = False  # shutting down: refuses everything
+    role: str = "mixed"  # prefill | decode | mixed (services/worker/handoff.py)
+    decode_target: tuple[str, str] | None = None  # a prefill worker's (worker id, migration endpoint) to hand off to
 
 
 @dataclass(frozen=True)

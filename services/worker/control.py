@@ -7,6 +7,8 @@ A ROUTER bound at the worker's control endpoint serving WorkerControlInbound:
 - AbortRequest → Ack(ok=True) after the request is stopped (its stream ends with finish_reason
   "abort"), or Ack(ok=False) when this worker does not hold it (unknown or already finished).
 - Ping → Pong; Heartbeat (frontends) → no reply; Drain → Ack; Shutdown → Ack, then the worker stops.
+- SetRole → Ack (prefill/decode disaggregation); DecodeTarget → Ack (a prefill worker's hand-off
+  target: services/worker/handoff.py).
 - MigrateCommand → Ack(ok=True, detail=<the request id being moved>) once the migration started,
   or ErrorReply (refused / not_found / overloaded: too many migrations / invalid).
 - CancelMigration → Ack(ok=True) when the migration was stopped before its commit (the request
@@ -31,7 +33,8 @@ from engine.errors import InvalidRequestError
 from engine.request import SamplingParams as EngineSamplingParams
 from protocol.common import Ack, ErrorCode, ErrorReply, Heartbeat, Ping, Pong
 from protocol.sockets import MessageSocket, Received
-from protocol.to_worker import AbortRequest, AddRequest, CancelMigration, Drain, MigrateCommand, Shutdown
+from protocol.to_worker import (AbortRequest, AddRequest, CancelMigration, DecodeTarget, Drain, MigrateCommand, SetRole,
+                                Shutdown)
 from services.log import get_logger
 from services.worker.streams import Route
 
@@ -103,6 +106,17 @@ class ControlHandler:
             await self.sock.send(Ack(reply_to=msg.msg_id, detail="shutting down"), peer=rec.peer, timeout_s=1.0)
             self._request_stop(drain_first=msg.drain_first, reason=msg.reason or "shutdown command")
             return None
+        if isinstance(msg, SetRole):
+            old, w.state.role = w.state.role, msg.role
+            if msg.role != "prefill":
+                w.state.decode_target = None
+            w.link.mark_dirty()
+            log.info("worker.role_set", worker_id=w.worker_id, role=msg.role, was=old)
+            return Ack(reply_to=msg.msg_id, detail=f"{old} -> {msg.role}")
+        if isinstance(msg, DecodeTarget):
+            w.state.decode_target = ((msg.worker_id, msg.migration_endpoint)
+                                     if msg.worker_id is not None and msg.migration_endpoint is not None else None)
+            return Ack(reply_to=msg.msg_id, detail=f"decode target {msg.worker_id}")
         if isinstance(msg, MigrateCommand):
             return await self._migrate(msg)
         if isinstance(msg, CancelMigration):

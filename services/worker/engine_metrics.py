@@ -32,7 +32,7 @@ SCRAPE_TIMEOUT_S = 5.0  # a step in progress delays the stats read by at most on
 
 # name -> help; every family this collector yields (tests and docs list them from here)
 ENGINE_METRICS = {
-    "kvferry_worker_info": "Constant 1, labelled with the worker's id, engine and model",
+    "kvferry_worker_info": "Constant 1, labelled with the worker's id, engine, model and prefill/decode role",
     "kvferry_worker_capacity_blocks": "KV cache blocks of the engine",
     "kvferry_worker_free_blocks": "Free KV cache blocks",
     "kvferry_worker_used_blocks": "KV cache blocks held by requests or migration reservations",
@@ -107,8 +107,8 @@ class EngineCollector(Collector):
         stats, state, kv_load = read
         w, h = self.worker, ENGINE_METRICS
         info = GaugeMetricFamily("kvferry_worker_info", h["kvferry_worker_info"],
-                                 labels=["worker_id", "engine", "model"])
-        info.add_metric([w.worker_id, w.info.kind, w.info.model], 1.0)
+                                 labels=["worker_id", "engine", "model", "role"])
+        info.add_metric([w.worker_id, w.info.kind, w.info.model, w.state.role], 1.0)
         yield info
         for name, value in (
             ("kvferry_worker_capacity_blocks", stats.num_blocks),

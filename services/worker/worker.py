@@ -29,6 +29,7 @@ import zmq.asyncio
 
 from engine.block_manager import KvEventBatch
 from engine.engine import EngineStats, LLMEngine
+from engine.errors import ConfigError
 from engine.interface import kv_event_source
 from engine.request import RequestOutput
 from protocol.base import Message, now_ms
@@ -50,6 +51,8 @@ from services.worker.kv_events import KvEventPublisher
 from services.worker.metrics_http import MetricsServer, start_metrics_server
 from services.worker.migration.service import MigrationService
 from services.worker.scheduler_link import SchedulerLink
+from policy.pd import ROLES
+from services.worker.handoff import HandOff
 from services.worker.streams import RouteTable, TokenStreamer
 from services.worker.torch_threads import on_fresh_thread
 
@@ -71,7 +74,9 @@ class Worker:
         self.control_endpoint = cfg.cluster.worker_control(self.index)
         self.migration_endpoint = cfg.cluster.worker_migration(self.index)
         self.max_running = cfg.worker.max_num_seqs + cfg.worker.max_waiting
-        self.state = WorkerState()
+        if cfg.worker.role not in ROLES:
+            raise ConfigError(f"[worker] role must be one of {', '.join(ROLES)}, not {cfg.worker.role!r}")
+        self.state = WorkerState(role=cfg.worker.role)
         self.routes = RouteTable()
         curve = curve_keys(cfg.cluster, "worker")  # None: Curve off
         self.streamer = TokenStreamer(self.worker_id, self.routes, curve=curve)
@@ -96,6 +101,8 @@ class Worker:
             link=self.link, state=self.state)
         self.control: MessageSocket | None = None
         self.migration: MigrationService | None = None
+        self.handoff: HandOff | None = None
+        self._bg: set[asyncio.Task[None]] = set()
         self._metrics_server: MetricsServer | None = None
         self.handler: ControlHandler | None = None
         self._serve_task: asyncio.Task[None] | None = None
@@ -124,6 +131,7 @@ class Worker:
         if self.kv_events.enabled:
             await self.driver.call(lambda e: e.enable_kv_events(), timeout_s=30.0)
         self.migration.start()
+        self.handoff = HandOff(self.state, self.routes, self.migration.source)
         self.handler = ControlHandler(self.context, self.control, self.migration.source,
                                       set_draining=self.set_draining, request_stop=self.request_stop)
         self._serve_task = asyncio.create_task(serve(self.control, self.handler), name="worker-control")
@@ -246,6 +254,12 @@ class Worker:
     def _on_outputs(self, outputs: list[RequestOutput]) -> None:
         self.streamer.publish(outputs)
         self.link.mark_dirty()
+        if self.handoff is not None and self.state.role == "prefill":
+            self.handoff.on_outputs(outputs)
+            if self.handoff.pending and self.state.decode_target is not None:
+                task = self.loop.create_task(self.handoff.pump(), name="handoff")
+                self._bg.add(task)
+                task.add_done_callback(self._bg.discard)
 
     def _on_step_error(self, exc: BaseException) -> None:
         log.error("worker.step_failed", worker_id=self.worker_id, error=f"{type(exc).__name__}: {exc}")
@@ -259,7 +273,7 @@ class Worker:
             host=socket.gethostname()[:256], engine=self.info.kind, model=self.info.model[:256],  # type: ignore[arg-type]
             total_blocks=self.info.total_blocks, block_size=self.info.block_size,
             kv_bytes_per_block=self.info.kv_bytes_per_block, max_running=self.max_running, pid=os.getpid(),
-            kv_namespace=self.kv_namespace,
+            kv_namespace=self.kv_namespace, role=self.cfg.worker.role,  # type: ignore[arg-type]
         )
 
     async def _report(self, seq: int) -> list[Message]:
@@ -288,6 +302,7 @@ class Worker:
             requests=entries, draining=self.state.draining, max_running=self.max_running,
             num_migrations_in=len(self.migration.destination) if self.migration else 0,
             num_migrations_out=len(self.migration.source) if self.migration else 0,
+            role=self.state.role,  # type: ignore[arg-type]
         )
 
 

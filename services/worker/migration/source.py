@@ -184,6 +184,9 @@ class MigrationSource:
 
     # ---- start / cancel --------------------------------------------------------------------------
 
+    def is_migrating(self, request_id: str) -> bool:
+        return request_id in self.by_request
+
     async def start(self, cmd: MigrateCommand) -> Outgoing:
         """Validate and start `cmd`; raises Refused (ErrorReply code, message) when it cannot."""
         w = self.w
