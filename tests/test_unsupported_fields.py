@@ -62,10 +62,12 @@ def test_fields_without_an_effect_on_the_answer_pass():
     assert PARSER.chat(body).prompt_ids
 
 
-def test_continuous_usage_stats_and_legacy_function_calls_in_messages_are_refused():
+def test_continuous_usage_stats_is_implemented_and_legacy_function_calls_in_messages_are_refused():
+    p = PARSER.chat({**CHAT, "stream": True, "stream_options": {"include_usage": True, "continuous_usage_stats": True}})
+    assert p.continuous_usage and p.include_usage
     with pytest.raises(ApiError) as err:
-        PARSER.chat({**CHAT, "stream": True, "stream_options": {"include_usage": True, "continuous_usage_stats": True}})
-    assert err.value.param == "stream_options" and err.value.code == "unsupported_parameter"
+        PARSER.chat({**CHAT, "stream": True, "stream_options": {"continuous_usage_stats": "yes"}})
+    assert err.value.param == "stream_options"
     msgs = [{"role": "user", "content": "weather?"},
             {"role": "assistant", "content": None, "function_call": {"name": "f", "arguments": "{}"}}]
     with pytest.raises(ApiError) as err:

@@ -49,6 +49,10 @@ class ChoiceRenderer:
         self._offset = 0  # completions' text_offset of the next token
         self._calls = ToolCallStream(parsed.tools.names) if chat and parsed.tools is not None else None
 
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self.prompt_ids)
+
     def wants(self, d: Delta) -> bool:
         """Whether a delta without text still needs a chunk: its tokens' logprobs, or the echo."""
         return self._echo_pending or (bool(d.token_ids) and self.parsed.logprobs is not None)

@@ -338,7 +338,10 @@ def create_app(ctx: ApiContext) -> FastAPI:
         """One SSE event carrying the renderer's choice's delta `d` (`role`: chat's opening role event)."""
         body: dict[str, Any] = {"id": rid, "object": obj, "created": created, "model": ctx.model_name,
                                 "choices": [renderer.chunk(d, role)]}
-        if include_usage:
+        if renderer.parsed.continuous_usage:  # vLLM's: the usage so far in every chunk
+            done = 0 if d is None or renderer.parsed.no_output else d.first_index + len(d.token_ids)
+            body["usage"] = Usage(renderer.prompt_tokens, done).to_dict()
+        elif include_usage:
             body["usage"] = None
         return f"data: {_dumps(body)}\n\n"
 

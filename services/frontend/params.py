@@ -89,10 +89,6 @@ def refuse_unsupported(body: dict) -> None:
     for name, (asks_nothing, what) in UNSUPPORTED.items():
         if name in body and not asks_nothing(body[name]):
             raise bad(f"'{name}' is not supported by this server ({what})", name, "unsupported_parameter")
-    so = body.get("stream_options")
-    if isinstance(so, dict) and so.get("continuous_usage_stats") not in (None, False):
-        raise bad("'stream_options.continuous_usage_stats' is not supported by this server", "stream_options",
-                  "unsupported_parameter")
 
 
 @dataclass
@@ -118,6 +114,7 @@ class ParsedRequest:
     best_of: int = 1  # samples per prompt, of which the n most likely are answered
     prompt_logprobs: int | None = None  # vLLM's prompt_logprobs extra
     tools: Any = None  # chat: services.frontend.tools.ToolSet (the answer's tool calls are parsed out)
+    continuous_usage: bool = False  # vLLM's stream_options.continuous_usage_stats: usage so far in every chunk
 
     @property
     def samples_per_prompt(self) -> int:
@@ -274,7 +271,7 @@ class RequestParser:
         stream = _opt(body, "stream", "bool") or False
         if best_of > n and stream:
             raise bad("'best_of' > n cannot be streamed (the best samples are known only at the end)", "best_of")
-        include_usage = False
+        include_usage = continuous_usage = False
         so = body.get("stream_options")
         if so is not None:
             if not isinstance(so, dict):
@@ -283,6 +280,11 @@ class RequestParser:
             if iu is not None and not isinstance(iu, bool):
                 raise bad("'stream_options.include_usage' must be a boolean", "stream_options", "invalid_type")
             include_usage = bool(iu)
+            cu = so.get("continuous_usage_stats")
+            if cu is not None and not isinstance(cu, bool):
+                raise bad("'stream_options.continuous_usage_stats' must be a boolean", "stream_options",
+                          "invalid_type")
+            continuous_usage = bool(cu)
         limit = self.cfg.max_tokens_limit
         max_tokens = _opt(body, "max_tokens", "int", 0 if echo else 1, limit)
         no_output = max_tokens == 0  # echo only: the prompt's text (and logprobs), no completion
@@ -382,7 +384,7 @@ class RequestParser:
                              prompts if len(prompts) > 1 else [], logprobs=logprobs, echo=echo,
                              prompt_texts=[t if isinstance(t, str) else None for t in texts], no_output=no_output,
                              include_stop_str=include_stop, best_of=best_of, prompt_logprobs=prompt_logprobs,
-                             tools=tools)
+                             tools=tools, continuous_usage=continuous_usage)
 
     def _logit_bias(self, v: Any) -> dict[int, float]:
         """OpenAI's logit_bias: {"token id": bias in [-100, 100]} (JSON keys are strings)."""
