@@ -98,6 +98,11 @@ class LLMEngine:
         self.requests: dict[str, Request] = {}  # live requests: waiting, running or detached
         self.detached: set[str] = set()  # out of the batch, blocks kept (last stage of a migration)
         self.reservations: set[str] = set()
+        # Prefill/decode disaggregation: a prefill instance parks each request once its first token
+        # is out (detached, blocks kept) until its hand-off moves it; it never decodes here unless
+        # the hand-off cannot happen (`reattach_request` puts it back in the batch).
+        self.park_prefilled = False
+        self.parked: set[str] = set()
         # Structured output needs the tokenizer's strings (the sim engine has made-up tokens).
         backend = getattr(tokenizer, "backend", None)
         self.grammars = (Grammars(backend.to_str(), vocab_size, tuple(eos_token_ids))
@@ -158,10 +163,18 @@ class LLMEngine:
             raise InvalidRequestError("structured output needs a model with a tokenizer (this engine has none)")
         return self.grammars.matcher(sampling.grammar, replay)
 
+    def _park(self, request_id: str) -> None:
+        req = self.requests[request_id]
+        self.scheduler.detach(req)
+        req.status = RequestStatus.WAITING
+        self.detached.add(request_id)
+        self.parked.add(request_id)
+
     def abort_request(self, request_id: str) -> RequestOutput | None:
         req = self.requests.pop(request_id, None)
         if req is None:
             return None
+        self.parked.discard(request_id)
         self.detached.discard(request_id)
         self.scheduler.finish(req, FinishReason.ABORT)
         return RequestOutput(request_id, [], req.num_output_tokens, finished=True, finish_reason=FinishReason.ABORT)
@@ -211,6 +224,8 @@ class LLMEngine:
             for out in self.scheduler.update(sched, sampled):
                 if out.finished:
                     self.requests.pop(out.request_id, None)
+                elif self.park_prefilled and out.first_index == 0 and out.new_token_ids:
+                    self._park(out.request_id)
                 outputs.append(out)
         if self.config.debug_checks:
             self.check_integrity()
@@ -286,9 +301,10 @@ class LLMEngine:
         return None if kv is None else kv.data
 
     def migration_view(self, request_id: str) -> MigrationView | None:
-        """The request's progress and block table; None when it is not here (finished, detached)."""
+        """The request's progress and block table; None when it is not here (finished, detached).
+        A parked request (awaiting its hand-off) is here, status "waiting"."""
         req = self.requests.get(request_id)
-        if req is None or request_id in self.detached:
+        if req is None or (request_id in self.detached and request_id not in self.parked):
             return None
         return MigrationView(req.status.value, req.num_tokens, req.num_computed_tokens, req.num_preemptions,
                              req.priority, tuple(self.blocks.table(request_id)))
@@ -350,6 +366,7 @@ class LLMEngine:
         """Free a reservation, or the blocks of a detached request; returns how many blocks."""
         if key in self.detached:
             self.detached.discard(key)
+            self.parked.discard(key)
             req = self.requests.pop(key)
             freed = self.blocks.num_owned(key)
             self.scheduler.finish(req, FinishReason.ABORT)
@@ -408,6 +425,9 @@ class LLMEngine:
     def detach_request(self, request_id: str) -> MigratableState:
         """Take a request out of the batch, keeping its blocks; returns its state."""
         req = self._get(request_id)
+        if request_id in self.parked:  # out of the batch already: its hand-off takes it from here
+            self.parked.discard(request_id)
+            return req.export_state()
         if req.needs_prompt_logprobs and req.num_computed_tokens:
             # The prompt logprobs so far live only here; it can move once its prefill is done.
             raise MigrationError(f"{request_id!r} is computing its prompt logprobs")
@@ -421,6 +441,7 @@ class LLMEngine:
         if request_id not in self.detached:
             raise MigrationError(f"{request_id!r} is not detached")
         self.detached.discard(request_id)
+        self.parked.discard(request_id)
         req = self.requests[request_id]
         if req.num_computed_tokens == 0:
             self.blocks.free(request_id)

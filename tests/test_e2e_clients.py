@@ -25,6 +25,7 @@ import textwrap
 from pathlib import Path
 
 import httpx
+import jsonschema
 import openai
 import pytest
 import torch
@@ -514,21 +515,166 @@ async def test_openai_logprobs_stream_survives_ctl_migrate(cluster, oracle):
         [float(ref[len(prompt_ids) - 1 + i, t]) for i, t in enumerate(want)], abs=1e-3)
 
 
+# ---- 4b. the official openai client: forced tool calls, across `kvferry ctl migrate` -----------------
+
+# A forced call whose arguments take a while to write (30 strings: some 150-250 tokens), so that
+# the stream is still running when the migration lands.
+RECORD = {"type": "function", "function": {
+    "name": "record_words", "description": "Record a list of English words",
+    "parameters": {"type": "object", "properties": {
+        "words": {"type": "array", "minItems": 30, "maxItems": 30,
+                  "items": {"type": "string", "minLength": 1, "maxLength": 10}}},
+        "required": ["words"], "additionalProperties": False}}}
+ASK_WORDS = [{"role": "user", "content": "Record thirty different English words."}]
+TOOL_KW = {"model": MODEL, "messages": ASK_WORDS, "tools": [RECORD], "tool_choice": "required", "max_tokens": 600}
+
+
+def check_call(name: str, arguments: str) -> None:
+    assert name == "record_words"
+    jsonschema.validate(json.loads(arguments), RECORD["function"]["parameters"])
+
+
+async def stream_calls(aclient: openai.AsyncOpenAI, ids: asyncio.Queue | None,
+                       **kw) -> dict[int, tuple[list[tuple[str, str]], str | None]]:
+    """A streamed forced tool call: per choice index, ((name, arguments) of each delta.tool_calls
+    entry, its finish_reason); the response id goes to `ids` with the first chunk."""
+    s = await aclient.chat.completions.create(**TOOL_KW, stream=True, **kw)
+    out: dict[int, tuple[list[tuple[str, str]], str | None]] = {}
+    async for chunk in s:
+        if ids is not None:
+            await ids.put(chunk.id)
+            ids = None
+        for ch in chunk.choices:
+            calls, finish = out.get(ch.index, ([], None))
+            for c in ch.delta.tool_calls or []:
+                assert c.index == len(calls) and c.id.startswith("call_") and c.type == "function", c
+                calls.append((c.function.name, c.function.arguments))
+            out[ch.index] = (calls, ch.finish_reason or finish)
+    return out
+
+
+async def find(cluster: LocalCluster, rid: str) -> tuple[str, str]:
+    """`locate`, asked again while the scheduler has not yet heard of the request."""
+    from tests.test_e2e_migration import locate
+
+    for _ in range(100):
+        found = await locate(cluster, rid)
+        if found is not None:
+            return found
+        await asyncio.sleep(0.05)
+    pytest.fail(f"{rid} is on no worker")
+
+
+async def migrated_and_reference(cluster: LocalCluster, locate_id, **kw) -> tuple[dict, dict]:
+    """A `stream_calls` run whose request `locate_id(response id)` is moved to the other worker by
+    `kvferry ctl migrate` while it streams, then an unmigrated twin, alone on the cluster afterwards."""
+    from tests.test_e2e_migration import ctl_migrate, locate
+
+    aclient = openai.AsyncOpenAI(base_url=f"{cluster.http_url}/v1", api_key="x", timeout=300, max_retries=0)
+    ids: asyncio.Queue = asyncio.Queue()
+    task = asyncio.ensure_future(stream_calls(aclient, ids, **kw))
+    try:
+        rid = locate_id(await asyncio.wait_for(ids.get(), 120))
+        worker_rid, src = await find(cluster, rid)
+        dst = next(w for w in WORKERS if w != src)
+        await ctl_migrate(cluster, worker_rid, dst)
+        assert (await locate(cluster, rid)) == (worker_rid, dst)
+        assert not task.done(), "the stream ended before the migration: lengthen RECORD's arguments"
+        moved = await asyncio.wait_for(task, 300)
+        ref = await asyncio.wait_for(stream_calls(aclient, None, **kw), 300)
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await aclient.close()
+    return moved, ref
+
+
+async def test_openai_forced_tool_call_survives_ctl_migrate(cluster):
+    aclient = openai.AsyncOpenAI(base_url=f"{cluster.http_url}/v1", api_key="x", timeout=300, max_retries=0)
+    try:
+        whole = await aclient.chat.completions.create(**TOOL_KW, temperature=0)
+    finally:
+        await aclient.close()
+    (choice,) = whole.choices
+    assert choice.finish_reason == "tool_calls" and not choice.message.content, choice
+    (call,) = choice.message.tool_calls
+    assert call.type == "function" and call.id.startswith("call_")
+    check_call(call.function.name, call.function.arguments)
+
+    moved, ref = await migrated_and_reference(cluster, lambda rid: rid, temperature=0)
+    assert list(moved) == list(ref) == [0]
+    assert moved[0] == ref[0], "the migrated stream's tool call differs from an unmigrated run"
+    assert moved[0] == ([(call.function.name, call.function.arguments)], "tool_calls")  # greedy: the whole answer's
+
+
+async def test_openai_n3_seeded_tool_calls_survive_ctl_migrate_of_one_choice(cluster):
+    """n=3: one engine request per choice, `<response id>-<index>`; choice 1's alone is moved."""
+    moved, ref = await migrated_and_reference(cluster, lambda rid: f"{rid}-1", n=3, seed=5, temperature=1.0)
+    assert sorted(moved) == sorted(ref) == [0, 1, 2]
+    for k in range(3):
+        calls, finish = moved[k]
+        assert finish == "tool_calls" and len(calls) == 1, (k, moved[k])
+        check_call(*calls[0])
+        assert moved[k] == ref[k], f"choice {k} differs from an unmigrated run"
+    assert len({moved[k][0][0][1] for k in range(3)}) > 1, moved  # seed + k: the choices are different samples
+
+
 # ---- 5. LangChain and litellm ----------------------------------------------------------------------
 
-@pytest.mark.parametrize("library", ["langchain", "litellm"])
-def test_chat_library_invoke_and_stream(cluster, tmp_path, library):
+def chat_library(cluster: LocalCluster, tmp_path: Path, library: str) -> dict:
+    """tests/clients/chat_libraries.py's entry for `library`, run in the clients venv (its error fails)."""
     python = clients_tool("python")
     out = run_tool([python, REPO / "tests" / "clients" / "chat_libraries.py", cluster.http_url, MODEL, library],
                    cwd=tmp_path)
     res = json.loads(out.stdout.strip().splitlines()[-1])[library]
     assert "error" not in res, res.get("traceback", res)
+    return res
+
+
+@pytest.mark.parametrize("library", ["langchain", "litellm"])
+def test_chat_library_invoke_and_stream(cluster, tmp_path, library):
+    res = chat_library(cluster, tmp_path, library)
     assert res["invoke"] and "Paris" in res["invoke"], res
     assert res["stream"] == res["invoke"], res  # greedy: streamed text equals the invoked one
     assert res["chunks"] > 1, res
     assert res["finish_reason"] in ("stop", "length"), res
     usage = res["usage"]
     assert 0 < (usage.get("output_tokens") or usage.get("completion_tokens")) <= 12, usage
+
+
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "Get the current weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"},
+                                                    "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]}},
+                   "required": ["city"]}}}  # (chat_libraries.py's; as tests/test_e2e_structured.py's)
+CAPITAL = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 30},
+                                            "country": {"type": "string", "maxLength": 30}},
+           "required": ["city", "country"], "additionalProperties": False}
+
+
+def test_langchain_bind_tools_and_structured_output(cluster, tmp_path):
+    res = chat_library(cluster, tmp_path, "langchain-tools")
+    for choice in ("any", "get_weather"):  # "any": langchain-openai sends "required"; a name: the named function
+        r = res[choice]
+        assert r["finish_reason"] == "tool_calls" and len(r["invoke"]) == 1, (choice, r)
+        (call,) = r["invoke"]
+        assert call["name"] == "get_weather" and call["type"] == "tool_call" and call["id"].startswith("call_"), r
+        assert isinstance(call["args"], dict), r
+        jsonschema.validate(call["args"], WEATHER["function"]["parameters"])
+        # the streamed chunks' sum: the same call (greedy), its id the server's fresh one
+        assert [(c["name"], c["args"]) for c in r["stream"]] == [(call["name"], call["args"])], (choice, r)
+        assert r["stream_finish_reason"] == "tool_calls" and r["chunks"] > 1, (choice, r)
+    for kind, typ in (("pydantic", "Capital"), ("json_schema", "dict")):  # with_structured_output(method="json_schema")
+        assert res[kind]["type"] == typ, res[kind]
+        jsonschema.validate(res[kind]["value"], CAPITAL)
+
+
+def test_litellm_named_tool_choice(cluster, tmp_path):
+    res = chat_library(cluster, tmp_path, "litellm-tools")
+    assert res["finish_reason"] == "tool_calls" and len(res["tool_calls"]) == 1, res
+    (call,) = res["tool_calls"]
+    assert call["name"] == "get_weather" and call["type"] == "function" and call["id"].startswith("call_"), res
+    jsonschema.validate(json.loads(call["arguments"]), WEATHER["function"]["parameters"])
 
 
 def test_no_tool_left_work_on_the_cluster(cluster):

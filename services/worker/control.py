@@ -36,6 +36,7 @@ from protocol.sockets import MessageSocket, Received
 from protocol.to_worker import (AbortRequest, AddRequest, CancelMigration, DecodeTarget, Drain, MigrateCommand, SetRole,
                                 Shutdown)
 from services.log import get_logger
+from services.worker.handoff import set_parking
 from services.worker.streams import Route
 
 if TYPE_CHECKING:
@@ -110,6 +111,8 @@ class ControlHandler:
             old, w.state.role = w.state.role, msg.role
             if msg.role != "prefill":
                 w.state.decode_target = None
+            # A prefill worker parks its prefilled requests for their hand-off; others decode them.
+            await w.driver.call(lambda e: set_parking(e, msg.role == "prefill"))
             w.link.mark_dirty()
             log.info("worker.role_set", worker_id=w.worker_id, role=msg.role, was=old)
             return Ack(reply_to=msg.msg_id, detail=f"{old} -> {msg.role}")

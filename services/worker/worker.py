@@ -52,7 +52,7 @@ from services.worker.metrics_http import MetricsServer, start_metrics_server
 from services.worker.migration.service import MigrationService
 from services.worker.scheduler_link import SchedulerLink
 from policy.pd import ROLES
-from services.worker.handoff import HandOff
+from services.worker.handoff import HandOff, set_parking
 from services.worker.streams import RouteTable, TokenStreamer
 from services.worker.torch_threads import on_fresh_thread
 
@@ -102,7 +102,6 @@ class Worker:
         self.control: MessageSocket | None = None
         self.migration: MigrationService | None = None
         self.handoff: HandOff | None = None
-        self._bg: set[asyncio.Task[None]] = set()
         self._metrics_server: MetricsServer | None = None
         self.handler: ControlHandler | None = None
         self._serve_task: asyncio.Task[None] | None = None
@@ -131,7 +130,10 @@ class Worker:
         if self.kv_events.enabled:
             await self.driver.call(lambda e: e.enable_kv_events(), timeout_s=30.0)
         self.migration.start()
-        self.handoff = HandOff(self.state, self.routes, self.migration.source)
+        self.handoff = HandOff(self.context, self.migration.source)
+        self.handoff.start()
+        if self.state.role == "prefill":
+            await self.driver.call(lambda e: set_parking(e, True), timeout_s=30.0)
         self.handler = ControlHandler(self.context, self.control, self.migration.source,
                                       set_draining=self.set_draining, request_stop=self.request_stop)
         self._serve_task = asyncio.create_task(serve(self.control, self.handler), name="worker-control")
@@ -219,6 +221,8 @@ class Worker:
                 await asyncio.wait({task}, timeout=2.0)
         if self.handler is not None:
             await self.handler.cancel_tasks()
+        if self.handoff is not None:
+            await self.handoff.stop()
         if self.migration is not None:
             try:
                 await self.migration.aclose()  # outgoing requests stay here, incoming reservations are freed
@@ -254,12 +258,8 @@ class Worker:
     def _on_outputs(self, outputs: list[RequestOutput]) -> None:
         self.streamer.publish(outputs)
         self.link.mark_dirty()
-        if self.handoff is not None and self.state.role == "prefill":
+        if self.handoff is not None:
             self.handoff.on_outputs(outputs)
-            if self.handoff.pending and self.state.decode_target is not None:
-                task = self.loop.create_task(self.handoff.pump(), name="handoff")
-                self._bg.add(task)
-                task.add_done_callback(self._bg.discard)
 
     def _on_step_error(self, exc: BaseException) -> None:
         log.error("worker.step_failed", worker_id=self.worker_id, error=f"{type(exc).__name__}: {exc}")
