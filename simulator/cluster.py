@@ -147,6 +147,8 @@ class ClusterSim:
         inst = SimInstance(f"i{self._n_inst:02d}", engine, now, ready_s)
         inst.role = self.cfg.role(self._n_inst)
         self.roles.configured[inst.id] = inst.role
+        engine.park_prefilled = self.pd and inst.role == "prefill"  # as a live prefill worker's engine
+        inst.report = inst.snapshot()
         if self.use_index:
             engine.enable_kv_events()
             inst.kv_sink = self._kv_events
@@ -226,7 +228,7 @@ class ClusterSim:
             if o.new_token_ids:
                 if rec.first_token_s is None:
                     rec.first_token_s = now
-                    if self.pd and not o.finished and hands_off(inst.report, self.policy):
+                    if self.pd and not o.finished and (hands_off(inst.report, self.policy) or rid in inst.engine.parked):
                         self._hand_off(inst, rid, now)
                 else:
                     rec.itl.append(now - rec.last_token_s)
@@ -250,15 +252,17 @@ class ClusterSim:
         need = inst.engine.blocks.num_owned(rid) + 1
         snaps = [i.report for i in self.live]
         target = handoff_target(snaps, self.policy, need, exclude={inst.id})
-        if target is None:
-            if not retry:
-                self.handoffs["no_target"] += 1
-            return
-        dst = self.by_id[target]
-        if self.migrator.start(PlannedMigration(inst.id, target, rid, "handoff"), inst, dst, now):
+        dst = self.by_id[target] if target is not None else None
+        if dst is not None and self.migrator.start(PlannedMigration(inst.id, target, rid, "handoff"), inst, dst, now):
             self.handoffs["started"] += 1
             r = dst.report  # count it there until the destination reports
             dst.report = replace(r, free_blocks=max(0, r.free_blocks - need), num_running=r.num_running + 1)
+            return
+        if not retry:
+            self.handoffs["no_target"] += 1
+        if rid in inst.engine.parked:  # it decodes here after all (the live worker does the same)
+            inst.engine.reattach_request(rid)
+            self.kick(inst, now)
 
     # ---- arrivals and dispatch ---------------------------------------------------------------------
 
@@ -327,6 +331,12 @@ class ClusterSim:
         for iid, role in role_changes(snaps, self.policy, self.roles, now):
             inst = self.by_id[iid]
             inst.role = role
+            inst.engine.park_prefilled = role == "prefill"
+            if role != "prefill":
+                for rid in sorted(inst.engine.parked):
+                    if rid not in self.migrator.in_flight:
+                        inst.engine.reattach_request(rid)
+                self.kick(inst, now)
             inst.take_report(now)
             self.handoffs["role_changes"] += 1
             snaps = [i.report for i in self.live]

@@ -92,7 +92,8 @@ class Migrator:
             victim = migration_victim(src.snapshot(full=True).requests, self.in_flight)
             rid = victim.request_id if victim else None
         view = src.engine.migration_view(rid) if rid is not None else None
-        if view is None or view.status != RequestStatus.RUNNING.value or rid in self.in_flight \
+        parked = rid in src.engine.parked  # a prefilled request awaiting its hand-off: stop-and-copy
+        if view is None or (view.status != RequestStatus.RUNNING.value and not parked) or rid in self.in_flight \
                 or view.num_computed_tokens == 0:
             return False
         self._n += 1
@@ -113,6 +114,10 @@ class Migrator:
         self.in_flight[rid] = m
         src.migrations += 1
         dst.migrations += 1
+        if parked:  # out of the batch already: copy everything, then commit
+            m.copied, m.state, m.detached_s = 0, src.engine.detach_request(rid), now
+            self.host.schedule(now + self._xfer(need - m.skipped) + self.cfg.transfer.overhead_s, self._commit, m)
+            return True
         self.host.schedule(now + self._xfer(complete - m.skipped), self._stage_done, m)
         return True
 
