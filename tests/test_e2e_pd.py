@@ -96,3 +96,38 @@ async def test_ctl_role_changes_a_role_at_run_time(pd_cluster):
     finally:
         assert ctl(c, "role", "worker-1", "decode").returncode == 0
     assert "ROLE" in ctl(c, "status").stdout
+
+
+async def test_streams_on_a_killed_decode_worker_go_on_at_the_prefill_worker(pd_cluster):
+    """kill -9 of the decode worker while it decodes the streams: the frontend resumes each by
+    recompute at the prefill worker (the only one left), which finds no decode target and decodes
+    them itself; every stream is the undisturbed one; once worker-1 is back, hand-offs go on."""
+    c = pd_cluster
+    prompts = [("The river", 0.0, None), ("A lighthouse keeper", 0.0, None)]
+    refs = asyncio.ensure_future(asyncio.to_thread(references, prompts, 2 * LONG))
+    try:
+        async with AsyncClient(c.sdk_endpoint, timeout=180) as sdk:
+            async def run(prompt: str, temperature: float, seed: int | None) -> list[int]:
+                toks: list[int] = []
+                async with contextlib.aclosing(sdk.stream(prompt, max_tokens=2 * LONG, temperature=temperature,
+                                                          seed=seed, ignore_eos=True)) as chunks:
+                    async for ch in chunks:
+                        toks.extend(ch.token_ids)
+                return toks
+
+            tasks = [asyncio.ensure_future(run(*p)) for p in prompts]
+            try:
+                await wait_status(c, lambda s: len([r for r in s.requests if r.worker_id == "worker-1"]) >= 2
+                                  or any(t.done() for t in tasks), 60, "both streams on the decode worker")
+                assert not any(t.done() for t in tasks), "a stream ended before the kill: raise max_tokens"
+                c.kill("worker-1")
+                got = [await asyncio.wait_for(t, 180) for t in tasks]
+            finally:
+                for t in tasks:
+                    t.cancel()
+        assert got == await refs
+    finally:
+        await asyncio.to_thread(c.respawn, "worker-1")
+        await wait_status(c, lambda s: any(i.worker_id == "worker-1" and i.alive and i.role == "decode"
+                                           for i in s.instances), 60, "worker-1 back")
+    wait_idle(c)

@@ -87,3 +87,35 @@ def test_the_simulator_hands_every_prefilled_request_to_a_decode_instance(runs):
     assert s["pd"]["started"] >= 0.95 * len(trace) and s["migration"]["committed"] >= s["pd"]["started"]
     assert all(r.output_tokens == r.output_len for r in pd.records)
     assert s["itl"]["p99"] < colo.summary["itl"]["p99"] / 3  # the prefills no longer stall the decodes
+
+
+def test_a_prefill_engine_parks_each_request_once_its_first_token_is_out():
+    """Parked: out of the batch with its blocks, visible to a migration (status waiting), taken by
+    detach_request without a second detach; put back, it decodes on; aborted, it frees its blocks."""
+    from engine import EngineConfig, LLMEngine, SamplingParams
+
+    eng = LLMEngine.from_model("tiny", EngineConfig(dtype="float32", num_blocks=64, debug_checks=True))
+    eng.park_prefilled = True
+    sp = SamplingParams(max_tokens=8, ignore_eos=True)
+    for rid in ("a", "b", "one"):
+        eng.add_request(rid, [1, 2, 3, 4, 5], sp if rid != "one" else SamplingParams(max_tokens=1))
+    outs = eng.step()
+    assert {o.request_id for o in outs} == {"a", "b", "one"} and all(o.first_index == 0 for o in outs)
+    assert eng.parked == {"a", "b"} and not eng.scheduler.running  # "one" finished in its prefill
+    assert eng.migration_view("a").status == "waiting" and eng.blocks.num_owned("a") > 0
+    assert eng.step() == []  # parked requests take no step
+    state = eng.detach_request("a")
+    assert state.num_computed_tokens == 5 and "a" not in eng.parked and eng.is_detached("a")
+    eng.reattach_request("a")
+    eng.reattach_request("b")
+    eng.park_prefilled = False
+    while eng.has_unfinished_requests():
+        eng.step()
+    assert eng.requests == {} and eng.blocks.num_used == 0
+    eng.park_prefilled = True
+    eng.add_request("c", [1, 2, 3], sp)
+    eng.step()
+    assert eng.parked == {"c"}
+    eng.abort_request("c")
+    assert not eng.parked and eng.blocks.num_used == 0
+    eng.check_integrity()
