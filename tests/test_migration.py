@@ -142,8 +142,9 @@ async def test_long_context_moves_in_many_chunks_and_stages(make_cluster):
     c = await make_cluster(2, overrides={"migration_chunk_bytes": 2 * 16 * 2 * 2 * 2 * 32 * 4,
                                          "migration_final_blocks": 0, "max_num_batched_tokens": 256})
     long_prompt = [random.Random(3).randrange(1, 250) for _ in range(900)]
-    await c.add(0, "long-ref", long_prompt, 400)
-    await c.add(0, "long", long_prompt, 400)
+    # 1,200 tokens to go: the ~30-chunk migration must end before the request does, on a loaded machine too
+    await c.add(0, "long-ref", long_prompt, 1200)
+    await c.add(0, "long", long_prompt, 1200)
     await c.frontend.until(lambda: c.frontend.count("long") >= 2)
     res = await c.migrate_and_wait(0, 1, "long")
     assert res.outcome == "committed" and res.blocks >= 900 // 16 and res.bytes_moved > 30 * 2 * 2048, res

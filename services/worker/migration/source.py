@@ -287,7 +287,7 @@ class MigrationSource:
         """Copy the request's complete blocks while it keeps decoding here, stage after stage,
         until few enough are left for the pause (or the stage limit); live mode only."""
         rid, bs = m.request_id, self.w.info.block_size
-        view = await self._engine(lambda e: e.migration_view(rid))
+        view = await self._parked_or_engine(rid, lambda e: e.migration_view(rid))
         if view is None:
             raise Aborted("finished")
         t.preemptions = view.num_preemptions
@@ -324,7 +324,7 @@ class MigrationSource:
                 return "preempted"
             return e.detach_request(rid), v, time.perf_counter()
 
-        res = await self._engine(detach)
+        res = await self._parked_or_engine(rid, detach)
         if isinstance(res, str):
             raise Aborted(res)
         state, view, t.paused_at = res
@@ -433,6 +433,16 @@ class MigrationSource:
     async def _engine(self, fn: Callable[[LLMEngine], T]) -> T:
         """An engine-thread call that always completes (its effect must be known, e.g. a detach)."""
         return await self.w.driver.call(fn, timeout_s=max(30.0, self.cfg.migration_timeout_s))
+
+    async def _parked_or_engine(self, rid: str, fn: Callable[[LLMEngine], T]) -> T:
+        """`fn` at once for a request the engine parked for its hand-off (services/worker/handoff.py):
+        the engine thread no longer touches it, so reading its view and state, and taking it out of
+        the parked set, need not wait for the current step (up to a long prefill) to end. Any other
+        request: an engine-thread call."""
+        engine = self.w.driver.engine
+        if rid in getattr(engine, "parked", ()):
+            return fn(engine)
+        return await self._engine(fn)
 
     async def _rpc(self, m: Outgoing, coro: Awaitable[Any], cancellable: bool = True) -> Any:
         """Await a request to the destination; a cancel (when allowed) wins the race."""
