@@ -202,7 +202,7 @@ def smol_engine() -> LLMEngine:
     return smol()
 
 
-def grammar(kind: str, spec) -> "Grammar":  # noqa: ANN001
+def grammar(kind: str, spec):  # noqa: ANN001, ANN201 - protocol.payloads.Grammar
     import json
 
     from protocol.payloads import Grammar
