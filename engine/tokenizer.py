@@ -63,7 +63,18 @@ class Tokenizer:
         return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
                                      bos_token=bos, eos_token=eos, **extra)
 
-    def encode_chat(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> list[int]:
-        text = self.apply_chat_template(messages, tools=tools)
+    def encode_chat(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None,
+                    add_generation_prompt: bool = True, continue_final_message: bool = False) -> list[int]:
+        """The prompt's ids. `continue_final_message` (vLLM's): the last message is left open, cut
+        right after its content, for the model to go on with it (a prefilled answer)."""
+        text = self.apply_chat_template(messages, add_generation_prompt=add_generation_prompt and
+                                        not continue_final_message, tools=tools)
+        if continue_final_message:
+            last = messages[-1]["content"]
+            at = text.rfind(last) if last else -1
+            if at < 0:
+                raise InvalidRequestError("continue_final_message: the chat template does not render the last "
+                                          "message's content as given")
+            text = text[: at + len(last)]
         # Templates write the BOS themselves where the model wants one.
         return self.backend.encode(text, add_special_tokens=False).ids

@@ -273,11 +273,14 @@ async def test_models_tokenize_detokenize_and_version(frontend):
         assert r.status_code == 200 and r.json() == {"prompt": "hello"}
         chat = (await h.post("/tokenize", json={"messages": [{"role": "user", "content": "hi"}]})).json()
         assert chat["tokens"] == TOK.encode_chat([{"role": "user", "content": "hi"}]) and chat["token_strs"] is None
+        bare = (await h.post("/tokenize", json={"messages": [{"role": "user", "content": "hi"}],
+                                                "add_generation_prompt": False})).json()
+        assert chat["tokens"][:bare["count"]] == bare["tokens"] and bare["count"] < chat["count"]
         for path, body, status, param in (("/tokenize", {"prompt": 5}, 400, "prompt"),
                                           ("/tokenize", {"prompt": "x", "model": "gpt-4"}, 404, "model"),
                                           ("/tokenize", {"prompt": "x", "messages": []}, 400, "messages"),
                                           ("/tokenize", {"messages": [{"role": "user", "content": "x"}],
-                                                         "add_generation_prompt": False}, 400, "add_generation_prompt"),
+                                                         "add_generation_prompt": 0}, 400, "add_generation_prompt"),
                                           ("/detokenize", {"tokens": [1, -1]}, 400, "tokens"),
                                           ("/detokenize", {"tokens": "abc"}, 400, "tokens"),
                                           ("/detokenize", {}, 400, "tokens")):

@@ -21,8 +21,7 @@ TOOL = {"type": "function", "function": {"name": "get_weather", "parameters": {"
 ASKING: dict[str, Any] = {
     "functions": [TOOL["function"]], "function_call": "auto", "structural_tag": "{}", "bad_words": ["x"], "allowed_token_ids": [1, 2],
     "use_beam_search": True, "length_penalty": 0.5, "truncate_prompt_tokens": 5, "skip_special_tokens": False,
-    "spaces_between_special_tokens": False, "return_tokens_as_token_ids": True, "continue_final_message": True,
-    "add_generation_prompt": False, "chat_template": "{{ messages }}", "chat_template_kwargs": {"x": 1},
+    "spaces_between_special_tokens": False, "return_tokens_as_token_ids": True, "chat_template": "{{ messages }}", "chat_template_kwargs": {"x": 1},
     "documents": [{"text": "d"}], "mm_processor_kwargs": {"a": 1}, "audio": {"voice": "alloy"},
     "modalities": ["text", "audio"], "prediction": {"type": "content", "content": "x"},
 }
@@ -278,3 +277,22 @@ def test_a_template_with_a_tools_section_renders_tools_and_calls_itself():
     text = tok.decode(parser.chat({**CHAT, "messages": history, "tools": [WEATHER]}).prompt_ids)
     assert text == ('<tools>get_weather;</tools>[user]weather in Oslo?[assistant]CALL get_weather {"city": "Oslo"}'
                     "[tool]sunny")
+
+
+def test_add_generation_prompt_false_and_continue_final_message():
+    """vLLM's: no assistant header at the end; or the last (assistant) message left open to go on with."""
+    msgs = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello, I am"}]
+    plain = TOK.decode(PARSER.chat({**CHAT, "messages": msgs}).prompt_ids)
+    no_gen = TOK.decode(PARSER.chat({**CHAT, "messages": msgs, "add_generation_prompt": False}).prompt_ids)
+    cont = TOK.decode(PARSER.chat({**CHAT, "messages": msgs, "continue_final_message": True,
+                                   "add_generation_prompt": False}).prompt_ids)
+    assert plain.startswith(no_gen) and len(plain) > len(no_gen)
+    assert cont.endswith("Hello, I am") and no_gen.startswith(cont) and len(no_gen) > len(cont)
+    assert TOK.decode(PARSER.chat({**CHAT, "messages": msgs, "continue_final_message": True}).prompt_ids) == cont
+    for extra, param in (({"continue_final_message": True, "add_generation_prompt": True}, "continue_final_message"),
+                         ({"continue_final_message": True, "add_generation_prompt": False,
+                           "messages": [{"role": "user", "content": "x"}]}, "continue_final_message"),
+                         ({"add_generation_prompt": "no"}, "add_generation_prompt")):
+        with pytest.raises(ApiError) as err:
+            PARSER.chat({**CHAT, "messages": msgs, **extra})
+        assert err.value.param == param, extra

@@ -72,8 +72,6 @@ UNSUPPORTED: dict[str, tuple[Any, str]] = {
     "skip_special_tokens": (lambda v: v in (None, True), "skip_special_tokens=false"),
     "spaces_between_special_tokens": (lambda v: v in (None, True), "spaces_between_special_tokens=false"),
     "return_tokens_as_token_ids": (lambda v: v in (None, False), "return_tokens_as_token_ids"),
-    "continue_final_message": (lambda v: v in (None, False), "continue_final_message"),
-    "add_generation_prompt": (lambda v: v in (None, True), "add_generation_prompt=false"),
     "chat_template": (lambda v: v is None, "a request's own chat_template"),
     "chat_template_kwargs": (_empty, "chat_template_kwargs"),
     "documents": (_empty, "documents"),
@@ -492,11 +490,19 @@ class RequestParser:
             norm.append(msg)
         from services.frontend.tools import render_messages
 
+        add = _opt(body, "add_generation_prompt", "bool")
+        cont = _opt(body, "continue_final_message", "bool") or False
+        if cont and add:
+            raise bad("'continue_final_message' and 'add_generation_prompt' cannot both be true",
+                      "continue_final_message")
+        if cont and norm[-1]["role"] != "assistant":
+            raise bad("'continue_final_message' needs an assistant message last", "continue_final_message")
+        opts = {"add_generation_prompt": add is not False, "continue_final_message": cont}
         native = getattr(self.tokenizer, "template_has_tools", False)
         if not native:
-            return self.encode_chat(render_messages(norm, tools))
+            return self.encode_chat(render_messages(norm, tools), **opts)
         schemas = [{"type": "function", "function": f} for f in tools.functions] if tools is not None else None
-        return self.encode_chat(render_messages(norm, tools, native=True), schemas)
+        return self.encode_chat(render_messages(norm, tools, native=True), schemas, **opts)
 
     @staticmethod
     def _message_calls(calls: Any, i: int) -> list[dict[str, Any]]:
@@ -520,11 +526,14 @@ class RequestParser:
             out.append({"name": f["name"], "arguments": args})
         return out
 
-    def encode_chat(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> list[int]:
+    def encode_chat(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None,
+                    add_generation_prompt: bool = True, continue_final_message: bool = False) -> list[int]:
         from engine.errors import InvalidRequestError
 
         try:
-            return self.tokenizer.encode_chat(messages, tools) if tools is not None else \
-                self.tokenizer.encode_chat(messages)
+            if tools is None and add_generation_prompt and not continue_final_message:
+                return self.tokenizer.encode_chat(messages)
+            return self.tokenizer.encode_chat(messages, tools, add_generation_prompt=add_generation_prompt,
+                                              continue_final_message=continue_final_message)
         except InvalidRequestError as exc:
             raise bad(str(exc), "messages") from None
