@@ -226,9 +226,9 @@ def test_aiperf_constant_rate(cluster, hf_folder, tmp_path, endpoint_type):
     assert not res.get("error_summary"), res["error_summary"]
     assert not res.get("was_cancelled")
     assert res["request_count"]["avg"] == LOAD_REQUESTS
-    # the server's usage: every request ran to its 8 tokens (aiperf's own count re-tokenizes the
-    # text, which may merge two tokens into one: output_sequence_length can be 7)
-    assert res["usage_completion_tokens"]["min"] == res["usage_completion_tokens"]["max"] == 8
+    # the server's usage: at most the 8 tokens asked for (aiperf sends no ignore_eos: SmolLM2 may end
+    # an answer early; aiperf's own count re-tokenizes the text, which may merge two tokens into one)
+    assert 1 <= res["usage_completion_tokens"]["min"] <= res["usage_completion_tokens"]["max"] == 8
     assert 0 < res["output_sequence_length"]["min"] <= 8
     assert res["time_to_first_token"]["min"] > 0
 
