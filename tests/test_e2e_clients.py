@@ -206,9 +206,10 @@ def test_guidellm_constant_rate(cluster, hf_folder, tmp_path, stream):
     bench = json.loads((tmp_path / "guidellm.json").read_text())["benchmarks"][0]
     made = bench["scheduler_metrics"]["requests_made"]
     errors = [r.get("info", {}).get("error") for r in bench.get("requests", {}).get("errored", [])][:2]
-    assert made == {"successful": LOAD_REQUESTS, "errored": 0, "incomplete": 0, "total": LOAD_REQUESTS}, \
+    # guidellm's max_requests constraint sometimes stops one request short: every request it made succeeded
+    assert made["errored"] == made["incomplete"] == 0 and made["successful"] == made["total"] >= LOAD_REQUESTS - 1, \
         (made, errors, out.stdout[-2000:])
-    assert bench["metrics"]["output_token_count"]["successful"]["mean"] == 8
+    assert 0 < bench["metrics"]["output_token_count"]["successful"]["mean"] <= 8
     assert bench["metrics"]["request_latency"]["successful"]["mean"] > 0
 
 
@@ -228,7 +229,7 @@ def test_aiperf_constant_rate(cluster, hf_folder, tmp_path, endpoint_type):
     assert res["request_count"]["avg"] == LOAD_REQUESTS
     # the server's usage: at most the 8 tokens asked for (aiperf sends no ignore_eos: SmolLM2 may end
     # an answer early; aiperf's own count re-tokenizes the text, which may merge two tokens into one)
-    assert 1 <= res["usage_completion_tokens"]["min"] <= res["usage_completion_tokens"]["max"] == 8
+    assert 1 <= res["usage_completion_tokens"]["min"] <= res["usage_completion_tokens"]["max"] <= 8
     assert 0 < res["output_sequence_length"]["min"] <= 8
     assert res["time_to_first_token"]["min"] > 0
 
