@@ -98,12 +98,17 @@ async def _next_event(queue: asyncio.Queue[StreamEvent], timeout_s: float) -> St
     while not queue.empty() and events[-1].finish_reason is None:
         events.append(queue.get_nowait())
     merged = StreamEvent([t for e in events for t in e.token_ids], events[-1].finish_reason, events[-1].error)
-    # Logprobs stay aligned with the tokens: all of them, or none when an event with tokens lacks them.
-    if all(e.logprobs is not None for e in events if e.token_ids) and any(e.logprobs for e in events):
-        merged.logprobs = [lp for e in events for lp in (e.logprobs or ())]
-    merged.prompt_logprobs = next((e.prompt_logprobs for e in events if e.prompt_logprobs is not None), None)
+    merged.logprobs, merged.prompt_logprobs = _joined_logprobs(events)
     return merged
-    return merged
+
+
+def _joined_logprobs(parts: list) -> tuple[list[TokenLogprobs] | None, list[TokenLogprobs | None] | None]:  # noqa: ANN001
+    """The logprobs of consecutive events or deltas joined, aligned with their tokens (all, or none
+    when a part with tokens lacks them), and the first prompt logprobs among them."""
+    lps = None
+    if all(p.logprobs is not None for p in parts if p.token_ids) and any(p.logprobs for p in parts):
+        lps = [lp for p in parts for lp in (p.logprobs or ())]
+    return lps, next((p.prompt_logprobs for p in parts if p.prompt_logprobs is not None), None)
 
 
 class Generator:
@@ -234,9 +239,6 @@ async def join_deltas(deltas: AsyncIterator[Delta], first: Delta | None = None) 
         async for d in deltas:
             parts.append(d)
     assert parts and parts[-1].finish_reason is not None
-    lps = None
-    if all(d.logprobs is not None for d in parts if d.token_ids) and any(d.logprobs for d in parts):
-        lps = [lp for d in parts for lp in (d.logprobs or ())]
+    lps, prompt_lps = _joined_logprobs(parts)
     return Delta("".join(d.text for d in parts), [t for d in parts for t in d.token_ids], 0,
-                 parts[-1].finish_reason, parts[-1].usage, lps,
-                 next((d.prompt_logprobs for d in parts if d.prompt_logprobs is not None), None))
+                 parts[-1].finish_reason, parts[-1].usage, lps, prompt_lps)

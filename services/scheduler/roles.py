@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 from protocol import Ack, DecodeTarget, ErrorCode, ErrorReply, SetInstanceRole, SetRole
 from policy import PolicyConfig
-from policy.pd import ROLES, RoleState, handoff_target, role_changes
+from policy.pd import RoleState, handoff_target, role_changes
 from services.log import get_logger
 from services.scheduler.commands import CommandChannels
 from services.scheduler.registry import Registry
@@ -106,5 +106,3 @@ class Roles:
 
         self.commands.spawn(forward(), name=f"role-{worker_id}")
 
-
-__all__ = ["ROLES", "Roles"]

@@ -52,8 +52,6 @@ class HandOff:
         self.w = ctx
         self.source = source
         self.pending: dict[str, None] = {}  # prefilled requests still here, oldest first
-        self.started = 0
-        self.kept = 0  # could not move: decoding here
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self.parks = hasattr(ctx.driver.engine, "park_prefilled")
@@ -93,7 +91,6 @@ class HandOff:
     async def _keep(self, rid: str, why: str) -> None:
         """The request decodes here after all."""
         self.pending.pop(rid, None)
-        self.kept += 1
         await self.w.driver.call(lambda e: e.reattach_request(rid) if rid in getattr(e, "parked", ()) else None)
         log.info("handoff.kept", request_id=rid, reason=why)
 
@@ -121,4 +118,3 @@ class HandOff:
                 await self._keep(rid, str(exc))
                 continue
             self.pending.pop(rid, None)
-            self.started += 1
