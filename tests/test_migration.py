@@ -373,10 +373,12 @@ async def test_unanswered_commit_is_taken_back_and_the_request_runs_once(make_cl
     # the same values as the unmigrated run, whoever sent each index; the source announced
     # itself as the owner again.
     assert fe.tokens("limbo") == fe.tokens("limbo-ref")
-    # The source's take-back notice went out. (It is usually the last one; on a slow machine the
-    # destination's own notice, sent with its first tokens, can arrive after it: notices carry no
-    # epoch yet, a known gap.)
-    assert "worker-0" in [m.worker_id for m in fe.moved if m.request_id == "limbo"]
+    # The source's take-back notice went out. It travels on the source's token socket, the
+    # migration's result on its scheduler link: the result can be read first, so wait for the
+    # notice. (It is usually the last notice; on a slow machine the destination's own, sent with
+    # its first tokens, can arrive after it: notices carry no epoch yet, a known gap.)
+    await fe.until(lambda: "worker-0" in [m.worker_id for m in fe.moved if m.request_id == "limbo"],
+                   what="the source's take-back notice (RequestMoved from worker-0)")
     assert all(b.finish_reason == "length" for b in fe.extra_finals)
     await c.wait_idle()
 
