@@ -4,6 +4,7 @@ chunked across many chunks; the shm staging buffer never outlives close (also af
 from __future__ import annotations
 
 import glob
+import os
 import random
 
 import pytest
@@ -18,8 +19,18 @@ from kv_transfer.zmq_frames import FramesReceiver, FramesSender
 BLOCK = (4, 2, 4, 2, 8)  # small blocks: layers, kv, block_size, heads, head_dim
 
 
-def shm_files() -> set[str]:
-    return set(glob.glob(f"/dev/shm/{PREFIX}*"))
+def shm_files(pid: int | None = None) -> set[str]:
+    """kvferry's staging buffers in /dev/shm; with `pid`, those that process created (names carry
+    the creator's pid). Tests filter by creator: other tests running beside this one (pytest-xdist,
+    live clusters) create and remove buffers of their own."""
+    return set(glob.glob(f"/dev/shm/{PREFIX}{'' if pid is None else f'{pid}-'}*"))
+
+
+def leaked(before: set[str]) -> set[str]:
+    """Buffers that appeared since `before` and whose creating process is gone: nobody will unlink them."""
+    def owner(path: str) -> str:
+        return os.path.basename(path)[len(PREFIX):].split("-", 1)[0]
+    return {f for f in shm_files() - before if not os.path.exists(f"/proc/{owner(f)}")}
 
 
 def small_cache(n: int, dtype: torch.dtype, seed: int | None) -> torch.Tensor:
@@ -46,19 +57,19 @@ def test_two_processes_bit_identical(path: str, dtype: torch.dtype) -> None:
     times, ok = run_pair(path, 96, dtype, tr, reps=2, seed=123, verify=True, opts=opts, timeout=60)
     assert ok == [True] * 4
     assert len(times) == 2 and all(len(t) == 2 for t in times)
-    assert shm_files() == before
+    assert not leaked(before)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_shm_two_handles_one_process(dtype: torch.dtype) -> None:
-    before = shm_files()
+    before = shm_files(os.getpid())
     src_cache = small_cache(64, dtype, seed=1)
     dst_cache = small_cache(64, dtype, seed=None)
     bpb = src_cache[:, :, :1].numel() * src_cache.element_size()
     src, dst = transfers(64, 50, seed=3)[0]
     with ShmSender(src_cache, shm_bytes=4 * 3 * bpb, chunk_bytes=3 * bpb) as s:
         assert s.chunk_blocks == 3 and s.depth == 4
-        assert len(shm_files() - before) == 1
+        assert len(shm_files(os.getpid()) - before) == 1
         with ShmReceiver(dst_cache, **s.attach_info()) as r:
             chunks = s.chunks(src, dst)
             assert len(chunks) == 17
@@ -77,23 +88,23 @@ def test_shm_two_handles_one_process(dtype: torch.dtype) -> None:
     assert torch.equal(dst_cache[:, :, dst].view(torch.uint8), src_cache[:, :, src].view(torch.uint8))
     untouched = sorted(set(range(64)) - set(dst))
     assert not dst_cache[:, :, untouched].view(torch.uint8).any()
-    assert shm_files() == before
+    assert shm_files(os.getpid()) == before
 
 
 def test_shm_cleaned_up_after_exception() -> None:
-    before = shm_files()
+    before = shm_files(os.getpid())
     cache = small_cache(8, torch.float32, seed=0)
     with pytest.raises(RuntimeError, match="boom"):
         with ShmSender(cache, shm_bytes=1 << 16, chunk_bytes=1 << 14) as s:
             with ShmReceiver(small_cache(8, torch.float32, None), **s.attach_info()):
                 raise RuntimeError("boom")
-    assert shm_files() == before
+    assert shm_files(os.getpid()) == before
     s = ShmSender(cache, shm_bytes=1 << 16)
-    assert shm_files() != before
+    assert shm_files(os.getpid()) != before
     del s  # garbage collection unlinks too
     import gc
     gc.collect()
-    assert shm_files() == before
+    assert shm_files(os.getpid()) == before
 
 
 def test_shm_full_ring_and_bad_acks() -> None:

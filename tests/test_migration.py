@@ -149,8 +149,9 @@ async def test_long_context_moves_in_many_chunks_and_stages(make_cluster):
     res = await c.migrate_and_wait(0, 1, "long")
     assert res.outcome == "committed" and res.blocks >= 900 // 16 and res.bytes_moved > 30 * 2 * 2048, res
     assert res.stages >= 2
-    await c.frontend.finished("long")
-    await c.frontend.finished("long-ref")
+    # 1,200 tokens each: longer than the sink's default wait when other tests share the two cores.
+    await c.frontend.finished("long", timeout=180)
+    await c.frontend.finished("long-ref", timeout=180)
     assert c.frontend.tokens("long") == c.frontend.tokens("long-ref")
     await c.wait_idle()
 
