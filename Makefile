@@ -12,7 +12,8 @@ VLLM_STAMP := $(VENV)/.vllm-installed
 CLIENTS_VENV  := $(VENV)/clients
 CLIENTS_STAMP := $(CLIENTS_VENV)/.installed
 
-.PHONY: install install-vllm install-clients demo test test-fast test-vllm test-clients bench clean
+.PHONY: install install-vllm install-clients install-prometheus demo test test-fast test-vllm test-clients test-deploy \
+	bench clean
 
 install: $(STAMP)
 
@@ -56,14 +57,15 @@ $(VLLM_STAMP): $(STAMP) deploy/vllm_requirements.py deploy/vllm_alias.py
 demo: install
 	$(BIN)/kvferry demo
 
-# Every test but the vLLM engine's (those need `install-vllm`: `make test-vllm`; CI runs both).
+# Every test but the vLLM engine's (those need `install-vllm`: `make test-vllm`; CI runs both), the
+# clients' (`make test-clients`) and the deploy files' against a real Prometheus (`make test-deploy`).
 # Both parts run on two pytest workers: the in-process tests (pure CPU, no ports, no processes),
 # then the e2e tests, whose clusters spend much of their time waiting (start-up, heartbeats,
 # deadlines), so two at a time take ~6 minutes instead of ~11 (every wait has a deadline, and
 # ports come from the OS, so the two do not collide).
 test: install
-	$(BIN)/python -m pytest -q -n 2 --durations=10 -m "not vllm and not e2e and not clients"
-	$(BIN)/python -m pytest -q -n 2 --durations=15 -m "not vllm and e2e and not clients"
+	$(BIN)/python -m pytest -q -n 2 --durations=10 -m "not vllm and not e2e and not clients and not deploy"
+	$(BIN)/python -m pytest -q -n 2 --durations=15 -m "not vllm and e2e and not clients and not deploy"
 
 # The edit loop (about a minute): unit and property tests, fewer property examples; no process, no
 # cluster (the `e2e` marker, tests/conftest.py). `make test` runs these and the e2e tests.
@@ -98,6 +100,35 @@ $(CLIENTS_STAMP): $(VLLM_STAMP) pyproject.toml tests/clients/constraints.txt
 
 test-clients: $(CLIENTS_STAMP)
 	$(BIN)/python -m pytest -q --durations=15 -m clients tests/test_e2e_clients.py
+
+# Prometheus and promtool from Debian (the `prometheus` package, 2.42 on bookworm), for
+# `make test-deploy`. Skipped when both are on PATH already; needs root and apt, and says so
+# otherwise. The package's service must not start: the test runs its own instance on a free port
+# with a temporary storage dir. policy-rc.d answering 101 keeps invoke-rc.d / deb-systemd-invoke from
+# starting it (Docker images ship one; elsewhere one is put in place for the install and removed).
+# --no-install-recommends: not prometheus-node-exporter, another service nothing here scrapes.
+install-prometheus:
+	@if command -v prometheus >/dev/null && command -v promtool >/dev/null; then \
+		echo "prometheus and promtool are installed: $$(command -v prometheus), $$(command -v promtool)"; \
+	elif [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null; then \
+		echo "install-prometheus: needs root and apt-get (Debian's prometheus package); install prometheus" \
+			"and promtool (2.x) onto PATH yourself (the Prometheus project's release archives)" >&2; exit 1; \
+	else \
+		set -e; policy=/usr/sbin/policy-rc.d; added=; \
+		if [ ! -e $$policy ]; then printf '#!/bin/sh\nexit 101\n' > $$policy; chmod +x $$policy; added=1; fi; \
+		trap '[ -z "$$added" ] || rm -f '$$policy EXIT; \
+		apt-get update -qq; \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; \
+		prometheus --version 2>&1 | head -1; \
+	fi
+
+# The deploy files against the real thing (tests/test_e2e_prometheus.py, marker `deploy`): a local
+# cluster with every metrics endpoint on, scraped by a Prometheus started from
+# deploy/prometheus/prometheus.yml (targets replaced); every PromQL expression of the Grafana
+# dashboard must return sane data after traffic and migrations; promtool checks and unit-tests
+# deploy/prometheus/alerts.yml. ~1-2 minutes.
+test-deploy: install install-prometheus
+	$(BIN)/python -m pytest -q --durations=10 -m deploy tests/test_e2e_prometheus.py
 
 bench: install
 	$(BIN)/kvferry bench engine --model smollm2 --json bench-engine.json

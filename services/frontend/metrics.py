@@ -34,6 +34,11 @@ class _Both:
         self.vllm.inc(amount)
 
 
+# Every outcome's series is served from the start, at 0. A labelled series that first appears with
+# its first event already counted hides that event from rate() and increase(): Prometheus sees no
+# increase in a series' first sample (the dashboard's requests / s showed 0 for a first burst).
+REQUEST_OUTCOMES = ("stop", "length", "cancelled", "timeout", "error", "rejected", "unavailable", "invalid")
+
 # vLLM's names of the series the frontend has (`_total` is added to the counters' samples)
 VLLM_NAMES = ("vllm:time_to_first_token_seconds", "vllm:inter_token_latency_seconds",
               "vllm:e2e_request_latency_seconds", "vllm:prompt_tokens_total", "vllm:generation_tokens_total")
@@ -63,6 +68,8 @@ class FrontendMetrics:
                                   buckets=DISPATCH_BUCKETS, registry=r)
         self.requests = Counter("kvferry_requests", "Requests by outcome (stop, length, cancelled, timeout, "
                                 "error, rejected, unavailable, invalid)", ["outcome"], registry=r)
+        for outcome in REQUEST_OUTCOMES:  # at 0 from the start: see REQUEST_OUTCOMES
+            self.requests.labels(outcome=outcome)
         self.generated_tokens = _Both(
             Counter("kvferry_generated_tokens", "Tokens streamed to clients", registry=r),
             Counter("vllm:generation_tokens", "Tokens streamed to clients (vLLM's name)", m, registry=r).labels(model_name))

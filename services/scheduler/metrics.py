@@ -44,6 +44,8 @@ log = get_logger("kvferry.scheduler.metrics")
 DECISION_BUCKETS = (0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1)
 HIT_TOKEN_BUCKETS = (0, 16, 64, 256, 1024, 2048, 4096, 8192, 16384, 65536)
 DOWNTIME_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.0, 5.0)
+DISPATCH_OUTCOMES = ("dispatched", "unavailable", "overloaded", "error")
+MIGRATION_TRIGGERS = ("ctl", "drain", "load")
 MAX_REASONS = 32  # distinct abort reasons kept as label values (workers send short labels; the rest: "other")
 SCRAPE_TIMEOUT_S = 2.0
 
@@ -100,7 +102,14 @@ class SchedulerMetrics:
         self.downtime = Histogram("kvferry_scheduler_migration_downtime_seconds", "Downtime of committed "
                                   "migrations as the source measured it (all workers)", buckets=DOWNTIME_BUCKETS,
                                   registry=r)
-        self._reasons: set[str] = set()
+        # The series of the known label values exist from the start, at 0, so that rate() and
+        # increase() see each one's first event (a series first scraped at 1 shows no increase).
+        # Abort reasons are open-ended (at most MAX_REASONS): their series start with their first.
+        for outcome in DISPATCH_OUTCOMES:
+            self.dispatches.labels(outcome=outcome)
+        for trigger in MIGRATION_TRIGGERS:
+            self.migrations.labels(outcome="committed", reason="none", trigger=trigger)
+        self._reasons: set[str] = {"none"}
 
     # ---- events --------------------------------------------------------------------------------
 

@@ -31,6 +31,13 @@ class MigrationMetrics:
                              registry=r)
         self.blocks_skipped = Counter("kvferry_migration_blocks_skipped", "KV blocks committed migrations did not "
                                       "send: the destination's prefix cache held them", registry=r)
+        # At 0 from the start, so that rate() and increase() see the first migration of each role and
+        # path (a series first scraped at 1 shows no increase). Abort reasons start with their first.
+        for role in ("out", "in"):
+            self.started.labels(role=role)
+            self.committed.labels(role=role)
+        for path in ("shm", "frames"):  # kv_transfer's data paths (sender.name)
+            self.bytes.labels(path=path)
         self.stages = Histogram("kvferry_migration_stages", "Copy stages per committed migration (the last "
                                 "stop-and-copy stage included)", buckets=STAGE_BUCKETS, registry=r)
 

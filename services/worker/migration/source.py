@@ -398,7 +398,9 @@ class MigrationSource:
             self.metrics.stages.observe(m.stages)
             self.metrics.blocks_skipped.inc(m.blocks_skipped)
         else:
-            self.metrics.aborted.labels(role="out", reason=m.abort_reason).inc()
+            # A destination's refusal comes as "no_room: cannot reserve 259 blocks: 235 free": the
+            # label is its first word (as the scheduler's and the destination's), not the free text.
+            self.metrics.aborted.labels(role="out", reason=m.abort_reason.split(":")[0].strip() or "error").inc()
         log.info("migration.ended", migration_id=m.migration_id, request_id=m.request_id,
                  dst_worker_id=m.dst_worker_id, outcome=m.outcome, reason=m.abort_reason or None, path=m.path,
                  stages=m.stages, blocks=m.blocks, blocks_skipped=m.blocks_skipped, bytes=m.bytes_moved,
