@@ -30,6 +30,7 @@ from protocol import (
 )
 from protocol.sockets import MessageSocket, request
 from protocol.to_worker import WorkerMigrationReplies
+from testkit.wait import until
 from tests.migration_harness import MigrationCluster
 
 F32 = {"dtype": "float32"}
@@ -330,6 +331,46 @@ async def test_frontend_abort_during_migration(make_cluster):
     fin = await c.frontend.finished("gone")
     assert fin.finish_reason == "abort" and fin.worker_id == "worker-0"
     await c.wait_idle()
+
+
+def hold_reply(dest, name: str) -> tuple[asyncio.Event, asyncio.Event]:  # noqa: ANN001
+    """Like `hold`, but the handler runs first and its reply waits at `gate`; `entered` is set
+    once the handler has run (for _reserve: the blocks are reserved, the reply not sent)."""
+    gate, entered = asyncio.Event(), asyncio.Event()
+    orig = getattr(dest, name)
+
+    async def held(rec):  # noqa: ANN001
+        reply = await orig(rec)
+        entered.set()
+        await gate.wait()
+        return reply
+
+    setattr(dest, name, held)
+    return gate, entered
+
+
+@pytest.mark.parametrize("where", ["reserved, reply held", "reserve held"])
+async def test_frontend_abort_before_the_reserve_reply_frees_the_destination_at_once(make_cluster, where):
+    """The source gives up while its opening MigrateReserve is unanswered (seen across hosts: a
+    stream aborted by its client as a drain began). Its MigrateAbort frees a reservation made
+    meanwhile, or, overtaking the reserve (aborts are served first), has that reserve refused:
+    nothing waits for the sweeper (`migration_timeout_s`, long here)."""
+    c = await make_cluster(2, overrides={"migration_timeout_s": 60.0})
+    dst = c.workers[1].migration.destination
+    gate, entered = (hold_reply if where.startswith("reserved") else hold)(dst, "_reserve")
+    await c.add(0, "gone", PROMPT, 400)
+    await c.frontend.until(lambda: c.frontend.count("gone") >= 2)
+    mid, _ = await c.migrate(0, 1, "gone")
+    await entered.wait()
+    reply = await c.call(0, AbortRequest(request_id="gone", reason="client left"))
+    assert isinstance(reply, Ack) and reply.ok, reply
+    res = await c.result(mid)
+    assert res.outcome == "aborted" and res.reason == "aborted", res
+    if where == "reserve held":  # the abort is in; now the reserve it overtook
+        await until(lambda: mid in dst.aborted_early, 10, "the abort ahead of its reserve")
+    gate.set()
+    await c.wait_idle(timeout=10.0)
+    assert c.workers[1].migration.metrics.value("kvferry_migrations_aborted_total", role="in", reason="source") == 1
 
 
 async def test_scheduler_cancel_keeps_the_request_on_the_source(make_cluster):

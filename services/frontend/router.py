@@ -30,6 +30,11 @@ Failures (design §6):
 - While the scheduler does not answer, requests go to the last known worker with the fewest of
   this frontend's requests at once (no per-request wait for the scheduler); the status loop
   notices its return.
+- A lost worker may come back (a network partition shorter than its [worker] frontend_timeout_s)
+  still running a request that was resumed elsewhere, and the abort sent on resumption may have
+  reached it past its deadline (dropped). Its tokens for that request (while the stream runs, or
+  within `tombstone_s` after it ended) send it an AbortRequest, again every `abort_timeout_s`
+  while they keep coming, so no copy outlives the partition.
 """
 
 from __future__ import annotations
@@ -116,6 +121,12 @@ class Router:
         # Aborted requests: expiry time and the owners already told, so late tokens or a move
         # re-send the abort only to an owner that has not had it.
         self._tombstones: dict[str, tuple[float, set[str]]] = {}
+        # Workers a request was taken from that still send tokens for it: when each was last told
+        # to stop, (request id, worker id) -> monotonic; requests that ended after being taken from
+        # workers, request id -> (expiry, those workers); the control address of each lost worker.
+        self._orphan_aborts: dict[tuple[str, str], float] = {}
+        self._ended_taken: dict[str, tuple[float, frozenset[str]]] = {}
+        self._lost_addresses: dict[str, str] = {}
         self._tasks: list[asyncio.Task] = []
         self._bg: set[asyncio.Task] = set()
         self.links = WorkerLinks(self.ctx, self.fcfg.abort_timeout_s, self._spawn)
@@ -304,14 +315,18 @@ class Router:
         """`worker_id` at `address` is gone: forget it and resume each of its requests elsewhere
         (with `silent_since`, those it had before it fell silent: Resumer.resume_all)."""
         self.known = {k: w for k, w in self.known.items() if w.address != address and k != worker_id}
+        self._lost_addresses[worker_id] = address
         self.liveness.forget(address)
         self.links.drop(address)
         resumed = self.resumer.resume_all(worker_id, address, why, silent_since)
         log.warning("worker.lost", worker_id=worker_id, address=address, reason=why, requests=resumed)
 
     def finish(self, request_id: str) -> None:
-        """Forget a request that ended normally (its worker already freed it)."""
-        self.streams.pop(request_id, None)
+        """Forget a request that ended normally (its worker already freed it). For one that was
+        taken from lost workers, remember them for `tombstone_s`: one may be back and still run it."""
+        stream = self.streams.pop(request_id, None)
+        if stream is not None and stream.dead:
+            self._ended_taken[request_id] = (time.monotonic() + self.fcfg.tombstone_s, frozenset(stream.dead))
 
     def abort(self, request_id: str, reason: str, worker_address: str | None = None) -> None:
         """Stop `request_id` on its current owner (in the background; never blocks)."""
@@ -356,12 +371,31 @@ class Router:
     def _on_batch(self, b: TokenBatch) -> None:
         stream = self.streams.get(b.request_id)
         if stream is None:
-            if b.request_id in self._tombstones and not b.finished:
-                worker = self.known.get(b.worker_id)
-                if worker is not None:  # it still runs somewhere: abort it there, if not yet told
-                    self._abort_at(b.request_id, worker.address, "aborted by the frontend")
+            if not b.finished and b.worker_id in self._ended_taken.get(b.request_id, (0.0, frozenset()))[1]:
+                self._stop_orphan(b.request_id, b.worker_id)
+            elif b.request_id in self._tombstones and not b.finished:
+                address = self._address_of(b.worker_id)
+                if address is not None:  # it still runs somewhere: abort it there, if not yet told
+                    self._abort_at(b.request_id, address, "aborted by the frontend")
             return
+        if b.worker_id in stream.dead and b.worker_id != stream.worker_id and not b.finished:
+            self._stop_orphan(b.request_id, b.worker_id)
         stream.accept(b)
+
+    def _address_of(self, worker_id: str) -> str | None:
+        worker = self.known.get(worker_id)
+        return worker.address if worker is not None else self._lost_addresses.get(worker_id)
+
+    def _stop_orphan(self, request_id: str, worker_id: str) -> None:
+        """`worker_id` still runs `request_id`, which was taken from it and goes on elsewhere (it
+        was lost and came back): abort it there, at most once per `abort_timeout_s`."""
+        address = self._address_of(worker_id)
+        now = time.monotonic()
+        if address is None or now - self._orphan_aborts.get((request_id, worker_id), -1e9) < self.fcfg.abort_timeout_s:
+            return
+        self._orphan_aborts[(request_id, worker_id)] = now
+        log.info("request.orphan_abort", request_id=request_id, worker_id=worker_id, worker_address=address)
+        self._spawn(self.links.send_abort(request_id, address, "resumed on another worker"))
 
     def _on_moved(self, m: RequestMoved) -> None:
         self.known.setdefault(m.worker_id, KnownWorker(m.worker_id, m.control_endpoint, time.monotonic()))
@@ -391,6 +425,10 @@ class Router:
             now = time.monotonic()
             for rid in [r for r, (t, _) in self._tombstones.items() if t < now]:
                 del self._tombstones[rid]
+            for rid in [r for r, (t, _) in self._ended_taken.items() if t < now]:
+                del self._ended_taken[rid]
+            for key in [k for k, t in self._orphan_aborts.items() if t < now - self.fcfg.tombstone_s]:
+                del self._orphan_aborts[key]
             await asyncio.sleep(self.fcfg.status_interval_s)
 
     def _apply_status(self, reply: StatusReply) -> None:

@@ -9,7 +9,9 @@ A ROUTER at the worker's migration endpoint serving WorkerMigrationInbound:
   its frontend from `next_index`, after a RequestMoved → CommitAck;
 - MigrateAbort: the reservation is freed (after in-flight writes finish: its blocks must not be
   handed out while a copy thread still writes them). An abort for a migration committed moments
-  ago (the source's commit wait timed out and it kept the request) drops the copy here.
+  ago (the source's commit wait timed out and it kept the request) drops the copy here. An abort
+  for a migration not open here yet (the source gave up while its opening MigrateReserve was on
+  its way; aborts are served ahead of it) makes that reserve, if it comes, refused.
 Only the peer that opened a migration may continue it. A migration that hears nothing from its
 source for `migration_timeout_s` is aborted by a sweeper, freeing its blocks.
 """
@@ -81,6 +83,7 @@ class MigrationDestination:
         self.receivers = ReceiverCache(cache) if cache is not None else None
         self.incoming: dict[str, Incoming] = {}
         self.committed: dict[str, tuple[str, float]] = {}  # migration id → (request id, when)
+        self.aborted_early: dict[str, tuple[bytes | None, float]] = {}  # migration id → (its peer, when)
         self._tasks: set[asyncio.Task[None]] = set()
 
     def __len__(self) -> int:
@@ -91,6 +94,8 @@ class MigrationDestination:
         if isinstance(msg, Ping):
             return Pong.to(msg, sender_id=self.w.worker_id)
         if isinstance(msg, MigrateAbort):
+            if msg.migration_id not in self.incoming and msg.migration_id not in self.committed:
+                self.aborted_early[msg.migration_id] = (rec.peer, time.monotonic())
             self._spawn(self._abort(msg.migration_id, f"source: {msg.reason}" if msg.reason else "source"))
             return None
         handlers = {MigrateReserve: self._reserve, MigrateBlocks: self._blocks, MigrateCommit: self._commit}
@@ -116,7 +121,9 @@ class MigrationDestination:
         refuse = lambda reason: ReserveReply(reply_to=msg.msg_id, migration_id=msg.migration_id, ok=False,  # noqa: E731
                                              reason=reason)
         if msg.stage == 0 and msg.migration_id not in self.incoming:
-            why = self._check_open(msg)
+            early = self.aborted_early.pop(msg.migration_id, None)
+            aborted = early is not None and early[0] == rec.peer
+            why = "source: aborted before this reserve" if aborted else self._check_open(msg)
             if why is not None:
                 log.info("migration.refused_in", migration_id=msg.migration_id, request_id=msg.request_id, reason=why)
                 self.metrics.aborted.labels(role="in", reason=why.split(":")[0]).inc()
@@ -315,6 +322,9 @@ class MigrationDestination:
         for mid, (_, when) in list(self.committed.items()):
             if now - when > COMMITTED_MEMORY_S:
                 del self.committed[mid]
+        for mid, (_, when) in list(self.aborted_early.items()):
+            if now - when > self.cfg.migration_timeout_s:
+                del self.aborted_early[mid]
         if self.receivers is not None:
             self.receivers.sweep()
 

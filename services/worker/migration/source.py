@@ -111,12 +111,14 @@ class Outgoing:
 @dataclass
 class Transfer:
     """Where one outgoing migration's transfer stands, shared by its phases: what an abort must
-    take back (`opened`: the destination holds a reservation; `detached`: the request is out of
+    take back (`opened`: the destination holds a reservation; `asked`: a reservation was asked
+    for and not answered yet, so the destination may hold one; `detached`: the request is out of
     this engine's batch) and what the next phase continues from."""
 
     requester: Requester
     sender: KVSender | None = None  # taken from the pool once the destination agreed on a path
     opened: bool = False
+    asked: bool = False
     detached: bool = False
     committed: bool = False
     preemptions: int = 0  # the request's count when pre-copy began (a preemption aborts)
@@ -372,7 +374,7 @@ class MigrationSource:
         rid = m.request_id
         m.outcome = "aborted"
         m.abort_reason = m.abort_reason or "error"
-        if t.opened:
+        if t.opened or t.asked:  # asked: the destination may have reserved before our abort reaches it
             with contextlib.suppress(ProtocolError, zmq.ZMQError):
                 await t.requester.send(MigrateAbort(migration_id=m.migration_id, reason=m.abort_reason), timeout_s=0.5)
         if t.detached:
@@ -480,7 +482,9 @@ class MigrationSource:
             src_host=self.host,
             src_device="cpu" if kv is None else kv.device.type, path=forced,  # type: ignore[arg-type]
             token_ids=offer[0] if offer else [], cache_salt=offer[1] if offer else "")
+        t.asked = True
         reply = await self._rpc(m, t.requester.request(msg, self.cfg.migration_timeout_s, raise_errors=False))
+        t.asked = False  # answered: `opened` tells from here whether the destination holds anything
         if isinstance(reply, ErrorReply):
             raise Aborted("refused", reply.message)
         if not isinstance(reply, ReserveReply) or not reply.ok:
