@@ -8,6 +8,12 @@ ipc://). Time = from the first gather to the destination's ack of the last chunk
 its cache; best of --reps. The reference is torch copy_ of the same bytes between two warm
 tensors in this process. Blocks are SmolLM2-135M's: 30 layers x 2 (K,V) x 16 tokens x 3 KV heads
 x 64 head dim x 2 bytes (bf16) = 360 KiB per block. A CUDA IPC path is not built yet.
+
+`--between-hosts` adds `frames-hosts`: the frames path between two hosts made as Linux network
+namespaces joined by veth pairs through a bridge (testkit.netns; root and iproute2 needed), the
+source bound on its host's address, the destination connecting from the other host, next to
+`frames` over loopback; and a live migration's downtime across the veth next to loopback
+(bench.hosts_migration).
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ if TYPE_CHECKING:
 SMOLLM2_BLOCK = (30, 2, 16, 3, 64)  # layers, K/V, block_size, kv_heads, head_dim
 SIZES = {"1MB": 10**6, "16MB": 16 * 10**6, "256MB": 256 * 10**6, "1GB": 10**9}
 PATHS = ("shm", "frames", "frames-ipc")
+HOSTS_PATH = "frames-hosts"  # frames over TCP between two network-namespace hosts (--between-hosts)
 
 
 @dataclass
@@ -39,7 +46,11 @@ class Options:
     json: str | None
     reps: int
     sizes: str  # comma-separated subset of SIZES
-    paths: str  # comma-separated subset of PATHS
+    paths: str  # comma-separated subset of PATHS (and HOSTS_PATH with between_hosts)
+    between_hosts: bool = False
+    migrations: int = 5  # live migrations per cluster for the downtime rows (between_hosts)
+    model: str = "smollm2"  # the workers' model for the downtime rows
+    context: int = 1024  # tokens of the migrated stream's prompt
 
 
 def make_cache(num_blocks: int, dtype: torch.dtype, seed: int | None,
@@ -67,8 +78,12 @@ def _ctrl_recv(sock: Any) -> tuple[bytes, Any]:
 
 def source_proc(path: str, ctrl_addr: str, data_addr: str, num_blocks: int, dtype: torch.dtype,
                 seed: int | None, transfers: list[tuple[list[int], list[int]]], reps: int,
-                opts: dict[str, Any], results: Any) -> None:
-    """Spawned source: bind, wait for the destination, run every transfer `reps` times; put seconds lists."""
+                opts: dict[str, Any], results: Any, netns: str | None = None) -> None:
+    """Spawned source: bind, wait for the destination, run every transfer `reps` times; put seconds lists.
+    With `netns`, in that network namespace (entered first, before any thread starts)."""
+    if netns is not None:
+        from testkit.netns import enter
+        enter(netns)
     import torch
     import zmq
 
@@ -138,9 +153,13 @@ def source_proc(path: str, ctrl_addr: str, data_addr: str, num_blocks: int, dtyp
 
 def dest_proc(path: str, ctrl_addr: str, data_addr: str, num_blocks: int, dtype: torch.dtype,
               src_seed: int | None, transfers: list[tuple[list[int], list[int]]], reps: int, verify: bool,
-              results: Any) -> None:
+              results: Any, netns: str | None = None) -> None:
     """Spawned destination: write every chunk into its own cache; with `verify`, after each
-    transfer's last chunk, check the blocks against the source's (regenerated from its seed)."""
+    transfer's last chunk, check the blocks against the source's (regenerated from its seed).
+    With `netns`, in that network namespace."""
+    if netns is not None:
+        from testkit.netns import enter
+        enter(netns)
     import msgspec
     import torch
     import zmq
@@ -209,19 +228,23 @@ def dest_proc(path: str, ctrl_addr: str, data_addr: str, num_blocks: int, dtype:
 
 def run_pair(path: str, num_blocks: int, dtype: torch.dtype, transfers: list[tuple[list[int], list[int]]],
              reps: int = 1, seed: int | None = 0, verify: bool = False, opts: dict[str, Any] | None = None,
-             timeout: float = 120.0) -> tuple[list[list[float]], list[bool]]:
+             timeout: float = 120.0, hosts: tuple[tuple[str, str], tuple[str, str]] | None = None,
+             ) -> tuple[list[list[float]], list[bool]]:
     """Run `transfers` over `path` between two spawned processes; (seconds per transfer per rep,
-    verification result per transfer-rep, empty without verify)."""
+    verification result per transfer-rep, empty without verify). `hosts`: ((namespace, address)
+    of the source, (namespace, address) of the destination) for the frames path between hosts;
+    the control socket stays an ipc:// file, which both namespaces share."""
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     tmp = tempfile.mkdtemp(prefix="kvferry-bt-")
     ctrl_addr = f"ipc://{tmp}/ctrl"
-    data_addr = f"ipc://{tmp}/data" if path == "frames-ipc" else "tcp://127.0.0.1"
+    data_addr = f"ipc://{tmp}/data" if path == "frames-ipc" else f"tcp://{hosts[0][1] if hosts else '127.0.0.1'}"
     kind = "shm" if path == "shm" else "frames"
+    src_ns, dst_ns = (hosts[0][0], hosts[1][0]) if hosts else (None, None)
     src = ctx.Process(target=source_proc, args=(kind, ctrl_addr, data_addr, num_blocks, dtype, seed, transfers,
-                                                reps, opts or {}, results), daemon=True)
+                                                reps, opts or {}, results, src_ns), daemon=True)
     dst = ctx.Process(target=dest_proc, args=(kind, ctrl_addr, data_addr, num_blocks, dtype, seed,
-                                              transfers, reps, verify, results), daemon=True)
+                                              transfers, reps, verify, results, dst_ns), daemon=True)
     src.start()
     dst.start()
     got: dict[str, Any] = {}
@@ -257,16 +280,49 @@ def memcpy_gbps(nbytes: int, reps: int) -> float:
 
 
 def run(opts: Options) -> int:
-    import torch
-
     sizes = [s for s in opts.sizes.split(",") if s]
     paths = [p for p in opts.paths.split(",") if p]
+    known = PATHS + ((HOSTS_PATH,) if opts.between_hosts else ())
+    if opts.between_hosts and HOSTS_PATH not in paths:
+        paths.append(HOSTS_PATH)
     for s in sizes:
         if s not in SIZES:
             raise SystemExit(f"unknown size {s!r} (choose from {', '.join(SIZES)})")
     for p in paths:
-        if p not in PATHS:
-            raise SystemExit(f"unknown path {p!r} (choose from {', '.join(PATHS)})")
+        if p not in known:
+            raise SystemExit(f"unknown path {p!r} (choose from {', '.join(known)}"
+                             f"{'' if opts.between_hosts else f'; {HOSTS_PATH} with --between-hosts'})")
+    net = None
+    if opts.between_hosts:
+        from testkit.netns import HostNetwork, NetnsUnavailable, check_available
+        try:
+            check_available()
+        except NetnsUnavailable as exc:
+            raise SystemExit(f"--between-hosts: {exc}") from None
+        net = HostNetwork(["a", "b"]).open()
+    try:
+        out = _bandwidth(opts, sizes, paths, net)
+    finally:
+        if net is not None:
+            net.close()
+    if opts.between_hosts:
+        from bench.hosts_migration import print_rows, run_clusters
+
+        t0 = time.perf_counter()
+        out["migrations"] = run_clusters(opts.model, opts.migrations, opts.context)
+        print_rows(out["migrations"])
+        print(f"({time.perf_counter() - t0:.1f} s; {opts.model}, a {opts.context}-token context, "
+              f"moved back and forth {opts.migrations} times per cluster)")
+    if opts.json:
+        with open(opts.json, "w") as f:
+            json.dump(out, f, indent=2)
+    return 0
+
+
+def _bandwidth(opts: Options, sizes: list[str], paths: list[str], net: Any) -> dict[str, Any]:
+    """The GB/s rows (printed as a table) and the run's facts; `net`: the hosts of HOSTS_PATH."""
+    import torch
+
     dtype = torch.bfloat16
     bpb = math.prod(SMOLLM2_BLOCK) * dtype.itemsize
     nblocks = {s: math.ceil(SIZES[s] / bpb) for s in sizes}
@@ -280,7 +336,11 @@ def run(opts: Options) -> int:
     memcpy = {s: memcpy_gbps(nblocks[s] * bpb, opts.reps) for s in sizes}
     rows = []
     for path in paths:
-        times, _ = run_pair(path, cache_blocks, dtype, transfers, reps=opts.reps, seed=None)
+        hosts = None
+        if path == HOSTS_PATH:
+            a, b = net.hosts["a"], net.hosts["b"]
+            hosts = ((a.netns, a.address), (b.netns, b.address))
+        times, _ = run_pair(path, cache_blocks, dtype, transfers, reps=opts.reps, seed=None, hosts=hosts)
         for s, t in zip(sizes, times):
             nbytes = nblocks[s] * bpb
             gbps = nbytes / min(t) / 1e9
@@ -299,7 +359,4 @@ def run(opts: Options) -> int:
            "cpus": os.cpu_count(), "machine": platform.machine(), "results": rows,
            "wall_s": time.perf_counter() - t_start}
     print(f"({out['wall_s']:.1f} s; block = 360 KiB SmolLM2-135M bf16; best of {opts.reps})")
-    if opts.json:
-        with open(opts.json, "w") as f:
-            json.dump(out, f, indent=2)
-    return 0
+    return out

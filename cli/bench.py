@@ -155,6 +155,15 @@ def _transfer(kinds: argparse._SubParsersAction) -> None:
     p.add_argument("--reps", type=positive_int, default=3, help="repetitions per size, best kept (default: 3)")
     p.add_argument("--sizes", default=",".join(bench.transfer.SIZES), help=f"comma-separated subset of {','.join(bench.transfer.SIZES)}")
     p.add_argument("--paths", default=",".join(bench.transfer.PATHS), help=f"comma-separated subset of {','.join(bench.transfer.PATHS)}")
+    p.add_argument("--between-hosts", action="store_true",
+                   help=f"also {bench.transfer.HOSTS_PATH} (the frames path between two network-namespace hosts "
+                        "joined by veth pairs) and a live migration's downtime across the veth next to loopback "
+                        "(needs root and iproute2)")
+    p.add_argument("--migrations", type=positive_int, default=5,
+                   help="live migrations per cluster for the downtime rows of --between-hosts (default: 5)")
+    p.add_argument("--model", default="smollm2", help="the workers' model for those rows (default: smollm2)")
+    p.add_argument("--context", type=positive_int, default=1024,
+                   help="prompt tokens of the stream those rows migrate (default: 1024)")
     p.set_defaults(func=_call(bench.transfer.run, bench.transfer.Options))
 
 

@@ -125,7 +125,7 @@ class Service:
 
 # ---- teardown hooks: every MultiHost still open is closed at exit and on SIGTERM -----------------
 
-_OPEN: set["MultiHost"] = set()
+_OPEN: set[MultiHost] = set()
 _HOOKS_LOCK = threading.Lock()
 _hooks_installed = False
 _previous_sigterm: Any = signal.SIG_DFL
@@ -153,6 +153,18 @@ def _install_hooks() -> None:
             prev = signal.getsignal(signal.SIGTERM)
             _previous_sigterm = prev if prev not in (None, _on_sigterm) else signal.SIG_DFL
             signal.signal(signal.SIGTERM, _on_sigterm)
+
+
+def scrape(url: str) -> dict[str, float]:
+    """A /metrics page as {series with its labels, as written: value}."""
+    import httpx
+
+    out = {}
+    for line in httpx.get(url, timeout=10).text.splitlines():
+        if line and not line.startswith("#"):
+            series, value = line.rsplit(" ", 1)
+            out[series] = float(value)
+    return out
 
 
 class MultiHost:
@@ -239,6 +251,27 @@ class MultiHost:
             return f"{self.http_url}/metrics"
         return f"http://{s.host.address}:{port}/metrics"
 
+    async def ask(self, msg: Any, timeout: float = 5.0) -> Any:
+        """One request to the scheduler, from the root namespace across the bridge (with the
+        `client` keys when Curve is on): quicker than starting `kvferry ctl`."""
+        import zmq
+        import zmq.asyncio
+
+        from protocol import SchedulerReplies
+        from protocol.security import load_keys, use_curve
+        from protocol.sockets import MessageSocket, request
+
+        ctx = zmq.asyncio.Context()
+        if self.curve:
+            use_curve(ctx, load_keys(str(self.keys_dir), "client"))
+        sock = MessageSocket.connect(ctx, zmq.DEALER, self.scheduler_endpoint, SchedulerReplies,
+                                     server_role="scheduler")
+        try:
+            return await request(sock, msg, timeout_s=timeout)
+        finally:
+            sock.close()
+            ctx.destroy(linger=0)
+
     # ---- start ---------------------------------------------------------------------------------------
 
     def _settings(self, host: str) -> dict[str, dict[str, Any]]:
@@ -255,7 +288,7 @@ class MultiHost:
             data.setdefault(section, {}).update(values)
         return data
 
-    def open(self) -> "MultiHost":
+    def open(self) -> MultiHost:
         """Build the hosts, write the configuration, start every service, wait for READY lines."""
         check_available()
         _install_hooks()
@@ -386,7 +419,7 @@ class MultiHost:
         procs = [f"{s.name} (pid {s.proc.pid})" for s in self.services.values() if s.proc is not None and s.running()]
         return self.net.leftovers() + procs
 
-    def __enter__(self) -> "MultiHost":
+    def __enter__(self) -> MultiHost:
         return self.open()
 
     def __exit__(self, *exc: object) -> None:

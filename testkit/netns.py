@@ -37,6 +37,7 @@ LOCK_DIR = Path("/run/kvferry-netns")
 BRIDGE = "kvbr"
 NAME_RE = re.compile(r"^kvf(\d+)-")
 IP_TIMEOUT_S = 20.0
+CLONE_NEWNET = 0x40000000  # <sched.h>
 _OPEN_PREFIXES: set[str] = set()  # the networks this process has open (names carry only the pid)
 
 
@@ -90,6 +91,21 @@ def check_available() -> None:
     except (NetnsError, OSError, subprocess.SubprocessError) as exc:
         raise NetnsUnavailable(f"`ip netns add` fails here: {exc}") from None
     ip("netns", "del", probe, check=False)
+
+
+def enter(netns: str) -> None:
+    """Move the calling thread into namespace `netns` (setns(2), as `ip netns exec` does). Call it
+    first thing in a fresh process, before any thread starts: threads started later inherit it
+    (bench.transfer's spawned peers). Python 3.11 has no os.setns, hence libc."""
+    import ctypes
+
+    fd = os.open(f"/run/netns/{netns}", os.O_RDONLY)
+    try:
+        if ctypes.CDLL(None, use_errno=True).setns(fd, CLONE_NEWNET) != 0:
+            err = ctypes.get_errno()
+            raise NetnsError(f"setns into {netns}: {os.strerror(err)}")
+    finally:
+        os.close(fd)
 
 
 def sweep() -> list[str]:
@@ -165,7 +181,7 @@ class HostNetwork:
             if NAME_RE.match(name) and ipaddress.IPv4Interface(addr).ip in net and name != self.root_link:
                 ip("link", "del", name, check=False)
 
-    def open(self) -> "HostNetwork":
+    def open(self) -> HostNetwork:
         if self.prefix in _OPEN_PREFIXES:
             raise NetnsError(f"a network named {self.prefix} is already open in this process (one at a time)")
         sweep()
@@ -242,7 +258,7 @@ class HostNetwork:
             self._lock_fd = None
             _OPEN_PREFIXES.discard(self.prefix)
 
-    def __enter__(self) -> "HostNetwork":
+    def __enter__(self) -> HostNetwork:
         return self.open()
 
     def __exit__(self, *exc: object) -> None:

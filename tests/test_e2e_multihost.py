@@ -40,11 +40,11 @@ import pytest
 import zmq
 import zmq.asyncio
 
-from protocol import Ping, Pong, SchedulerReplies, StatusReply, StatusRequest, encode
+from protocol import Ping, Pong, StatusReply, StatusRequest, encode
 from protocol.sockets import MessageSocket, request
 from protocol.to_scheduler import DrainInstance, UndrainInstance
 from sdk import AsyncClient, curve_keys_from_dir
-from testkit.hosts import KVFERRY, MultiHost
+from testkit.hosts import KVFERRY, MultiHost, scrape
 from testkit.netns import NetnsUnavailable, check_available, netns_names
 from testkit.wait import until
 
@@ -143,7 +143,7 @@ async def restore(mh: MultiHost) -> None:
                            "every worker registered and alive")
     for i in st.instances:
         if i.draining:
-            await ask(mh, UndrainInstance(worker_id=i.worker_id))
+            await mh.ask(UndrainInstance(worker_id=i.worker_id))
     async with httpx.AsyncClient(timeout=5) as http:
         async def healthy() -> bool:
             with contextlib.suppress(httpx.HTTPError):
@@ -162,27 +162,13 @@ def idle(st: StatusReply, workers: list[str]) -> bool:
 
 # ---- talking to it -----------------------------------------------------------------------------------
 
-async def ask(mh: MultiHost, msg: Any, timeout: float = 5.0) -> Any:
-    """One request to the scheduler over Curve with the `client` keys (faster than `kvferry ctl`)."""
-    from protocol.security import load_keys, use_curve
-
-    ctx = zmq.asyncio.Context()
-    use_curve(ctx, load_keys(str(mh.keys_dir), "client"))
-    sock = MessageSocket.connect(ctx, zmq.DEALER, mh.scheduler_endpoint, SchedulerReplies, server_role="scheduler")
-    try:
-        return await request(sock, msg, timeout_s=timeout)
-    finally:
-        sock.close()
-        ctx.destroy(linger=0)
-
-
 async def wait_status(mh: MultiHost, pred: Callable[[StatusReply], bool], timeout: float, what: str) -> StatusReply:
     last: object = None
 
     async def matching() -> StatusReply | None:
         nonlocal last
         try:
-            reply: StatusReply = await ask(mh, StatusRequest(), timeout=2.0)
+            reply: StatusReply = await mh.ask(StatusRequest(), timeout=2.0)
         except Exception as exc:  # noqa: BLE001 - e.g. the scheduler's host is cut off: ask again
             last = exc
             return None
@@ -210,27 +196,16 @@ async def ctl_migrate(mh: MultiHost, worker_rid: str, dst: str) -> None:
 
 async def locate(mh: MultiHost, client_rid: str) -> tuple[str, str] | None:
     """(the id workers know the request by, its worker) as the scheduler lists it."""
-    st = await ask(mh, StatusRequest())
+    st = await mh.ask(StatusRequest())
     for r in st.requests:
         if r.request_id in client_rid or client_rid in r.request_id:
             return r.request_id, r.worker_id
     return None
 
 
-def metrics(url: str) -> dict[str, float]:
-    """A /metrics page as {series with labels: value}."""
-    text = httpx.get(url, timeout=10).text
-    out = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            series, value = line.rsplit(" ", 1)
-            out[series] = float(value)
-    return out
-
-
 def path_bytes(mh: MultiHost, *worker_ids: str) -> dict[str, float]:
     """KV bytes the workers sent by migration, per data path (their sum)."""
-    pages = [metrics(mh.metrics_url(w)) for w in worker_ids]
+    pages = [scrape(mh.metrics_url(w)) for w in worker_ids]
     return {p: sum(m.get(f'kvferry_migration_bytes_total{{path="{p}"}}', 0.0) for m in pages)
             for p in ("shm", "frames")}
 
@@ -283,12 +258,12 @@ async def only_on(mh: MultiHost, host: str):
     here), undrained on leaving."""
     others = [w for w in mh.worker_ids() if mh.services[w].host.name != host]
     for w in others:
-        await ask(mh, DrainInstance(worker_id=w))
+        await mh.ask(DrainInstance(worker_id=w))
     try:
         yield
     finally:
         for w in others:
-            await ask(mh, UndrainInstance(worker_id=w))
+            await mh.ask(UndrainInstance(worker_id=w))
 
 
 def worker_events(mh: MultiHost, name: str, event: str) -> list[dict[str, Any]]:
@@ -422,7 +397,7 @@ async def test_draining_host_b_moves_every_stream_to_host_c(cluster: MultiHost, 
             tasks = [asyncio.ensure_future(sdk_tokens(sdk, p, DRAIN_LONG, started)) for p, _, _ in DRAIN_PROMPTS]
             rids = [await asyncio.wait_for(started.get(), 60) for _ in DRAIN_PROMPTS]
         try:
-            st = await ask(mh, StatusRequest())
+            st = await mh.ask(StatusRequest())
             assert {r.worker_id for r in st.requests} <= set(b_workers), st.requests
             # Both of B's workers at once (so nothing settles on B): `ctl drain --wait` returns once
             # the worker reports no requests.
@@ -476,7 +451,7 @@ async def test_partitioned_host_c_loses_its_stream_then_rejoins_clean(cluster: M
     client = openai_client(mh)
     ids: asyncio.Queue = asyncio.Queue()
     text: list[str] = []
-    registered_ms = next(i.registered_ms for i in (await ask(mh, StatusRequest())).instances if i.worker_id == c0)
+    registered_ms = next(i.registered_ms for i in (await mh.ask(StatusRequest())).instances if i.worker_id == c0)
     async with only_on(mh, "c"):
         task = asyncio.ensure_future(openai_stream(client, "Across the water", PARTITION_LONG, ids, out=text))
         rid = await asyncio.wait_for(ids.get(), 60)
@@ -502,7 +477,7 @@ async def test_partitioned_host_c_loses_its_stream_then_rejoins_clean(cluster: M
         await wait_status(mh, lambda s: any(i.worker_id == c0 and i.used_blocks == 0 and i.num_running == 0
                                             for i in s.instances) and not [r for r in s.requests if r.worker_id == c0],
                           60, f"{c0} idle")
-        m = metrics(mh.metrics_url(c0))
+        m = scrape(mh.metrics_url(c0))
         assert m.get("kvferry_worker_used_blocks") == 0 and m.get("kvferry_worker_running_requests") == 0, m
         assert m.get("kvferry_worker_registered") == 1, m
         if task.done():  # B may have finished it meanwhile: every token, none twice
