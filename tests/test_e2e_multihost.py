@@ -47,6 +47,7 @@ from sdk import AsyncClient, curve_keys_from_dir
 from testkit.hosts import KVFERRY, MultiHost, scrape
 from testkit.netns import NetnsUnavailable, check_available, netns_names
 from testkit.wait import until
+from tests.test_e2e_failures import collect
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -235,19 +236,6 @@ async def openai_stream(client: openai.AsyncOpenAI, prompt: str, max_tokens: int
     return "".join(text), tokens
 
 
-async def sdk_tokens(sdk: AsyncClient, prompt: str, max_tokens: int, started: asyncio.Queue | None = None) -> list[int]:
-    """A greedy SDK stream's token ids (gapless); its request id goes to `started` with the first token."""
-    toks: list[int] = []
-    async with contextlib.aclosing(sdk.stream(prompt, max_tokens=max_tokens, ignore_eos=True)) as chunks:  # type: ignore[type-var]
-        async for ch in chunks:
-            assert ch.first_index == len(toks) or not ch.token_ids, (ch.first_index, len(toks))
-            toks.extend(ch.token_ids)
-            if started is not None and toks:
-                await started.put(ch.request_id)
-                started = None
-    return toks
-
-
 def sdk_client(mh: MultiHost) -> AsyncClient:
     return AsyncClient(mh.sdk_endpoint, timeout=300, **curve_keys_from_dir(str(mh.keys_dir)))
 
@@ -394,7 +382,7 @@ async def test_draining_host_b_moves_every_stream_to_host_c(cluster: MultiHost, 
     started: asyncio.Queue = asyncio.Queue()
     async with sdk_client(mh) as sdk:
         async with only_on(mh, "b"):
-            tasks = [asyncio.ensure_future(sdk_tokens(sdk, p, DRAIN_LONG, started)) for p, _, _ in DRAIN_PROMPTS]
+            tasks = [asyncio.ensure_future(collect(sdk, p, DRAIN_LONG, started=started)) for p, _, _ in DRAIN_PROMPTS]
             rids = [await asyncio.wait_for(started.get(), 60) for _ in DRAIN_PROMPTS]
         try:
             st = await mh.ask(StatusRequest())
@@ -431,7 +419,7 @@ async def test_kill_9_of_host_c_worker_resumes_its_stream_on_host_b(cluster: Mul
     started: asyncio.Queue = asyncio.Queue()
     async with sdk_client(mh) as sdk:
         async with only_on(mh, "c"):
-            task = asyncio.ensure_future(sdk_tokens(sdk, KILL_PROMPT[0], KILL_LONG, started))
+            task = asyncio.ensure_future(collect(sdk, KILL_PROMPT[0], KILL_LONG, started=started))
             rid = await asyncio.wait_for(started.get(), 60)
         try:
             assert (await locate(mh, rid) or ("", ""))[1] == c0
