@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from typing import Any
+
+from services.config import to_toml
 
 SECTIONS = ("cluster", "scheduler", "worker", "frontend")
 SECRET_KEYS = {"api_key"}
@@ -80,42 +81,3 @@ def run_show(args: argparse.Namespace) -> int:
         data = {args.section: data[args.section]}
     sys.stdout.write(json.dumps(data, indent=2) + "\n" if args.json else to_toml(data))
     return 0
-
-
-# ---- a small TOML writer (tomllib only reads): tables of scalars and of flat sub-tables ---------------
-
-def _scalar(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, float):
-        if math.isnan(value):
-            return "nan"
-        if math.isinf(value):
-            return "inf" if value > 0 else "-inf"
-        return repr(value)
-    if isinstance(value, str):
-        return json.dumps(value)  # a JSON string is a valid TOML basic string
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_scalar(v) for v in value) + "]"
-    raise TypeError(f"cannot write {type(value).__name__} as TOML")
-
-
-def _key(key: str) -> str:
-    return key if key.replace("_", "").replace("-", "").isalnum() and key.isascii() else json.dumps(key)
-
-
-def to_toml(data: dict[str, dict[str, Any]]) -> str:
-    """`{section: {key: value or {key: value}}}` as TOML; sub-tables as [section.sub]."""
-    lines: list[str] = []
-    for section, values in data.items():
-        if lines:
-            lines.append("")
-        lines.append(f"[{_key(section)}]")
-        tables = {k: v for k, v in values.items() if isinstance(v, dict)}
-        lines += [f"{_key(k)} = {_scalar(v)}" for k, v in values.items() if k not in tables]
-        for name, table in tables.items():
-            lines.append(f"\n[{_key(section)}.{_key(name)}]")
-            lines += [f"{_key(k)} = {_scalar(v)}" for k, v in table.items()]
-    return "\n".join(lines) + "\n"

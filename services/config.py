@@ -10,6 +10,8 @@ parse (numbers, booleans), else taken as strings.
 from __future__ import annotations
 
 import dataclasses
+import json
+import math
 import os
 import tomllib
 from collections.abc import Mapping
@@ -272,3 +274,42 @@ def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = 
                 raise ConfigFileError(f"[{section}] must be a table")
             setattr(cfg, section, _apply(section, getattr(cfg, section), values))
     return cfg
+
+
+# ---- a small TOML writer (tomllib only reads): tables of scalars and of flat sub-tables ---------------
+
+def _scalar(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "nan"
+        if math.isinf(value):
+            return "inf" if value > 0 else "-inf"
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)  # a JSON string is a valid TOML basic string
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_scalar(v) for v in value) + "]"
+    raise TypeError(f"cannot write {type(value).__name__} as TOML")
+
+
+def _key(key: str) -> str:
+    return key if key.replace("_", "").replace("-", "").isalnum() and key.isascii() else json.dumps(key)
+
+
+def to_toml(data: dict[str, dict[str, Any]]) -> str:
+    """`{section: {key: value or {key: value}}}` as TOML; sub-tables as [section.sub]."""
+    lines: list[str] = []
+    for section, values in data.items():
+        if lines:
+            lines.append("")
+        lines.append(f"[{_key(section)}]")
+        tables = {k: v for k, v in values.items() if isinstance(v, dict)}
+        lines += [f"{_key(k)} = {_scalar(v)}" for k, v in values.items() if k not in tables]
+        for name, table in tables.items():
+            lines.append(f"\n[{_key(section)}.{_key(name)}]")
+            lines += [f"{_key(k)} = {_scalar(v)}" for k, v in table.items()]
+    return "\n".join(lines) + "\n"

@@ -55,7 +55,7 @@ def _die_with_parent() -> None:  # in the child between fork and exec
 
 
 def _toml(data: dict[str, dict[str, Any]]) -> str:
-    from cli.config import to_toml  # kvferry's own writer (`kvferry config show`)
+    from services.config import to_toml  # kvferry's own writer (`kvferry config show` too)
 
     return to_toml(data)
 

@@ -9,8 +9,7 @@ import sys
 import tomllib
 from pathlib import Path
 
-from cli.config import to_toml
-from services.config import load_config
+from services.config import load_config, to_toml
 
 ROOT = Path(__file__).resolve().parents[1]
 
