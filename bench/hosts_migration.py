@@ -15,7 +15,8 @@ In each, one greedy stream (a seeded `--context`-token prompt, ignore_eos) is mo
 move once the previous one is listed at its destination. Per move: the downtime as the source
 measures it (request detached to commit acknowledged; the scheduler's
 `kvferry_scheduler_migration_downtime_seconds` sum and count, read before and after) and the KV
-bytes sent (the workers' `kvferry_migration_bytes_total{path="frames"}`).
+bytes sent (the workers' `kvferry_migration_bytes_total{path="frames"}`). Prefix caching is off, so
+every move sends the whole context, most of it in pre-copy while the stream goes on.
 """
 
 from __future__ import annotations
@@ -120,7 +121,10 @@ def run_clusters(model: str, migrations: int, context: int = 1024, seed: int = 0
     for name, (layout, extra, curve) in CLUSTERS.items():
         with tempfile.TemporaryDirectory(prefix="kvferry-bh-") as tmp:
             logs = (log_dir / name.replace(" ", "-").replace("+", "")) if log_dir else Path(tmp)
-            worker = {"engine": "torch", "model": model, "dtype": "bfloat16", "threads": 1, "max_num_seqs": 8, **extra}
+            # No prefix caching: a move back would find the prompt's blocks still cached at its
+            # destination and send only the rest; every move here sends the whole context.
+            worker = {"engine": "torch", "model": model, "dtype": "bfloat16", "threads": 1, "max_num_seqs": 8,
+                      "prefix_caching": False, **extra}
             # A CPU-only host, as deploy/systemd/kvferry.env says (the worker unit sets the device to cuda).
             with MultiHost(layout, logs, worker=worker, scheduler={"policy": "load"}, frontend={"model": model},
                            env={"KVFERRY_WORKER_DEVICE": "cpu"}, curve=curve, ready_s=START_S) as mh:
