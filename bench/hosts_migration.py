@@ -36,6 +36,7 @@ CLUSTERS = {  # name -> (layout, worker settings beyond the common ones, Curve)
     "two hosts": ({"a": ["scheduler", "frontend", "worker"], "b": ["worker"]}, {}, False),
     "two hosts + Curve": ({"a": ["scheduler", "frontend", "worker"], "b": ["worker"]}, {}, True),
 }
+CLUSTER_FLAGS = {"one-host": "one host", "two-hosts": "two hosts", "two-hosts-curve": "two hosts + Curve"}
 DOWNTIME = "kvferry_scheduler_migration_downtime_seconds"
 FRAMES_BYTES = 'kvferry_migration_bytes_total{path="frames"}'
 MOVE_S = 120.0  # one move, from the command to the scheduler's record of its result
@@ -112,13 +113,14 @@ async def _drain(lines: Any) -> None:  # keeps the stream read while it is moved
         pass
 
 
-def run_clusters(model: str, migrations: int, context: int = 1024, seed: int = 0,
-                 log_dir: Path | None = None) -> list[dict[str, Any]]:
-    """One row per cluster of CLUSTERS: median and max downtime, bytes per move."""
+def run_clusters(model: str, migrations: int, context: int = 1024, seed: int = 0, log_dir: Path | None = None,
+                 names: list[str] | None = None) -> list[dict[str, Any]]:
+    """One row per cluster of CLUSTERS (`names`: those only): median and max downtime, bytes per move."""
     from testkit.hosts import MultiHost
 
     rows = []
-    for name, (layout, extra, curve) in CLUSTERS.items():
+    for name in names or list(CLUSTERS):
+        layout, extra, curve = CLUSTERS[name]
         with tempfile.TemporaryDirectory(prefix="kvferry-bh-") as tmp:
             logs = (log_dir / name.replace(" ", "-").replace("+", "")) if log_dir else Path(tmp)
             # No prefix caching: a move back would find the prompt's blocks still cached at its

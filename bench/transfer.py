@@ -50,6 +50,7 @@ class Options:
     between_hosts: bool = False
     migrations: int = 5  # live migrations per cluster for the downtime rows (between_hosts)
     model: str = "smollm2"  # the workers' model for the downtime rows
+    clusters: str = "one-host,two-hosts,two-hosts-curve"  # which of them (bench.hosts_migration.CLUSTER_FLAGS)
     context: int = 1024  # tokens of the migrated stream's prompt
 
 
@@ -292,6 +293,11 @@ def run(opts: Options) -> int:
         if p not in known:
             raise SystemExit(f"unknown path {p!r} (choose from {', '.join(known)}"
                              f"{'' if opts.between_hosts else f'; {HOSTS_PATH} with --between-hosts'})")
+    from bench.hosts_migration import CLUSTER_FLAGS
+
+    clusters = [c for c in opts.clusters.split(",") if c]
+    if opts.between_hosts and (not clusters or any(c not in CLUSTER_FLAGS for c in clusters)):
+        raise SystemExit(f"--clusters: a comma-separated subset of {','.join(CLUSTER_FLAGS)}")
     net = None
     if opts.between_hosts:
         from testkit.netns import HostNetwork, NetnsUnavailable, check_available
@@ -309,7 +315,8 @@ def run(opts: Options) -> int:
         from bench.hosts_migration import print_rows, run_clusters
 
         t0 = time.perf_counter()
-        out["migrations"] = run_clusters(opts.model, opts.migrations, opts.context)
+        out["migrations"] = run_clusters(opts.model, opts.migrations, opts.context,
+                                         names=[CLUSTER_FLAGS[c] for c in clusters])
         print_rows(out["migrations"])
         print(f"({time.perf_counter() - t0:.1f} s; {opts.model}, a {opts.context}-token context, "
               f"moved back and forth {opts.migrations} times per cluster)")

@@ -162,6 +162,9 @@ def _transfer(kinds: argparse._SubParsersAction) -> None:
     p.add_argument("--migrations", type=positive_int, default=5,
                    help="live migrations per cluster for the downtime rows of --between-hosts (default: 5)")
     p.add_argument("--model", default="smollm2", help="the workers' model for those rows (default: smollm2)")
+    p.add_argument("--clusters", default="one-host,two-hosts,two-hosts-curve",
+                   help="which clusters those rows come from: a comma-separated subset of one-host (frames forced), "
+                        "two-hosts, two-hosts-curve (default: all three)")
     p.add_argument("--context", type=positive_int, default=1024,
                    help="prompt tokens of the stream those rows migrate (default: 1024)")
     p.set_defaults(func=_call(bench.transfer.run, bench.transfer.Options))

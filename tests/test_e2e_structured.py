@@ -21,12 +21,18 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 MODEL = "smollm2"
 WORKERS = ("worker-0", "worker-1")
-PEOPLE = {"type": "object", "properties": {
-    "people": {"type": "array", "minItems": 12, "maxItems": 12, "items": {
-        "type": "object", "properties": {"name": {"type": "string", "maxLength": 12},
-                                         "age": {"type": "integer", "minimum": 1, "maximum": 99}},
-        "required": ["name", "age"], "additionalProperties": False}}},
-    "required": ["people"], "additionalProperties": False}
+def people(n: int) -> dict:
+    """A JSON schema: exactly `n` people with a name and an age."""
+    return {"type": "object", "properties": {
+        "people": {"type": "array", "minItems": n, "maxItems": n, "items": {
+            "type": "object", "properties": {"name": {"type": "string", "maxLength": 12},
+                                             "age": {"type": "integer", "minimum": 1, "maximum": 99}},
+            "required": ["name", "age"], "additionalProperties": False}}},
+        "required": ["people"], "additionalProperties": False}
+
+
+PEOPLE = people(12)  # long enough for a migration in the middle of the stream
+FEW_PEOPLE = people(4)
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "Get the current weather in a city",
     "parameters": {"type": "object", "properties": {"city": {"type": "string"},
@@ -53,19 +59,19 @@ async def client(smol2):
 
 
 async def test_json_schema_answers_validate_whole_and_streamed(client):
-    fmt = {"type": "json_schema", "json_schema": {"name": "people", "schema": PEOPLE, "strict": True}}
-    msgs = [{"role": "user", "content": "List twelve people with their ages as JSON."}]
-    out = await client.chat.completions.create(model=MODEL, messages=msgs, response_format=fmt, max_tokens=400,
+    fmt = {"type": "json_schema", "json_schema": {"name": "people", "schema": FEW_PEOPLE, "strict": True}}
+    msgs = [{"role": "user", "content": "List four people with their ages as JSON."}]
+    out = await client.chat.completions.create(model=MODEL, messages=msgs, response_format=fmt, max_tokens=200,
                                                temperature=0)
-    jsonschema.validate(json.loads(out.choices[0].message.content), PEOPLE)
+    jsonschema.validate(json.loads(out.choices[0].message.content), FEW_PEOPLE)
     assert out.choices[0].finish_reason == "stop"
     parts = []
     async for ch in await client.chat.completions.create(model=MODEL, messages=msgs, response_format=fmt,
-                                                         max_tokens=400, temperature=0, stream=True):
+                                                         max_tokens=200, temperature=0, stream=True):
         if ch.choices:
             parts.append(ch.choices[0].delta.content or "")
     assert "".join(parts) == out.choices[0].message.content
-    obj = await client.completions.create(model=MODEL, prompt="A JSON object describing a cat:", max_tokens=300,
+    obj = await client.completions.create(model=MODEL, prompt="A JSON object describing a cat:", max_tokens=120,
                                           extra_body={"response_format": {"type": "json_object"}}, temperature=0)
     text = obj.choices[0].text
     if obj.choices[0].finish_reason == "stop":  # (it may run out of tokens inside a long string)
