@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from services.config import to_toml  # kvferry's own writer, as `kvferry config show` uses
 from testkit.netns import HostNetwork, NetHost, check_available
 from testkit.units import ENV_FILE, ROOT, unit_command
 from testkit.wait import WaitTimeout, wait_until
@@ -52,12 +53,6 @@ _PR_SET_PDEATHSIG = 1
 def _die_with_parent() -> None:  # in the child between fork and exec
     with contextlib.suppress(OSError):
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-
-
-def _toml(data: dict[str, dict[str, Any]]) -> str:
-    from services.config import to_toml  # kvferry's own writer (`kvferry config show` too)
-
-    return to_toml(data)
 
 
 @dataclass
@@ -308,7 +303,7 @@ class MultiHost:
                 path = self.log_dir / f"kvferry-{name}.toml"
                 self.hosts[name] = Host(net_host, path)
             for name, host in self.hosts.items():
-                host.config_path.write_text(_toml(self._settings(name)))
+                host.config_path.write_text(to_toml(self._settings(name)))
                 index = 0
                 for kind in self.layout[name]:
                     cmd = unit_command(kind, hostname=host.hostname, kvferry=KVFERRY, config=str(host.config_path),
