@@ -48,6 +48,18 @@ def _port_free(port: int) -> bool:
     return True
 
 
+def _ephemeral_low() -> int:
+    """The first port of the kernel's ephemeral range: ports picked for services stay below it,
+    because a port inside it can be taken meanwhile as some connection's source port (or by a
+    reconnecting client's TCP self-connect to a dead listener), and a respawned service that must
+    bind the same port again then fails with EADDRINUSE."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return max(30000, int(f.read().split()[0]))
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def port_slice() -> tuple[int, int]:
     """(i, n) from KVFERRY_PORT_SLICE="i/n": this process picks ports only from the i-th of n
     disjoint ranges, so n concurrent test runners (pytest-xdist workers, tests/conftest.py) never
@@ -64,7 +76,7 @@ def free_ports(workers: int) -> tuple[int, int]:
     """An HTTP port and a ZeroMQ base port whose scheduler, frontend and worker ports (the layout
     of protocol.ClusterAddresses) are free on 127.0.0.1: for tests and benchmarks."""
     i, n = port_slice()
-    bases = range(20000, 50000, 200)[i::n]
+    bases = range(20000, _ephemeral_low() - 200, 200)[i::n]
     for _ in range(200):
         base = random.choice(bases)
         http = base + 190
@@ -78,8 +90,8 @@ def free_port_block(n: int) -> int:
     """The first of `n` consecutive ports free on 127.0.0.1 (metrics endpoints: the scheduler's and
     one per worker index)."""
     i, slices = port_slice()
-    width = 10000 // slices
-    lo = 50000 + i * width
+    width = 8000 // slices
+    lo = 11000 + i * width
     for _ in range(200):
         first = random.randrange(lo, lo + width - n)
         if all(_port_free(first + k) for k in range(n)):
