@@ -9,14 +9,13 @@ replay)`): nothing about the grammar has to travel but the grammar itself.
 from __future__ import annotations
 
 import threading
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from engine.errors import InvalidRequestError
 from protocol.payloads import Grammar
 
-_BITS = torch.arange(32, dtype=torch.int32)
+if TYPE_CHECKING:  # only the sampler's mask needs torch: the frontend checks grammars without it
+    import torch
 
 
 def grammar_text(g: Grammar) -> str:
@@ -74,6 +73,9 @@ class Grammars:
 
 def allowed(matcher: Any, vocab_size: int) -> torch.Tensor:  # noqa: ANN401
     """[vocab_size] bool: the tokens the grammar allows next."""
+    import torch
+
     words = torch.full(((vocab_size + 31) // 32,), -1, dtype=torch.int32)
     matcher.unsafe_compute_mask_ptr(words.data_ptr(), words.numel() * 4)
-    return ((words[:, None] >> _BITS) & 1).flatten()[:vocab_size].bool()
+    bits = torch.arange(32, dtype=torch.int32)
+    return ((words[:, None] >> bits) & 1).flatten()[:vocab_size].bool()

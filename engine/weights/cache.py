@@ -26,9 +26,10 @@ import uuid
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:  # only annotations here: read_meta serves the frontend, which runs without torch
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +42,7 @@ MIN_SOURCE_BYTES = 1 << 20
 STALE_TMP_S = 3600.0
 _MARK = "kvferry_weight_cache"
 
-Tensors = Iterable[tuple[str, torch.Tensor]]
+Tensors = Iterable[tuple[str, "torch.Tensor"]]
 
 
 @dataclass(frozen=True)

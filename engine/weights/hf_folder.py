@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
 from safetensors import SafetensorError
 from safetensors import safe_open
 from tokenizers import Tokenizer as HFTokenizer
@@ -15,8 +15,10 @@ from engine.config import ModelConfig
 from engine.errors import ConfigError, WeightsError
 from engine.tokenizer import Tokenizer
 
+if TYPE_CHECKING:  # the tensors need torch, the config and tokenizer (the frontend's) do not
+    import torch
 
-_TORCH_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
+_TORCH_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F64": "float64"}  # safetensors -> torch names
 
 
 def _read_json(path: Path) -> dict:
@@ -86,7 +88,7 @@ class HFFolderModel:
     def converts_to(self, dtype: torch.dtype) -> bool:
         """True when loading in `dtype` casts some tensor (a cast worth caching)."""
         stored = {_TORCH_DTYPES.get(d) for d in self.stored_dtypes()}
-        return stored != {dtype}
+        return stored != {str(dtype).removeprefix("torch.")}
 
     def tokenizer(self) -> Tokenizer | None:
         tok_path = self.path / "tokenizer.json"

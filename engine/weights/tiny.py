@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
-import torch
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers
 
 from engine.config import ModelConfig
 from engine.tokenizer import Tokenizer
+
+if TYPE_CHECKING:  # imported when tensors are made: the frontend needs only the tokenizer
+    import torch
 
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 CHATML = (
@@ -29,6 +32,8 @@ def tiny_config(vocab_size: int = 256 + len(SPECIAL_TOKENS)) -> ModelConfig:
 
 def random_tensors(cfg: ModelConfig, seed: int) -> Iterator[tuple[str, torch.Tensor]]:
     """Hugging Face named random tensors. Scaled so greedy outputs vary (not a 2-token cycle)."""
+    import torch
+
     gen = torch.Generator().manual_seed(seed)
 
     def mat(rows: int, cols: int) -> torch.Tensor:

@@ -34,7 +34,9 @@ def main(argv: list[str]) -> int:
     dtype_name = argv[1] if len(argv) > 1 else "bfloat16"
     t0 = time.perf_counter()
     try:
-        origin = warm(spec, DTYPES[dtype_name])
+        if dtype_name not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}")
+        origin = warm(spec, getattr(torch, dtype_name))
     except Exception as exc:  # noqa: BLE001 - report, never fail the install
         print(f"weights cache not warmed for {spec} ({exc}); workers will convert on first start")
         return 0

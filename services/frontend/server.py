@@ -29,13 +29,10 @@ log = get_logger("kvferry.frontend")
 
 
 def load_tokenizer(model: str):  # noqa: ANN201 - engine.tokenizer.Tokenizer, plus the model's name and context
-    """The model's tokenizer, name and context length, without loading weights."""
-    from engine.weights.loader import resolve
+    """The model's tokenizer, name and context length, without loading weights (nor torch)."""
+    from engine.weights.tokenizer_source import resolve_tokenizer
 
-    source = resolve(model)
-    if source.tokenizer is None:
-        raise ValueError(f"model {model!r} has no tokenizer")
-    return source.tokenizer, source.name, getattr(source.config, "max_position_embeddings", None)
+    return resolve_tokenizer(model)
 
 
 class Frontend:
