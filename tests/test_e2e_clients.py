@@ -101,12 +101,9 @@ def hf_folder(tmp_path_factory) -> Path:
 def oracle():
     """transformers' model and tokenizer from the same GGUF file, float32 (as tests/test_smollm2.py)."""
     pytest.importorskip("accelerate", reason="transformers needs accelerate to load a GGUF file")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from tests.hf_oracle import smollm2_oracle
 
-    model = AutoModelForCausalLM.from_pretrained(str(GGUF_PATH.parent), gguf_file=GGUF_PATH.name,
-                                                 dtype=torch.float32).eval()
-    tok = AutoTokenizer.from_pretrained(str(GGUF_PATH.parent), gguf_file=GGUF_PATH.name)
-    return model, tok
+    return smollm2_oracle(GGUF_PATH)
 
 
 @pytest.fixture
@@ -482,7 +479,7 @@ async def stream_logprobs(aclient: openai.AsyncOpenAI, ids: asyncio.Queue | None
 
 
 async def test_openai_logprobs_stream_survives_ctl_migrate(cluster, oracle):
-    from tests.test_e2e_migration import ctl_migrate, locate
+    from tests.test_e2e_migration import ctl_migrate, locate, locate_soon
 
     model, tok = oracle
     aclient = openai.AsyncOpenAI(base_url=f"{cluster.http_url}/v1", api_key="x", timeout=300, max_retries=0)
@@ -490,8 +487,7 @@ async def test_openai_logprobs_stream_survives_ctl_migrate(cluster, oracle):
     task = asyncio.ensure_future(stream_logprobs(aclient, ids))
     try:
         rid = await asyncio.wait_for(ids.get(), 120)
-        found = await locate(cluster, rid)
-        assert found is not None, f"{rid} is on no worker"
+        found = await locate_soon(cluster, rid)
         worker_rid, src = found
         dst = next(w for w in WORKERS if w != src)
         await ctl_migrate(cluster, worker_rid, dst)
@@ -554,29 +550,17 @@ async def stream_calls(aclient: openai.AsyncOpenAI, ids: asyncio.Queue | None,
     return out
 
 
-async def find(cluster: LocalCluster, rid: str) -> tuple[str, str]:
-    """`locate`, asked again while the scheduler has not yet heard of the request."""
-    from tests.test_e2e_migration import locate
-
-    for _ in range(100):
-        found = await locate(cluster, rid)
-        if found is not None:
-            return found
-        await asyncio.sleep(0.05)
-    pytest.fail(f"{rid} is on no worker")
-
-
 async def migrated_and_reference(cluster: LocalCluster, locate_id, **kw) -> tuple[dict, dict]:
     """A `stream_calls` run whose request `locate_id(response id)` is moved to the other worker by
     `kvferry ctl migrate` while it streams, then an unmigrated twin, alone on the cluster afterwards."""
-    from tests.test_e2e_migration import ctl_migrate, locate
+    from tests.test_e2e_migration import ctl_migrate, locate, locate_soon
 
     aclient = openai.AsyncOpenAI(base_url=f"{cluster.http_url}/v1", api_key="x", timeout=300, max_retries=0)
     ids: asyncio.Queue = asyncio.Queue()
     task = asyncio.ensure_future(stream_calls(aclient, ids, **kw))
     try:
         rid = locate_id(await asyncio.wait_for(ids.get(), 120))
-        worker_rid, src = await find(cluster, rid)
+        worker_rid, src = await locate_soon(cluster, rid)
         dst = next(w for w in WORKERS if w != src)
         await ctl_migrate(cluster, worker_rid, dst)
         assert (await locate(cluster, rid)) == (worker_rid, dst)

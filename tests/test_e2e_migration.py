@@ -16,6 +16,7 @@ import pytest
 
 from sdk import AsyncClient
 from services.launcher import LocalCluster
+from testkit.wait import until
 from tests.test_e2e_cluster import ctl_status, wait_idle
 from tests.test_e2e_failures import references
 
@@ -54,6 +55,12 @@ async def locate(c: LocalCluster, client_rid: str) -> tuple[str, str] | None:
         if r.request_id in client_rid or client_rid in r.request_id:
             return r.request_id, r.worker_id
     return None
+
+
+async def locate_soon(c: LocalCluster, client_rid: str, timeout: float = 30.0) -> tuple[str, str]:
+    """`locate`, asked until the scheduler lists the request: it learns where requests run from the
+    workers' load reports, so one dispatched a moment ago may not be listed yet."""
+    return await until(lambda: locate(c, client_rid), timeout, f"{client_rid} listed by the scheduler", step_s=0.05)
 
 
 async def openai_stream(client: openai.AsyncOpenAI, prompt: str, max_tokens: int, temperature: float,
@@ -97,8 +104,7 @@ async def test_ctl_migrate_moves_openai_streams_without_a_seam(cluster):
     moved = 0
     try:
         for rid in rids:
-            found = await locate(cluster, rid)
-            assert found is not None, f"{rid} is on no worker"
+            found = await locate_soon(cluster, rid)
             worker_rid, src = found
             for _ in range(2):  # there and on again: each request is migrated twice
                 dst = next(w for w in ("worker-0", "worker-1", "worker-2") if w != src)
@@ -151,8 +157,7 @@ async def test_sampling_controls_and_logprobs_survive_ctl_migrate(cluster):
     rid = await asyncio.wait_for(ids.get(), 60)
     twin = asyncio.ensure_future(shaped_stream(client, "The harbour", asyncio.Queue()))
     try:
-        found = await locate(cluster, rid)
-        assert found is not None, f"{rid} is on no worker"
+        found = await locate_soon(cluster, rid)
         worker_rid, src = found
         for _ in range(2):
             dst = next(w for w in ("worker-0", "worker-1", "worker-2") if w != src)
