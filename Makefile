@@ -61,11 +61,13 @@ demo: install
 # clients' (`make test-clients`) and the deploy files' against a real Prometheus (`make test-deploy`).
 # Both parts run on two pytest workers: the in-process tests (pure CPU, no ports, no processes),
 # then the e2e tests, whose clusters spend much of their time waiting (start-up, heartbeats,
-# deadlines), so two at a time take ~6 minutes instead of ~11 (every wait has a deadline, and
-# ports come from the OS, so the two do not collide).
+# deadlines), so two at a time take ~8 minutes instead of ~14 (every wait has a deadline, and
+# each worker picks ports from its own range below the kernel's ephemeral ports, so the two do
+# not collide: services.launcher.free_ports). The e2e tests go out a file at a time
+# (--dist loadfile): a module's cluster is then started once, not once per worker it lands on.
 test: install
 	$(BIN)/python -m pytest -q -n 2 --durations=10 -m "not vllm and not e2e and not clients and not deploy"
-	$(BIN)/python -m pytest -q -n 2 --durations=15 -m "not vllm and e2e and not clients and not deploy"
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --durations=15 -m "not vllm and e2e and not clients and not deploy"
 
 # The edit loop (about a minute): unit and property tests, fewer property examples; no process, no
 # cluster (the `e2e` marker, tests/conftest.py). `make test` runs these and the e2e tests.

@@ -13,7 +13,7 @@ KEYS = ("trace", "rate", "cv", "policy", "ttft_mean", "ttft_p99", "decode_mean",
 
 def test_bench_paper_quick(tmp_path):
     out, plots = tmp_path / "paper.json", tmp_path / "plots"
-    proc = subprocess.run([sys.executable, "-m", "cli.main", "bench", "paper", "--quick", "--requests", "60",
+    proc = subprocess.run([sys.executable, "-m", "cli.main", "bench", "paper", "--quick", "--requests", "24",
                            "--jobs", "1", "--json", str(out), "--plots", str(plots)],
                           capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stdout + proc.stderr

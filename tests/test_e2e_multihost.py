@@ -8,10 +8,10 @@ address, `[cluster.overrides] scheduler` = host A's). CurveZMQ on (`kvferry keys
     host C (10.213.0.16k+3): one torch `tiny` worker   (k: the run's address slot, testkit.netns)
 
 One cluster for the module, restored between tests (links up, killed services started again,
-drains undone, every worker idle), so one failing test does not fail the next. (`make test`'s
-xdist may split the module over its two workers: each then runs its own cluster, in its own
-slot. Grouping them with `xdist_group` does not work with pytest 9.2 and xdist 3.8: xdist sets
-`item._nodeid`, which pytest no longer reads.) Checks: every socket binds its host's address
+drains undone, every worker idle), so one failing test does not fail the next. (`make test`
+hands xdist whole files, `--dist loadfile`, so the module runs on one worker and builds one
+cluster; `xdist_group` does not work with pytest 9.2 and xdist 3.8: xdist sets `item._nodeid`,
+which pytest no longer reads.) Checks: every socket binds its host's address
 only; dispatch reaches both worker hosts; `ctl migrate` B→B moves KV through shared memory and
 B→C through ZeroMQ frames (the workers' per-path byte counters), without changing greedy
 output; draining B's workers moves everything to C, output unchanged; `kill -9` of C's worker
@@ -63,8 +63,8 @@ SCHEDULER = {"policy": "load"}
 FRONTEND = {"model": MODEL}
 # Tokens (the tiny model makes ~400 a second, `kvferry ctl` takes seconds to start on a loaded
 # machine): a stream outlives two `ctl migrate` round trips, or `ctl drain` and the moves it starts.
-MIGRATE_LONG = 5000
-DRAIN_LONG = 3500
+MIGRATE_LONG = 3000
+DRAIN_LONG = 2500
 KILL_LONG = 1200
 # The partition: C's stream is resumed on B while C, cut off, keeps generating it (max_tokens
 # beyond what C makes in the partition; the test ends the stream once it has checked C).
@@ -352,7 +352,8 @@ async def test_ctl_migrate_uses_shm_within_a_host_and_frames_across_hosts(cluste
     moves = []
     try:
         for step in ("shm", "frames"):
-            found = await locate(mh, rid)
+            # (the scheduler lists a request once its worker reported it: ask again for a moment)
+            found = await until(lambda: locate(mh, rid), 30, f"{rid} listed by the scheduler", step_s=0.05)
             assert found is not None and found[1] in (b0, b1), f"{rid} is not on host b: {found}"
             worker_rid, src = found
             dst = (b1 if src == b0 else b0) if step == "shm" else c0

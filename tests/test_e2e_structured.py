@@ -15,7 +15,7 @@ import pytest
 
 from tests.test_e2e_cluster import wait_idle
 from tests.test_e2e_failures import start_cluster
-from tests.test_e2e_migration import ctl_migrate, locate
+from tests.test_e2e_migration import ctl_migrate, locate_soon
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -61,47 +61,59 @@ async def client(smol2):
 async def test_json_schema_answers_validate_whole_and_streamed(client):
     fmt = {"type": "json_schema", "json_schema": {"name": "people", "schema": FEW_PEOPLE, "strict": True}}
     msgs = [{"role": "user", "content": "List four people with their ages as JSON."}]
-    out = await client.chat.completions.create(model=MODEL, messages=msgs, response_format=fmt, max_tokens=200,
-                                               temperature=0)
+
+    async def streamed() -> str:
+        parts = []
+        async for ch in await client.chat.completions.create(model=MODEL, messages=msgs, response_format=fmt,
+                                                             max_tokens=200, temperature=0, stream=True):
+            if ch.choices:
+                parts.append(ch.choices[0].delta.content or "")
+        return "".join(parts)
+
+    # all at once: one batch on the workers, not four runs one after the other
+    out, text_streamed, obj, choice = await asyncio.gather(
+        client.chat.completions.create(model=MODEL, messages=msgs, response_format=fmt, max_tokens=200,
+                                       temperature=0),
+        streamed(),
+        client.completions.create(model=MODEL, prompt="A JSON object describing a cat:", max_tokens=120,
+                                  extra_body={"response_format": {"type": "json_object"}}, temperature=0),
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Pick one."}],
+                                       extra_body={"guided_choice": ["red", "green", "blue"]}))
     jsonschema.validate(json.loads(out.choices[0].message.content), FEW_PEOPLE)
     assert out.choices[0].finish_reason == "stop"
-    parts = []
-    async for ch in await client.chat.completions.create(model=MODEL, messages=msgs, response_format=fmt,
-                                                         max_tokens=200, temperature=0, stream=True):
-        if ch.choices:
-            parts.append(ch.choices[0].delta.content or "")
-    assert "".join(parts) == out.choices[0].message.content
-    obj = await client.completions.create(model=MODEL, prompt="A JSON object describing a cat:", max_tokens=120,
-                                          extra_body={"response_format": {"type": "json_object"}}, temperature=0)
+    assert text_streamed == out.choices[0].message.content
     text = obj.choices[0].text
     if obj.choices[0].finish_reason == "stop":  # (it may run out of tokens inside a long string)
         assert isinstance(json.loads(text), dict)
     else:
         assert text.lstrip().startswith("{")
-    choice = await client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Pick one."}],
-                                                  extra_body={"guided_choice": ["red", "green", "blue"]})
     assert choice.choices[0].message.content in ("red", "green", "blue")
 
 
 async def test_tool_calls_come_back_as_tool_calls(client):
-    for choice in ("required", {"type": "function", "function": {"name": "get_weather"}}):
-        out = await client.chat.completions.create(model=MODEL, messages=ASK_WEATHER, tools=[WEATHER],
-                                                   tool_choice=choice, max_tokens=80, temperature=0)
+    async def streamed() -> tuple[list, str | None]:
+        calls, finish = [], None
+        async for ch in await client.chat.completions.create(model=MODEL, messages=ASK_WEATHER, tools=[WEATHER],
+                                                             tool_choice="required", max_tokens=80, temperature=0,
+                                                             stream=True):
+            if ch.choices:
+                calls += ch.choices[0].delta.tool_calls or []
+                finish = ch.choices[0].finish_reason or finish
+        return calls, finish
+
+    choices = ("required", {"type": "function", "function": {"name": "get_weather"}})
+    *outs, (streamed_calls, finish) = await asyncio.gather(
+        *(client.chat.completions.create(model=MODEL, messages=ASK_WEATHER, tools=[WEATHER], tool_choice=choice,
+                                         max_tokens=80, temperature=0) for choice in choices),
+        streamed())
+    for out in outs:
         msg = out.choices[0].message
         assert out.choices[0].finish_reason == "tool_calls" and len(msg.tool_calls) == 1, msg
         call = msg.tool_calls[0]
         assert call.type == "function" and call.function.name == "get_weather" and call.id.startswith("call_")
         jsonschema.validate(json.loads(call.function.arguments), WEATHER["function"]["parameters"])
-    streamed = []
-    finish = None
-    async for ch in await client.chat.completions.create(model=MODEL, messages=ASK_WEATHER, tools=[WEATHER],
-                                                         tool_choice="required", max_tokens=80, temperature=0,
-                                                         stream=True):
-        if ch.choices:
-            streamed += ch.choices[0].delta.tool_calls or []
-            finish = ch.choices[0].finish_reason or finish
-    assert finish == "tool_calls" and len(streamed) == 1 and streamed[0].index == 0
-    assert streamed[0].function.arguments == call.function.arguments
+    assert finish == "tool_calls" and len(streamed_calls) == 1 and streamed_calls[0].index == 0
+    assert streamed_calls[0].function.arguments == call.function.arguments
     # The answer to the call goes back as a tool message; the model then answers in words.
     follow = ASK_WEATHER + [{"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
                             {"role": "tool", "tool_call_id": call.id, "content": '{"temperature": 21, "sky": "clear"}'}]
@@ -114,7 +126,6 @@ async def test_a_migrated_json_schema_stream_equals_an_unmigrated_one(smol2, cli
     fmt = {"type": "json_schema", "json_schema": {"name": "people", "schema": PEOPLE}}
     msgs = [{"role": "user", "content": "Twelve people and their ages, as JSON, please."}]
     kw = dict(model=MODEL, messages=msgs, response_format=fmt, max_tokens=400, temperature=0.7, seed=11)
-    ref = (await client.chat.completions.create(**kw)).choices[0].message.content
     ids: asyncio.Queue = asyncio.Queue()
 
     async def stream() -> str:
@@ -127,22 +138,19 @@ async def test_a_migrated_json_schema_stream_equals_an_unmigrated_one(smol2, cli
                 parts.append(ch.choices[0].delta.content or "")
         return "".join(parts)
 
+    # the unmigrated reference runs beside the stream (seeded sampling does not depend on the batch)
+    ref_task = asyncio.ensure_future(client.chat.completions.create(**kw))
     task = asyncio.ensure_future(stream())
     try:
         rid = await asyncio.wait_for(ids.get(), 60)
-        found = None
-        for _ in range(100):
-            found = await locate(smol2, rid)
-            if found:
-                break
-            await asyncio.sleep(0.05)
-        assert found is not None, f"{rid} is on no worker"
-        worker_rid, src = found
+        worker_rid, src = await locate_soon(smol2, rid)
         await ctl_migrate(smol2, worker_rid, next(w for w in WORKERS if w != src))
         text = await asyncio.wait_for(task, 300)
+        ref = (await asyncio.wait_for(ref_task, 300)).choices[0].message.content
     finally:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
+        for t in (task, ref_task):
+            t.cancel()
+        await asyncio.gather(task, ref_task, return_exceptions=True)
     assert text == ref
     jsonschema.validate(json.loads(text), PEOPLE)
     wait_idle(smol2)

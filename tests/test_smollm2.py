@@ -33,12 +33,10 @@ def hf_smol():
     """transformers' model and tokenizer from the same GGUF file, float32."""
     pytest.importorskip("transformers")
     pytest.importorskip("accelerate", reason="transformers needs accelerate to load a GGUF file")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from tests.hf_oracle import smollm2_oracle
 
-    model = AutoModelForCausalLM.from_pretrained(str(GGUF_PATH.parent), gguf_file=GGUF_PATH.name,
-                                                 dtype=torch.float32).eval()
+    model, tok = smollm2_oracle(GGUF_PATH)
     model.generation_config.eos_token_id = None  # compare whole 24-token continuations, past any EOS
-    tok = AutoTokenizer.from_pretrained(str(GGUF_PATH.parent), gguf_file=GGUF_PATH.name)
     return model, tok
 
 
