@@ -61,10 +61,10 @@ WORKER = {"engine": "torch", "model": MODEL, "device": "cpu", "dtype": "float32"
 # "load": no load-balancing migrations, so only the tests move requests (deploy's kvferry would too).
 SCHEDULER = {"policy": "load"}
 FRONTEND = {"model": MODEL}
-# Tokens (the tiny model makes ~400 a second, `kvferry ctl` takes seconds to start on a loaded
-# machine): a stream outlives two `ctl migrate` round trips, or `ctl drain` and the moves it starts.
-MIGRATE_LONG = 3000
-DRAIN_LONG = 2500
+# Tokens (the tiny model makes ~460 a second alone, `kvferry ctl` takes seconds to start on a
+# loaded machine): a stream outlives two `ctl migrate` round trips, or a drain and the moves it starts.
+MIGRATE_LONG = 5000
+DRAIN_LONG = 3000
 KILL_LONG = 1200
 # The partition: C's stream is resumed on B while C, cut off, keeps generating it (max_tokens
 # beyond what C makes in the partition; the test ends the stream once it has checked C).
@@ -388,11 +388,14 @@ async def test_draining_host_b_moves_every_stream_to_host_c(cluster: MultiHost, 
         try:
             st = await mh.ask(StatusRequest())
             assert {r.worker_id for r in st.requests} <= set(b_workers), st.requests
-            # Both of B's workers at once (so nothing settles on B): `ctl drain --wait` returns once
-            # the worker reports no requests.
-            outs = await asyncio.gather(*(asyncio.to_thread(ctl, mh, "drain", w, "--wait", "120", timeout=180)
-                                          for w in b_workers))
-            assert all(o.returncode == 0 for o in outs), [o.stdout + o.stderr for o in outs]
+            # Both of B's workers at once (so nothing settles on B), asked of the scheduler directly: a
+            # `kvferry ctl drain` would start seconds later on a loaded machine, and an unloaded one
+            # can finish a stream meanwhile. Then wait, as `ctl drain --wait` does, until B's workers
+            # report no requests.
+            await asyncio.gather(*(mh.ask(DrainInstance(worker_id=w)) for w in b_workers))
+            await wait_status(mh, lambda s: all(i.alive and i.draining and i.num_running == i.num_waiting == 0
+                                                for i in s.instances if i.worker_id in b_workers),
+                              120, "host B's workers drained")
             got = [await asyncio.wait_for(t, 240) for t in tasks]
         finally:
             for t in tasks:
