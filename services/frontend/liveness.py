@@ -58,6 +58,12 @@ class WorkerLiveness:
                 self._spawn(self._ping(address, h))
         return lost
 
+    def excuse(self, seconds: float) -> None:
+        """This frontend did not run for `seconds` (services.stall): that time is not the workers'
+        silence, so every answer's deadline moves by it."""
+        for h in self.health.values():
+            h.last_pong += seconds
+
     def last_pong(self, address: str) -> float | None:
         """When `address` last answered a Ping (monotonic), or None when it is not watched."""
         h = self.health.get(address)

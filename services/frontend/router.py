@@ -73,6 +73,7 @@ from services.frontend.resumption import Resumer
 from services.frontend.streams import RequestStream
 from services.frontend.worker_links import WorkerLinks
 from services.log import get_logger
+from services.stall import StallWatch
 
 log = get_logger("kvferry.frontend.router")
 
@@ -468,8 +469,13 @@ class Router:
         """Each [frontend] heartbeat_interval_s: heartbeat and Ping every known worker and every
         worker holding a request of ours (one that answers none for `worker_timeout_s` is lost),
         and resume streams stuck behind a gap."""
+        stall = StallWatch(self.fcfg.heartbeat_interval_s)
         while True:
             await asyncio.sleep(self.fcfg.heartbeat_interval_s)
+            late = stall.late()
+            if late:
+                log.warning("frontend.stalled", seconds=round(late, 3), watched_workers=len(self.liveness.health))
+                self.liveness.excuse(late)
             targets = {w.address: w.worker_id for w in self.known.values()}
             for s in self.streams.values():
                 if s.worker_address and not s.resuming:

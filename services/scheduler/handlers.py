@@ -247,6 +247,10 @@ class SchedulerCore:
         if record is not None:
             record.last_pong_ms = now_ms()
 
+    def excuse_silence(self, seconds: float) -> None:
+        """This scheduler did not run for `seconds` (services.stall): not the workers' silence."""
+        self.registry.excuse_silence(seconds)
+
     def sweep(self) -> list[WorkerRecord]:
         """Declare silent workers dead (called on a timer); forget long-dead ones."""
         now = self.clock()

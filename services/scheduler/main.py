@@ -27,6 +27,7 @@ from services.metrics_http import MetricsServer, start_metrics_server
 from services.scheduler.commands import CommandChannels
 from services.scheduler.handlers import SchedulerCore
 from services.scheduler.metrics import SchedulerMetrics, scheduler_health
+from services.stall import StallWatch
 
 log = get_logger("kvferry.scheduler")
 
@@ -68,8 +69,14 @@ async def serve_scheduler(cfg: KvferryConfig, on_ready: Callable[[str], None] | 
                                                   health=lambda: scheduler_health(core, loop))
 
         async def sweeper() -> None:
+            interval = min(SWEEP_INTERVAL_S, sc.heartbeat_timeout_ms / 4000.0)
+            stall = StallWatch(interval)
             while True:
-                await asyncio.sleep(min(SWEEP_INTERVAL_S, sc.heartbeat_timeout_ms / 4000.0))
+                await asyncio.sleep(interval)
+                late = stall.late()
+                if late:  # heartbeats wait unread in our socket: their silence was ours
+                    log.warning("scheduler.stalled", seconds=round(late, 3))
+                    core.excuse_silence(late)
                 metrics.on_dead(len(core.sweep()))
 
         async def migration_rounds() -> None:

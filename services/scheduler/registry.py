@@ -180,6 +180,13 @@ class Registry:
             self._changed()
         return rec
 
+    def excuse_silence(self, seconds: float) -> None:
+        """Move every alive worker's last-heard time `seconds` later: the scheduler itself was not
+        running, so their heartbeats were waiting unread."""
+        for rec in self._workers.values():
+            if rec.alive:
+                rec.last_heard += seconds
+
     def sweep(self, now: float) -> list[WorkerRecord]:
         """Mark dead every alive worker silent for longer than `timeout_s`; returns them."""
         dead = []
