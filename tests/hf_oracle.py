@@ -3,12 +3,13 @@ independent oracle of tests/test_smollm2.py and tests/test_e2e_clients.py.
 
 transformers dequantizes the GGUF and converts its tokenizer itself (~20 s of CPU on 2 cores), so its
 result is saved once (safetensors, config, tokenizer) under the kvferry cache (`<cache>/hf-oracle/smollm2`) and
-read back from there while the GGUF file and the transformers version are unchanged. The saved folder
+read back from there while the GGUF file's content and the transformers version are unchanged. The saved folder
 is transformers' own conversion, not our loader's: the oracle stays independent of what it checks.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import tempfile
@@ -19,11 +20,15 @@ MARKER = "oracle-key.json"
 
 
 def _key(gguf: Path) -> dict[str, Any]:
+    """The file's content, not its path or mtime: every fresh clone installs the same GGUF into a
+    venv of its own (hashing ~90 MB takes a fraction of a second)."""
     import transformers
 
-    st = gguf.stat()
-    return {"gguf": str(gguf.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns,
-            "transformers": transformers.__version__}
+    digest = hashlib.sha256()
+    with open(gguf, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            digest.update(chunk)
+    return {"size": gguf.stat().st_size, "sha256": digest.hexdigest(), "transformers": transformers.__version__}
 
 
 def smollm2_oracle(gguf: Path) -> tuple[Any, Any]:
