@@ -17,6 +17,8 @@ from protocol.payloads import Grammar
 if TYPE_CHECKING:  # only the sampler's mask needs torch: the frontend checks grammars without it
     import torch
 
+_BITS: torch.Tensor | None = None  # bit positions 0..31, for unpacking llguidance's mask words
+
 
 def grammar_text(g: Grammar) -> str:
     """llguidance's grammar text for `g` (its syntax is checked when a matcher is built)."""
@@ -73,9 +75,11 @@ class Grammars:
 
 def allowed(matcher: Any, vocab_size: int) -> torch.Tensor:  # noqa: ANN401
     """[vocab_size] bool: the tokens the grammar allows next."""
+    global _BITS
     import torch
 
+    if _BITS is None:  # made once, on the first grammar step (per step it was an allocation)
+        _BITS = torch.arange(32, dtype=torch.int32)
     words = torch.full(((vocab_size + 31) // 32,), -1, dtype=torch.int32)
     matcher.unsafe_compute_mask_ptr(words.data_ptr(), words.numel() * 4)
-    bits = torch.arange(32, dtype=torch.int32)
-    return ((words[:, None] >> bits) & 1).flatten()[:vocab_size].bool()
+    return ((words[:, None] >> _BITS) & 1).flatten()[:vocab_size].bool()
