@@ -53,6 +53,15 @@ class Grammars:
         self._tokenizer: Any = None
         self._lock = threading.Lock()
 
+    def prepare(self) -> bool:
+        """Build llguidance's tokenizer view now (it is otherwise built by the first grammar).
+        False when llguidance is not installed (grammar requests then fail as they would anyway)."""
+        try:
+            self._lltokenizer()
+        except ImportError:
+            return False
+        return True
+
     def _lltokenizer(self) -> Any:
         with self._lock:
             if self._tokenizer is None:

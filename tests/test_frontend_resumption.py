@@ -125,9 +125,29 @@ async def test_liveness_reports_a_worker_that_answers_no_ping_and_forgets_untarg
     assert live.tick(targets, now=100.0) == [] and len(spawned) == 2  # one ping each
     live.health["tcp://a"].last_pong = 102.0
     for h in live.health.values():
-        h.pinging = False
+        h.pinging = 0
     assert live.tick(targets, now=104.0) == [("wb", "tcp://b", 4.0)]
     assert live.tick({"tcp://a": "wa"}, now=104.5) == [] and live.last_pong("tcp://b") is None
+    for coro in spawned:
+        coro.close()
+
+
+async def test_an_unanswered_ping_is_followed_by_more_and_tokens_count_as_an_answer() -> None:
+    spawned: list[Any] = []
+    live = WorkerLiveness(None, "fe", "inc", timeout_s=3.0, spawn=spawned.append)  # type: ignore[arg-type]
+    targets = {"tcp://a": "wa"}
+    live.tick(targets, now=100.0)
+    live.tick(targets, now=100.5)
+    assert len(spawned) == 1  # the first Ping has had no time to be answered
+    live.tick(targets, now=101.0)
+    live.tick(targets, now=102.0)
+    live.tick(targets, now=102.5)
+    assert len(spawned) == 3 == live.health["tcp://a"].pinging  # one more per second, at most three
+    live.heard("tcp://a", now=102.8)  # its tokens arrived: it runs, whatever became of the Pings
+    assert live.tick(targets, now=105.0) == []
+    assert [(w, a, round(t, 6)) for w, a, t in live.tick(targets, now=106.0)] == [("wa", "tcp://a", 3.2)]
+    live.heard("tcp://unwatched", now=106.0)  # tokens from an address not watched: nothing to update
+    assert live.last_pong("tcp://unwatched") is None
     for coro in spawned:
         coro.close()
 

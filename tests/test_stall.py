@@ -25,12 +25,12 @@ async def test_a_stalled_frontend_does_not_declare_its_workers_lost():
     targets = {"tcp://a": "wa"}
     assert live.tick(targets, now=100.0) == []
     live.health["tcp://a"].last_pong = 100.5
-    live.health["tcp://a"].pinging = False
+    live.health["tcp://a"].pinging = 0
     # the frontend's loop did not run from 100.5 to 107.0: the Pongs sent meanwhile wait unread
     live.excuse(6.0)
     assert live.tick(targets, now=107.0) == []
     # a worker that stays silent once the frontend runs again is still lost
-    live.health["tcp://a"].pinging = False
+    live.health["tcp://a"].pinging = 0
     assert live.tick(targets, now=110.0) == [("wa", "tcp://a", 3.5)]
     for coro in spawned:
         coro.close()

@@ -426,6 +426,6 @@ def test_worker_logs_its_start_steps(gguf_path, monkeypatch):
         build_engine(wc)
         build_engine(wc)
     steps = [(e["step"], e.get("source")) for e in logs if e["event"] == "worker.load"]
-    assert steps == [("kernel", None), ("weights", "convert"), ("engine", None),
-                     ("kernel", None), ("weights", "cache"), ("engine", None)]
+    assert steps == [("kernel", None), ("weights", "convert"), ("grammar", None), ("engine", None),
+                     ("kernel", None), ("weights", "cache"), ("grammar", None), ("engine", None)]
     assert all(e["seconds"] >= 0 for e in logs if e["event"] == "worker.load")

@@ -260,5 +260,8 @@ torch::Tensor paged_decode(torch::Tensor q, torch::Tensor kv_cache, torch::Tenso
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("paged_decode", &paged_decode, "fused paged-attention decode (CPU)");
+  // The kernel touches no Python object: the GIL is released while it runs, so the worker's
+  // asyncio thread (heartbeats, Pongs, token sends) is not held up by every decode step's attention.
+  m.def("paged_decode", &paged_decode, "fused paged-attention decode (CPU)",
+        py::call_guard<py::gil_scoped_release>());
 }

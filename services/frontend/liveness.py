@@ -24,11 +24,19 @@ class WorkerHealth:
     """This frontend's liveness view of one worker address (Ping → Pong)."""
 
     last_pong: float  # monotonic; set to the time watching began before the first Pong
-    pinging: bool = False
+    pinging: int = 0  # Pings in flight
+    last_ping: float = float("-inf")  # monotonic: when the latest Ping went out
 
 
 class WorkerLiveness:
-    """Pings workers and says which are lost (see the module docstring)."""
+    """Pings workers and says which are lost (see the module docstring).
+
+    A Ping unanswered for `retry_s` is followed by another (at most `max_pings` in flight), so
+    that one message lost or stuck on its way is not `timeout_s` of silence; each waits for its
+    Pong up to `timeout_s`. Tokens from a worker count as an answer too (`heard`)."""
+
+    retry_s = 1.0
+    max_pings = 3
 
     def __init__(self, links: WorkerLinks, frontend_id: str, incarnation: str, timeout_s: float,
                  spawn: Callable[[Coroutine[Any, Any, None]], None]) -> None:
@@ -53,10 +61,17 @@ class WorkerLiveness:
                 h = self.health[address] = WorkerHealth(last_pong=now)
             if now - h.last_pong > self.timeout_s:
                 lost.append((wid, address, now - h.last_pong))
-            elif not h.pinging:
-                h.pinging = True
+            elif not h.pinging or (h.pinging < self.max_pings and now - h.last_ping >= self.retry_s):
+                h.pinging += 1
+                h.last_ping = now
                 self._spawn(self._ping(address, h))
         return lost
+
+    def heard(self, address: str, now: float) -> None:
+        """Something came from the worker at `address` (its tokens): as good as a Pong."""
+        h = self.health.get(address)
+        if h is not None and now > h.last_pong:
+            h.last_pong = now
 
     def excuse(self, seconds: float) -> None:
         """This frontend did not run for `seconds` (services.stall): that time is not the workers'
@@ -80,8 +95,8 @@ class WorkerLiveness:
                                        incarnation=self.incarnation), timeout_s=0.05)
             reply = await r.request(Ping(sender_id=self.frontend_id), timeout_s=self.timeout_s)
             if isinstance(reply, Pong):
-                h.last_pong = time.monotonic()
+                h.last_pong = max(h.last_pong, time.monotonic())
         except (ProtocolError, zmq.ZMQError):
             pass
         finally:
-            h.pinging = False
+            h.pinging -= 1

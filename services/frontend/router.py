@@ -381,6 +381,8 @@ class Router:
             return
         if b.worker_id in stream.dead and b.worker_id != stream.worker_id and not b.finished:
             self._stop_orphan(b.request_id, b.worker_id)
+        elif b.worker_id == stream.worker_id and stream.worker_address:
+            self.liveness.heard(stream.worker_address, time.monotonic())  # it runs: tokens are a Pong
         stream.accept(b)
 
     def _address_of(self, worker_id: str) -> str | None:
