@@ -53,14 +53,9 @@ class Grammars:
         self._tokenizer: Any = None
         self._lock = threading.Lock()
 
-    def prepare(self) -> bool:
-        """Build llguidance's tokenizer view now (it is otherwise built by the first grammar).
-        False when llguidance is not installed (grammar requests then fail as they would anyway)."""
-        try:
-            self._lltokenizer()
-        except ImportError:
-            return False
-        return True
+    def prepare(self) -> None:
+        """Build llguidance's tokenizer view now (it is otherwise built by the first grammar)."""
+        self._lltokenizer()
 
     def _lltokenizer(self) -> Any:
         with self._lock:

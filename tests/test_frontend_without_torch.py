@@ -16,10 +16,10 @@ PROBE = """
 import sys
 from engine.grammar import check_grammar
 from protocol.payloads import Grammar
-from services.frontend.server import load_tokenizer
+from engine.weights.tokenizer_source import resolve_tokenizer
 import services.frontend.http_api, services.frontend.router, services.frontend.structured, services.frontend.tools
 for model in sys.argv[1:]:
-    tok, name, ctx = load_tokenizer(model)
+    tok, name, ctx = resolve_tokenizer(model)
     assert tok.encode("hello") and ctx, (model, name, ctx)
 check_grammar(Grammar(kind="json_schema", spec='{"type": "object"}'))
 loaded = sorted(m for m in sys.modules if m == "torch" or m.startswith("torch."))

@@ -20,7 +20,7 @@ from engine.weights import cache as weight_cache
 from engine.weights import source_meta, tiny
 from engine.weights.gguf_file import GGUFModel
 from engine.weights.hf_folder import HFFolderModel
-from engine.weights.tokenizer_source import smollm2_path  # noqa: F401 - also imported from here
+from engine.weights.tokenizer_source import cached_description, smollm2_path
 
 log = logging.getLogger(__name__)
 
@@ -95,13 +95,10 @@ def _gguf_source(name: str, path: Path) -> ModelSource:
     """A GGUF model. Its config and tokenizer come from the weights cache when it has them: reading
     the file's header takes seconds, and is then needed only if its tensors are not cached either."""
     files = (path,)
-    meta = weight_cache.read_meta(name, files)
-    if meta is not None:
-        try:
-            config, tokenizer = source_meta.rebuild(meta)
-            return ModelSource(name, config, lambda: GGUFModel(path).tensors(), tokenizer, files)
-        except ValueError as exc:
-            log.warning("weight cache: unusable description of %s (%s); reading the file", path, exc)
+    described = cached_description(name, path)
+    if described is not None:
+        config, tokenizer = described
+        return ModelSource(name, config, lambda: GGUFModel(path).tensors(), tokenizer, files)
     gguf = GGUFModel(path)
     tokenizer = gguf.tokenizer()
     weight_cache.write_meta(name, files, source_meta.describe(gguf.config, tokenizer))

@@ -13,6 +13,7 @@ import importlib.util
 import logging
 from pathlib import Path
 
+from engine.config import ModelConfig
 from engine.errors import WeightsError
 from engine.tokenizer import Tokenizer
 
@@ -31,6 +32,22 @@ def smollm2_path() -> Path:
     return path
 
 
+def cached_description(name: str, gguf: Path) -> tuple[ModelConfig, Tokenizer | None] | None:
+    """The config and tokenizer of GGUF file `gguf` as the weights cache describes it (reading the
+    file's header takes seconds), or None when it has no usable description."""
+    from engine.weights import cache as weight_cache
+    from engine.weights import source_meta
+
+    meta = weight_cache.read_meta(name, (gguf,))
+    if meta is None:
+        return None
+    try:
+        return source_meta.rebuild(meta)
+    except ValueError as exc:
+        log.warning("weight cache: unusable description of %s (%s); reading the file", gguf, exc)
+        return None
+
+
 def resolve_tokenizer(spec: str) -> tuple[Tokenizer, str, int | None]:
     """(tokenizer, model name, max_position_embeddings) of model `spec` (the names and paths that
     engine.weights.loader.resolve takes); raises WeightsError naming what is wrong."""
@@ -41,16 +58,10 @@ def resolve_tokenizer(spec: str) -> tuple[Tokenizer, str, int | None]:
     gguf = smollm2_path() if spec == "smollm2" else Path(spec)
     name = "smollm2" if spec == "smollm2" else gguf.stem
     if gguf.is_file() and gguf.suffix == ".gguf":
-        from engine.weights import cache as weight_cache
-        from engine.weights import source_meta
-
-        meta = weight_cache.read_meta(name, (gguf,))
-        if meta is not None:
-            try:
-                config, tokenizer = source_meta.rebuild(meta)
-                return _named(tokenizer, spec), name, config.max_position_embeddings
-            except ValueError as exc:
-                log.warning("weight cache: unusable description of %s (%s); reading the file", gguf, exc)
+        described = cached_description(name, gguf)
+        if described is not None:
+            config, tokenizer = described
+            return _named(tokenizer, spec), name, config.max_position_embeddings
     elif gguf.is_dir():
         from engine.weights.hf_folder import HFFolderModel
 

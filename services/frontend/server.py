@@ -15,6 +15,7 @@ import socket
 import uvicorn
 import zmq.asyncio
 
+from engine.weights.tokenizer_source import resolve_tokenizer
 from protocol.security import curve_keys, use_curve
 from services.config import KvferryConfig
 from services.frontend.generation import Generator
@@ -28,13 +29,6 @@ from services.log import get_logger
 log = get_logger("kvferry.frontend")
 
 
-def load_tokenizer(model: str):  # noqa: ANN201 - engine.tokenizer.Tokenizer, plus the model's name and context
-    """The model's tokenizer, name and context length, without loading weights (nor torch)."""
-    from engine.weights.tokenizer_source import resolve_tokenizer
-
-    return resolve_tokenizer(model)
-
-
 class Frontend:
     """One frontend process's services. `tokenizer` may be passed in (tests) to skip loading."""
 
@@ -43,7 +37,7 @@ class Frontend:
         self.cfg = cfg
         fcfg = cfg.frontend
         if tokenizer is None:
-            tokenizer, model_name, max_context = load_tokenizer(fcfg.model)
+            tokenizer, model_name, max_context = resolve_tokenizer(fcfg.model)
         self.tokenizer = tokenizer
         self.model_name = fcfg.served_model_name or model_name or fcfg.model
         aliases = tuple(n for n in (fcfg.model, model_name) if n)

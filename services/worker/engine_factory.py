@@ -71,8 +71,8 @@ def _build_torch(wc: WorkerConfig) -> LLMEngine:
         # vocabulary holding the GIL (0.3 s for SmolLM2's 49k tokens alone, seconds on a loaded
         # machine), which would silence this worker's heartbeats and Pongs while it serves.
         t1 = time.perf_counter()
-        if engine.grammars.prepare():
-            log.info("worker.load", step="grammar", seconds=round(time.perf_counter() - t1, 2), **who)
+        engine.grammars.prepare()
+        log.info("worker.load", step="grammar", seconds=round(time.perf_counter() - t1, 2), **who)
     log.info("worker.load", step="engine", seconds=round(time.perf_counter() - t0, 2), **who)
     return engine
 
